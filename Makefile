@@ -1,0 +1,52 @@
+# gradcourse: `make lab` to learn, `make test` to check. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+LAB_ARGS ?=
+PROFILE ?= auto
+
+.PHONY: lab test test-unit test-notebooks lint format reproduce clean help
+
+help:
+	@echo "make lab        create .venv, install, open the course in JupyterLab (LAB_ARGS=--no-browser on a headless machine)"
+	@echo "make test       create .venv, install with test extras, lint, unit tests, every notebook under nbval (profile ci)"
+	@echo "make reproduce  run every notebook in the auto profile (gpu if CUDA, else cpu) and print the scorecard"
+	@echo "make format     apply ruff's formatter and autofixes"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e .
+	@touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e '.[test]'
+	@touch $@ $(VENV)/.installed
+
+lab: $(VENV)/.installed
+	$(BIN)/jupyter lab notebooks/ $(LAB_ARGS)
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check gradcourse tests benchmarks notebooks
+	$(BIN)/ruff format --check gradcourse tests benchmarks notebooks
+
+format: $(VENV)/.installed-test
+	$(BIN)/ruff check --fix gradcourse tests benchmarks notebooks
+	$(BIN)/ruff format gradcourse tests benchmarks notebooks
+
+test-unit: $(VENV)/.installed-test
+	GRADCOURSE_PROFILE=ci $(BIN)/python -m pytest tests/ -q --durations=10
+
+test-notebooks: $(VENV)/.installed-test
+	GRADCOURSE_PROFILE=ci $(BIN)/python -m pytest --nbval-lax notebooks/ -q --durations=0 -p no:cacheprovider
+
+test: lint test-unit test-notebooks
+
+reproduce: $(VENV)/.installed
+	$(BIN)/python -m gradcourse run --profile $(PROFILE)
+	$(BIN)/python -m gradcourse report
+
+clean:
+	rm -rf build .pytest_cache

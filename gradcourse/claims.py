@@ -1,0 +1,301 @@
+"""Paper claims, checked in code: measured vs expected, a verdict per claim, a table at the end.
+
+    claims = gc.claims.Claims(paper="Sagun et al. 2017", notebook="01_hessian_spectrum")
+    claims.check("outliers = number of classes", measured=n_out, expected=k,
+                 holds_at=("cpu", "gpu"))
+    ...
+    claims.report()   # table, and a JSON record beside the executed notebook
+
+A check prints one line. In the profiles listed in ``holds_at`` a failed check raises
+:class:`ClaimFailed` (so nbval fails); in the others it is reported as *not reproduced at this
+scale*. Tolerances are arguments of the check, fixed before the result is seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .paths import build_root
+from .profile import PROFILES, Profile, resolve_profile_name
+
+COMPARISONS: tuple[str, ...] = ("close", "==", "<=", ">=", "<", ">", "in")
+SYMBOLS = {"close": "≈", "==": "=", "<=": "≤", ">=": "≥", "<": "<", ">": ">", "in": "∈"}
+
+
+class ClaimFailed(AssertionError):
+    """A claim that must hold at the current profile did not."""
+
+
+def _plain(value: Any) -> Any:
+    """Tensors, NumPy scalars and arrays -> Python numbers / lists, so verdicts are JSON."""
+    if hasattr(value, "detach"):  # torch.Tensor
+        value = value.detach().cpu()
+        return value.item() if value.numel() == 1 else value.tolist()
+    if hasattr(value, "tolist"):  # numpy scalar or array
+        return value.tolist()
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        if value == 0 or math.isnan(value) or math.isinf(value):
+            return str(value)
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return str(value)
+
+
+@dataclass
+class Verdict:
+    """The outcome of one claim check."""
+
+    name: str
+    measured: Any
+    expected: Any
+    compare: str
+    tol: float
+    rtol: float
+    holds: bool
+    required: bool
+    profile: str
+    holds_at: list[str]
+    note: str = ""
+
+    @property
+    def status(self) -> str:
+        if self.holds:
+            return "reproduced"
+        return "FAILED" if self.required else "not reproduced at this scale"
+
+    @property
+    def expected_text(self) -> str:
+        symbol = SYMBOLS[self.compare]
+        if self.compare == "in":
+            lo, hi = self.expected
+            return f"{symbol} [{_fmt(lo)}, {_fmt(hi)}]"
+        slack = []
+        if self.tol:
+            slack.append(f"±{_fmt(self.tol)}")
+        if self.rtol:
+            slack.append(f"±{_fmt(100 * self.rtol)}%")
+        return f"{symbol} {_fmt(self.expected)}" + (f" ({' '.join(slack)})" if slack else "")
+
+    def _ipython_display_(self) -> None:
+        """Show nothing when a check ends a notebook cell: check() already printed the line."""
+
+    def line(self) -> str:
+        mark = {"reproduced": "✓", "FAILED": "✗"}.get(self.status, "·")
+        where = "" if self.required else f" [required only at {', '.join(self.holds_at) or '-'}]"
+        note = f" — {self.note}" if self.note else ""
+        return (
+            f"[{mark}] {self.name}: measured {_fmt(self.measured)}, expected "
+            f"{self.expected_text} -> {self.status}{where}{note}"
+        )
+
+
+def evaluate(measured: Any, expected: Any, compare: str, tol: float, rtol: float) -> bool:
+    """Whether ``measured`` satisfies ``compare`` against ``expected`` with the given slack.
+
+    ``close``: |m - e| <= tol + rtol |e|; ``<=``/``<``: m <= e + tol (resp. <);
+    ``>=``/``>``: m >= e - tol (resp. >); ``==``: exact equality; ``in``: lo <= m <= hi.
+    Non-finite measurements never satisfy a numeric comparison.
+    """
+    if compare == "==":
+        return measured == expected
+    if compare == "in":
+        lo, hi = expected
+        return _finite(measured) and lo <= measured <= hi
+    if not _finite(measured):
+        return False
+    slack = tol + rtol * abs(expected)
+    if compare == "close":
+        return abs(measured - expected) <= slack
+    if compare == "<=":
+        return measured <= expected + slack
+    if compare == "<":
+        return measured < expected + slack
+    if compare == ">=":
+        return measured >= expected - slack
+    return measured > expected - slack  # ">"
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+class Claims:
+    """The claims of one paper, checked at the current profile.
+
+    Args:
+        paper: short citation, e.g. ``"Sagun et al. 2017 (arXiv 1706.04454)"``.
+        notebook: the notebook's name (used for the JSON record), e.g. ``"01_hessian_spectrum"``.
+        profile: a :class:`~gradcourse.profile.Profile`, a profile name, or ``None`` for
+            ``$GRADCOURSE_PROFILE``.
+        out_dir: where :meth:`report` writes ``<notebook>.claims.json``; default
+            ``$GRADCOURSE_BUILD`` or ``<repo>/build``, where ``python -m gradcourse run`` puts
+            the executed notebooks.
+        verbose: print one line per check.
+    """
+
+    def __init__(
+        self,
+        paper: str,
+        notebook: str | None = None,
+        *,
+        profile: Profile | str | None = None,
+        out_dir: str | os.PathLike[str] | None = None,
+        verbose: bool = True,
+    ) -> None:
+        self.paper = paper
+        self.notebook = notebook
+        self.profile = (
+            profile.name if isinstance(profile, Profile) else resolve_profile_name(profile)
+        )
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.verbose = verbose
+        self.verdicts: list[Verdict] = []
+
+    def check(
+        self,
+        name: str,
+        measured: Any,
+        expected: Any,
+        *,
+        compare: str = "close",
+        tol: float = 0.0,
+        rtol: float = 0.0,
+        holds_at: Sequence[str] = PROFILES,
+        note: str = "",
+    ) -> Verdict:
+        """Check one claim; print its verdict; raise :class:`ClaimFailed` if it fails at a
+        profile listed in ``holds_at``."""
+        if compare not in COMPARISONS:
+            raise ValueError(f"compare must be one of {COMPARISONS}, got {compare!r}")
+        if tol < 0 or rtol < 0:
+            raise ValueError(f"tol and rtol must be >= 0, got tol={tol}, rtol={rtol}")
+        if isinstance(holds_at, str):
+            holds_at = (holds_at,)
+        unknown = [p for p in holds_at if p not in PROFILES]
+        if unknown:
+            raise ValueError(f"holds_at must list profiles from {PROFILES}, got {unknown}")
+        measured, expected = _plain(measured), _plain(expected)
+        if compare == "in" and not (isinstance(expected, list) and len(expected) == 2):
+            raise ValueError(f"compare='in' needs expected=(low, high), got {expected!r}")
+        numeric = isinstance(expected, (int, float)) and not isinstance(expected, bool)
+        if compare not in ("==", "in") and not numeric:
+            raise ValueError(
+                f"compare={compare!r} needs a numeric expected value, got {expected!r}"
+            )
+        verdict = Verdict(
+            name=name,
+            measured=measured,
+            expected=expected,
+            compare=compare,
+            tol=float(tol),
+            rtol=float(rtol),
+            holds=bool(evaluate(measured, expected, compare, tol, rtol)),
+            required=self.profile in holds_at,
+            profile=self.profile,
+            holds_at=list(holds_at),
+            note=note,
+        )
+        self.verdicts = [v for v in self.verdicts if v.name != name] + [verdict]
+        if self.verbose:
+            print(verdict.line())
+        if verdict.status == "FAILED":
+            raise ClaimFailed(
+                f"{self.paper}: claim {name!r} must hold at profile {self.profile!r} but "
+                f"measured {_fmt(measured)}, expected {verdict.expected_text}"
+            )
+        return verdict
+
+    def table(self) -> str:
+        """The verdicts as a plain-text table."""
+        return format_table([self.record()])
+
+    def record(self) -> dict[str, Any]:
+        """All verdicts as a JSON-ready dict."""
+        return {
+            "paper": self.paper,
+            "notebook": self.notebook,
+            "profile": self.profile,
+            "python": platform.python_version(),
+            "verdicts": [asdict(v) | {"status": v.status} for v in self.verdicts],
+        }
+
+    def report(self, write: bool = True) -> list[Verdict]:
+        """Print the verdict table and, when ``write``, save the JSON record
+        ``<out_dir>/<notebook>.claims.json`` atomically."""
+        print(self.table())
+        if write and self.notebook:
+            path = (self.out_dir or build_root()) / f"{self.notebook}.claims.json"
+            write_json_atomic(path, self.record())
+            print(f"verdicts written to {path}")
+        return list(self.verdicts)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` via a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def format_table(records: Sequence[dict[str, Any]]) -> str:
+    """One table of every claim in ``records`` (as produced by :meth:`Claims.record`)."""
+    header = ("paper", "claim", "measured", "expected", "verdict", "profile")
+    rows = []
+    for rec in records:
+        for v in rec["verdicts"]:
+            verdict = Verdict(**{k: v[k] for k in Verdict.__dataclass_fields__})
+            rows.append(
+                (
+                    rec["paper"],
+                    verdict.name,
+                    _fmt(verdict.measured),
+                    verdict.expected_text,
+                    verdict.status,
+                    verdict.profile,
+                )
+            )
+    if not rows:
+        return "(no claims checked)"
+    widths = [min(48, max(len(str(r[i])) for r in [header, *rows])) for i in range(len(header))]
+
+    def fmt_row(row: Sequence[str]) -> str:
+        cells = []
+        for text, width in zip(row, widths, strict=True):
+            text = str(text)
+            cells.append(text if len(text) <= width else text[: width - 1] + "…")
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    lines = [fmt_row(header), fmt_row(["-" * w for w in widths])]
+    lines += [fmt_row(r) for r in rows]
+    counts = {s: sum(r[4] == s for r in rows) for s in ("reproduced", "FAILED")}
+    other = len(rows) - sum(counts.values())
+    lines.append(
+        f"{len(rows)} claims: {counts['reproduced']} reproduced, "
+        f"{other} not reproduced at this scale, {counts['FAILED']} failed"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,214 @@
+"""The course without a browser: ``python -m gradcourse list | run | report``.
+
+- ``list``: every notebook with its paper and the claims it checks.
+- ``run NOTEBOOK... [--profile P]``: execute notebooks headlessly into ``build/`` (the executed
+  ``.ipynb`` is kept, next to the JSON record of its claim verdicts), with a progress bar.
+- ``report``: one scorecard of every claim of every executed notebook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .claims import format_table
+from .paths import build_root, repo_root
+from .profile import PROFILES, resolve_profile_name
+
+
+@dataclass
+class NotebookInfo:
+    """What the first markdown cell of a notebook says: title, paper, claims."""
+
+    path: Path
+    title: str
+    paper: str
+    claims: list[str] = field(default_factory=list)
+
+
+def notebooks_dir() -> Path:
+    root = repo_root()
+    return (root / "notebooks") if root is not None else Path.cwd() / "notebooks"
+
+
+def describe(path: Path) -> NotebookInfo:
+    """Read a notebook's header cell. The convention (see README, "Adding a notebook"):
+    a ``# Title`` line, a ``**Paper**: ...`` line, and a ``## Claims`` section with a
+    numbered list."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    header = next((c.source for c in nb.cells if c.cell_type == "markdown"), "")
+    title = next((ln[2:].strip() for ln in header.splitlines() if ln.startswith("# ")), path.stem)
+    paper_match = re.search(r"^\*\*Paper\*\*:?\s*(.+)$", header, flags=re.MULTILINE)
+    claims: list[str] = []
+    in_claims = False
+    for line in header.splitlines():
+        if line.startswith("#"):
+            in_claims = line.lstrip("#").strip().lower().startswith("claims")
+            continue
+        item = re.match(r"^\s*\d+\.\s+(.+)$", line)
+        if in_claims and item:
+            claims.append(item.group(1).strip())
+    return NotebookInfo(path, title, paper_match.group(1).strip() if paper_match else "", claims)
+
+
+def find_notebooks(directory: Path | None = None) -> list[Path]:
+    directory = directory or notebooks_dir()
+    return sorted(p for p in directory.glob("*.ipynb") if not p.name.startswith("."))
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    paths = find_notebooks(Path(args.dir) if args.dir else None)
+    if not paths:
+        print(f"no notebooks found in {args.dir or notebooks_dir()}")
+        return 1
+    for path in paths:
+        info = describe(path)
+        print(f"{path.name}: {info.title}")
+        if info.paper:
+            print(f"    paper: {info.paper}")
+        for i, claim in enumerate(info.claims, 1):
+            print(f"    claim {i}: {claim}")
+    return 0
+
+
+def _resolve_notebook(name: str) -> Path:
+    """Accept a path, a file name in notebooks/, or a prefix such as ``00`` or ``00_tour``."""
+    candidate = Path(name)
+    if candidate.is_file():
+        return candidate
+    matches = [p for p in find_notebooks() if p.name == name or p.stem.startswith(name)]
+    if len(matches) == 1:
+        return matches[0]
+    known = ", ".join(p.name for p in find_notebooks()) or "none"
+    raise SystemExit(
+        f"notebook {name!r} {'is ambiguous' if matches else 'not found'}; notebooks: {known}"
+    )
+
+
+def run_notebook(
+    path: Path,
+    out_dir: Path,
+    profile: str,
+    *,
+    timeout: int = 3600,
+    progress: bool = True,
+) -> tuple[Path, float, str | None]:
+    """Execute one notebook with ``GRADCOURSE_PROFILE=profile`` in its own directory; write the
+    executed copy to ``out_dir``. Returns (output path, seconds, error message or None)."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+    from tqdm.auto import tqdm
+
+    nb = nbformat.read(path, as_version=4)
+    code_cells = sum(c.cell_type == "code" for c in nb.cells)
+    bar = tqdm(total=code_cells, desc=path.stem, unit="cell", disable=not progress)
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent.resolve())}},
+        on_cell_executed=lambda **_: bar.update(1),
+    )
+    env_before = {k: os.environ.get(k) for k in ("GRADCOURSE_PROFILE", "GRADCOURSE_BUILD")}
+    os.environ["GRADCOURSE_PROFILE"] = profile
+    os.environ["GRADCOURSE_BUILD"] = str(out_dir.resolve())
+    start, error = time.perf_counter(), None
+    try:
+        client.execute()
+    except CellExecutionError as exc:
+        error = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+    except Exception as exc:  # kernel died, timeout: report, keep going with other notebooks
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        bar.close()
+        for key, value in env_before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    seconds = time.perf_counter() - start
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_path = out_dir / path.name
+    nbformat.write(nb, out_path)
+    return out_path, seconds, error
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    profile = resolve_profile_name(args.profile)
+    out_dir = Path(args.out) if args.out else build_root()
+    paths = [_resolve_notebook(n) for n in args.notebooks] or find_notebooks()
+    failures = 0
+    for path in paths:
+        print(f"running {path.name} (profile {profile}) ...", flush=True)
+        out_path, seconds, error = run_notebook(
+            path, out_dir, profile, timeout=args.timeout, progress=not args.quiet
+        )
+        status = "ok" if error is None else f"FAILED: {error}"
+        print(f"  {path.name}: {status} in {seconds:.1f} s -> {out_path}", flush=True)
+        failures += error is not None
+    return 1 if failures else 0
+
+
+def load_records(directory: Path) -> list[dict]:
+    records = []
+    for path in sorted(directory.glob("*.claims.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"warning: skipping unreadable {path}: {exc}", file=sys.stderr)
+    return records
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    directory = Path(args.dir) if args.dir else build_root()
+    records = load_records(directory)
+    if not records:
+        print(f"no claim records in {directory}; run `python -m gradcourse run` first")
+        return 1
+    print(format_table(records))
+    failed = sum(v["status"] == "FAILED" for r in records for v in r["verdicts"])
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gradcourse", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_list = sub.add_parser("list", help="notebooks with their paper and claims")
+    p_list.add_argument("--dir", help="notebook directory (default: notebooks/)")
+    p_list.set_defaults(func=cmd_list)
+    p_run = sub.add_parser("run", help="execute notebooks headlessly into build/")
+    p_run.add_argument("notebooks", nargs="*", help="paths or name prefixes (default: all)")
+    p_run.add_argument(
+        "--profile", default=None, help=f"one of {', '.join(PROFILES)}, auto (default: env/auto)"
+    )
+    p_run.add_argument("--out", help="output directory (default: build/)")
+    p_run.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    p_run.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_run.set_defaults(func=cmd_run)
+    p_report = sub.add_parser("report", help="scorecard of every executed notebook's claims")
+    p_report.add_argument("--dir", help="directory of *.claims.json (default: build/)")
+    p_report.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:  # e.g. an unknown profile name
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,585 @@
+"""Datasets of the course, as tensors in memory, plus label noise and class-balanced subsets.
+
+    ds = gc.data.gaussian_mixture(n_train=100, num_classes=2, seed=0)   # Sagun et al. 2017
+    ds = gc.data.mnist1d()                                              # generated offline, cached
+    ds = gc.data.digits()                                               # bundled with scikit-learn
+    ds = gc.data.cifar10(n_train=5_000)                                 # torchvision, files on disk
+    x, y = gc.data.full_batch(ds, device="cuda")
+
+Every generator returns a :class:`Dataset` (float inputs, int64 labels), standardised with
+statistics of its training split only (MNIST-1D keeps its package's own scaling), and is
+deterministic under ``seed`` without touching the global random state. Files live under :func:`default_data_root` (``$GRADCOURSE_DATA`` or
+``<repo>/data``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import tempfile
+import warnings
+import zipfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import TensorDataset as _TensorDataset
+
+from .losses import LossFn, one_hot, targets_for
+from .paths import data_root
+
+__all__ = [
+    "Dataset",
+    "DatasetUnavailable",
+    "balanced_subset_indices",
+    "cifar10",
+    "default_data_root",
+    "digits",
+    "full_batch",
+    "gaussian_mixture",
+    "label_noise",
+    "mnist",
+    "mnist1d",
+    "one_hot",
+    "standardize",
+]
+
+SPLITS: tuple[str, ...] = ("train", "test")
+
+
+class DatasetUnavailable(RuntimeError):
+    """A dataset's files are not on disk (or could not be downloaded); the message says where
+    to put which files."""
+
+
+def _check_int(name: str, value: int, low: int, high: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < low or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The dataset container
+
+
+@dataclass(eq=False)
+class Dataset:
+    """Train and test tensors of a classification dataset; labels are int64 class indices."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+    name: str
+
+    def __post_init__(self) -> None:
+        for split in SPLITS:
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if len(x) != len(y):
+                raise ValueError(f"x_{split} has {len(x)} rows but y_{split} has {len(y)}")
+            if y.dtype != torch.int64:
+                raise ValueError(f"y_{split} must hold int64 class indices, got {y.dtype}")
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def n_train(self) -> int:
+        return len(self.y_train)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.y_test)
+
+    def split(self, split: str = "train") -> tuple[Tensor, Tensor]:
+        """``(x, y)`` of the ``"train"`` or ``"test"`` split."""
+        _check_split(split)
+        return getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+
+    def to(
+        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> Dataset:
+        """This dataset on ``device``; ``dtype`` applies to the inputs only (labels stay int64).
+        Returns a new ``Dataset``; tensors that need no change are shared, as ``Tensor.to``."""
+        move_x = dict(device=device, dtype=dtype)
+        return replace(
+            self,
+            x_train=self.x_train.to(**move_x),
+            x_test=self.x_test.to(**move_x),
+            y_train=self.y_train.to(device=device),
+            y_test=self.y_test.to(device=device),
+        )
+
+    def subset(self, n_train: int, *, balanced: bool = True, seed: int = 0) -> Dataset:
+        """A smaller training split of ``n_train`` examples, classes as equal as possible
+        (``balanced``) or drawn uniformly at random, under ``seed``; the test split is kept."""
+        _check_int("n_train", n_train, 1, self.n_train)
+        if balanced:
+            idx = balanced_subset_indices(self.y_train, n_train, seed=seed)
+        else:
+            perm = torch.randperm(self.n_train, generator=torch.Generator().manual_seed(seed))
+            idx = perm[:n_train].sort().values
+        idx = idx.to(self.y_train.device)
+        return replace(
+            self,
+            x_train=self.x_train[idx],
+            y_train=self.y_train[idx],
+            name=f"{self.name}-n{n_train}",
+        )
+
+    def loader(
+        self,
+        batch_size: int,
+        *,
+        split: str = "train",
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> DataLoader:
+        """Mini-batches ``(x, y)``; the order is fixed by ``seed`` (each epoch draws a new order
+        from the loader's own generator). Each batch is one indexing op, not a per-item collate."""
+        x, y = self.split(split)
+        _check_int("batch_size", batch_size, 1)
+        tensors = _TensorDataset(x, y)
+        if shuffle:
+            order = RandomSampler(tensors, generator=torch.Generator().manual_seed(seed))
+        else:
+            order = SequentialSampler(tensors)
+        batches = BatchSampler(order, batch_size=batch_size, drop_last=drop_last)
+        return DataLoader(tensors, sampler=batches, batch_size=None)
+
+    def targets(self, loss: str | LossFn, split: str = "train") -> Tensor:
+        """Targets for ``loss``: one-hot floats (dtype of x) for ``"mse"``, labels for ``"ce"``."""
+        x, y = self.split(split)
+        return targets_for(loss, y, self.num_classes, dtype=x.dtype)
+
+    def __repr__(self) -> str:
+        return (
+            f"Dataset({self.name!r}, train={self.n_train}, test={self.n_test}, "
+            f"input_shape={self.input_shape}, classes={self.num_classes}, "
+            f"dtype={self.x_train.dtype}, device={self.x_train.device})"
+        )
+
+
+def full_batch(
+    ds: Dataset, split: str = "train", device: str | torch.device | None = None
+) -> tuple[Tensor, Tensor]:
+    """The whole ``split`` as ``(x, y)`` tensors on ``device`` (unchanged when ``None``)."""
+    x, y = ds.split(split)
+    return x.to(device), y.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Preprocessing helpers
+
+
+def standardize(
+    x_train: Tensor, x_test: Tensor, *, dims: int | tuple[int, ...] = 0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Subtract the training mean and divide by the training std (population std) along ``dims``
+    (``0``: per feature; ``(0, 2, 3)``: per channel of images). Features that are constant in the
+    training split (std at rounding level) are only centred. Returns ``(x_train, x_test, mean,
+    std)``."""
+    mean = x_train.mean(dim=dims, keepdim=True)
+    std = x_train.std(dim=dims, correction=0, keepdim=True)
+    rounding = 100 * torch.finfo(x_train.dtype).eps * (1 + mean.abs())
+    std = torch.where(std > rounding, std, torch.ones_like(std))
+    return (x_train - mean) / std, (x_test - mean) / std, mean, std
+
+
+_standardize = standardize  # the generators' ``standardize`` flag shadows the function's name
+
+
+def balanced_subset_indices(labels: Tensor, n: int, *, seed: int = 0) -> Tensor:
+    """Sorted indices of ``n`` examples with every class present in ``labels`` as equal as
+    possible: ``n // k`` each, one more for ``n % k`` classes chosen in a seeded order."""
+    _check_int("n", n, 1, len(labels))
+    gen = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    classes = torch.unique(labels)
+    per_class = torch.full((len(classes),), n // len(classes))
+    per_class[torch.randperm(len(classes), generator=gen)[: n % len(classes)]] += 1
+    chosen = []
+    for c, count in zip(classes.tolist(), per_class.tolist(), strict=True):
+        members = torch.nonzero(labels == c).flatten()
+        if len(members) < count:
+            raise ValueError(
+                f"n={n} needs {count} examples of class {c}, but labels hold only {len(members)}"
+            )
+        chosen.append(members[torch.randperm(len(members), generator=gen)[:count]])
+    return torch.cat(chosen).sort().values
+
+
+def label_noise(
+    labels: Tensor, fraction: float, num_classes: int, *, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Flip exactly ``round(fraction * n)`` labels, chosen at random, each to a different class
+    drawn uniformly from the other ``num_classes - 1``. Returns ``(noisy_labels, flipped)``,
+    where ``flipped`` is the boolean mask of the changed labels (so ``noisy != labels`` there)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    _check_int("num_classes", num_classes, 2)
+    if labels.dtype.is_floating_point or labels.dim() != 1:
+        raise ValueError("labels must be a 1-D tensor of integer class indices")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes - 1}] for num_classes={num_classes}")
+    gen = torch.Generator().manual_seed(seed)
+    n_flip = round(fraction * len(labels))
+    flip = torch.randperm(len(labels), generator=gen)[:n_flip]
+    shift = torch.randint(1, num_classes, (n_flip,), generator=gen)  # never 0: always a change
+    noisy = labels.clone().cpu()
+    noisy[flip] = (noisy[flip] + shift) % num_classes
+    flipped = torch.zeros(len(labels), dtype=torch.bool)
+    flipped[flip] = True
+    return noisy.to(labels.device), flipped.to(labels.device)
+
+
+def _to_dataset(
+    arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    num_classes: int,
+    name: str,
+    device: str | torch.device | None,
+    dtype: torch.dtype,
+) -> Dataset:
+    x_train, y_train, x_test, y_test = arrays
+    return Dataset(
+        x_train=torch.as_tensor(x_train, dtype=dtype, device=device),
+        y_train=torch.as_tensor(y_train, dtype=torch.int64, device=device),
+        x_test=torch.as_tensor(x_test, dtype=dtype, device=device),
+        y_test=torch.as_tensor(y_test, dtype=torch.int64, device=device),
+        num_classes=num_classes,
+        name=name,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic and bundled data
+
+
+def gaussian_mixture(
+    n_train: int = 100,
+    n_test: int = 100,
+    *,
+    num_classes: int = 2,
+    dim: int = 2,
+    spread: float = 1.0,
+    center_box: tuple[float, float] = (-10.0, 10.0),
+    standardize: bool = True,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Dataset:
+    """Isotropic Gaussian blobs, one per class, as in Sagun et al. 2017 (arXiv 1706.04454):
+    ``sklearn.datasets.make_blobs(centers=num_classes, cluster_std=spread, n_features=dim)``,
+    centres uniform in ``center_box``. One pool of ``n_train + n_test`` points is drawn and split,
+    then standardised per feature with the training split's mean and std. The centres depend on
+    ``seed`` only, so ``spread`` alone sets how much the classes overlap."""
+    from sklearn.datasets import make_blobs
+
+    _check_int("n_train", n_train, 1)
+    _check_int("n_test", n_test, 0)
+    _check_int("num_classes", num_classes, 2)
+    _check_int("dim", dim, 1)
+    _check_int("seed", seed, 0, 2**32 - 1)
+    if not spread > 0:
+        raise ValueError(f"spread must be > 0, got {spread}")
+    low, high = center_box
+    if not low < high:
+        raise ValueError(f"center_box must be (low, high) with low < high, got {center_box}")
+    x, y = make_blobs(
+        n_samples=n_train + n_test,
+        n_features=dim,
+        centers=num_classes,
+        cluster_std=spread,
+        center_box=(low, high),
+        shuffle=True,
+        random_state=seed,  # its own RandomState: the global one is untouched
+    )
+    x_train, x_test = torch.as_tensor(x[:n_train]), torch.as_tensor(x[n_train:])
+    if standardize:
+        x_train, x_test, _, _ = _standardize(x_train, x_test, dims=0)
+    arrays = (x_train.numpy(), y[:n_train], x_test.numpy(), y[n_train:])
+    return _to_dataset(
+        arrays, num_classes, f"gaussian_mixture-k{num_classes}-d{dim}", device, dtype
+    )
+
+
+def digits(
+    n_test: int = 297,
+    *,
+    standardize: bool = True,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Dataset:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 64 features, 10 classes),
+    shuffled under ``seed`` and split; standardised per feature with training statistics
+    (always-blank pixels are only centred), else pixel values scaled from 0..16 to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    n_total = len(bunch.target)
+    _check_int("n_test", n_test, 0, n_total - 1)
+    _check_int("seed", seed, 0)
+    order = np.random.default_rng(seed).permutation(n_total)
+    x = torch.as_tensor(bunch.data[order], dtype=torch.float64) / 16.0
+    y = bunch.target[order]
+    n_train = n_total - n_test
+    x_train, x_test = x[:n_train], x[n_train:]
+    if standardize:
+        x_train, x_test, _, _ = _standardize(x_train, x_test, dims=0)
+    arrays = (x_train.numpy(), y[:n_train], x_test.numpy(), y[n_train:])
+    return _to_dataset(arrays, 10, "digits", device, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# MNIST-1D: generated offline with the mnist1d package, cached as .npz
+
+
+def default_data_root() -> Path:
+    """Where datasets live: ``$GRADCOURSE_DATA`` if set, else ``<repo>/data`` when writable,
+    else ``~/.cache/gradcourse`` (see :mod:`gradcourse.paths`)."""
+    return data_root()
+
+
+def _mnist1d_args(n_train: int, n_test: int, seed: int):
+    """The package's default generator arguments with our sizes and seed. The generator makes
+    ``num_samples // 10`` examples per class, so the pool is rounded up to a multiple of 10."""
+    import mnist1d.data
+
+    args = mnist1d.data.get_dataset_args(as_dict=False)
+    args.num_samples = 10 * math.ceil((n_train + n_test) / 10)
+    args.train_split = n_train / args.num_samples
+    args.seed = seed
+    return args
+
+
+def _mnist1d_cache_path(root: Path, n_train: int, n_test: int, seed: int, args) -> Path:
+    settings = {k: v for k, v in sorted(vars(args).items()) if k != "url"}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return root / f"mnist1d_train{n_train}_test{n_test}_seed{seed}_{digest}.npz"
+
+
+def _generate_mnist1d(args, n_train: int, n_test: int) -> dict[str, np.ndarray]:
+    """Run ``mnist1d.data.make_dataset``; it seeds the global NumPy and Python generators, so
+    their states are saved and restored around it."""
+    import mnist1d.data
+
+    numpy_state, python_state = np.random.get_state(), random.getstate()  # noqa: NPY002
+    try:
+        made = mnist1d.data.make_dataset(args)
+    finally:
+        np.random.set_state(numpy_state)  # noqa: NPY002 (restoring the legacy global state)
+        random.setstate(python_state)
+    x = np.concatenate([made["x"], made["x_test"]])  # re-split at exactly n_train
+    y = np.concatenate([made["y"], made["y_test"]]).astype(np.int64)
+    return {
+        "x_train": x[:n_train],
+        "y_train": y[:n_train],
+        "x_test": x[n_train : n_train + n_test],
+        "y_test": y[n_train : n_train + n_test],
+    }
+
+
+def _load_mnist1d_cache(path: Path, n_train: int, n_test: int) -> dict[str, np.ndarray]:
+    """The cached arrays, checked for the expected keys, shapes and label range."""
+    with np.load(path, allow_pickle=False) as stored:
+        arrays = {key: stored[key] for key in ("x_train", "y_train", "x_test", "y_test")}
+    for split, n in (("train", n_train), ("test", n_test)):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.shape != (n, 40) or y.shape != (n,) or not np.isfinite(x).all():
+            raise ValueError(f"cached {split} split has shape {x.shape}, expected ({n}, 40)")
+        if n and (y.min() < 0 or y.max() > 9):
+            raise ValueError(f"cached {split} labels outside [0, 9]")
+    return arrays
+
+
+def _save_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` to ``path`` via a temporary file in the same directory and a rename, so a
+    reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private to the user
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def mnist1d(
+    n_train: int = 4000,
+    n_test: int = 1000,
+    *,
+    seed: int = 42,
+    root: str | Path | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Dataset:
+    """MNIST-1D (Greydanus 2020, arXiv 2011.14439): 10 classes of 1-D signals of length 40,
+    generated offline by the ``mnist1d`` package with its default arguments (the defaults here,
+    5,000 examples split 4,000/1,000 with seed 42, are the package's standard configuration).
+    The package already centres and scales the whole pool, so no further standardisation is
+    applied. The arrays are cached as ``.npz`` under ``root``; an unreadable cache is rebuilt."""
+    _check_int("n_train", n_train, 1)
+    _check_int("n_test", n_test, 0)
+    _check_int("seed", seed, 0, 2**32 - 1)
+    root = default_data_root() if root is None else Path(root).expanduser()
+    args = _mnist1d_args(n_train, n_test, seed)
+    path = _mnist1d_cache_path(root, n_train, n_test, seed, args)
+    arrays = None
+    if path.exists():
+        try:
+            arrays = _load_mnist1d_cache(path, n_train, n_test)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            warnings.warn(
+                f"MNIST-1D cache {path} is unreadable ({err}); regenerating it", stacklevel=2
+            )
+    if arrays is None:
+        arrays = _generate_mnist1d(args, n_train, n_test)
+        try:
+            _save_atomically(path, arrays)
+        except OSError as err:
+            warnings.warn(f"could not cache MNIST-1D at {path} ({err})", stacklevel=2)
+    ordered = (arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"])
+    return _to_dataset(ordered, 10, "mnist1d", device, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-10 and MNIST through torchvision (files on disk; downloaded only when asked)
+
+_WHERE = {  # torchvision class: (name, function, folder under root, files that go there)
+    "CIFAR10": (
+        "CIFAR-10",
+        "cifar10",
+        "cifar-10-batches-py",
+        "data_batch_1 ... data_batch_5, test_batch and batches.meta, extracted from "
+        "cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html)",
+    ),
+    "MNIST": (
+        "MNIST",
+        "mnist",
+        os.path.join("MNIST", "raw"),
+        "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
+        "t10k-labels-idx1-ubyte (the four MNIST .gz files, gunzipped)",
+    ),
+}
+
+
+def _torchvision_split(cls_name: str, root: Path, train: bool, download: bool):
+    """One split of a torchvision dataset; missing files raise :class:`DatasetUnavailable`."""
+    import torchvision.datasets
+
+    cls = getattr(torchvision.datasets, cls_name)
+    try:
+        return cls(root=str(root), train=train, download=download)
+    except (RuntimeError, OSError) as err:
+        name, function, folder, files = _WHERE[cls_name]
+        what = (
+            f"downloading {name} into {root} failed ({' '.join(str(err).split())[:300]})"
+            if download
+            else f"{name} was not found (or is corrupted) under {root}"
+        )
+        raise DatasetUnavailable(
+            f"{what}. Put {files} into {root / folder}{os.sep}, or call "
+            f"gradcourse.data.{function}(download=True) on a machine that is online."
+        ) from err
+
+
+def _pixel_stats(images: np.ndarray) -> tuple[Tensor, Tensor]:
+    """Exact mean and std of uint8 pixels / 255 per channel (last axis), from each channel's
+    histogram, so the whole training set is never copied as floats."""
+    levels = np.arange(256) / 255.0
+    means, stds = [], []
+    for c in range(images.shape[-1]):
+        counts = np.bincount(images[..., c].ravel(), minlength=256)
+        mean = counts @ levels / counts.sum()
+        means.append(mean)
+        stds.append(math.sqrt(counts @ (levels - mean) ** 2 / counts.sum()))
+    return torch.tensor(means), torch.tensor(stds)
+
+
+def _image_dataset(
+    cls_name: str,
+    root: str | Path | None,
+    download: bool,
+    n_train: int | None,
+    n_test: int | None,
+    seed: int,
+    device: str | torch.device | None,
+    dtype: torch.dtype,
+) -> Dataset:
+    root = default_data_root() if root is None else Path(root).expanduser()
+    splits = [_torchvision_split(cls_name, root, train, download) for train in (True, False)]
+    images = [np.asarray(s.data, dtype=np.uint8) for s in splits]  # (n, H, W) or (n, H, W, C)
+    labels = [torch.as_tensor(np.asarray(s.targets), dtype=torch.int64) for s in splits]
+    if images[0].ndim == 3:
+        images = [im[..., None] for im in images]
+    # Per-channel statistics of the full training split (Cohen et al. 2021 also standardise
+    # before taking a subset), so a subset here equals ``Dataset.subset`` of the full set.
+    mean, std = _pixel_stats(images[0])
+    xs, ys = [], []
+    for im, y, n, arg in zip(images, labels, (n_train, n_test), ("n_train", "n_test"), strict=True):
+        if n is not None:
+            _check_int(arg, n, 1, len(y))
+            idx = balanced_subset_indices(y, n, seed=seed)
+            im, y = im[idx.numpy()], y[idx]
+        x = torch.from_numpy(im).permute(0, 3, 1, 2)  # (n, C, H, W)
+        x = x.to(dtype=dtype, memory_format=torch.contiguous_format).div_(255)
+        x.sub_(mean.to(dtype).view(1, -1, 1, 1)).div_(std.to(dtype).view(1, -1, 1, 1))
+        xs.append(x.to(device))
+        ys.append(y.to(device))
+    num_classes = len(splits[0].classes)
+    return Dataset(xs[0], ys[0], xs[1], ys[1], num_classes=num_classes, name=cls_name.lower())
+
+
+def cifar10(
+    root: str | Path | None = None,
+    *,
+    download: bool = False,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Dataset:
+    """CIFAR-10 via ``torchvision.datasets.CIFAR10`` from ``<root>/cifar-10-batches-py/``:
+    (n, 3, 32, 32) pixels scaled to [0, 1], then standardised per channel with training
+    statistics. ``n_train``/``n_test`` take class-balanced subsets under ``seed`` (e.g. the
+    5,000 examples of Cohen et al. 2021). Downloads only when ``download=True``."""
+    return _image_dataset("CIFAR10", root, download, n_train, n_test, seed, device, dtype)
+
+
+def mnist(
+    root: str | Path | None = None,
+    *,
+    download: bool = False,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Dataset:
+    """MNIST via ``torchvision.datasets.MNIST`` from ``<root>/MNIST/raw/``: (n, 1, 28, 28)
+    pixels scaled to [0, 1], then standardised with training statistics. ``n_train``/``n_test``
+    take class-balanced subsets under ``seed``. Downloads only when ``download=True``."""
+    return _image_dataset("MNIST", root, download, n_train, n_test, seed, device, dtype)

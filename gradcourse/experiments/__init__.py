@@ -1,0 +1,1 @@
+"""One module per notebook: the experiment functions it calls (configuration in, results out)."""

@@ -1,0 +1,107 @@
+"""Run profiles: one notebook, three scales.
+
+``ci`` runs in seconds on 2 CPU cores (what CI executes), ``cpu`` in minutes on a laptop,
+``gpu`` at (or near) the paper's scale on one GPU. ``auto`` picks ``gpu`` when CUDA is present,
+else ``cpu``. The profile comes from an argument or the ``GRADCOURSE_PROFILE`` variable.
+
+    P = gc.profile()
+    cfg = P.pick(ci=dict(width=32), cpu=dict(width=256), gpu=dict(width=2048))
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+PROFILES: tuple[str, ...] = ("ci", "cpu", "gpu")
+ENV_VAR = "GRADCOURSE_PROFILE"
+_MISSING = object()
+
+
+def resolve_profile_name(name: str | None = None) -> str:
+    """Return ``"ci"``, ``"cpu"`` or ``"gpu"`` from ``name`` or ``$GRADCOURSE_PROFILE``.
+
+    ``None``, ``""`` and ``"auto"`` mean: ``gpu`` if CUDA is available, else ``cpu``.
+    """
+    raw = os.environ.get(ENV_VAR, "") if name is None else name
+    key = raw.strip().lower()
+    if key in ("", "auto"):
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if key not in PROFILES:
+        source = f"${ENV_VAR}" if name is None else "profile"
+        raise ValueError(
+            f"{source}={raw!r} is not a profile; valid profiles are "
+            f"{', '.join(PROFILES)} or auto (gpu if CUDA is available, else cpu)"
+        )
+    return key
+
+
+def get_device(device: str | torch.device | None = None) -> torch.device:
+    """The device to compute on: ``device`` if given, else CUDA, then Apple MPS, then CPU."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python's, NumPy's and torch's global generators (CPU and CUDA).
+
+    Returns a fresh CPU ``torch.Generator`` seeded with ``seed`` for code that takes one.
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 (seeding the legacy global RNG is the point)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A resolved profile: its name and the device it computes on."""
+
+    name: str
+    device: torch.device
+
+    def pick(self, ci: Any = _MISSING, cpu: Any = _MISSING, gpu: Any = _MISSING) -> Any:
+        """Return the value given for this profile, e.g. ``P.pick(ci=200, cpu=2_000, gpu=20_000)``.
+
+        All three values must be given, so that a notebook shows every scale side by side.
+        """
+        given = {"ci": ci, "cpu": cpu, "gpu": gpu}
+        missing = [k for k, v in given.items() if v is _MISSING]
+        if missing:
+            raise ValueError(
+                f"pick() needs a value for every profile; missing: {', '.join(missing)}"
+            )
+        return given[self.name]
+
+    @property
+    def is_ci(self) -> bool:
+        return self.name == "ci"
+
+    def __str__(self) -> str:
+        return f"profile {self.name!r} on {self.device}"
+
+
+def profile(name: str | None = None, device: str | torch.device | None = None) -> Profile:
+    """Resolve the run profile (argument, else ``$GRADCOURSE_PROFILE``, else auto) and its device.
+
+    The ``ci`` profile always runs on the CPU, so CI results do not depend on the machine.
+    """
+    resolved = resolve_profile_name(name)
+    if device is None and resolved == "ci":
+        device = "cpu"
+    return Profile(name=resolved, device=get_device(device))

@@ -1,0 +1,350 @@
+"""Small training loops: full-batch GD and minibatch SGD, with (Nesterov) momentum.
+
+One update is torch.optim.SGD's (dampening 0), with g_t the gradient of the minibatch loss
+(the conventions of :mod:`gradcourse.losses`, e.g. C = 1/n sum_i 1/2 ||f(x_i) - y_i||^2):
+
+    v_{t+1} = mu v_t + g_t + lambda w_t,       v_0 = 0   (heavy ball, Polyak 1964)
+    w_{t+1} = w_t - lr v_{t+1}                            (nesterov: w_t - lr (g_t + mu v_{t+1}))
+
+With mu = lambda = 0 and the full batch this is plain GD, w_{t+1} = w_t - lr grad C(w_t), the
+iteration whose stability Cohen et al. (2021) and Wu et al. (2018) study. Steps count updates:
+"step t" means the parameters after t updates, so a run of T steps reports steps 0..T. The loss
+is checked for finiteness at every step; a non-finite loss raises :class:`Diverged`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .losses import LossFn, get_loss, targets_for
+
+OPTIMIZERS: tuple[str, ...] = ("gd", "sgd")
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss (the step size is above the stability threshold)."""
+
+    def __init__(self, step: int, lr: float, loss: float) -> None:
+        self.step, self.lr, self.loss = int(step), float(lr), float(loss)
+        super().__init__(f"training diverged at step {self.step} (lr={self.lr:g}): loss is {loss}")
+
+    def __reduce__(self):  # keep it picklable (the message is rebuilt from the fields)
+        return (type(self), (self.step, self.lr, self.loss))
+
+
+@dataclass
+class History:
+    """What a run recorded.
+
+    ``step[i]``, ``loss[i]`` (and ``accuracy[i]`` for integer labels and a multi-output model):
+    the loss of the batch used at that step, at the parameters before its update; for GD the
+    training loss at w_step. ``records``: the callback's dicts, each with its ``"step"``.
+    ``diverged``: the :class:`Diverged` error when ``raise_on_divergence=False`` stopped the run
+    (its non-finite loss is not appended to ``loss``). ``wall_time``: seconds.
+    """
+
+    step: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    accuracy: list[float] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    diverged: Diverged | None = None
+    wall_time: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+    @property
+    def final_loss(self) -> float:
+        """The last logged loss (nan before anything was logged)."""
+        return self.loss[-1] if self.loss else math.nan
+
+    def as_arrays(self) -> dict[str, np.ndarray]:
+        """``step``, ``loss`` (and ``accuracy`` when recorded) as NumPy arrays."""
+        out = {"step": np.asarray(self.step, dtype=np.int64), "loss": np.asarray(self.loss)}
+        if self.accuracy:
+            out["accuracy"] = np.asarray(self.accuracy)
+        return out
+
+    def record_arrays(self) -> dict[str, np.ndarray]:
+        """The callback records as one array per key (nan where a record lacks the key)."""
+        keys = list(dict.fromkeys(k for r in self.records for k in r))
+        return {k: np.asarray([r.get(k, math.nan) for r in self.records]) for k in keys}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
+    bad = isinstance(value, bool) or not isinstance(value, int)
+    if bad or value < low or (high is not None and value > high):
+        allowed = f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return value
+
+
+def _check_float(name: str, value: object, low: float, high: float, *, low_open: bool) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and value < high
+    if not ok:
+        left = "(" if low_open else "["
+        raise ValueError(f"{name} must be a number in {left}{low:g}, {high:g}), got {value!r}")
+    return float(value)
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in model.parameters():
+        return p.device, p.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def _prepare(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """x, y on the model's device; floating tensors in the model's dtype."""
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must have the same number of examples, got {len(x)}, {len(y)}")
+    if x.shape[0] == 0:
+        raise ValueError("x must hold at least one example")
+    device, dtype = _model_device_dtype(model)
+    x = x.to(device, dtype) if x.dtype.is_floating_point else x.to(device)
+    y = y.to(device, dtype) if y.dtype.is_floating_point else y.to(device)
+    return x, y
+
+
+def _loss_and_accuracy(
+    model: nn.Module, loss: str | LossFn, xb: Tensor, yb: Tensor
+) -> tuple[Tensor, Tensor | None]:
+    """Mean loss of the batch and, for integer labels and several outputs, its accuracy."""
+    out = model(xb)
+    num_outputs = out.shape[1] if out.dim() > 1 else 1
+    value = get_loss(loss)(out, targets_for(loss, yb, num_outputs, out.dtype))
+    acc = None
+    if not yb.dtype.is_floating_point and num_outputs > 1 and yb.dim() == 1:
+        acc = (out.argmax(dim=1) == yb).to(out.dtype).mean()
+    return value, acc
+
+
+class _mode:
+    """Put every submodule in train / eval mode, and restore each one's own mode afterwards."""
+
+    def __init__(self, model: nn.Module, training: bool) -> None:
+        self.model, self.training = model, training
+
+    def __enter__(self) -> None:
+        self.saved = [(m, m.training) for m in self.model.modules()]
+        self.model.train(self.training)
+
+    def __exit__(self, *exc: object) -> None:
+        for m, training in self.saved:
+            m.training = training
+
+
+def minibatches(n: int, batch_size: int, *, seed: int = 0) -> Iterator[Tensor]:
+    """Endless minibatch indices: each epoch a fresh permutation of range(n) (drawn from
+    ``torch.Generator().manual_seed(seed)``) cut into batches of ``batch_size`` (the last one
+    smaller when batch_size does not divide n). Sampling without replacement within an epoch."""
+    _check_int("n", n, 1)
+    _check_int("batch_size", batch_size, 1, n)
+    _check_int("seed", seed, 0)
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield from torch.randperm(n, generator=g).split(batch_size)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def train(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    loss: str | LossFn = "mse",
+    lr: float,
+    optimizer: str = "gd",
+    batch_size: int | None = None,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    steps: int | None = None,
+    epochs: int | None = None,
+    callback: Callable[[int, nn.Module], dict[str, Any] | None] | None = None,
+    every: int = 1,
+    log_every: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+    stop_when: Callable[[History], bool] | None = None,
+    raise_on_divergence: bool = True,
+    device: str | torch.device | None = None,
+) -> History:
+    """Train ``model`` in place on (x, y) with GD or SGD (see the module docstring for the update).
+
+    - ``optimizer="gd"`` is full batch; ``"sgd"`` samples batches of ``batch_size`` without
+      replacement, reshuffling every epoch (:func:`minibatches` with ``seed``).
+    - Exactly one of ``steps`` (updates) and ``epochs`` (passes over the data) is given.
+    - ``callback(step, model)`` runs at steps 0, every, 2*every, ... and at the last step, before
+      that step's update; a returned dict is stored in ``history.records`` with its step.
+    - ``stop_when(history)`` is asked after each logged step; True ends the run there.
+    - ``loss="mse"`` on integer labels trains on one-hot targets (:func:`losses.targets_for`).
+    - ``device``: move the model there first (default: where the model is); x and y follow the
+      model. The model is in train mode during the run, then its previous modes are restored.
+    """
+    lr = _check_float("lr", lr, 0.0, math.inf, low_open=True)
+    momentum = _check_float("momentum", momentum, 0.0, 1.0, low_open=False)
+    weight_decay = _check_float("weight_decay", weight_decay, 0.0, math.inf, low_open=False)
+    if nesterov and momentum == 0:
+        raise ValueError("nesterov=True needs momentum in (0, 1), got momentum=0")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    n = len(x)
+    if batch_size is not None:
+        _check_int("batch_size", batch_size, 1, n)
+        if optimizer == "gd" and batch_size != n:
+            raise ValueError(
+                f"optimizer='gd' is full batch: batch_size must be None or n={n}, "
+                f"got {batch_size} (use optimizer='sgd' for minibatches)"
+            )
+    batch_size = n if batch_size is None else batch_size
+    if (steps is None) == (epochs is None):
+        raise ValueError("give exactly one of steps and epochs (a positive int)")
+    steps_per_epoch = math.ceil(n / batch_size)
+    if steps is None:
+        total = _check_int("epochs", epochs, 1) * steps_per_epoch
+    else:
+        total = _check_int("steps", steps, 1)
+    _check_int("every", every, 1)
+    _check_int("log_every", log_every, 1)
+    _check_int("seed", seed, 0)
+    get_loss(loss)  # validates the name
+
+    if device is not None:
+        model.to(device)
+    x, y = _prepare(model, x, y)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(
+        params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
+    )
+    batches = minibatches(n, batch_size, seed=seed) if batch_size < n else None
+
+    history = History()
+    start = time.perf_counter()
+    bar = tqdm(total=total, desc="train", disable=not progress, leave=False)
+    try:
+        with _mode(model, True):
+            for t in range(total + 1):
+                last = t == total
+                if callback is not None and (t % every == 0 or last):
+                    _store(history, t, callback(t, model))
+                if batches is None:
+                    xb, yb = x, y
+                else:
+                    idx = next(batches).to(x.device)
+                    xb, yb = x[idx], y[idx]
+                with torch.set_grad_enabled(not last):
+                    value, acc = _loss_and_accuracy(model, loss, xb, yb)
+                loss_t = float(value.detach())
+                if not math.isfinite(loss_t):
+                    error = Diverged(t, lr, loss_t)
+                    if raise_on_divergence:
+                        raise error
+                    history.diverged = error
+                    break
+                stop = False
+                if t % log_every == 0 or last:
+                    history.step.append(t)
+                    history.loss.append(loss_t)
+                    if acc is not None:
+                        history.accuracy.append(float(acc))
+                    bar.set_postfix(loss=f"{loss_t:.4g}", refresh=False)
+                    stop = stop_when is not None and bool(stop_when(history))
+                if last:
+                    break
+                if stop:
+                    if callback is not None and t % every != 0:
+                        _store(history, t, callback(t, model))
+                    break
+                opt.zero_grad(set_to_none=True)
+                value.backward()
+                opt.step()
+                bar.update(1)
+    finally:
+        bar.close()
+        history.wall_time = time.perf_counter() - start
+    return history
+
+
+def _store(history: History, step: int, result: object) -> None:
+    if result is None:
+        return
+    if not isinstance(result, dict):
+        raise TypeError(f"callback must return a dict or None, got {type(result).__name__}")
+    history.records.append({"step": step, **result})
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    loss: str | LossFn = "mse",
+    batch_size: int | None = None,
+) -> dict[str, float | None]:
+    """Loss and accuracy on (x, y) in eval mode under no_grad (the model's modes are restored).
+
+    Batch losses are averaged weighted by batch size, which is exact for losses that are means
+    over examples (both of :mod:`gradcourse.losses`). ``accuracy`` is None unless the labels are
+    integers and the model has several outputs.
+    """
+    x, y = _prepare(model, x, y)
+    n = len(x)
+    batch_size = n if batch_size is None else _check_int("batch_size", batch_size, 1, n)
+    total_loss, total_correct, has_acc = 0.0, 0.0, False
+    with _mode(model, False), torch.no_grad():
+        for start in range(0, n, batch_size):
+            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+            value, acc = _loss_and_accuracy(model, loss, xb, yb)
+            total_loss += float(value) * len(xb)
+            if acc is not None:
+                has_acc = True
+                total_correct += float(acc) * len(xb)
+    return {"loss": total_loss / n, "accuracy": total_correct / n if has_acc else None}
+
+
+def grad_norm(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    loss: str | LossFn = "mse",
+    batch_size: int | None = None,
+) -> float:
+    """||grad C(w)||_2 of the full-batch loss (e.g. Sagun et al. 2017 stop at <= 1e-4).
+
+    Uses the model's current mode and leaves ``.grad`` untouched; with ``batch_size`` the
+    gradient is accumulated over chunks, weighted by chunk size (exact for mean losses).
+    """
+    x, y = _prepare(model, x, y)
+    n = len(x)
+    batch_size = n if batch_size is None else _check_int("batch_size", batch_size, 1, n)
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    for start in range(0, n, batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        value, _ = _loss_and_accuracy(model, loss, xb, yb)
+        grads = torch.autograd.grad(value, params, allow_unused=True)
+        for acc, g in zip(total, grads, strict=True):
+            if g is not None:
+                acc.add_(g, alpha=len(xb) / n)
+    return float(torch.sqrt(sum(g.pow(2).sum() for g in total)))

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gradcourse.claims import ClaimFailed, Claims, evaluate, format_table
+
+
+@pytest.mark.parametrize(
+    ("measured", "expected", "compare", "tol", "rtol", "holds"),
+    [
+        (1.05, 1.0, "close", 0.1, 0, True),
+        (1.2, 1.0, "close", 0.1, 0, False),
+        (105.0, 100.0, "close", 0, 0.05, True),
+        (106.0, 100.0, "close", 0, 0.05, False),
+        (3, 3, "==", 0, 0, True),
+        (3, 4, "==", 0, 0, False),
+        (1.9, 2.0, "<=", 0, 0, True),
+        (2.05, 2.0, "<=", 0.1, 0, True),
+        (2.2, 2.0, "<=", 0.1, 0, False),
+        (2.0, 2.0, "<", 0, 0, False),
+        (2.0, 2.0, ">=", 0, 0, True),
+        (1.0, 2.0, ">", 0, 0, False),
+        (0.5, (0.0, 1.0), "in", 0, 0, True),
+        (1.5, (0.0, 1.0), "in", 0, 0, False),
+        (math.nan, 1.0, "close", 1e9, 0, False),
+        (math.inf, 1.0, ">=", 0, 0, False),
+        (math.nan, (0.0, 1.0), "in", 0, 0, False),
+    ],
+)
+def test_evaluate(measured, expected, compare, tol, rtol, holds):
+    assert evaluate(measured, expected, compare, tol, rtol) is holds
+
+
+def test_failed_claim_raises_only_where_required(capsys):
+    at_ci = Claims("Paper 2020", profile="ci")
+    with pytest.raises(ClaimFailed, match="must hold at profile 'ci'"):
+        at_ci.check("x is one", 2.0, 1.0, tol=0.1, holds_at=("ci", "cpu"))
+    assert at_ci.verdicts[-1].status == "FAILED"
+
+    at_ci.check("y is one", 2.0, 1.0, tol=0.1, holds_at=("gpu",))
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "not reproduced at this scale" in line and "required only at gpu" in line
+    assert at_ci.verdicts[-1].status == "not reproduced at this scale"
+
+
+def test_check_prints_one_line_with_measured_and_expected(capsys):
+    claims = Claims("Paper", profile="cpu")
+    verdict = claims.check("sharpness near 2/lr", torch.tensor(19.6), 20.0, rtol=0.05)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "19.6" in out[0] and "≈ 20" in out[0] and "reproduced" in out[0]
+    assert verdict.holds and verdict.measured == pytest.approx(19.6)
+
+
+def test_numpy_and_tensor_values_become_plain_json(tmp_path):
+    claims = Claims("Paper", notebook="nb", profile="ci", out_dir=tmp_path, verbose=False)
+    claims.check("count", np.int64(3), 3, compare="==")
+    claims.check("in range", torch.tensor(0.5, dtype=torch.float64), (0, 1), compare="in")
+    claims.report()
+    record = json.loads((tmp_path / "nb.claims.json").read_text())
+    assert record["paper"] == "Paper" and record["profile"] == "ci"
+    assert [v["status"] for v in record["verdicts"]] == ["reproduced", "reproduced"]
+    assert record["verdicts"][0]["measured"] == 3
+    assert not list(tmp_path.glob(".*tmp"))  # the atomic write left nothing behind
+
+
+def test_rechecking_a_claim_replaces_it():
+    claims = Claims("Paper", profile="ci", verbose=False)
+    claims.check("a", 1.0, 1.0)
+    claims.check("a", 2.0, 2.0)
+    assert len(claims.verdicts) == 1 and claims.verdicts[0].measured == 2.0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(compare="approx"),
+        dict(tol=-1.0),
+        dict(holds_at=("laptop",)),
+        dict(compare="in"),
+        dict(compare="<=", expected="big"),
+    ],
+)
+def test_bad_check_arguments(kwargs):
+    claims = Claims("Paper", profile="ci", verbose=False)
+    args = dict(name="c", measured=1.0, expected=1.0) | kwargs
+    with pytest.raises(ValueError):
+        claims.check(**args)
+
+
+def test_table_counts_every_status():
+    claims = Claims("P", profile="ci", verbose=False)
+    claims.check("ok", 1.0, 1.0)
+    claims.check("small scale", 0.0, 1.0, holds_at=("gpu",))
+    table = format_table([claims.record()])
+    assert "2 claims: 1 reproduced, 1 not reproduced at this scale, 0 failed" in table
+    assert format_table([]) == "(no claims checked)"

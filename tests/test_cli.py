@@ -1,0 +1,127 @@
+"""The command line: list, run and report, on the tour notebook (executed for real, ci profile)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from gradcourse import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TOUR = ROOT / "notebooks" / "00_tour.ipynb"
+
+
+def test_list_shows_paper_and_claims(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "00_tour.ipynb" in out and "paper:" in out and "claim 1:" in out
+
+
+def test_every_notebook_declares_title_paper_and_claims():
+    for path in cli.find_notebooks():
+        info = cli.describe(path)
+        assert info.title != path.stem, f"{path.name}: no '# Title' line in the first cell"
+        assert info.paper, f"{path.name}: no '**Paper**:' line in the first cell"
+        assert len(info.claims) >= 1, f"{path.name}: no numbered list under '## Claims'"
+
+
+@pytest.fixture(scope="module")
+def executed_tour(tmp_path_factory):
+    out = tmp_path_factory.mktemp("build")
+    code = cli.main(["run", "00_tour", "--profile", "ci", "--out", str(out), "--quiet"])
+    return code, out
+
+
+def test_run_executes_the_tour_into_build(executed_tour):
+    code, out = executed_tour
+    assert code == 0
+    nb = nbformat.read(out / "00_tour.ipynb", as_version=4)
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count for c in code_cells), "every cell ran"
+    errors = [o for c in code_cells for o in c.outputs if o.output_type == "error"]
+    assert not errors
+    record = json.loads((out / "00_tour.claims.json").read_text())
+    assert record["profile"] == "ci" and record["notebook"] == "00_tour"
+    assert record["verdicts"] and all(v["status"] == "reproduced" for v in record["verdicts"])
+    assert json.loads(TOUR.read_text())["cells"][1]["outputs"] == [], "source left untouched"
+
+
+def test_report_prints_the_scorecard(executed_tour, capsys):
+    _, out = executed_tour
+    assert cli.main(["report", "--dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "torch.func toolkit tour" in text and "reproduced" in text and "0 failed" in text
+
+
+def test_report_fails_when_a_claim_failed(tmp_path, capsys):
+    record = {
+        "paper": "P",
+        "notebook": "x",
+        "profile": "ci",
+        "verdicts": [
+            dict(
+                name="c",
+                measured=2,
+                expected=1,
+                compare="==",
+                tol=0,
+                rtol=0,
+                holds=False,
+                required=True,
+                profile="ci",
+                holds_at=["ci"],
+                note="",
+                status="FAILED",
+            )
+        ],
+    }
+    (tmp_path / "x.claims.json").write_text(json.dumps(record))
+    (tmp_path / "broken.claims.json").write_text("{not json")
+    assert cli.main(["report", "--dir", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED" in captured.out and "skipping unreadable" in captured.err
+
+
+def test_report_with_nothing_to_report(tmp_path, capsys):
+    assert cli.main(["report", "--dir", str(tmp_path)]) == 1
+    assert "no claim records" in capsys.readouterr().out
+
+
+def test_run_reports_a_failing_notebook(tmp_path, capsys):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("raise RuntimeError('boom')")])
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    path = tmp_path / "bad.ipynb"
+    nbformat.write(nb, path)
+    assert (
+        cli.main(["run", str(path), "--profile", "ci", "--out", str(tmp_path / "o"), "--quiet"])
+        == 1
+    )
+    assert "FAILED" in capsys.readouterr().out
+    assert (tmp_path / "o" / "bad.ipynb").exists(), "the partly executed notebook is kept"
+
+
+def test_bad_profile_and_unknown_notebook(capsys):
+    assert cli.main(["run", "00_tour", "--profile", "laptop"]) == 2
+    assert "valid profiles" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="not found"):
+        cli.main(["run", "99_nothing"])
+
+
+def test_module_entry_point():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "gradcourse", "list"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0 and "00_tour" in done.stdout
+    script = Path(sys.executable).parent / "gradcourse"
+    done = subprocess.run([str(script), "list"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and "00_tour" in done.stdout

@@ -1,0 +1,297 @@
+"""Models: shapes, initialisation statistics against closed forms, determinism, torch.func."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.func import functional_call, grad, jacrev, jvp, vmap
+
+from gradcourse.losses import mse
+from gradcourse.models import (
+    MLP,
+    DiagonalLinear,
+    NTKLinear,
+    SmallCNN,
+    build_model,
+    count_params,
+    resnet18,
+    two_layer_relu,
+)
+
+# ----------------------------------------------------------------------------- MLP
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu", "linear", "softplus"])
+@pytest.mark.parametrize("parameterization", ["standard", "ntk"])
+def test_mlp_output_shapes(activation, parameterization):
+    model = MLP(12, [7, 5], 3, activation=activation, parameterization=parameterization)
+    assert model(torch.randn(4, 12)).shape == (4, 3)
+    assert model(torch.randn(4, 3, 4)).shape == (4, 3)  # flattened from dim 1
+    scalar = MLP(12, [7], 1, activation=activation, parameterization=parameterization)
+    assert scalar(torch.randn(4, 12)).shape == (4, 1)
+    linear = MLP(12, [], 2, parameterization=parameterization)
+    assert len(linear.layers) == 1 and linear(torch.randn(4, 12)).shape == (4, 2)
+
+
+def test_mlp_float64_and_no_bias():
+    model = MLP(3, [4], 2, bias=False, parameterization="ntk", dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert [n for n, _ in model.named_parameters()] == ["layers.0.weight", "layers.1.weight"]
+    assert model(torch.randn(2, 3, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_ntk_forward_is_the_explicit_formula():
+    """a~ = sigma_w W x / sqrt(n) + beta b (Jacot et al. 2018), W, b stored as raw N(0, 1)."""
+    torch.manual_seed(0)
+    sw, beta = 1.7, 0.3
+    model = MLP(
+        5, [6], 2, parameterization="ntk", weight_scale=sw, bias_scale=beta, dtype=torch.float64
+    )
+    x = torch.randn(3, 5, dtype=torch.float64)
+    l1, l2 = model.layers
+    assert isinstance(l1, NTKLinear)
+    h = sw * x @ l1.weight.T / math.sqrt(5) + beta * l1.bias
+    f = sw * torch.relu(h) @ l2.weight.T / math.sqrt(6) + beta * l2.bias
+    torch.testing.assert_close(model(x), f, rtol=1e-12, atol=1e-12)
+
+
+def test_ntk_params_are_standard_normal():
+    model = MLP(400, [300], 200, parameterization="ntk", weight_scale=3.0, bias_scale=0.5)
+    w = model.layers[0].weight.detach()
+    assert abs(float(w.mean())) < 0.01  # 120k draws: se 0.003
+    assert abs(float(w.var()) - 1.0) < 0.02  # se of the variance ~ sqrt(2/120k) = 0.004
+    b = torch.cat([model.layers[0].bias, model.layers[1].bias]).detach()
+    assert abs(float(b.var()) - 1.0) < 0.3  # 500 draws: se ~ 0.06
+
+
+def _output_variance_check(samples: torch.Tensor, expected: float) -> None:
+    """E f = 0, so Var f = E f^2; test the sample mean of f^2 within 4 standard errors.
+
+    ``samples`` is (seeds, outputs): the outputs of one net are independent given its hidden
+    layer, so each seed's mean of f_k^2 is one unbiased, i.i.d.-across-seeds draw."""
+    sq = samples.pow(2).mean(dim=1)
+    se = float(sq.std()) / math.sqrt(len(sq))
+    assert abs(float(sq.mean()) - expected) < 4 * se, (float(sq.mean()), expected, se)
+
+
+def test_ntk_output_variance_at_init_matches_closed_form():
+    """One hidden ReLU layer, NTK param.: h_j ~ N(0, q), q = sigma_w^2 ||x||^2 / n0 + beta^2,
+    so Var f = sigma_w^2 E[relu(h)^2] + beta^2 = sigma_w^2 q / 2 + beta^2 (exact at any width)."""
+    sw, beta, n0 = 1.3, 1.0, 3
+    x = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
+    q = sw**2 * float(x.pow(2).sum()) / n0 + beta**2
+    expected = sw**2 * q / 2 + beta**2
+    samples = torch.stack(
+        [
+            two_layer_relu(
+                n0,
+                16,
+                8,
+                parameterization="ntk",
+                weight_scale=sw,
+                bias_scale=beta,
+                seed=s,
+                dtype=torch.float64,
+            )(x)[0]
+            for s in range(3000)
+        ]
+    ).detach()
+    _output_variance_check(samples, expected)
+
+
+def test_standard_init_variance_and_output_variance():
+    """W ~ N(0, sigma_w^2 / n_in), b = 0; one hidden ReLU layer: Var f = sigma_w^4 ||x||^2/(2 n0)."""
+    sw = 2.0
+    model = MLP(500, [400], 10, weight_scale=sw)
+    w = model.layers[0].weight.detach()
+    assert abs(float(w.var()) * 500 / sw**2 - 1.0) < 0.02
+    assert all(float(layer.bias.detach().abs().max()) == 0.0 for layer in model.layers)
+
+    n0 = 4
+    x = torch.tensor([[0.5, 1.0, -1.5, 2.0]], dtype=torch.float64)
+    expected = sw**4 * float(x.pow(2).sum()) / (2 * n0)
+    samples = torch.stack(
+        [
+            two_layer_relu(n0, 16, 8, weight_scale=sw, seed=s, dtype=torch.float64)(x)[0]
+            for s in range(3000)
+        ]
+    ).detach()
+    _output_variance_check(samples, expected)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda s: MLP(6, [8, 8], 3, seed=s),
+        lambda s: MLP(6, [8], 3, parameterization="ntk", seed=s),
+        lambda s: DiagonalLinear(6, init="random", seed=s),
+        lambda s: SmallCNN(conv_dim=1, seed=s),
+        lambda s: resnet18(seed=s),
+    ],
+)
+def test_init_is_deterministic_under_seed_and_differs_across_seeds(make):
+    a, b, c = make(0), make(0), make(1)
+    for (na, pa), (_, pb), (_, pc) in zip(
+        a.named_parameters(), b.named_parameters(), c.named_parameters(), strict=True
+    ):
+        assert torch.equal(pa, pb), na
+        if (
+            pa.numel() > 1 and float(pa.detach().std()) > 0
+        ):  # BatchNorm weights are constant by design
+            assert not torch.equal(pa, pc), na
+
+
+def test_init_leaves_global_rng_untouched():
+    state = torch.get_rng_state()
+    MLP(4, [5], 2, seed=3)
+    MLP(4, [5], 2, parameterization="ntk", seed=3)
+    DiagonalLinear(4, init="random", seed=3)
+    SmallCNN(seed=3)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_mlp_validation():
+    with pytest.raises(ValueError, match="activation"):
+        MLP(3, [4], 1, activation="sigmoid")
+    with pytest.raises(ValueError, match="parameterization"):
+        MLP(3, [4], 1, parameterization="mup")
+    with pytest.raises(ValueError, match=r"widths\[1\]"):
+        MLP(3, [4, 0], 1)
+    with pytest.raises(ValueError, match="in_dim"):
+        MLP(0, [4], 1)
+    with pytest.raises(ValueError, match="weight_scale"):
+        MLP(3, [4], 1, weight_scale=0.0)
+    with pytest.raises(ValueError, match="bias_scale"):
+        MLP(3, [4], 1, bias_scale=-1.0)
+    with pytest.raises(ValueError, match="seed"):
+        MLP(3, [4], 1, seed=-1)
+
+
+# ----------------------------------------------------------------------------- others
+
+
+def test_diagonal_linear_output_is_inner_product_with_uv():
+    model = DiagonalLinear(5, init_scale=0.3, dtype=torch.float64)
+    torch.testing.assert_close(model.beta, torch.full((5,), 0.09, dtype=torch.float64))
+    with torch.no_grad():
+        model.u.copy_(torch.arange(5.0))
+        model.v.copy_(torch.linspace(-1, 1, 5))
+    x = torch.randn(7, 5, dtype=torch.float64)
+    expected = (x @ (model.u * model.v)).unsqueeze(1)
+    out = model(x)
+    assert out.shape == (7, 1)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(model.beta, torch.arange(5.0, dtype=torch.float64) * model.v)
+    rand = DiagonalLinear(5, init="random", init_scale=2.0)
+    assert not torch.equal(rand.u, rand.v)
+    with pytest.raises(ValueError, match="init"):
+        DiagonalLinear(5, init="zeros")
+
+
+def test_small_cnn_1d_and_2d():
+    cnn1 = SmallCNN(conv_dim=1, num_classes=10)
+    assert cnn1(torch.randn(3, 40)).shape == (3, 10)  # MNIST-1D signals, channel dim added
+    assert cnn1(torch.randn(3, 1, 40)).shape == (3, 10)
+    cnn2 = SmallCNN(in_channels=1, num_classes=4)
+    assert cnn2(torch.randn(3, 28, 28)).shape == (3, 4)
+    assert cnn2(torch.randn(3, 1, 8, 8)).shape == (3, 4)
+    cnn3 = SmallCNN(in_channels=3, channels=(8, 8, 8), dtype=torch.float64)
+    assert cnn3(torch.randn(2, 3, 32, 32, dtype=torch.float64)).shape == (2, 10)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in cnn3.modules())
+    with pytest.raises(ValueError, match="conv_dim"):
+        SmallCNN(conv_dim=3)
+
+
+def test_resnet18_shape_and_param_count():
+    model = resnet18(num_classes=10)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert count_params(model) == 11_173_962  # the CIFAR ResNet-18, "11.2M"
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
+
+
+def test_count_params_and_build_model():
+    model = MLP(3, [4], 2)
+    assert count_params(model) == 3 * 4 + 4 + 4 * 2 + 2
+    model.layers[0].weight.requires_grad_(False)
+    assert count_params(model, trainable_only=True) == 4 + 4 * 2 + 2
+    built = build_model("mlp", in_dim=3, widths=[4], out_dim=2)
+    assert isinstance(built, MLP)
+    for p, q in zip(built.parameters(), MLP(3, [4], 2).parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert isinstance(build_model("diagonal_linear", dim=3), DiagonalLinear)
+    assert isinstance(build_model("two_layer_relu", in_dim=3, width=4), MLP)
+    assert isinstance(build_model("small_cnn", conv_dim=1), SmallCNN)
+    with pytest.raises(ValueError, match="model name"):
+        build_model("vgg11")
+
+
+# ----------------------------------------------------------------------------- torch.func
+
+
+FUNC_MODELS = {
+    "mlp_standard": (lambda: MLP(6, [5, 4], 3, activation="tanh", dtype=torch.float64), (6,), 3),
+    "mlp_ntk": (lambda: MLP(6, [5], 3, parameterization="ntk", dtype=torch.float64), (6,), 3),
+    "two_layer_relu": (lambda: two_layer_relu(6, 5, dtype=torch.float64), (6,), 1),
+    "diagonal_linear": (lambda: DiagonalLinear(6, init="random", dtype=torch.float64), (6,), 1),
+    "small_cnn_1d": (
+        lambda: SmallCNN(conv_dim=1, num_classes=3, channels=(4, 4), hidden=8, dtype=torch.float64),
+        (20,),
+        3,
+    ),
+    "small_cnn_2d": (
+        lambda: SmallCNN(2, num_classes=3, channels=(4,), hidden=8, dtype=torch.float64),
+        (2, 8, 8),
+        3,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(FUNC_MODELS))
+def test_per_example_gradients_with_vmap_match_a_loop(name):
+    make, in_shape, out_dim = FUNC_MODELS[name]
+    model = make()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, *in_shape, generator=g, dtype=torch.float64)
+    y = torch.randn(5, out_dim, generator=g, dtype=torch.float64)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(p, xi, yi):
+        return mse(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(len(x)):
+        model.zero_grad()
+        mse(model(x[i : i + 1]), y[i : i + 1]).backward()
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(per_example[k][i], p.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["mlp_ntk", "small_cnn_1d"])
+def test_jvp_matches_jacrev_contraction(name):
+    make, in_shape, _ = FUNC_MODELS[name]
+    model = make()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(3, *in_shape, dtype=torch.float64)
+    tangent = {k: torch.randn_like(v) for k, v in params.items()}
+
+    def f(p):
+        return functional_call(model, p, (x,))
+
+    _, jvp_out = jvp(f, (params,), (tangent,))
+    jac = jacrev(f)(params)
+    contracted = sum(
+        (jac[k].flatten(2) @ tangent[k].flatten()) for k in params
+    )  # (n, out) = sum_k J_k t_k
+    torch.testing.assert_close(jvp_out, contracted, rtol=1e-10, atol=1e-12)
+
+
+def test_forward_does_not_modify_input():
+    x = torch.randn(4, 40)
+    x0 = x.clone()
+    for model in (MLP(40, [8], 2), SmallCNN(conv_dim=1), DiagonalLinear(40)):
+        model(x)
+        assert torch.equal(x, x0)

@@ -1,0 +1,64 @@
+"""Repository hygiene: notebooks stored clean, dependency lists in agreement, CI = README."""
+
+from __future__ import annotations
+
+import json
+import re
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "notebooks/ holds no notebook"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_stored_without_outputs(path):
+    nb = json.loads(path.read_text())
+    dirty = [
+        i
+        for i, cell in enumerate(nb["cells"])
+        if cell["cell_type"] == "code" and (cell.get("outputs") or cell.get("execution_count"))
+    ]
+    assert not dirty, f"{path.name}: cells {dirty} have outputs; clear them before committing"
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[; ]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_runtime_dependencies_agree_between_pyproject_and_environment_yml():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    runtime = {_name(r) for r in pyproject["project"]["dependencies"]}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    assert env["channels"] == ["conda-forge"], "conda-forge only (no -c pytorch: it stopped at 2.5)"
+    conda, pip = set(), set()
+    for dep in env["dependencies"]:
+        if isinstance(dep, dict):
+            pip |= {_name(r) for r in dep["pip"] if not r.startswith("-e")}
+            assert any(r.startswith("-e .") for r in dep["pip"]), "pip section installs the package"
+        else:
+            conda.add(_name(dep))
+    conda -= {"python", "pip"}
+    assert conda | pip == runtime, (
+        f"only in pyproject: {sorted(runtime - conda - pip)}; "
+        f"only in environment.yml: {sorted((conda | pip) - runtime)}"
+    )
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    readme = (ROOT / "README.md").read_text()
+    commands = [ln.strip() for ln in ci.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert "make test" in commands
+    assert "make test" in readme and "make lab" in readme
