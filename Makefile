@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 LAB_ARGS ?=
+# JupyterLab refuses to run as root unless told; containers and cloud VMs often are root.
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 PROFILE ?= auto
 
 .PHONY: lab test test-unit test-notebooks lint format reproduce clean help
@@ -26,7 +28,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	@touch $@ $(VENV)/.installed
 
 lab: $(VENV)/.installed
-	$(BIN)/jupyter lab notebooks/ $(LAB_ARGS)
+	$(BIN)/jupyter lab notebooks/ $(ROOT_FLAG) $(LAB_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check gradcourse tests benchmarks notebooks

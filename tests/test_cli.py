@@ -35,6 +35,14 @@ def executed_tour(tmp_path_factory):
     return code, out
 
 
+def test_running_twice_gives_identical_verdicts_and_numbers(executed_tour, tmp_path):
+    _, out = executed_tour
+    assert cli.main(["run", "00_tour", "--profile", "ci", "--out", str(tmp_path), "--quiet"]) == 0
+    first = json.loads((out / "00_tour.claims.json").read_text())["verdicts"]
+    second = json.loads((tmp_path / "00_tour.claims.json").read_text())["verdicts"]
+    assert first == second
+
+
 def test_run_executes_the_tour_into_build(executed_tour):
     code, out = executed_tour
     assert code == 0
