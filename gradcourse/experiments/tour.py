@@ -57,3 +57,16 @@ def taylor_along_direction(
         "quadratic": linear + 0.5 * ts**2 * curvature.detach().double(),
         "curvature": curvature.detach(),
     }
+
+
+def relative_error(a: Tensor | Params, b: Tensor | Params) -> float:
+    """max |a - b| / max |b| over all entries (of all tensors, for dicts): the error of ``a``
+    against the reference ``b`` in units of the reference's largest entry, so that one tolerance
+    fits every scale of a float64 computation."""
+    if isinstance(b, dict):
+        a = torch.cat([a[k].flatten() for k in b])
+        b = torch.cat([b[k].flatten() for k in b])
+    scale = b.abs().max().item()
+    if scale == 0:
+        raise ValueError("relative_error: the reference b is all zeros")
+    return (a - b).abs().max().item() / scale
