@@ -7,11 +7,12 @@ LAB_ARGS ?=
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 PROFILE ?= auto
 
-.PHONY: lab test test-unit test-notebooks lint format reproduce clean help
+.PHONY: lab test test-unit test-notebooks test-browser chromium lint format reproduce clean help
 
 help:
 	@echo "make lab        create .venv, install, open the course in JupyterLab (LAB_ARGS=--no-browser on a headless machine)"
 	@echo "make test       create .venv, install with test extras, lint, unit tests, every notebook under nbval (profile ci)"
+	@echo "make test-browser  every notebook in JupyterLab in headless Chromium: run all, move each widget"
 	@echo "make reproduce  run every notebook in the auto profile (gpu if CUDA, else cpu) and print the scorecard"
 	@echo "make format     apply ruff's formatter and autofixes"
 
@@ -27,6 +28,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e '.[test]'
 	@touch $@ $(VENV)/.installed
 
+$(VENV)/.installed-browser: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e '.[test,browser]'
+	@touch $@ $(VENV)/.installed $(VENV)/.installed-test
+
 lab: $(VENV)/.installed
 	$(BIN)/jupyter lab notebooks/ $(ROOT_FLAG) $(LAB_ARGS)
 
@@ -39,12 +44,28 @@ format: $(VENV)/.installed-test
 	$(BIN)/ruff format gradcourse tests benchmarks notebooks
 
 test-unit: $(VENV)/.installed-test
-	GRADCOURSE_PROFILE=ci $(BIN)/python -m pytest tests/ -q --durations=10
+	GRADCOURSE_PROFILE=ci $(BIN)/python -m pytest tests/ --ignore=tests/browser -q --durations=10
 
 test-notebooks: $(VENV)/.installed-test
 	GRADCOURSE_PROFILE=ci $(BIN)/python -m pytest --nbval-lax notebooks/ -q --durations=0 -p no:cacheprovider
 
 test: lint test-unit test-notebooks
+
+# Playwright drives the system Chromium (it never downloads a browser of its own).
+test-browser: $(VENV)/.installed-browser
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+		|| [ -n "$$GRADCOURSE_CHROMIUM" ] || $(MAKE) --no-print-directory chromium
+	GRADCOURSE_PROFILE=ci $(BIN)/python -m pytest tests/browser -q -s -p no:cacheprovider
+
+chromium:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Chromium with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "Chromium is missing. Install it (Debian/Ubuntu: sudo apt-get install chromium;"; \
+		echo "macOS: brew install --cask chromium) or set GRADCOURSE_CHROMIUM=/path/to/chrome."; \
+		exit 1; \
+	fi
 
 reproduce: $(VENV)/.installed
 	$(BIN)/python -m gradcourse run --profile $(PROFILE)

@@ -60,5 +60,6 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
     commands = [ln.strip() for ln in ci.splitlines() if ln.strip() and not ln.startswith("#")]
-    assert "make test" in commands
-    assert "make test" in readme and "make lab" in readme
+    assert commands[-2:] == ["make test", "make test-browser"]
+    for command in ("make test", "make lab", "make test-browser"):
+        assert command in readme

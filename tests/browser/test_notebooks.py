@@ -1,0 +1,62 @@
+"""Every notebook in a real browser: JupyterLab in headless Chromium runs all cells, then each
+explorable control is moved (one step, then to its minimum and maximum) and must redraw its
+output without an unexpected error. New notebooks are picked up automatically."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, SCREENSHOTS
+from .lab import explorable_controls, move, open_notebook, output_state, panel_error, run_all
+
+NOTEBOOKS = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
+
+
+def check_notebook(page, lab_url: str, name: str, screenshot: Path | None = None) -> dict:
+    """Run ``name`` in the browser and exercise its controls; raise AssertionError naming the
+    notebook and the control on any failure. Returns timings."""
+    start = time.monotonic()
+    open_notebook(page, lab_url, name)
+    errors = run_all(page)
+    assert not errors, f"{name}: cells failed in the browser: {errors}"
+    run_s = time.monotonic() - start
+    controls = explorable_controls(page)
+    for control in controls:
+        control.element.scroll_into_view_if_needed()
+        before = output_state(control)
+        move(page, control, "step")
+        after = output_state(control)
+        problem = panel_error(control)
+        assert problem is None, f"{name}: moving {control.label} raised in its callback:\n{problem}"
+        assert after != before, f"{name}: moving {control.label} did not change its output"
+        for where in ("min", "max"):
+            move(page, control, where)
+            problem = panel_error(control)
+            assert problem is None, (
+                f"{name}: {control.label} at its {where}imum raised in its callback:\n{problem}"
+            )
+    if screenshot is not None:
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        target = controls[0].panel if controls else page
+        target.screenshot(path=str(screenshot))
+    return {"run_s": run_s, "total_s": time.monotonic() - start, "controls": len(controls)}
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_in_browser(page, lab_url, name):
+    shot = SCREENSHOTS / f"{Path(name).stem}.png"
+    timings = check_notebook(page, lab_url, name, shot)
+    print(
+        f"\n{name}: ran in {timings['run_s']:.1f} s, {timings['controls']} controls, "
+        f"{timings['total_s']:.1f} s in all; screenshot {shot.relative_to(ROOT)}"
+    )
+
+
+def test_harness_catches_a_broken_widget(page, lab_url):
+    """The check must fail, naming the notebook and the control, when a callback is broken
+    (tests/browser/fixtures/broken_widget.ipynb raises once its slider passes 2)."""
+    with pytest.raises(AssertionError, match=r"broken_widget.ipynb: moving panel 0 / k raised"):
+        check_notebook(page, lab_url, "_fixtures/broken_widget.ipynb")
