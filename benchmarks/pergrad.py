@@ -1,0 +1,193 @@
+"""Benchmark gradcourse.pergrad's per-example gradient norms against a per-sample loop and
+BackPACK's ``BatchL2Grad``, on the same model and batch.
+
+    python benchmarks/pergrad.py [--batch 128] [--repeats 7] [--device cpu]
+
+Needs ``backpack-for-pytorch`` next to gradcourse (a missing peer, or one that fails on the
+installed torch, is reported and skipped). Models, float32, cross-entropy, eval mode:
+
+- mlp:    MLP 784-512-512-10 (gradcourse.models.MLP, P ~ 670k) on MNIST-sized inputs;
+- cnn2d:  SmallCNN(1, 10, conv_dim=2) on 28x28 images;
+- cnn1d:  SmallCNN(1, 10, conv_dim=1) on MNIST-1D-sized signals (length 40).
+
+Each method computes ||grad_w l_i||_2 for the whole batch; the table gives the median wall time
+of ``--repeats`` calls (after one warm-up call), its ratio to the loop and to BackPACK, and the
+largest relative error against the loop. Timings are from one run on whatever else the machine
+is doing: read the ratios, not the absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import statistics
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from gradcourse import pergrad
+from gradcourse.models import MLP, SmallCNN
+
+try:
+    import backpack
+    from backpack.extensions import BatchL2Grad
+
+    PEER = "backpack-for-pytorch: imported"
+except Exception as err:  # reported in the output, never fatal
+    backpack = None
+    PEER = f"backpack-for-pytorch: not available ({type(err).__name__}: {err})"
+
+FAILURES: list[str] = []
+# BackPACK's module hooks make torch warn on every backward pass; the warnings say nothing here.
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+warnings.filterwarnings("ignore", message="Extension saving to batch_l2 does not have")
+
+
+def clock(kind: str) -> Callable[[], float]:
+    """``wall``: time.perf_counter; ``cpu``: this process's CPU time (all threads), which other
+    jobs on a shared machine do not inflate (use it with --threads 1)."""
+    return time.perf_counter if kind == "wall" else time.process_time
+
+
+def timed_all(
+    name: str, methods: dict[str, Callable[[], Tensor]], repeats: int, now: Callable[[], float]
+) -> dict[str, tuple[float, Tensor]]:
+    """Median time of ``repeats`` calls of each method, after one warm-up call each. The repeats
+    are interleaved (each round runs every method once, in a shuffled order), so a burst of load on a shared machine hits
+    every method alike. A method that raises is recorded in FAILURES and dropped."""
+    results: dict[str, Tensor] = {}
+    times: dict[str, list[float]] = {}
+    for label, fn in methods.items():
+        try:
+            results[label] = fn()
+            times[label] = []
+        except Exception as err:
+            last = traceback.extract_tb(err.__traceback__)[-1]
+            FAILURES.append(f"{name} / {label}: {type(err).__name__}: {err} (line {last.lineno})")
+    order = list(times)
+    shuffle = random.Random(0).shuffle
+    for _ in range(repeats):
+        shuffle(order)  # no method always runs right after the memory-hungry vmap of the MLP
+        for label in order:
+            start = now()
+            results[label] = methods[label]()
+            if results[label].is_cuda:
+                torch.cuda.synchronize()
+            times[label].append(now() - start)
+    return {label: (statistics.median(ts), results[label]) for label, ts in times.items()}
+
+
+def loop_norms(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """The per-sample loop: one forward and one backward pass per example."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for i in range(len(x)):
+        loss = nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        grads = torch.autograd.grad(loss, params)
+        out.append(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
+    return torch.stack(out)
+
+
+def backpack_norms(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """BackPACK's BatchL2Grad: ||grad of the i-th term of the loss||^2 per parameter, summed.
+
+    With reduction="sum" the i-th term is l_i itself (with "mean" it would be l_i / n)."""
+    loss_fn = backpack.extend(nn.CrossEntropyLoss(reduction="sum"))
+    model.zero_grad(set_to_none=True)
+    with backpack.backpack(BatchL2Grad()):
+        loss_fn(model(x), y).backward()
+    sq = sum(p.batch_l2 for p in model.parameters())
+    for p in model.parameters():
+        p.grad = None
+        del p.batch_l2
+    return sq.sqrt()
+
+
+def problems(batch: int, device: str) -> dict[str, tuple[nn.Module, Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "mlp 784-512-512-10": (
+            MLP(784, [512, 512], 10, seed=0, device=device),
+            torch.randn(batch, 784, generator=g).to(device),
+        ),
+        "SmallCNN 2d 28x28": (
+            SmallCNN(1, 10, conv_dim=2, seed=0, device=device),
+            torch.randn(batch, 1, 28, 28, generator=g).to(device),
+        ),
+        "SmallCNN 1d L=40": (
+            SmallCNN(1, 10, conv_dim=1, seed=0, device=device),
+            torch.randn(batch, 1, 40, generator=g).to(device),
+        ),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and args.device != "cpu":
+        parser.error("--clock cpu measures CPU time: use it with --device cpu")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    print(PEER)
+    print(
+        f"batch {args.batch}, float32, cross-entropy, {args.clock} clock, median of "
+        f"{args.repeats} interleaved repeats\n"
+    )
+
+    header = f"{'model':<20} {'method':<14} {'time [ms]':>10} {'vs loop':>9} {'vs BackPACK':>12} {'max rel err':>12}"
+    print(header)
+    print("-" * len(header))
+    for name, (model, x) in problems(args.batch, args.device).items():
+        model.eval()
+        y = torch.randint(0, 10, (args.batch,), generator=torch.Generator().manual_seed(1))
+        y = y.to(args.device)
+        methods: dict[str, Callable[[], Tensor]] = {
+            "loop": lambda m=model, x=x, y=y: loop_norms(m, x, y),
+            "vmap": lambda m=model, x=x, y=y: pergrad.per_example_grad_norms(
+                m, "ce", x, y, method="vmap", chunk_size=len(x)
+            ),
+            "linear_trick": lambda m=model, x=x, y=y: pergrad.per_example_grad_norms(
+                m, "ce", x, y, method="linear_trick"
+            ),
+            "auto (default)": lambda m=model, x=x, y=y: pergrad.per_example_grad_norms(
+                m, "ce", x, y
+            ),
+        }
+        if backpack is not None:
+            try:
+                peer_model = backpack.extend(copy.deepcopy(model))  # its own hooks
+                methods["BackPACK"] = lambda m=peer_model, x=x, y=y: backpack_norms(m, x, y)
+            except Exception as err:
+                FAILURES.append(f"{name}: backpack.extend: {type(err).__name__}: {err}")
+        results = timed_all(name, methods, args.repeats, clock(args.clock))
+        t_loop, ref = results["loop"]
+        t_peer = results["BackPACK"][0] if "BackPACK" in results else None
+        for label, (t, norms) in results.items():
+            err = ((norms - ref).abs() / ref).max().item()
+            vs_peer = f"{t_peer / t:>11.2f}x" if t_peer else f"{'-':>12}"
+            print(
+                f"{name:<20} {label:<14} {1e3 * t:>10.2f} {t_loop / t:>8.1f}x {vs_peer} {err:>12.1e}"
+            )
+        print()
+    print(
+        "vs loop / vs BackPACK: how many times faster than the loop / than BackPACK (>1: faster)."
+    )
+    if FAILURES:
+        print("\nFailures:")
+        for line in FAILURES:
+            print("  " + line)
+
+
+if __name__ == "__main__":
+    main()
