@@ -100,7 +100,12 @@ class Verdict:
 
     def line(self) -> str:
         mark = {"reproduced": "✓", "FAILED": "✗"}.get(self.status, "·")
-        where = "" if self.required else f" [required only at {', '.join(self.holds_at) or '-'}]"
+        if self.required:
+            where = ""
+        elif self.holds_at:
+            where = f" [required only at {', '.join(self.holds_at)}]"
+        else:
+            where = " [reported, required at no profile]"
         note = f" — {self.note}" if self.note else ""
         return (
             f"[{mark}] {self.name}: measured {_fmt(self.measured)}, expected "
