@@ -1,0 +1,384 @@
+"""gradcourse.ntk against independent references.
+
+- Empirical NTK: the explicit J J^T, with J from ``torch.autograd.functional.jacobian`` of the
+  outputs w.r.t. the flat parameter vector, float64.
+- Analytic NTK / NNGP: the arc-cosine closed forms written out by hand (Cho & Saul 2009),
+  Gauss-Hermite quadrature of the Gaussian expectations, and the mean over many random wide
+  networks of gradcourse.models.MLP(parameterization="ntk") (within 4 Monte-Carlo standard errors).
+- Kernel dynamics: matrix exponentials / powers and linear solves written out, and gradient
+  descent on the linearised network.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad
+
+from gradcourse import ntk as N
+from gradcourse.losses import mse
+from gradcourse.models import MLP, SmallCNN
+
+F64 = torch.float64
+
+
+# ---------------------------------------------------------------- references
+
+
+def explicit_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(n, O, P): d f(x) / d theta by torch.autograd.functional.jacobian on the flat vector."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    flat = torch.cat([p.reshape(-1) for p in params.values()])
+
+    def f(w: torch.Tensor) -> torch.Tensor:
+        chunks = torch.split(w, [p.numel() for p in params.values()])
+        d = {n: c.view_as(p) for (n, p), c in zip(params.items(), chunks, strict=True)}
+        return functional_call(model, d, (x,)).reshape(x.shape[0], -1)
+
+    return torch.autograd.functional.jacobian(f, flat)
+
+
+def explicit_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("iap,jbp->ijab", explicit_jacobian(model, x1), explicit_jacobian(model, x2))
+
+
+def randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+MODELS = {
+    "mlp_vector": (lambda: MLP(3, [6, 5], 4, parameterization="ntk", seed=1, dtype=F64), (3,)),
+    "mlp_scalar": (lambda: MLP(3, [7], 1, parameterization="ntk", seed=2, dtype=F64), (3,)),
+    "mlp_standard": (lambda: MLP(3, [5], 2, activation="tanh", seed=3, dtype=F64), (3,)),
+    "cnn_1d": (
+        lambda: SmallCNN(1, 3, conv_dim=1, channels=(3, 4), hidden=6, pool_size=2, dtype=F64),
+        (40,),
+    ),
+}
+
+
+# ---------------------------------------------------------------- empirical NTK
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("method", ["jacobian", "ntk_vp"])
+def test_empirical_ntk_equals_explicit_jacobian_product(name: str, method: str) -> None:
+    build, shape = MODELS[name]
+    model = build()
+    x1, x2 = randn(5, *shape, seed=10), randn(4, *shape, seed=11)
+    ref = explicit_ntk(model, x1, x2)
+    o = ref.shape[-1]
+    got = N.empirical_ntk(model, x1, x2, method=method)
+    if o == 1:  # scalar outputs: (n1, n2)
+        assert got.shape == (5, 4)
+        torch.testing.assert_close(got, ref[..., 0, 0], rtol=1e-12, atol=1e-12)
+    else:
+        assert got.shape == (5, 4, o, o)
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    traced = N.empirical_ntk(model, x1, x2, method=method, trace_outputs=True)
+    assert traced.shape == (5, 4)
+    torch.testing.assert_close(
+        traced, ref.diagonal(dim1=2, dim2=3).mean(-1), rtol=1e-12, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("method", ["jacobian", "ntk_vp"])
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 100])
+def test_chunking_and_symmetric_case(method: str, chunk_size: int) -> None:
+    model = MODELS["mlp_vector"][0]()
+    x1, x2 = randn(7, 3, seed=12), randn(5, 3, seed=13)
+    whole = N.empirical_ntk(model, x1, x2, method="jacobian", chunk_size=None)
+    chunked = N.empirical_ntk(model, x1, x2, method=method, chunk_size=chunk_size)
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+
+    sym = N.empirical_ntk(model, x1, method=method, chunk_size=chunk_size)
+    torch.testing.assert_close(sym, explicit_ntk(model, x1, x1), rtol=1e-12, atol=1e-12)
+    flat = sym.permute(0, 2, 1, 3).reshape(7 * 4, 7 * 4)
+    torch.testing.assert_close(flat, flat.T, rtol=0, atol=1e-13)
+    eig = torch.linalg.eigvalsh(flat)
+    assert eig.min() > -1e-10 * eig.max()
+
+
+def test_methods_agree_on_cnn_in_float32_and_fn_follows_params() -> None:
+    model = SmallCNN(1, 4, conv_dim=1, channels=(4, 8), hidden=8, seed=5)
+    x = torch.randn(6, 40, generator=torch.Generator().manual_seed(0))
+    a = N.empirical_ntk(model, x, method="jacobian")
+    b = N.empirical_ntk(model, x, method="ntk_vp", chunk_size=4)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+
+    mlp = MODELS["mlp_vector"][0]()
+    fn = N.empirical_ntk_fn(mlp, trace_outputs=True)
+    x = randn(4, 3, seed=1)
+    before = fn(x)
+    other = {n: p.detach() + 0.3 for n, p in mlp.named_parameters()}
+    at_other = fn(x, params=other)
+    with torch.no_grad():
+        for n, p in mlp.named_parameters():
+            p.copy_(other[n])
+    torch.testing.assert_close(fn(x), at_other, rtol=1e-12, atol=1e-12)  # follows the model
+    assert not torch.allclose(before, at_other)
+
+
+# ---------------------------------------------------------------- analytic kernels
+
+
+def arccos_by_hand(s1: float, s2: float, c: float) -> tuple[float, float]:
+    """E[relu(u) relu(v)] and E[1(u>0) 1(v>0)], (u, v) ~ N(0, [[s1, c], [c, s2]]) (Cho & Saul)."""
+    phi = math.acos(max(-1.0, min(1.0, c / math.sqrt(s1 * s2))))
+    k1 = math.sqrt(s1 * s2) / (2 * math.pi) * (math.sin(phi) + (math.pi - phi) * math.cos(phi))
+    k0 = (math.pi - phi) / (2 * math.pi)
+    return k1, k0
+
+
+def test_depth_one_closed_form_by_hand() -> None:
+    sw, beta = 1.3, 0.4
+    x = randn(4, 3, seed=20)
+    nngp, ntk = N.analytic_ntk(x, depth=1, weight_scale=sw, bias_scale=beta)
+    n0 = 3
+    for i in range(4):
+        for j in range(4):
+            s = lambda a, b: sw**2 * float(x[a] @ x[b]) / n0 + beta**2  # noqa: E731
+            k1, k0 = arccos_by_hand(s(i, i), s(j, j), s(i, j))
+            sigma2 = sw**2 * k1 + beta**2
+            theta2 = s(i, j) * sw**2 * k0 + sigma2
+            assert nngp[i, j].item() == pytest.approx(sigma2, rel=1e-12)
+            assert ntk[i, j].item() == pytest.approx(theta2, rel=1e-12)
+    # on the diagonal the degree-1 arc-cosine kernel is s/2 and the degree-0 one 1/2
+    s_diag = sw**2 * x.pow(2).sum(1) / n0 + beta**2
+    torch.testing.assert_close(ntk.diagonal(), s_diag * sw**2 / 2 + sw**2 * s_diag / 2 + beta**2)
+
+
+def test_relu_kernel_matches_numerical_integration() -> None:
+    """E[relu(u) relu(v)] = int_0^inf u p(u) E[relu(v) | u] du with the Gaussian conditional
+    E[relu(v) | u] = m Phi(m/s) + s phi(m/s), integrated by scipy's adaptive quadrature."""
+    from scipy.integrate import quad
+    from scipy.stats import norm
+
+    s1, s2 = 1.7, 0.6
+    for rho in (-0.9, -0.3, 0.0, 0.5, 0.95):
+        c = rho * math.sqrt(s1 * s2)
+        sd = math.sqrt(s2 - c**2 / s1)  # v | u ~ N(c u / s1, sd^2)
+
+        def density(u: float) -> float:
+            return norm.pdf(u, scale=math.sqrt(s1))
+
+        def relu_given(u: float, sd: float = sd, c: float = c) -> float:
+            m = c * u / s1
+            return m * norm.cdf(m / sd) + sd * norm.pdf(m / sd)
+
+        k1 = quad(lambda u: u * density(u) * relu_given(u), 0, math.inf, epsabs=1e-13)[0]
+        k0 = quad(lambda u, sd=sd, c=c: density(u) * norm.cdf(c * u / s1 / sd), 0, math.inf)[0]
+        k = N.Kernel(
+            torch.tensor([[c]], dtype=F64),
+            torch.tensor([[1.0]], dtype=F64),
+            torch.tensor([s1], dtype=F64),
+            torch.tensor([s2], dtype=F64),
+        )
+        out = N.relu_kernel(k)
+        assert out.nngp.item() == pytest.approx(k1, rel=1e-8, abs=1e-12)
+        assert out.ntk.item() == pytest.approx(k0, rel=1e-8)
+        assert out.var1.item() == pytest.approx(s1 / 2)
+
+
+def test_depth_zero_is_the_exact_linear_kernel() -> None:
+    x = randn(5, 4, seed=21)
+    model = MLP(4, [], 1, parameterization="ntk", weight_scale=1.5, bias_scale=0.3, dtype=F64)
+    _, ntk = N.analytic_ntk(x, depth=0, weight_scale=1.5, bias_scale=0.3)
+    torch.testing.assert_close(N.empirical_ntk(model, x), ntk, rtol=1e-12, atol=1e-12)
+
+
+def monte_carlo(values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    stack = torch.stack(values)
+    return stack.mean(0), stack.std(0) / math.sqrt(len(values))
+
+
+PAIRS_X = torch.tensor([[1.0, 0.0, 0.5], [0.6, 0.8, -0.5], [-1.0, 0.3, 0.2]], dtype=F64)
+
+
+@pytest.mark.parametrize(("depth", "width", "nets"), [(1, 1024, 120), (3, 512, 100)])
+def test_analytic_ntk_is_the_mean_wide_net_ntk(depth: int, width: int, nets: int) -> None:
+    sw, beta = 1.2, 0.3
+    x = PAIRS_X
+    _, expected = N.analytic_ntk(x, depth=depth, weight_scale=sw, bias_scale=beta)
+    draws = []
+    for seed in range(nets):
+        net = MLP(
+            3,
+            [width] * depth,
+            1,
+            parameterization="ntk",
+            weight_scale=sw,
+            bias_scale=beta,
+            seed=seed,
+            dtype=F64,
+        )
+        draws.append(N.empirical_ntk(net, x))
+    mean, se = monte_carlo(draws)
+    assert (se < 0.05 * expected.abs()).all()  # the check has teeth
+    assert ((mean - expected).abs() < 4 * se).all(), (mean, expected, se)
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_analytic_nngp_is_the_output_covariance_at_init(depth: int) -> None:
+    sw, beta, outputs = 1.1, 0.5, 32
+    x = PAIRS_X
+    expected, _ = N.analytic_ntk(x, depth=depth, weight_scale=sw, bias_scale=beta)
+    draws = []
+    for seed in range(150):
+        net = MLP(
+            3,
+            [256] * depth,
+            outputs,
+            parameterization="ntk",
+            weight_scale=sw,
+            bias_scale=beta,
+            seed=1000 + seed,
+            dtype=F64,
+        )
+        with torch.no_grad():
+            f = net(x)  # (3, outputs): each output is a draw of the Gaussian process
+        draws.append(f @ f.T / outputs)
+    mean, se = monte_carlo(draws)
+    assert ((mean - expected).abs() < 4 * se).all(), (mean, expected, se)
+    assert (se.diagonal() < 0.05 * expected.diagonal()).all()
+
+
+# ---------------------------------------------------------------- kernel dynamics
+
+
+def spd_kernels(n: int, m: int, o: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A train kernel J J^T (n, n, o, o) and a test-train kernel from a random 'Jacobian'."""
+    jac = randn(n + m, o, 3 * (n + m) * o, seed=seed)
+    k = torch.einsum("iap,jbp->ijab", jac, jac) / jac.shape[-1]
+    return k[:n, :n], k[n:, :n]
+
+
+def test_kernel_flow_endpoints_and_explicit_matrix_exponential() -> None:
+    n, m, o = 6, 3, 2
+    k_tr, k_te = spd_kernels(n, m, o, seed=30)
+    y, f0, f0t = randn(n, o, seed=31), randn(n, o, seed=32), randn(m, o, seed=33)
+    start = N.kernel_gradient_flow(k_tr, k_te, f0, f0t, y, 0.0)
+    torch.testing.assert_close(start.train, f0)
+    torch.testing.assert_close(start.test, f0t)
+
+    t = 2.5
+    flat = k_tr.permute(0, 2, 1, 3).reshape(n * o, n * o)
+    flat_te = k_te.permute(0, 2, 1, 3).reshape(m * o, n * o)
+    decay = torch.linalg.matrix_exp(-t * flat / n)
+    r = (f0 - y).reshape(-1)
+    train_ref = y.reshape(-1) + decay @ r
+    test_ref = f0t.reshape(-1) - flat_te @ torch.linalg.solve(flat, r - decay @ r)
+    out = N.kernel_gradient_flow(k_tr, k_te, f0, f0t, y, torch.tensor([0.0, t]))
+    assert out.train.shape == (2, n, o) and out.test.shape == (2, m, o)
+    torch.testing.assert_close(out.train[1].reshape(-1), train_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.test[1].reshape(-1), test_ref, rtol=1e-10, atol=1e-10)
+
+    late = N.kernel_gradient_flow(k_tr, k_te, f0, f0t, y, 1e9)
+    inf = N.kernel_gradient_flow(k_tr, k_te, f0, f0t, y, math.inf)
+    reg = N.kernel_regression(k_tr, k_te, y, f0_train=f0, f0_test=f0t)
+    torch.testing.assert_close(late.train, y)
+    torch.testing.assert_close(inf.train, y)
+    torch.testing.assert_close(late.test, reg, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(inf.test, reg, rtol=1e-10, atol=1e-10)
+    ref = f0t.reshape(-1) + flat_te @ torch.linalg.solve(flat, (y - f0).reshape(-1))
+    torch.testing.assert_close(reg.reshape(-1), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_scalar_kernel_acts_on_every_output_and_ridge() -> None:
+    n, m, o = 5, 4, 3
+    k_tr, k_te = spd_kernels(n, m, 1, seed=34)
+    k_tr, k_te = k_tr[..., 0, 0], k_te[..., 0, 0]
+    eye = torch.eye(o, dtype=F64)
+    blocks_tr = k_tr[:, :, None, None] * eye
+    blocks_te = k_te[:, :, None, None] * eye
+    y, f0 = randn(n, o, seed=35), randn(n, o, seed=36)
+    a = N.kernel_gradient_flow(k_tr, k_te, f0, None, y, torch.tensor([0.3, 4.0]))
+    b = N.kernel_gradient_flow(blocks_tr, blocks_te, f0, None, y, torch.tensor([0.3, 4.0]))
+    torch.testing.assert_close(a.train, b.train)
+    torch.testing.assert_close(a.test, b.test)
+    ridge = 0.7
+    got = N.kernel_regression(k_tr, k_te, y, ridge=ridge)
+    ref = k_te @ torch.linalg.solve(k_tr + ridge * torch.eye(n, dtype=F64), y)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    # scalar outputs of shape (n,) keep their shape
+    flat_y = y[:, 0]
+    out = N.kernel_gradient_flow(k_tr, k_te, None, None, flat_y, 1.0)
+    assert out.train.shape == (n,) and out.test.shape == (m,)
+
+
+def test_gd_on_the_linearised_network_is_discrete_kernel_descent() -> None:
+    model = MLP(3, [8, 8], 2, parameterization="ntk", seed=7, dtype=F64)
+    x, xt = randn(6, 3, seed=40), randn(4, 3, seed=41)
+    y = randn(6, 2, seed=42)
+    f_lin = N.linearize(model)
+    params0 = f_lin.params0
+    with torch.no_grad():
+        torch.testing.assert_close(f_lin(params0, x), model(x))
+    k_tr = N.empirical_ntk(model, x)
+    k_te = N.empirical_ntk(model, xt, x)
+    lr, steps = 0.5, 25
+    params = dict(params0)
+    outs_train, outs_test = [], []
+    loss_grad = grad(lambda p: mse(f_lin(p, x), y))
+    for _ in range(steps + 1):
+        outs_train.append(f_lin(params, x).detach())
+        outs_test.append(f_lin(params, xt).detach())
+        g = loss_grad(params)
+        params = {n: p - lr * g[n] for n, p in params.items()}
+    pred = N.kernel_gradient_descent(
+        k_tr, k_te, model(x).detach(), model(xt).detach(), y, lr, torch.arange(steps + 1)
+    )
+    torch.testing.assert_close(pred.train, torch.stack(outs_train), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(pred.test, torch.stack(outs_test), rtol=1e-10, atol=1e-10)
+    # small steps approach the flow at t = lr * k
+    small = N.kernel_gradient_descent(k_tr, k_te, None, None, y, 1e-3, 2000)
+    flow = N.kernel_gradient_flow(k_tr, k_te, None, None, y, 2.0)
+    torch.testing.assert_close(small.test, flow.test, rtol=1e-2, atol=1e-3)
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def test_bad_inputs_raise_value_errors_naming_the_argument() -> None:
+    model = MODELS["mlp_vector"][0]()
+    x = randn(3, 3, seed=0)
+    with pytest.raises(ValueError, match="method"):
+        N.empirical_ntk(model, x, method="fast")
+    with pytest.raises(ValueError, match="chunk_size"):
+        N.empirical_ntk(model, x, chunk_size=0)
+    with pytest.raises(ValueError, match="x2"):
+        N.empirical_ntk(model, x, randn(2, 4, seed=0))
+    with pytest.raises(ValueError, match="x1"):
+        N.empirical_ntk(model, x[:0])
+    with pytest.raises(ValueError, match="params"):
+        N.empirical_ntk(model, x, params={"nope": torch.zeros(1)})
+    with pytest.raises(ValueError, match="BatchNorm"):
+        N.empirical_ntk(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)), x)
+    with pytest.raises(ValueError, match="depth"):
+        N.analytic_ntk(x, depth=-1)
+    with pytest.raises(ValueError, match="weight_scale"):
+        N.analytic_ntk(x, depth=1, weight_scale=0.0)
+    with pytest.raises(ValueError, match="bias_scale"):
+        N.analytic_ntk(x, depth=1, bias_scale=-0.1)
+    with pytest.raises(ValueError, match="activation"):
+        N.analytic_ntk(x, depth=1, activation="erf")
+    k_tr, k_te = spd_kernels(3, 2, 1, seed=1)
+    k_tr, k_te = k_tr[..., 0, 0], k_te[..., 0, 0]
+    y = randn(3, seed=2)
+    with pytest.raises(ValueError, match="t must be"):
+        N.kernel_gradient_flow(k_tr, k_te, None, None, y, -1.0)
+    with pytest.raises(ValueError, match="lr"):
+        N.kernel_gradient_descent(k_tr, k_te, None, None, y, 0.0, 3)
+    with pytest.raises(ValueError, match="steps"):
+        N.kernel_gradient_descent(k_tr, k_te, None, None, y, 0.1, 1.5)
+    with pytest.raises(ValueError, match="ridge"):
+        N.kernel_regression(k_tr, k_te, y, ridge=-1.0)
+    with pytest.raises(ValueError, match="ntk_test_train"):
+        N.kernel_regression(k_tr, k_te.T, y)
+    with pytest.raises(ValueError, match="ntk_train_train"):
+        N.kernel_regression(k_tr[:2], k_te, y)
+    with pytest.raises(ValueError, match="y_train"):
+        N.kernel_regression(k_tr, k_te, randn(4, seed=3))
