@@ -1,0 +1,429 @@
+"""Notebook 02, linear stability of GD and SGD: the experiment functions (config in, results out).
+
+Every function is deterministic given its arguments (seeded data, models and batches) and its
+result is cached by :class:`gradcourse.cache.Cache` under a hash of those arguments, so the
+notebook's second run and the widget's revisits are instant.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import data as gdata
+from .. import models, stability, train
+from ..cache import Cache
+from ..curvature import lanczos
+
+__all__ = [
+    "load_classification",
+    "sharpness_run",
+    "teacher_regression",
+    "relu_sweep",
+    "linear_stability",
+    "sparse_regression",
+    "diagonal_sweep",
+    "spearman",
+]
+
+
+def _cache(cache: Cache | None) -> Cache:
+    return Cache() if cache is None else cache
+
+
+def load_classification(dataset: str, n: int, device: str = "cpu") -> tuple[Any, str]:
+    """(x, y) of ``n`` training examples and a note. ``dataset="cifar10"`` is the 5k subset
+    of Cohen et al. 2021 (flattened); when its files are missing (no download here) it falls
+    back to MNIST-1D and says so in the note."""
+    if dataset == "cifar10":
+        try:
+            ds = gdata.cifar10(n_train=n, n_test=100, seed=0)
+            x = ds.x_train.flatten(1)
+            return (x.to(device), ds.y_train.to(device)), f"CIFAR-10, {n} examples"
+        except gdata.DatasetUnavailable as err:
+            note = f"CIFAR-10 unavailable ({str(err).splitlines()[0]}); using MNIST-1D instead"
+            dataset = "mnist1d"
+    else:
+        note = ""
+    if dataset != "mnist1d":
+        raise ValueError(f"dataset must be 'mnist1d' or 'cifar10', got {dataset!r}")
+    pool = max(4000, n)
+    ds = gdata.mnist1d(n_train=pool, n_test=1000).subset(n, seed=0)
+    return (ds.x_train.to(device), ds.y_train.to(device)), note or f"MNIST-1D, {n} examples"
+
+
+def sharpness_run(
+    *,
+    lr: float,
+    optimizer: str = "gd",
+    batch_size: int | None = None,
+    n: int = 256,
+    widths: tuple[int, ...] = (64, 64),
+    steps: int = 1000,
+    every: int = 25,
+    dataset: str = "mnist1d",
+    seed: int = 0,
+    device: str = "cpu",
+    cache: Cache | None = None,
+) -> dict[str, Any]:
+    """Train a tanh MLP (Cohen et al. 2021's ``fc-tanh``) with MSE by GD or SGD, tracking
+    lambda_max(H) of the full-batch loss every ``every`` steps (warm-started Lanczos,
+    :class:`gradcourse.stability.SharpnessTracker`). A diverging run is kept, with
+    ``diverged_at`` >= 0 (else -1)."""
+    config = dict(
+        lr=float(lr),
+        optimizer=optimizer,
+        batch_size=batch_size,
+        n=n,
+        widths=list(widths),
+        steps=steps,
+        every=every,
+        dataset=dataset,
+        seed=seed,
+    )
+
+    def compute() -> dict[str, Any]:
+        (x, y), note = load_classification(dataset, n, device)
+        model = models.MLP(x.shape[1], list(widths), 10, activation="tanh", seed=seed)
+        model = model.to(device)
+        tracker = stability.SharpnessTracker(x, y, seed=seed)
+        hist = train.train(
+            model,
+            x,
+            y,
+            lr=lr,
+            optimizer=optimizer,
+            batch_size=batch_size,
+            steps=steps,
+            callback=tracker,
+            every=every,
+            seed=seed,
+            progress=False,
+            raise_on_divergence=False,
+        )
+        rec = hist.record_arrays()
+        return {
+            "step": np.asarray(hist.step),
+            "loss": np.asarray(hist.loss),
+            "sharp_step": rec.get("step", np.zeros(0)),
+            "sharpness": rec.get("sharpness", np.zeros(0)),
+            "matvecs": rec.get("sharpness_matvecs", np.zeros(0)),
+            "wall_time": hist.wall_time,
+            "track_time": tracker.total_time,
+            "diverged_at": hist.diverged.step if hist.diverged is not None else -1,
+            "note": note,
+        }
+
+    return _cache(cache).get_or_compute("stability-sharpness", config, compute)
+
+
+# ----------------------------------------------------------------------------- scalar regression
+
+
+def teacher_regression(n: int, n_test: int, dim: int, *, seed: int = 0, dtype=torch.float64):
+    """x ~ N(0, I_dim), y = a teacher two-layer ReLU net of width 4 (scalar output)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n + n_test, dim, generator=g, dtype=dtype)
+    w = torch.randn(4, dim, generator=g, dtype=dtype) / math.sqrt(dim)
+    a = torch.randn(4, generator=g, dtype=dtype)
+    y = (torch.relu(x @ w.T) @ a).unsqueeze(1)
+    return x[:n], y[:n], x[n:], y[n:]
+
+
+def _path_norm(model: torch.nn.Module) -> float:
+    """sum_k |a_k| ||(w_k, b_k)|| of a two-layer ReLU net (the norm Wu & Su 2023 relate to the
+    sharpness of two-layer ReLU nets)."""
+    first, second = model.layers
+    with torch.no_grad():
+        w = torch.cat([first.weight, first.bias.unsqueeze(1)], dim=1)
+        return float((second.weight.abs().squeeze(0) * w.norm(dim=1)).sum())
+
+
+def _measures(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
+    eig = stability.gauss_newton_spectrum(model, x)
+    return {
+        "lambda_max": float(eig[0]),
+        "trace": float(eig.sum()),
+        "frobenius": float(eig.norm()),
+    }
+
+
+def relu_sweep(
+    *,
+    lrs: list[float],
+    batch_sizes: list[int],
+    n: int = 64,
+    n_test: int = 500,
+    dim: int = 10,
+    width: int = 32,
+    steps: int = 3000,
+    loss_tol: float = 1e-5,
+    seed: int = 0,
+    cache: Cache | None = None,
+) -> dict[str, Any]:
+    """Two-layer ReLU nets (Wu & Su 2023, Section 4) on teacher regression, trained by GD
+    (B = n) and SGD (each B in ``batch_sizes``) at each lr, float64, until the training loss is
+    below ``loss_tol`` or ``steps``. At the end: lambda_max, trace and Frobenius norm of the
+    Gauss-Newton matrix (= the Hessian at zero loss), the path norm, train and test loss."""
+    config = dict(
+        lrs=[float(v) for v in lrs],
+        batch_sizes=list(batch_sizes),
+        n=n,
+        n_test=n_test,
+        dim=dim,
+        width=width,
+        steps=steps,
+        loss_tol=loss_tol,
+        seed=seed,
+    )
+
+    def compute() -> dict[str, Any]:
+        x, y, xt, yt = teacher_regression(n, n_test, dim, seed=seed)
+        rows: dict[str, list] = {
+            k: []
+            for k in (
+                "lr",
+                "batch_size",
+                "lambda_max",
+                "trace",
+                "frobenius",
+                "path_norm",
+                "train_loss",
+                "test_loss",
+                "steps",
+                "diverged",
+            )
+        }
+        for b in [n, *batch_sizes]:
+            for lr in lrs:
+                model = models.two_layer_relu(dim, width, seed=seed, dtype=torch.float64)
+                hist = train.train(
+                    model,
+                    x,
+                    y,
+                    lr=lr,
+                    optimizer="gd" if b == n else "sgd",
+                    batch_size=None if b == n else b,
+                    steps=steps,
+                    seed=seed,
+                    progress=False,
+                    raise_on_divergence=False,
+                    log_every=10,
+                    stop_when=lambda h: h.loss[-1] < loss_tol * 0.1,
+                )
+                full = train.evaluate(model, x, y)["loss"]
+                diverged = hist.diverged is not None or not full < 1e3 * float(y.pow(2).mean())
+                m = (
+                    _measures(model, x)
+                    if not diverged and math.isfinite(full)
+                    else {"lambda_max": math.nan, "trace": math.nan, "frobenius": math.nan}
+                )
+                rows["lr"].append(lr)
+                rows["batch_size"].append(b)
+                for k, v in m.items():
+                    rows[k].append(v)
+                rows["path_norm"].append(_path_norm(model) if not diverged else math.nan)
+                rows["train_loss"].append(full)
+                rows["test_loss"].append(train.evaluate(model, xt, yt)["loss"])
+                rows["steps"].append(hist.step[-1] if hist.step else 0)
+                rows["diverged"].append(diverged)
+        return {k: np.asarray(v) for k, v in rows.items()}
+
+    return _cache(cache).get_or_compute("stability-relu", config, compute)
+
+
+def linear_stability(
+    *,
+    batch_size: int,
+    factors: list[float],
+    n: int = 32,
+    dim: int = 5,
+    width: int = 16,
+    train_lr: float = 0.05,
+    train_steps: int = 4000,
+    sim_steps: int = 60,
+    num_runs: int = 64,
+    seed: int = 0,
+    cache: Cache | None = None,
+) -> dict[str, Any]:
+    """At a minimum found by GD (a float64 two-layer ReLU net interpolating teacher data):
+    the critical lr* of the Wu-Ma-E condition for SGD with ``batch_size`` (Gauss-Newton
+    curvature, PSD per-example H_i), then the linearised SGD simulated at lr = factor * lr*
+    from the top eigenvector of H (the sharpest direction), ``num_runs`` batch sequences."""
+    config = dict(
+        batch_size=batch_size,
+        factors=[float(f) for f in factors],
+        n=n,
+        dim=dim,
+        width=width,
+        train_lr=train_lr,
+        train_steps=train_steps,
+        sim_steps=sim_steps,
+        num_runs=num_runs,
+        seed=seed,
+    )
+
+    def compute() -> dict[str, Any]:
+        x, y, _, _ = teacher_regression(n, 1, dim, seed=seed)
+        model = models.two_layer_relu(dim, width, seed=seed, dtype=torch.float64)
+        train.train(model, x, y, lr=train_lr, steps=train_steps, progress=False, log_every=50)
+        final_loss = train.evaluate(model, x, y)["loss"]
+        sigma = stability.SigmaOperator(model, "mse", (x, y), curvature="ggn")
+        h = sigma.mean
+        top = lanczos(h, k=1, seed=seed)
+        lam_h = float(top.eigenvalues[0])
+        lr_star = stability.critical_learning_rate(h, sigma, batch_size, n, seed=seed)
+        x0 = top.eigenvectors[:, 0]
+        curves, lams, one_step = [], [], []
+        for f in factors:
+            lr = f * lr_star
+            check = stability.wu_ma_e_stable(h, sigma, lr, batch_size, n, seed=seed)
+            lams.append(check.lambda_max)
+            curves.append(
+                stability.linearized_sgd_second_moment(
+                    sigma.per_example,
+                    lr,
+                    batch_size,
+                    sim_steps,
+                    x0=x0,
+                    num_runs=num_runs,
+                    seed=seed,
+                ).numpy()
+            )
+            first = stability.linearized_sgd_second_moment(
+                sigma.per_example,
+                lr,
+                batch_size,
+                1,
+                x0=check.eigenvector,
+                num_runs=num_runs * 4,
+                seed=seed + 1,
+            )
+            one_step.append(float(first[1]))
+        return {
+            "final_loss": final_loss,
+            "lambda_max_h": lam_h,
+            "lr_star": lr_star,
+            "lr_gd": 2.0 / lam_h,
+            "factors": np.asarray(factors),
+            "lambda_max_a": np.asarray(lams),
+            "one_step": np.asarray(one_step),
+            "curves": np.stack(curves),
+        }
+
+    return _cache(cache).get_or_compute("stability-linear", config, compute)
+
+
+# ----------------------------------------------------------------------------- diagonal linear
+
+
+def sparse_regression(n: int, n_test: int, dim: int, sparsity: int, *, seed: int = 0):
+    """x ~ N(0, I_dim), y = <beta*, x> with beta* = 1 on ``sparsity`` coordinates (>= 0, as
+    u * v with u = v stays >= 0), noiseless."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n + n_test, dim, generator=g, dtype=torch.float64)
+    beta = torch.zeros(dim, dtype=torch.float64)
+    beta[torch.randperm(dim, generator=g)[:sparsity]] = 1.0
+    y = (x @ beta).unsqueeze(1)
+    return x[:n], y[:n], x[n:], y[n:]
+
+
+def diagonal_sweep(
+    *,
+    lrs: list[float],
+    batch_sizes: list[int],
+    n: int = 20,
+    n_test: int = 500,
+    dim: int = 40,
+    sparsity: int = 3,
+    init_scale: float = 1.0,
+    steps: int = 5000,
+    loss_tol: float = 1e-6,
+    seed: int = 0,
+    cache: Cache | None = None,
+) -> dict[str, Any]:
+    """Diagonal linear nets f(x) = <u * v, x> (Wu & Su 2023, Section 5) on sparse regression
+    (n < dim), trained by GD and SGD at each lr; at the end: the trace of the Gauss-Newton matrix,
+    tr(G) = 1/n sum_i sum_j (u_j^2 + v_j^2) x_ij^2, the weighted l1 norm
+    2 sum_j m_j |u_j v_j| (m_j = 1/n sum_i x_ij^2) that it bounds (AM-GM, equality when |u| = |v|),
+    ||beta||_1 and the test error."""
+    config = dict(
+        lrs=[float(v) for v in lrs],
+        batch_sizes=list(batch_sizes),
+        n=n,
+        n_test=n_test,
+        dim=dim,
+        sparsity=sparsity,
+        init_scale=init_scale,
+        steps=steps,
+        loss_tol=loss_tol,
+        seed=seed,
+    )
+
+    def compute() -> dict[str, Any]:
+        x, y, xt, yt = sparse_regression(n, n_test, dim, sparsity, seed=seed)
+        m = x.pow(2).mean(0)
+        rows: dict[str, list] = {
+            k: []
+            for k in (
+                "lr",
+                "batch_size",
+                "trace",
+                "weighted_l1",
+                "l1",
+                "train_loss",
+                "test_loss",
+                "diverged",
+            )
+        }
+        for b in [n, *batch_sizes]:
+            for lr in lrs:
+                model = models.DiagonalLinear(dim, init_scale=init_scale, dtype=torch.float64)
+                hist = train.train(
+                    model,
+                    x,
+                    y,
+                    lr=lr,
+                    optimizer="gd" if b == n else "sgd",
+                    batch_size=None if b == n else b,
+                    steps=steps,
+                    seed=seed,
+                    progress=False,
+                    raise_on_divergence=False,
+                    log_every=10,
+                    stop_when=lambda h: h.loss[-1] < loss_tol * 0.1,
+                )
+                u, v = model.u.detach(), model.v.detach()
+                full = train.evaluate(model, x, y)["loss"]
+                diverged = hist.diverged is not None or not full < 1e3 * float(y.pow(2).mean())
+                rows["lr"].append(lr)
+                rows["batch_size"].append(b)
+                rows["trace"].append(float((m * (u**2 + v**2)).sum()))
+                rows["weighted_l1"].append(float(2 * (m * (u * v).abs()).sum()))
+                rows["l1"].append(float((u * v).abs().sum()))
+                rows["train_loss"].append(full)
+                rows["test_loss"].append(train.evaluate(model, xt, yt)["loss"])
+                rows["diverged"].append(diverged)
+        return {k: np.asarray(v) for k, v in rows.items()}
+
+    return _cache(cache).get_or_compute("stability-diagonal", config, compute)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation of two 1-D arrays (no ties handling beyond argsort)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.shape != b.shape or a.size < 2:
+        raise ValueError(f"a and b need the same shape and >= 2 entries, got {a.shape}, {b.shape}")
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def timed(fn, *args, **kwargs) -> tuple[Any, float]:
+    """``fn(*args, **kwargs)`` and the seconds it took."""
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start

@@ -1,0 +1,163 @@
+"""Fast tests of notebook 01's experiment functions (gradcourse.experiments.hessian)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradcourse import curvature, models
+from gradcourse.cache import Cache
+from gradcourse.experiments import hessian as hx
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 9])
+def test_count_outliers_finds_planted_outliers(k):
+    gen = torch.Generator().manual_seed(k)
+    bulk = torch.rand(200, generator=gen, dtype=torch.float64) * 2 - 1  # in [-1, 1]
+    outliers = 10 + 10 * torch.rand(k, generator=gen, dtype=torch.float64)  # in [10, 20]
+    spectrum = torch.cat([bulk, outliers])[torch.randperm(200 + k, generator=gen)]
+    assert hx.count_outliers(spectrum) == k
+
+
+def test_count_outliers_is_scale_free_and_respects_the_window():
+    spectrum = torch.tensor([100.0, 90.0, 80.0, 1.0, 0.9, 0.5, 0.0, -0.3], dtype=torch.float64)
+    assert hx.count_outliers(spectrum) == 3
+    assert hx.count_outliers(1e-6 * spectrum) == 3
+    # only the ratios 100/90 and 90/80 are looked at: the larger is 90/80, so 2
+    assert hx.count_outliers(spectrum, max_outliers=2) == 2
+
+
+def test_count_outliers_ignores_exact_zeros():
+    spectrum = torch.tensor([5.0, 4.0, 1.0, 0.0, 0.0, 0.0])
+    assert hx.count_outliers(spectrum) == 2
+
+
+@pytest.mark.parametrize(
+    ("spectrum", "kwargs", "match"),
+    [
+        ([1.0], {}, "at least 2"),
+        ([-1.0, -2.0], {}, "positive"),
+        ([1.0, float("nan")], {}, "finite"),
+        ([2.0, 1.0], {"max_outliers": 0}, "max_outliers must be an int >= 1"),
+    ],
+)
+def test_count_outliers_refuses_bad_input(spectrum, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        hx.count_outliers(torch.tensor(spectrum), **kwargs)
+
+
+def test_near_zero_fraction():
+    eig = torch.tensor([10.0, 5.0, 0.05, -0.05, 0.0])
+    assert hx.near_zero_fraction(eig, rel=0.01) == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="rel must be a finite number > 0"):
+        hx.near_zero_fraction(eig, rel=0)
+
+
+def _tiny_problem():
+    x, y = hx.blobs(3, n_train=30, dim=2, spread=1.0, seed=0)
+    model = models.MLP(2, (4,), 3, seed=0, dtype=torch.float64)
+    return model, x, y
+
+
+def test_interpolation_endpoints_are_the_two_models_losses():
+    model, x, y = _tiny_problem()
+    other = models.MLP(2, (4,), 3, seed=1, dtype=torch.float64)
+    theta_a = torch.cat([p.detach().flatten() for p in model.parameters()])
+    theta_b = torch.cat([p.detach().flatten() for p in other.parameters()])
+    losses = hx.interpolate(model, theta_a, theta_b, x, y, [0.0, 0.5, 1.0])
+    expected_a = torch.nn.functional.cross_entropy(model(x), y).item()
+    expected_b = torch.nn.functional.cross_entropy(other(x), y).item()
+    assert losses[0].item() == pytest.approx(expected_a, rel=1e-12)
+    assert losses[2].item() == pytest.approx(expected_b, rel=1e-12)
+
+
+def test_barrier_of_a_convex_and_a_bumped_path():
+    alphas = torch.linspace(0, 1, 11, dtype=torch.float64)
+    assert hx.barrier(alphas, (alphas - 0.5) ** 2) <= 1e-12  # convex: below its chord
+    bump = 1 - alphas + torch.sin(torch.pi * alphas)  # chord 1 - alpha, bump sin(pi alpha)
+    assert hx.barrier(alphas, bump) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="must include 0 and 1"):
+        hx.barrier(alphas[1:], bump[1:])
+
+
+def test_interpolate_refuses_mismatched_vectors():
+    model, x, y = _tiny_problem()
+    with pytest.raises(ValueError, match="theta_a must have"):
+        hx.interpolate(model, torch.zeros(3), torch.zeros(3), x, y, [0.0])
+
+
+def test_blob_spectrum_is_the_exact_spectrum_and_h_equals_g_plus_r():
+    r = hx.blob_spectrum(3, widths=(4,), n_train=30, max_steps=20, decompose=True, seed=0)
+    p = 2 * 4 + 4 + 4 * 3 + 3
+    assert r["num_params"] == p and r["eig_final"].shape == (p,)
+    assert torch.all(r["eig_final"][1:] >= r["eig_final"][:-1])  # ascending
+    # trace(H) = trace(G) + trace(R): the decomposition adds up
+    tr_h, tr_g, tr_r = (r[k].sum().item() for k in ("eig_final", "eig_ggn", "eig_residual"))
+    assert tr_h == pytest.approx(tr_g + tr_r, rel=1e-9, abs=1e-12)
+    assert r["eig_ggn"].min() >= -1e-10  # G is positive semi-definite
+
+
+def test_blob_spectrum_is_deterministic_and_cached(tmp_path):
+    cache = Cache(tmp_path)
+    a = hx.explore_spectrum(2, 3, 1.0, 5, cache=cache)
+    b = hx.explore_spectrum(2, 3, 1.0, 5, cache=cache)
+    c = hx.explore_spectrum(2, 3, 1.0, 5, cache=None)
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+    assert torch.equal(a["eig_final"], b["eig_final"]) and torch.equal(
+        a["eig_final"], c["eig_final"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((1, 4, 1.0, 10), r"num_classes \(K\) must be an int in \[2, 20\]"),
+        ((2, 0, 1.0, 10), r"width must be an int in \[1, 32\]"),
+        ((2, 4, 0.0, 10), "spread must be a finite number > 0"),
+        ((2, 4, 1.0, 0), r"steps must be an int in \[1, 5000\]"),
+    ],
+)
+def test_explore_spectrum_refuses_bad_sliders(args, match):
+    with pytest.raises(ValueError, match=match):
+        hx.explore_spectrum(*args)
+
+
+def test_batch_size_experiment_runs_and_its_line_passes_through_both_ends():
+    r = hx.batch_size_experiment(
+        num_classes=2, widths=(4,), n_train=20, small_batch=5, epochs=3, num_alphas=9
+    )
+    alphas, line = r["alphas"], r["loss"]
+    assert line[torch.isclose(alphas, torch.tensor(0.0, dtype=torch.float64))].item() == (
+        pytest.approx(r["loss_small"], rel=1e-10)
+    )
+    assert line[torch.isclose(alphas, torch.tensor(1.0, dtype=torch.float64))].item() == (
+        pytest.approx(r["loss_large"], rel=1e-10)
+    )
+    assert r["top_small"] > 0 and r["top_large"] > 0
+
+
+def test_slq_moments_match_the_exact_spectrum():
+    r = hx.slq_experiment(
+        n_train=40, hidden=4, epochs=1, batch_size=20, num_probes=3, num_iters=12
+    )
+    assert r["num_params"] == 40 * 4 + 4 + 4 * 10 + 10
+    # Each Rademacher probe gives an unbiased estimate of tr(H)/P; allow 5 standard errors.
+    assert abs(r["slq_m1"] - r["exact_m1"]) <= 5 * r["slq_m1_stderr"] + 1e-12
+    assert float(r["eig"].max()) == pytest.approx(r["top"], rel=1e-3)  # Lanczos finds the top
+    grid, dens = hx.density_from(r)
+    assert torch.trapezoid(dens, grid).item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_slq_experiment_refuses_unknown_names():
+    with pytest.raises(ValueError, match="dataset must be"):
+        hx.slq_experiment(dataset="imagenet")
+    with pytest.raises(ValueError, match="model must be"):
+        hx.slq_experiment(model="vit")
+
+
+def test_ggn_operator_matches_dense_on_the_blob_problem():
+    model, x, y = _tiny_problem()
+    h = curvature.exact_hessian(model, "ce", (x, y))
+    g = curvature.GGNOperator(model, "ce", (x, y)).dense()
+    r = curvature.ResidualOperator(model, "ce", (x, y)).dense()
+    assert torch.allclose(h, g + r, atol=1e-10)

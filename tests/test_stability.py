@@ -1,0 +1,246 @@
+"""gradcourse.stability against dense references: explicit per-example Hessians, the Wu-Ma-E
+matrix formed densely, and the exact expected one-step map of linear regression."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gradcourse import models, stability, train
+from gradcourse.curvature import GGNOperator, HessianOperator, lanczos
+
+
+def tiny_problem(n: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    model = models.MLP(3, [4], 2, activation="tanh", seed=seed, dtype=torch.float64)
+    return model, x, y
+
+
+def flat_params(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def per_example_hessians(model, x, y):
+    """H_i = Hessian of 1/2 ||f(x_i) - y_i||^2, with torch.autograd.functional.hessian."""
+    names = [k for k, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    w0 = flat_params(model)
+
+    def unflat(w):
+        out, i = {}, 0
+        for k, s in zip(names, shapes, strict=True):
+            out[k] = w[i : i + s.numel()].view(s)
+            i += s.numel()
+        return out
+
+    hs = []
+    for i in range(len(x)):
+
+        def loss(w, i=i):
+            out = torch.func.functional_call(model, unflat(w), (x[i : i + 1],))
+            return 0.5 * (out - y[i : i + 1]).pow(2).sum()
+
+        hs.append(torch.autograd.functional.hessian(loss, w0))
+    return torch.stack(hs)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, x, y = tiny_problem()
+    return model, x, y, per_example_hessians(model, x, y)
+
+
+def test_per_example_products_match_explicit_hessians(tiny):
+    model, x, y, hs = tiny
+    pe = stability.PerExampleCurvature(model, "mse", (x, y))
+    v = torch.randn(pe.size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.testing.assert_close(pe.products(v), hs @ v, rtol=1e-10, atol=1e-12)
+    vs = torch.randn(len(x), pe.size, generator=torch.Generator().manual_seed(2)).double()
+    torch.testing.assert_close(pe.products(vs), torch.einsum("ipq,iq->ip", hs, vs))
+    idx = torch.tensor([4, 1, 1])
+    torch.testing.assert_close(pe.batch_matvec(v, idx), hs[idx].mean(0) @ v)
+    torch.testing.assert_close(hs.mean(0) @ v, pe.mean.matvec(v))
+
+
+def test_ggn_products_are_psd_and_match_the_mean_ggn(tiny):
+    model, x, y, _ = tiny
+    pe = stability.PerExampleCurvature(model, "mse", (x, y), curvature="ggn")
+    eye = torch.eye(pe.size, dtype=torch.float64)
+    dense = torch.stack([pe.products(e) for e in eye], dim=2)  # (n, P, P)
+    assert torch.linalg.eigvalsh(dense).min() > -1e-10
+    ggn = GGNOperator(model, "mse", (x, y)).dense()
+    torch.testing.assert_close(dense.mean(0), ggn)
+
+
+def test_sigma_operator_matches_dense_covariance(tiny):
+    model, x, y, hs = tiny
+    sigma_dense = (hs @ hs).mean(0) - hs.mean(0) @ hs.mean(0)
+    sigma = stability.SigmaOperator(model, "mse", (x, y))
+    torch.testing.assert_close(sigma.dense(), sigma_dense, rtol=1e-9, atol=1e-11)
+    assert torch.linalg.eigvalsh(sigma_dense).min() > -1e-10  # a covariance is PSD
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 4, 6])
+def test_wu_ma_e_operator_matches_dense_matrix_and_eigenvalues(tiny, batch_size):
+    model, x, y, hs = tiny
+    n, lr = len(x), 0.7
+    h = hs.mean(0)
+    sigma_dense = (hs @ hs).mean(0) - h @ h
+    eye = torch.eye(h.shape[0], dtype=torch.float64)
+    c = (n - batch_size) / (batch_size * (n - 1))
+    a_dense = (eye - lr * h) @ (eye - lr * h) + lr**2 * c * sigma_dense
+    sigma = stability.SigmaOperator(model, "mse", (x, y))
+    op = stability.sgd_stability_operator(sigma.mean, sigma, lr, batch_size, n)
+    torch.testing.assert_close(op.dense(), a_dense, rtol=1e-9, atol=1e-11)
+    lam, stable = stability.wu_ma_e_stable(sigma.mean, sigma, lr, batch_size, n)
+    top = torch.linalg.eigvalsh(a_dense).max().item()
+    assert lam == pytest.approx(top, rel=1e-8)
+    assert stable == (top <= 1 + 1e-6)
+
+
+def test_the_expected_minibatch_square_is_the_wu_ma_e_matrix(tiny):
+    """E_B[(I - lr H_B)^2] over all batches of size B (enumerated) = the Wu-Ma-E matrix."""
+    model, x, y, hs = tiny
+    n, lr, b = len(x), 0.3, 2
+    eye = torch.eye(hs.shape[1], dtype=torch.float64)
+    batches = list(itertools.combinations(range(n), b))
+    expected = sum(
+        (eye - lr * hs[list(bb)].mean(0)) @ (eye - lr * hs[list(bb)].mean(0)) for bb in batches
+    ) / len(batches)
+    sigma = stability.SigmaOperator(model, "mse", (x, y))
+    op = stability.sgd_stability_operator(sigma.mean, sigma, lr, b, n)
+    torch.testing.assert_close(op.dense(), expected, rtol=1e-9, atol=1e-11)
+
+
+def test_full_batch_reduces_to_gd_condition():
+    """B = n: stable iff lambda_max(H) <= 2 / lr, for a PSD H (the Gauss-Newton matrix)."""
+    model, x, y = tiny_problem(n=8, seed=3)
+    h = GGNOperator(model, "mse", (x, y))
+    top = float(lanczos(h, k=1).eigenvalues[0])
+    for factor, expect in [(0.9, True), (0.99, True), (1.01, False), (1.5, False)]:
+        lr = factor * 2 / top
+        lam, stable = stability.wu_ma_e_stable(h, None, lr, len(x), len(x))
+        assert stable is expect
+        assert lam == pytest.approx(max(1.0, (1 - lr * top) ** 2), rel=1e-8)
+    assert stability.sgd_noise_factor(8, 8) == 0.0
+    assert stability.sgd_noise_factor(1, 8) == 1.0
+    lr_star = stability.critical_learning_rate(h, None, len(x), len(x), rel_tol=1e-4)
+    assert lr_star == pytest.approx(2 / top, rel=2e-4)
+
+
+def test_smaller_batches_lower_the_critical_learning_rate():
+    model, x, y = tiny_problem(n=8, seed=3)
+    sigma = stability.SigmaOperator(model, "mse", (x, y), curvature="ggn")
+    rates = [
+        stability.critical_learning_rate(sigma.mean, sigma, b, 8, rel_tol=1e-2) for b in (1, 3, 8)
+    ]
+    assert all(a <= b * (1 + 2e-2) for a, b in zip(rates, rates[1:], strict=False))
+    assert rates[0] < 0.95 * rates[-1]
+
+
+# ---------------------------------------------------------------- linear regression: exact maps
+
+
+def linear_regression(n=5, d=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    model = nn.Linear(d, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(1, d, generator=g, dtype=torch.float64))
+    y = model(x).detach()  # zero loss: w is a minimum
+    hs = torch.einsum("ip,iq->ipq", x, x)  # H_i = x_i x_i^T exactly
+    return model, x, y, hs
+
+
+def exact_second_moments(hs, lr, b, steps, s0):
+    """S_{t+1} = E_B[(I - lr H_B) S_t (I - lr H_B)], enumerating every batch of size b."""
+    n, d = hs.shape[0], hs.shape[1]
+    maps = [
+        torch.eye(d, dtype=hs.dtype) - lr * hs[list(bb)].mean(0)
+        for bb in itertools.combinations(range(n), b)
+    ]
+    out, s = [torch.trace(s0)], s0
+    for _ in range(steps):
+        s = sum(m @ s @ m for m in maps) / len(maps)
+        out.append(torch.trace(s))
+    return torch.stack(out) / out[0]
+
+
+@pytest.mark.parametrize("lr_factor", [0.5, 1.3])
+def test_simulated_second_moment_matches_exact_map(lr_factor):
+    model, x, y, hs = linear_regression()
+    n, b, steps, runs = len(x), 2, 6, 4000
+    pe = stability.PerExampleCurvature(model, "mse", (x, y))
+    torch.testing.assert_close(pe.products(torch.ones(3, dtype=torch.float64)), hs.sum(2))
+    sigma = stability.SigmaOperator(model, "mse", (x, y))
+    lr_star = stability.critical_learning_rate(sigma.mean, sigma, b, n, rel_tol=1e-5)
+    lr = lr_factor * lr_star
+    check = stability.wu_ma_e_stable(sigma.mean, sigma, lr, b, n)
+    assert check.stable == (lr_factor < 1)
+    x0 = check.eigenvector
+    sim = stability.linearized_sgd_second_moment(pe, lr, b, steps, x0=x0, num_runs=runs, seed=1)
+    exact = exact_second_moments(hs, lr, b, steps, torch.outer(x0, x0))
+    # one step from the top eigenvector: E||x_1||^2 / ||x_0||^2 = lambda_max(A) exactly
+    assert exact[1].item() == pytest.approx(check.lambda_max, rel=1e-8)
+    # Monte-Carlo: relative error ~ spread / sqrt(runs); 5 standard errors of a heavy tail
+    for t in range(1, steps + 1):
+        assert sim[t].item() == pytest.approx(exact[t].item(), rel=0.15)
+    if lr_factor < 1:
+        assert exact[-1] < exact[1] <= 1 + 1e-9
+    else:
+        assert exact[-1] > exact[1] > 1
+
+
+def test_simulation_is_seeded_and_validates():
+    model, x, y, _ = linear_regression()
+    pe = stability.PerExampleCurvature(model, "mse", (x, y))
+    a = stability.linearized_sgd_second_moment(pe, 0.1, 2, 3, num_runs=8, seed=4)
+    b = stability.linearized_sgd_second_moment(pe, 0.1, 2, 3, num_runs=8, seed=4)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        stability.linearized_sgd_second_moment(pe, 0.1, 6, 3)
+    with pytest.raises(ValueError, match="lr"):
+        stability.linearized_sgd_second_moment(pe, -1.0, 2, 3)
+    with pytest.raises(ValueError, match="curvature"):
+        stability.PerExampleCurvature(model, "mse", (x, y), curvature="fisher")
+    with pytest.raises(ValueError, match="sigma"):
+        stability.sgd_stability_operator(pe.mean, None, 0.1, 2, 5)
+
+
+def test_trace_bound_holds_for_stable_rank_one_minima():
+    """Scalar output at zero loss: if SGD(lr, B) is stable then tr(H) <= 2 / (lr c_B)."""
+    model, x, y, hs = linear_regression(n=6, d=4, seed=2)
+    sigma = stability.SigmaOperator(model, "mse", (x, y))
+    trace = hs.mean(0).trace().item()
+    for b in (1, 2, 3):
+        lr_star = stability.critical_learning_rate(sigma.mean, sigma, b, 6, rel_tol=1e-5)
+        assert trace <= stability.trace_bound(lr_star, b, 6) * (1 + 1e-4)
+    assert stability.trace_bound(0.1, 1, 6) == pytest.approx(20.0)
+    assert math.isinf(stability.trace_bound(0.1, 6, 6))
+
+
+def test_gauss_newton_spectrum_matches_dense_ggn(tiny):
+    model, x, y, _ = tiny
+    eig = stability.gauss_newton_spectrum(model, x)
+    dense = torch.linalg.eigvalsh(GGNOperator(model, "mse", (x, y)).dense()).flip(0)
+    k = len(eig)
+    torch.testing.assert_close(eig, dense[:k].clamp_min(0), rtol=1e-8, atol=1e-10)
+    assert dense[k:].abs().max() < 1e-10
+
+
+def test_sharpness_tracker_follows_training_and_warm_starts():
+    model, x, y = tiny_problem(n=16, seed=5)
+    tracker = stability.SharpnessTracker(x, y, tol=1e-6)
+    hist = train.train(model, x, y, lr=0.05, steps=20, callback=tracker, every=5, progress=False)
+    rec = hist.record_arrays()
+    assert list(rec["step"]) == [0, 5, 10, 15, 20]
+    top = float(lanczos(HessianOperator(model, "mse", (x, y)), k=1).eigenvalues[0])
+    assert rec["sharpness"][-1] == pytest.approx(top, rel=1e-6)
+    assert tracker.total_time == pytest.approx(rec["sharpness_time"].sum())
+    assert rec["sharpness_matvecs"][-1] < rec["sharpness_matvecs"][0]  # the warm start pays
