@@ -4,14 +4,16 @@ Every curvature matrix of the course is a *linear operator* on the flat paramete
 length P), built from ``(model, loss, data)`` and multiplied with vectors without ever being
 formed (Pearlmutter 1994, "Fast exact multiplication by the Hessian"):
 
-- :class:`HessianOperator`   H v, forward-over-reverse (``jvp`` of ``grad``) with ``torch.func``;
+- :class:`HessianOperator`   H v, forward-over-reverse (``jvp`` of ``grad``) with ``torch.func``,
+  or, with a batch's graph cached, one more backward pass through its gradient;
 - :class:`GGNOperator`       G v = J^T H_out J v, the generalised Gauss-Newton (Schraudolph 2002);
 - :class:`ResidualOperator`  R v = sum_k (dL/df_k) Hess(f_k) v, so that H = G + R
   (Papyan 2020, "Traces of class/cross-class structure pervade deep learning spectra", eq. 3).
 
 Operators average over the whole dataset (one ``(x, y)`` batch, or a list / DataLoader of
 batches, weighted by batch size), so they are the curvature of the *mean* loss whatever the
-batching. Estimators take any :class:`CurvatureOperator`:
+batching. ``op @ V`` on a block of vectors (P, k) vectorises the k products with ``vmap``.
+Estimators take any :class:`CurvatureOperator`:
 
 - :func:`lanczos`        top-k / bottom-k eigenpairs, thick-restart Lanczos with full
   reorthogonalisation (Lanczos 1950; Wu & Simon 2000);
@@ -389,7 +391,7 @@ def _check_data(data: Data) -> Data:
         return tuple(data)
     if not isinstance(data, Iterable):
         raise ValueError("data must be an (x, y) tuple or an iterable of (x, y) batches")
-    if iter(data) is data:
+    if isinstance(data, Iterator):  # (calling iter() on a DataLoader would draw a seed)
         raise ValueError(
             "data must be re-iterable (an (x, y) tuple, a list of batches or a DataLoader); "
             "a generator or iterator would be exhausted after the first matvec"
@@ -608,6 +610,9 @@ def lanczos(
     while True:
         krylov.expand()
         bar.update()
+        too_few = krylov.size < min(num_wanted, m) and krylov.beta > 0
+        if too_few and krylov.num_matvecs < max_matvecs:
+            continue  # fewer Ritz values than wanted: nothing to check yet
         theta, vecs, residuals = krylov.ritz()
         wanted = _wanted_indices(theta, num_wanted, which)
         converged = residuals[wanted] <= tol * float(theta.abs().max())

@@ -137,9 +137,7 @@ def test_batch_size_experiment_runs_and_its_line_passes_through_both_ends():
 
 
 def test_slq_moments_match_the_exact_spectrum():
-    r = hx.slq_experiment(
-        n_train=40, hidden=4, epochs=1, batch_size=20, num_probes=3, num_iters=12
-    )
+    r = hx.slq_experiment(n_train=40, hidden=4, epochs=1, batch_size=20, num_probes=3, num_iters=12)
     assert r["num_params"] == 40 * 4 + 4 + 4 * 10 + 10
     # Each Rademacher probe gives an unbiased estimate of tr(H)/P; allow 5 standard errors.
     assert abs(r["slq_m1"] - r["exact_m1"]) <= 5 * r["slq_m1_stderr"] + 1e-12

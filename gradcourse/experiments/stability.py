@@ -51,7 +51,7 @@ def load_classification(dataset: str, n: int, device: str = "cpu") -> tuple[Any,
         note = ""
     if dataset != "mnist1d":
         raise ValueError(f"dataset must be 'mnist1d' or 'cifar10', got {dataset!r}")
-    pool = max(4000, n)
+    pool = max(4000, 2 * n)  # the generator balances classes over train + test, not train alone
     ds = gdata.mnist1d(n_train=pool, n_test=1000).subset(n, seed=0)
     return (ds.x_train.to(device), ds.y_train.to(device)), note or f"MNIST-1D, {n} examples"
 

@@ -43,7 +43,8 @@ def taylor_along_direction(
     hv = hvp(loss, params, direction)
     slope = sum((g[k] * direction[k]).sum() for k in params)
     curvature = sum((hv[k] * direction[k]).sum() for k in params)
-    ts = torch.linspace(-radius, radius, num, dtype=torch.float64)
+    device = next(iter(params.values())).device
+    ts = torch.linspace(-radius, radius, num, dtype=torch.float64, device=device)
     with torch.no_grad():
         values = torch.stack(
             [loss({k: p + t * direction[k] for k, p in params.items()}).double() for t in ts]
