@@ -404,7 +404,7 @@ def input_kernel(
     """The kernel of the inputs, Sigma^(0)(x, x') = x.x'/n0 (inputs flattened from dim 1), and
     Theta^(0) = 0 (an input has no parameters)."""
     x1 = _check_inputs("x1", x1).flatten(1).to(dtype)
-    x2 = x1 if x2 is None else _check_inputs("x2", x2).flatten(1).to(dtype, device=x1.device)
+    x2 = x1 if x2 is None else _check_inputs("x2", x2).flatten(1).to(device=x1.device, dtype=dtype)
     if x2.shape[1] != x1.shape[1]:
         raise ValueError(f"x2 must have n0 = {x1.shape[1]} features, got {x2.shape[1]}")
     n0 = x1.shape[1]

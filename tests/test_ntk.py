@@ -382,3 +382,15 @@ def test_bad_inputs_raise_value_errors_naming_the_argument() -> None:
         N.kernel_regression(k_tr[:2], k_te, y)
     with pytest.raises(ValueError, match="y_train"):
         N.kernel_regression(k_tr, k_te, randn(4, seed=3))
+
+
+def test_analytic_ntk_of_two_input_sets_is_the_off_diagonal_block():
+    """analytic_ntk(x1, x2) must equal the (x1, x2) block of analytic_ntk on both sets stacked."""
+    gen = torch.Generator().manual_seed(5)
+    x1 = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    x2 = torch.randn(6, 3, generator=gen, dtype=torch.float32)  # other dtype: cast to float64
+    nngp, ntk = N.analytic_ntk(x1, x2, depth=2, bias_scale=0.3)
+    nngp_all, ntk_all = N.analytic_ntk(torch.cat([x1, x2.double()]), depth=2, bias_scale=0.3)
+    assert nngp.shape == ntk.shape == (4, 6)
+    torch.testing.assert_close(nngp, nngp_all[:4, 4:], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ntk, ntk_all[:4, 4:], rtol=1e-12, atol=1e-12)

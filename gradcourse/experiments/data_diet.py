@@ -1,0 +1,497 @@
+"""Notebook 04, data pruning with early-training scores (Paul, Ganguli & Dziugaite 2021, arXiv
+2107.07075; the reproduction of Kirsch 2023, arXiv 2303.14753).
+
+The experiment functions of the notebook: a configuration (a flat dict of numbers, strings and
+tuples) in, a dict of tensors out, cached with :class:`gradcourse.cache.Cache`. The scores and
+the pruning rule live in :mod:`gradcourse.scores` (EL2N, GraNd, forgetting events, input norm,
+``prune``, ``spearman``) and :mod:`gradcourse.pergrad`; training in :mod:`gradcourse.train`.
+This module adds what is specific to the paper's protocol:
+
+- :func:`load_data`, :func:`make_model`  the data set (optionally with flipped labels) and net;
+- :func:`score_experiment`  train ``len(score_seeds)`` networks once each on all the data and
+  take EL2N and GraNd at every epoch of ``score_epochs`` (0 = initialisation), forgetting
+  events over the whole run, the input norm, and the full-data test accuracy;
+- :func:`method_scores`, :func:`kept_indices`  the ranking of one method and the subset it keeps;
+- :func:`prune_curve`  retrain from scratch on the kept subsets, with the same number of
+  optimisation steps as the full-data run (Paul et al. 2021, section 3), over seeds;
+- :func:`difference`, :func:`top_k_precision`, :func:`find_curve`  the statistics the claims use.
+
+Every random choice is keyed by a seed (network init, batch order, random subsets, label noise),
+so running a configuration twice gives identical numbers on the same machine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import data, models, scores, train
+from ..cache import Cache
+
+DATASETS: tuple[str, ...] = ("mnist1d", "digits", "cifar10")
+ARCHS: tuple[str, ...] = ("mlp", "small_cnn", "resnet18")
+METHODS: tuple[str, ...] = ("el2n", "grand", "forgetting", "input_norm", "random")
+EPOCH_METHODS: tuple[str, ...] = ("el2n", "grand")  # scores taken at a chosen epoch
+
+# The MNIST-1D pool the data module caches (the package's standard 4,000 / 1,000 split).
+_MNIST1D_TRAIN, _MNIST1D_TEST = 4000, 1000
+
+DEFAULTS: dict[str, Any] = dict(
+    dataset="mnist1d",
+    n_train=1000,
+    n_test=1000,
+    data_seed=0,
+    noise=0.0,
+    arch="mlp",
+    widths=(100, 100),
+    channels=(16, 32),
+    hidden=64,
+    epochs=40,
+    batch_size=200,
+    lr=0.05,
+    momentum=0.9,
+    weight_decay=5e-4,
+    score_seeds=(0, 1),
+    score_epochs=(0, 2),
+)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
+    bad = isinstance(value, bool) or not isinstance(value, int)
+    if bad or value < low or (high is not None and value > high):
+        allowed = f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return value
+
+
+def _check_fraction(name: str, value: object, *, low_open: bool = True) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (0.0 < value if low_open else 0.0 <= value) and value <= 1.0
+    if not ok:
+        left = "(" if low_open else "["
+        raise ValueError(f"{name} must be a number in {left}0, 1], got {value!r}")
+    return float(value)
+
+
+def config(**overrides: Any) -> dict[str, Any]:
+    """:data:`DEFAULTS` updated with ``overrides`` (unknown keys refused), lists made tuples,
+    and checked: a configuration every function of this module accepts."""
+    unknown = sorted(set(overrides) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown configuration keys {unknown}; known: {sorted(DEFAULTS)}")
+    cfg = {**DEFAULTS, **overrides}
+    for key in ("widths", "channels", "score_seeds", "score_epochs"):
+        cfg[key] = tuple(cfg[key])
+    if cfg["dataset"] not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {cfg['dataset']!r}")
+    if cfg["arch"] not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {cfg['arch']!r}")
+    _check_int("n_train", cfg["n_train"], 10)
+    _check_int("n_test", cfg["n_test"], 1)
+    _check_int("data_seed", cfg["data_seed"], 0)
+    _check_fraction("noise", cfg["noise"], low_open=False)
+    _check_int("epochs", cfg["epochs"], 1)
+    _check_int("batch_size", cfg["batch_size"], 1, cfg["n_train"])
+    if not cfg["score_seeds"]:
+        raise ValueError("score_seeds must hold at least one seed (an int >= 0), got ()")
+    for i, s in enumerate(cfg["score_seeds"]):
+        _check_int(f"score_seeds[{i}]", s, 0)
+    if not cfg["score_epochs"] or sorted(set(cfg["score_epochs"])) != list(cfg["score_epochs"]):
+        raise ValueError(
+            f"score_epochs must be distinct epochs in increasing order, got {cfg['score_epochs']}"
+        )
+    for i, e in enumerate(cfg["score_epochs"]):
+        _check_int(f"score_epochs[{i}]", e, 0, cfg["epochs"])
+    return cfg
+
+
+def _key(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a configuration that determines results (everything but the device)."""
+    return {k: cfg[k] for k in DEFAULTS}
+
+
+# ----------------------------------------------------------------------------- data and models
+
+
+def available(dataset: str) -> bool:
+    """Whether ``dataset`` can be loaded here without a download (CIFAR-10 needs its files)."""
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    if dataset != "cifar10":
+        return True
+    try:
+        data.cifar10(n_train=10, n_test=10)
+    except data.DatasetUnavailable:
+        return False
+    return True
+
+
+def load_data(cfg: Mapping[str, Any], device: str | torch.device | None = None):
+    """``(dataset, flipped)``: the training split of ``n_train`` examples (class-balanced subset
+    under ``data_seed``) with a fraction ``noise`` of its labels flipped
+    (:func:`gradcourse.data.label_noise`, seed ``data_seed``), the first ``n_test`` test
+    examples (labels never flipped), and the boolean mask of flipped training labels.
+
+    MNIST-1D comes from the cached 4,000 / 1,000 pool when that is large enough, else a larger
+    pool is generated (``gc.data.mnist1d(n_train, n_test)``). CIFAR-10 raises
+    :class:`gradcourse.data.DatasetUnavailable` when its files are absent."""
+    cfg = config(**cfg)
+    n_train, n_test, seed = cfg["n_train"], cfg["n_test"], cfg["data_seed"]
+    if cfg["dataset"] == "mnist1d":
+        if n_train <= _MNIST1D_TRAIN and n_test <= _MNIST1D_TEST:
+            ds = data.mnist1d()
+        else:
+            ds = data.mnist1d(n_train=n_train, n_test=n_test)
+    elif cfg["dataset"] == "digits":
+        ds = data.digits(seed=seed)
+    else:
+        ds = data.cifar10(n_train=n_train, n_test=n_test, seed=seed)
+    if n_train > ds.n_train or n_test > ds.n_test:
+        raise ValueError(
+            f"n_train <= {ds.n_train} and n_test <= {ds.n_test} for {cfg['dataset']}, got "
+            f"n_train={n_train}, n_test={n_test}"
+        )
+    if n_train < ds.n_train:
+        ds = ds.subset(n_train, seed=seed)
+    ds = data.Dataset(
+        ds.x_train, ds.y_train, ds.x_test[:n_test], ds.y_test[:n_test], ds.num_classes, ds.name
+    )
+    flipped = torch.zeros(ds.n_train, dtype=torch.bool)
+    if cfg["noise"] > 0:
+        noisy, flipped = data.label_noise(ds.y_train, cfg["noise"], ds.num_classes, seed=seed)
+        ds = data.Dataset(ds.x_train, noisy, ds.x_test, ds.y_test, ds.num_classes, ds.name)
+    return ds.to(device), flipped.cpu()
+
+
+def make_model(
+    cfg: Mapping[str, Any],
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    seed: int,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """The network of ``cfg["arch"]``, initialised from ``seed``: an MLP with hidden ``widths``
+    (ReLU), a :class:`gradcourse.models.SmallCNN` (1-D for signals, 2-D for images) with
+    ``channels`` and ``hidden``, or the CIFAR ResNet-18 of the paper."""
+    cfg = config(**cfg)
+    _check_int("seed", seed, 0)
+    shape = tuple(input_shape)
+    if cfg["arch"] == "mlp":
+        return models.MLP(math.prod(shape), cfg["widths"], num_classes, seed=seed, device=device)
+    if cfg["arch"] == "small_cnn":
+        conv_dim = 1 if len(shape) == 1 else 2
+        in_channels = 1 if len(shape) == 1 else shape[0]
+        return models.SmallCNN(
+            in_channels,
+            num_classes,
+            conv_dim=conv_dim,
+            channels=cfg["channels"],
+            hidden=cfg["hidden"],
+            seed=seed,
+            device=device,
+        )
+    in_channels = shape[0] if len(shape) == 3 else 1
+    return models.resnet18(num_classes, in_channels=in_channels, seed=seed, device=device)
+
+
+def steps_for(cfg: Mapping[str, Any]) -> int:
+    """Optimisation steps of the full-data run: epochs * ceil(n_train / batch_size). A pruned
+    run takes the same number (Paul et al. 2021, section 3)."""
+    cfg = config(**cfg)
+    return cfg["epochs"] * math.ceil(cfg["n_train"] / cfg["batch_size"])
+
+
+def _train(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    cfg: Mapping[str, Any],
+    *,
+    steps: int,
+    seed: int,
+    callback: Any = None,
+    every: int = 1,
+) -> train.History:
+    """SGD with Nesterov momentum and weight decay at a constant learning rate, batches drawn
+    without replacement under ``seed``, for ``steps`` updates."""
+    return train.train(
+        model,
+        x,
+        y,
+        loss="ce",
+        lr=cfg["lr"],
+        optimizer="sgd",
+        batch_size=min(cfg["batch_size"], len(x)),
+        momentum=cfg["momentum"],
+        nesterov=cfg["momentum"] > 0,
+        weight_decay=cfg["weight_decay"],
+        steps=steps,
+        callback=callback,
+        every=every,
+        seed=seed,
+        progress=False,
+    )
+
+
+def _test_accuracy(model: nn.Module, ds: data.Dataset) -> float:
+    """Accuracy on the (clean) test split, in eval mode, in batches of at most 1,024."""
+    batch = min(1024, ds.n_test)
+    return train.evaluate(model, ds.x_test, ds.y_test, loss="ce", batch_size=batch)["accuracy"]
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def score_experiment(
+    cfg: Mapping[str, Any], *, device: str | torch.device | None = None
+) -> dict[str, Tensor]:
+    """Scores of every training example, over ``score_seeds`` independent runs.
+
+    Each run trains one network on all ``n_train`` examples for ``epochs`` epochs and, at the
+    end of each epoch in ``score_epochs`` (0: at initialisation), takes EL2N and GraNd of every
+    example (:func:`gradcourse.scores.el2n_scores`, :func:`gradcourse.scores.grand_scores`, eval
+    mode); a :class:`gradcourse.scores.ForgettingRecorder` records which examples are classified
+    correctly after every epoch, giving forgetting events over the whole run (Toneva et al.
+    2019). Returns CPU tensors::
+
+        epochs (E,), el2n (E, runs, n), grand (E, runs, n), forgetting (runs, n),
+        input_norm (n,), test_accuracy (runs,), flipped (n,) bool, labels (n,), steps ()
+    """
+    cfg = config(**cfg)
+    ds, flipped = load_data(cfg, device)
+    x, y = ds.x_train, ds.y_train
+    per_epoch = math.ceil(ds.n_train / cfg["batch_size"])
+    epochs = cfg["score_epochs"]
+    el2n = torch.zeros(len(epochs), len(cfg["score_seeds"]), ds.n_train, dtype=torch.float64)
+    grand = torch.zeros_like(el2n)
+    forgetting = torch.zeros(len(cfg["score_seeds"]), ds.n_train, dtype=torch.float64)
+    test_accuracy = torch.zeros(len(cfg["score_seeds"]), dtype=torch.float64)
+    for r, seed in enumerate(cfg["score_seeds"]):
+        model = make_model(cfg, ds.input_shape, ds.num_classes, seed=seed, device=device)
+        recorder = scores.ForgettingRecorder(x, y)
+
+        def callback(step: int, net: nn.Module, r: int = r, recorder=recorder) -> None:
+            epoch = step // per_epoch
+            if step > 0:  # forgetting counts transitions between the ends of epochs
+                recorder(step, net)
+            if epoch in epochs:
+                e = epochs.index(epoch)
+                el2n[e, r] = scores.el2n_scores(net, x, y).double().cpu()
+                grand[e, r] = scores.grand_scores(net, x, y).double().cpu()
+
+        _train(
+            model,
+            x,
+            y,
+            cfg,
+            steps=cfg["epochs"] * per_epoch,
+            seed=seed,
+            callback=callback,
+            every=per_epoch,
+        )
+        forgetting[r] = recorder.forgetting_events()
+        test = _test_accuracy(model, ds)
+        test_accuracy[r] = test
+    return {
+        "epochs": torch.tensor(epochs, dtype=torch.int64),
+        "el2n": el2n,
+        "grand": grand,
+        "forgetting": forgetting,
+        "input_norm": scores.input_norm_scores(x).double().cpu(),
+        "test_accuracy": test_accuracy,
+        "flipped": flipped,
+        "labels": y.cpu(),
+        "steps": torch.tensor(cfg["epochs"] * per_epoch),
+    }
+
+
+def cached_scores(
+    cfg: Mapping[str, Any],
+    *,
+    cache: Cache | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, Tensor]:
+    """:func:`score_experiment` through ``cache`` (None: computed every time)."""
+    cfg = config(**cfg)
+    if cache is None:
+        return score_experiment(cfg, device=device)
+    return cache.get_or_compute(
+        "datadiet-scores", _key(cfg), lambda: score_experiment(cfg, device=device)
+    )
+
+
+def method_scores(
+    result: Mapping[str, Tensor], method: str, epoch: int | None = None
+) -> Tensor | None:
+    """The (n,) ranking score of ``method`` from a :func:`score_experiment` result, averaged
+    over runs (the paper's expectation): EL2N or GraNd at ``epoch`` (one of ``result["epochs"]``),
+    forgetting events, the input norm; None for ``"random"``. ``epoch`` is only used (and
+    required) by EL2N and GraNd."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "random":
+        return None
+    if method not in EPOCH_METHODS:
+        return result[method].mean(0) if result[method].ndim == 2 else result[method]
+    epochs = result["epochs"].tolist()
+    if epoch not in epochs:
+        raise ValueError(
+            f"epoch must be one of the scored epochs {epochs} for {method}, got {epoch!r}"
+        )
+    return result[method][epochs.index(epoch)].mean(0)
+
+
+def kept_indices(
+    result: Mapping[str, Tensor],
+    method: str,
+    epoch: int | None,
+    fraction: float,
+    *,
+    offset: float = 0.0,
+    seed: int = 0,
+) -> Tensor:
+    """Indices kept when keeping ``fraction`` of the examples by ``method``: the highest scores
+    (:func:`gradcourse.scores.prune`, ``"hardest"``), or after skipping the ``offset`` fraction of
+    highest scores (``"window"``), or a random subset drawn from ``seed`` for ``"random"``."""
+    fraction = _check_fraction("fraction", fraction)
+    s = method_scores(result, method, epoch)
+    n = len(result["labels"])
+    if s is None:
+        if offset:
+            raise ValueError(f"offset is not used by method 'random', got offset={offset}")
+        return scores.prune(torch.zeros(n), fraction, mode="random", seed=seed)
+    mode = "window" if offset else "hardest"
+    return scores.prune(s, fraction, mode=mode, offset=offset)
+
+
+# ----------------------------------------------------------------------------- pruning
+
+
+def prune_curve(
+    cfg: Mapping[str, Any],
+    method: str,
+    epoch: int | None,
+    fractions: Sequence[float],
+    seeds: Sequence[int],
+    *,
+    offset: float = 0.0,
+    cache: Cache | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, Tensor]:
+    """Final test accuracy after training from scratch on the subset ``method`` keeps, for each
+    fraction kept and seed: ``{"fractions": (F,), "accuracy": (F, S), "seeds": (S,)}``.
+
+    The scores come from :func:`cached_scores` of ``cfg`` (averaged over ``score_seeds``). Each
+    run initialises the network from ``seed`` (also the batch order, and the subset for
+    ``"random"``) and takes :func:`steps_for` ``cfg`` optimisation steps, however small the
+    subset: the same number as the full-data run. Cached per curve when ``cache`` is given.
+    """
+    cfg = config(**cfg)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    epoch = epoch if method in EPOCH_METHODS else None
+    fractions = tuple(_check_fraction(f"fractions[{i}]", f) for i, f in enumerate(fractions))
+    seeds = tuple(_check_int(f"seeds[{i}]", s, 0) for i, s in enumerate(seeds))
+    if not fractions or not seeds:
+        raise ValueError("fractions and seeds must each hold at least one value")
+    _check_fraction("offset", offset, low_open=False)
+    if offset >= 1.0:
+        raise ValueError(f"offset must be a number in [0, 1), got {offset!r}")
+
+    def compute() -> dict[str, Tensor]:
+        result = cached_scores(cfg, cache=cache, device=device)
+        ds, _ = load_data(cfg, device)
+        steps = steps_for(cfg)
+        accuracy = torch.zeros(len(fractions), len(seeds), dtype=torch.float64)
+        for i, fraction in enumerate(fractions):
+            for j, seed in enumerate(seeds):
+                kept = kept_indices(result, method, epoch, fraction, offset=offset, seed=seed)
+                kept = kept.to(ds.x_train.device)
+                model = make_model(cfg, ds.input_shape, ds.num_classes, seed=seed, device=device)
+                _train(model, ds.x_train[kept], ds.y_train[kept], cfg, steps=steps, seed=seed)
+                test = _test_accuracy(model, ds)
+                accuracy[i, j] = test
+        return {
+            "fractions": torch.tensor(fractions, dtype=torch.float64),
+            "accuracy": accuracy,
+            "seeds": torch.tensor(seeds, dtype=torch.int64),
+        }
+
+    if cache is None:
+        return compute()
+    key = dict(
+        cfg=_key(cfg), method=method, epoch=epoch, fractions=fractions, seeds=seeds, offset=offset
+    )
+    return cache.get_or_compute("datadiet-prune", key, compute)
+
+
+def curve_key(method: str, epoch: int | None = None, offset: float = 0.0) -> str:
+    """A short label for a curve: ``"el2n@5"``, ``"grand@0"``, ``"random"``, ``"el2n@5+skip0.1"``."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    label = f"{method}@{epoch}" if method in EPOCH_METHODS else method
+    return label + (f"+skip{offset:g}" if offset else "")
+
+
+def find_curve(
+    curves: Mapping[str, Mapping[str, Tensor]], method: str, epoch: int | None = None
+) -> Mapping[str, Tensor]:
+    """The curve of ``method`` (at ``epoch`` for EL2N / GraNd) among computed ``curves`` (keyed
+    by :func:`curve_key`); ValueError listing what was computed otherwise."""
+    key = curve_key(method, epoch)
+    if key not in curves:
+        raise ValueError(
+            f"no pruning curve was computed for {key} at this profile; computed: "
+            f"{', '.join(sorted(curves))}"
+        )
+    return curves[key]
+
+
+def accuracy_at(curve: Mapping[str, Tensor], fraction: float) -> Tensor:
+    """The (S,) accuracies of ``curve`` at ``fraction`` kept; ValueError if not computed."""
+    fraction = _check_fraction("fraction", fraction)
+    fractions = curve["fractions"].tolist()
+    for i, f in enumerate(fractions):
+        if abs(f - fraction) < 1e-9:
+            return curve["accuracy"][i]
+    raise ValueError(
+        f"fraction kept {fraction:g} was not computed; computed: "
+        f"{', '.join(f'{f:g}' for f in fractions)}"
+    )
+
+
+def difference(a: Tensor, b: Tensor) -> tuple[float, float]:
+    """mean(a) - mean(b) and its standard error sqrt(var_a / n_a + var_b / n_b) (unpaired; the
+    sample variances with n - 1; 0 for a single value)."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    if a.numel() == 0 or b.numel() == 0:
+        raise ValueError("a and b must each hold at least one value")
+
+    def var_of_mean(t: Tensor) -> float:
+        return float(t.var(correction=1) / t.numel()) if t.numel() > 1 else 0.0
+
+    return float(a.mean() - b.mean()), math.sqrt(var_of_mean(a) + var_of_mean(b))
+
+
+def top_k_precision(score: Tensor, flipped: Tensor, k: int | None = None) -> float:
+    """Fraction of flipped examples among the ``k`` highest scores (default: k = the number of
+    flipped examples, so a perfect detector gives 1 and a random ranking the noise rate)."""
+    score = torch.as_tensor(score, dtype=torch.float64).flatten()
+    flipped = torch.as_tensor(flipped).flatten().bool()
+    if len(score) != len(flipped) or len(score) == 0:
+        raise ValueError(
+            f"score and flipped must have the same length >= 1, got {len(score)}, {len(flipped)}"
+        )
+    k = int(flipped.sum()) if k is None else k
+    _check_int("k", k, 1, len(score))
+    top = scores.prune(score, k / len(score), mode="hardest")
+    return float(flipped[top].double().mean())

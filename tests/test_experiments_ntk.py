@@ -1,0 +1,273 @@
+"""Fast tests of notebook 03's experiment functions (gradcourse.experiments.ntk)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gradcourse import losses, ntk
+from gradcourse.cache import Cache
+from gradcourse.experiments import ntk as nx
+from gradcourse.train import Diverged
+
+DT = torch.float64
+
+
+def _random_psd(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, n + 3, generator=g, dtype=DT)
+    return a @ a.T / n + 0.1 * torch.eye(n, dtype=DT)
+
+
+# ----------------------------------------------------------------------------- nets, data, GD
+
+
+def test_circle_and_tasks():
+    x = nx.circle(nx.angle_grid(9))
+    assert x.shape == (9, 2)
+    torch.testing.assert_close(x.norm(dim=1), torch.ones(9, dtype=DT))
+    x1, y1 = nx.gaussian_task(5, seed=3)
+    x2, y2 = nx.gaussian_task(5, seed=3)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    torch.testing.assert_close(y1[:, 0], x1[:, 0] * x1[:, 1])
+    task = nx.circle_task([0.0, 1.0], n_grid=7)
+    torch.testing.assert_close(
+        task["y"][:, 0], torch.sin(2 * torch.tensor([0.0, 1.0], dtype=DT)) / 2
+    )
+
+
+def test_gradient_descent_matches_torch_sgd():
+    x, y = nx.gaussian_task(8, seed=1)
+    ours = nx.make_net(2, 16, 2, seed=4)
+    ref = nx.make_net(2, 16, 2, seed=4)
+    history = nx.gradient_descent(ours, x, y, lr=0.5, steps=5)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    for _ in range(5):
+        opt.zero_grad()
+        losses.mse(ref(x), y).backward()
+        opt.step()
+    for p, q in zip(ours.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+    assert history.shape == (6,)
+    torch.testing.assert_close(history[-1].item(), losses.mse(ref(x), y).item())
+
+
+def test_gradient_descent_refuses_and_diverges():
+    x, y = nx.gaussian_task(4)
+    model = nx.make_net(2, 8, 1)
+    with pytest.raises(ValueError, match="lr"):
+        nx.gradient_descent(model, x, y, lr=0.0, steps=1)
+    with pytest.raises(ValueError, match="steps"):
+        nx.gradient_descent(model, x, y, lr=1.0, steps=-1)
+    with pytest.raises(Diverged):
+        nx.gradient_descent(model, x, 1e3 * y, lr=1e6, steps=50)
+
+
+def test_analytic_helper_is_consistent():
+    x1, x2 = nx.circle([0.1, 0.7, 2.0]), nx.circle([-1.0, 0.3])
+    k12, t12 = nx.analytic(x1, x2, depth=3, beta=0.1)
+    k21, t21 = nx.analytic(x2, x1, depth=3, beta=0.1)
+    torch.testing.assert_close(t12, t21.T)
+    torch.testing.assert_close(k12, k21.T)
+    k11, t11 = nx.analytic(x1, depth=3, beta=0.1)
+    torch.testing.assert_close(nx.analytic(x1, x1, depth=3, beta=0.1)[1], t11)
+
+
+# ----------------------------------------------------------------------------- Fig. 1
+
+
+def test_kernel_run_shapes_determinism_and_wide_limit():
+    kw = dict(depth=1, steps=3, n_train=4, n_angles=5)
+    a = nx.kernel_run(16, seed=1, **kw)
+    b = nx.kernel_run(16, seed=1, **kw)
+    assert a["curve0"].shape == (5,) and a["gram0"].shape == (4, 4) and a["loss"].shape == (4,)
+    for key in a:
+        assert torch.equal(a[key], b[key])
+    # the curve is one column of the full empirical NTK
+    model = nx.make_net(2, 16, 1, seed=1)
+    xs = nx.circle(nx.angle_grid(5))
+    full = ntk.empirical_ntk(model, xs, xs.new_tensor([[1.0, 0.0]]), method="jacobian")
+    torch.testing.assert_close(a["curve0"], full[:, 0])
+    # a wide one-hidden-layer net is close to the analytic limit (fluctuation ~ 1/sqrt(4096))
+    wide = nx.kernel_run(4096, seed=0, depth=1, steps=0, n_train=4, n_angles=5)
+    lim = nx.analytic_kernels(depth=1, n_train=4, n_angles=5)
+    assert (wide["curve0"] - lim["curve"]).abs().max() < 0.05 * lim["curve"].abs().max()
+
+
+def test_kernel_runs_uses_the_cache(tmp_path):
+    cache = Cache(tmp_path)
+    kw = dict(depth=1, steps=2, n_train=3, n_angles=4)
+    first = nx.kernel_runs([8, 16], [0, 1], cache=cache, **kw)
+    assert set(first) == {8, 16} and first[8]["curve0"].shape == (2, 4)
+    assert len(list(tmp_path.glob("ntk-kernel-run-*.npz"))) == 4
+    again = nx.kernel_runs([16], [1], cache=cache, **kw)
+    assert torch.equal(again[16]["gramT"][0], first[16]["gramT"][1])
+    with pytest.raises(ValueError, match="widths"):
+        nx.kernel_runs([], [0])
+
+
+def test_kernel_statistics_on_known_inputs():
+    lim = {"curve": torch.tensor([1.0, 2.0], dtype=DT), "gram": torch.eye(2, dtype=DT)}
+    curve0 = torch.tensor([[1.0, 2.0], [1.0, 2.0]], dtype=DT)
+    runs = {
+        "curve0": curve0,
+        "curveT": 1.1 * curve0,
+        "gram0": torch.stack([torch.eye(2, dtype=DT)] * 2),
+        "gramT": torch.stack([2 * torch.eye(2, dtype=DT)] * 2),
+    }
+    s = nx.kernel_statistics(runs, lim)
+    assert s["mean_error"] == 0 and s["spread"] == 0 and s["deviation"] == 0
+    assert s["change"] == pytest.approx(1.0) and s["curve_change"] == pytest.approx(0.1)
+    # spread: seeds 1 +- d around the limit -> std = d sqrt(2) over RMS(limit)
+    runs["curve0"] = torch.tensor([[1.1, 2.1], [0.9, 1.9]], dtype=DT)
+    s = nx.kernel_statistics(runs, lim)
+    assert s["spread"] == pytest.approx(0.1 * math.sqrt(2) / math.sqrt(2.5))
+    with pytest.raises(ValueError, match="2 seeds"):
+        nx.kernel_statistics({k: v[:1] for k, v in runs.items()}, lim)
+
+
+# ----------------------------------------------------------------------------- Fig. 2
+
+
+def _kernels(n: int, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A joint NNGP and NTK over n training + m test points (random PSD matrices)."""
+    return _random_psd(n + m, seed), _random_psd(n + m, seed + 100)
+
+
+def test_gaussian_limit_endpoints():
+    n, m = 4, 3
+    k, t = _kernels(n, m, 0)
+    y = torch.tensor([0.3, -0.2, 0.5, 0.1], dtype=DT)
+    args = (k[:n, :n], k[n:, :n], k[n:, n:].diagonal(), t[:n, :n], t[n:, :n], y)
+    start = nx.gaussian_limit(*args, steps=0)
+    torch.testing.assert_close(start["mean"], torch.zeros(m, dtype=DT))
+    torch.testing.assert_close(start["std"], k[n:, n:].diagonal().sqrt())
+    end = nx.gaussian_limit(*args)
+    torch.testing.assert_close(end["mean"], ntk.kernel_regression(t[:n, :n], t[n:, :n], y))
+    # after many steps the finite-k formula reaches the limit (lr lambda_max / n < 1 here)
+    late = nx.gaussian_limit(*args, lr=0.5, steps=100_000)
+    torch.testing.assert_close(late["mean"], end["mean"])
+    torch.testing.assert_close(late["std"], end["std"])
+    # the mean at step k is kernel gradient descent from f0 = 0
+    mid = nx.gaussian_limit(*args, lr=0.5, steps=7)
+    kgd = ntk.kernel_gradient_descent(t[:n, :n], t[n:, :n], None, None, y, 0.5, 7).test
+    torch.testing.assert_close(mid["mean"], kgd)
+    # on the training points themselves, the t -> inf function interpolates: no variance
+    on_train = nx.gaussian_limit(
+        k[:n, :n], k[:n, :n], k[:n, :n].diagonal(), t[:n, :n], t[:n, :n], y
+    )
+    torch.testing.assert_close(on_train["mean"], y)
+    assert on_train["std"].max() < 1e-6
+
+
+def test_gaussian_limit_matches_monte_carlo():
+    n, m, samples = 3, 2, 20_000
+    k, t = _kernels(n, m, 1)
+    y = torch.tensor([1.0, -1.0, 0.5], dtype=DT)
+    out = nx.gaussian_limit(
+        k[:n, :n], k[n:, :n], k[n:, n:].diagonal(), t[:n, :n], t[n:, :n], y, lr=0.3, steps=5
+    )
+    g = torch.Generator().manual_seed(0)
+    f0 = torch.randn(samples, n + m, generator=g, dtype=DT) @ torch.linalg.cholesky(k).T
+    f = f0[:, n:] - (f0[:, :n] - y) @ out["A"].T  # f_k = f0(x) - A (f0(X) - Y)
+    se = out["std"] / math.sqrt(samples)
+    assert ((f.mean(0) - out["mean"]).abs() < 4 * se).all()
+    assert ((f.std(0) / out["std"] - 1).abs() < 4 / math.sqrt(2 * samples)).all()
+
+
+def test_gaussian_limit_refuses_bad_shapes():
+    k = _random_psd(3, 0)
+    with pytest.raises(ValueError, match="ntk_train"):
+        nx.gaussian_limit(k, k, k.diagonal(), k[:2, :2], k, torch.zeros(3, dtype=DT))
+    with pytest.raises(ValueError, match="steps"):
+        nx.gaussian_limit(k, k, k.diagonal(), k, k, torch.zeros(3, dtype=DT), steps=-1)
+
+
+def test_circle_fit_run_is_deterministic_and_fits():
+    a = nx.circle_fit_run(32, [-1.0, 0.5, 2.0], depth=1, seed=2, steps=200, n_grid=9)
+    b = nx.circle_fit_run(32, [-1.0, 0.5, 2.0], depth=1, seed=2, steps=200, n_grid=9)
+    assert torch.equal(a["fT_grid"], b["fT_grid"])
+    assert a["f0_grid"].shape == (9,) and a["f0_train"].shape == (3,)
+    assert float(a["loss"][0]) < 1e-3
+
+
+# ----------------------------------------------------------------------------- Fig. 3
+
+
+def test_kernel_pcs_are_orthonormal_functions():
+    x = torch.randn(20, 5, generator=torch.Generator().manual_seed(0), dtype=DT)
+    pc = nx.kernel_pcs(x, depth=2, k=4)
+    gram = pc["pcs"] @ pc["pcs"].T / 20
+    torch.testing.assert_close(gram, torch.eye(4, dtype=DT))
+    assert (pc["eigvals"][:-1] >= pc["eigvals"][1:]).all()
+    assert (pc["pcs"].sum(1) > 0).all()
+    theta = nx.analytic(x, depth=2, beta=0.1)[1]
+    torch.testing.assert_close(theta @ pc["pcs"][1] / 20, pc["eigvals"][1] * pc["pcs"][1])
+    with pytest.raises(ValueError, match="k"):
+        nx.kernel_pcs(x, k=21)
+
+
+def test_pc_run_records_and_follows_kernel_gd_when_wide():
+    x = torch.randn(12, 3, generator=torch.Generator().manual_seed(1), dtype=DT)
+    pc = nx.kernel_pcs(x, depth=1, k=2)
+    coeffs = [0.0, 0.5]
+    run = nx.pc_run(2048, x, pc["pcs"], coeffs, depth=1, steps=20)
+    assert run["proj"].shape == (21, 2) and run["orth"].shape == (21,)
+    assert run["proj"][0].abs().max() == 0 and run["orth"][0] == 0
+    pred = nx.pc_prediction(pc["eigvals"], coeffs, lr=1.0, steps=20)
+    dev = nx.line_deviation(run, pred)
+    assert dev.max() < 0.1 * 0.5  # width 2048: within 10% of the target's size
+    with pytest.raises(ValueError, match="pcs"):
+        nx.pc_run(8, x, pc["pcs"], [0.5])
+
+
+def test_half_times_and_prediction():
+    lam = torch.tensor([0.5, 0.1], dtype=DT)
+    pred = nx.pc_prediction(lam, [1.0, -2.0], lr=1.0, steps=10)
+    torch.testing.assert_close(pred[0], torch.zeros(2, dtype=DT))
+    torch.testing.assert_close(pred[3], torch.tensor([1 - 0.5**3, -2 * (1 - 0.9**3)], dtype=DT))
+    t = nx.half_times(pred, [1.0, -2.0])
+    assert t.tolist() == [1.0, 7.0]  # 1 - 0.9^7 = 0.52 is the first above 1/2
+    assert math.isinf(nx.half_times(pred[:3], [1.0, -2.0])[1])
+    with pytest.raises(ValueError, match="non-zero"):
+        nx.half_times(pred, [1.0, 0.0])
+
+
+def test_pc_inputs_refuses_unknown_dataset():
+    with pytest.raises(ValueError, match="dataset"):
+        nx.pc_inputs(8, dataset="cifar")
+
+
+# ----------------------------------------------------------------------------- explore
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(width=1), "width"),
+        (dict(width=10_000), "width"),
+        (dict(depth=0), "depth"),
+        (dict(depth=9), "depth"),
+        (dict(beta=-0.1), "beta"),
+        (dict(beta=float("nan")), "beta"),
+        (dict(steps=-1), "steps"),
+        (dict(steps=5000), "steps"),
+    ],
+)
+def test_explore_kernel_refuses_bad_values(kwargs, match):
+    args = dict(width=8, depth=1, beta=0.1, steps=1) | kwargs
+    with pytest.raises(ValueError, match=match):
+        nx.explore_kernel(**args)
+
+
+@pytest.mark.parametrize(("width", "depth", "beta"), [(2, 1, 0.0), (16, 2, 2.0)])
+def test_explore_kernel_extremes_and_cache(tmp_path, width, depth, beta):
+    cache = Cache(tmp_path)
+    kw = dict(seeds=(0, 1), n_train=4, n_angles=5, cache=cache)
+    r = nx.explore_kernel(width, depth, beta, 2, **kw)
+    assert r["curve0"].shape == (2, 5) and r["curve"].shape == (5,)
+    assert set(r["stats"]) >= {"spread", "deviation", "change"}
+    again = nx.explore_kernel(width, depth, beta, 2, **kw)
+    assert torch.equal(again["curveT"], r["curveT"])
