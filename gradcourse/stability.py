@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
+from .checks import check_int, check_positive
 from .curvature import CurvatureOperator, GGNOperator, HessianOperator, lanczos
 from .losses import LossFn
 
@@ -64,21 +65,6 @@ __all__ = [
     "gauss_newton_spectrum",
     "trace_bound",
 ]
-
-
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    bad = isinstance(value, bool) or not isinstance(value, int)
-    if bad or value < low or (high is not None and value > high):
-        allowed = f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}"
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return value
-
-
-def _check_positive(name: str, value: object) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def _flat(tensors: dict[str, Tensor]) -> Tensor:
@@ -119,7 +105,7 @@ class PerExampleCurvature:
         if not (isinstance(data, tuple | list) and len(data) == 2):
             raise ValueError("data must be one (x, y) pair of tensors")
         if chunk_size is not None:
-            _check_int("chunk_size", chunk_size, 1)
+            check_int("chunk_size", chunk_size, 1)
         cls = HessianOperator if curvature == "hessian" else GGNOperator
         self.mean: CurvatureOperator = cls(model, loss, tuple(data), params=params, device=device)
         self.curvature = curvature
@@ -210,8 +196,8 @@ class SigmaOperator(CurvatureOperator):
 def sgd_noise_factor(batch_size: int, n: int) -> float:
     """(n - B) / (B (n - 1)): the variance factor of a batch mean drawn without replacement
     (Wu, Ma & E 2018, Theorem 1). 1 for B = 1, 0 for B = n (GD)."""
-    _check_int("n", n, 1)
-    _check_int("batch_size", batch_size, 1, n)
+    check_int("n", n, 1)
+    check_int("batch_size", batch_size, 1, n)
     if n == 1:
         return 0.0
     return (n - batch_size) / (batch_size * (n - 1))
@@ -232,7 +218,7 @@ class SGDStabilityOperator(CurvatureOperator):
         batch_size: int,
         n: int,
     ) -> None:
-        self.lr = _check_positive("lr", lr)
+        self.lr = check_positive("lr", lr)
         self.noise = sgd_noise_factor(batch_size, n)
         self.batch_size, self.n = batch_size, n
         if sigma is None and self.noise > 0:
@@ -325,13 +311,13 @@ def critical_learning_rate(
     bisection step is one :func:`wu_ma_e_stable`, warm-started from the previous eigenvector;
     ``lanczos_tol`` is its residual tolerance (the eigenvalue error is about its square).
     """
-    _check_positive("rel_tol", rel_tol)
+    check_positive("rel_tol", rel_tol)
     if lr_high is None:
         top = float(lanczos(hessian, k=1, seed=seed).eigenvalues[0])
         if not top > 0:
             raise ValueError(f"lambda_max(H) must be > 0 to bound lr, got {top:g}")
         lr_high = 2.0 / top * (1 + 2 * rel_tol)
-    lr_high = _check_positive("lr_high", lr_high)
+    lr_high = check_positive("lr_high", lr_high)
     low, high = 0.0, lr_high
     kw = dict(tol=tol, lanczos_tol=lanczos_tol, seed=seed)
     check = wu_ma_e_stable(hessian, sigma, high, batch_size, n, **kw)
@@ -365,12 +351,12 @@ def linearized_sgd_second_moment(
     differ in their batches (and default starts), from ``torch.Generator().manual_seed(seed)``.
     Returns float64 (steps + 1,). One step of run r from x: E_B||x_1||^2 = x^T A x.
     """
-    lr = _check_positive("lr", lr)
+    lr = check_positive("lr", lr)
     n = curvature.n
-    _check_int("batch_size", batch_size, 1, n)
-    _check_int("steps", steps, 0)
-    _check_int("num_runs", num_runs, 1)
-    _check_int("seed", seed, 0)
+    check_int("batch_size", batch_size, 1, n)
+    check_int("steps", steps, 0)
+    check_int("num_runs", num_runs, 1)
+    check_int("seed", seed, 0)
     gen = torch.Generator().manual_seed(seed)
     size = curvature.size
     if x0 is None:
@@ -417,8 +403,8 @@ class SharpnessTracker:
         max_matvecs: int = 200,
         seed: int = 0,
     ) -> None:
-        _check_positive("tol", tol)
-        _check_int("max_matvecs", max_matvecs, 1)
+        check_positive("tol", tol)
+        check_int("max_matvecs", max_matvecs, 1)
         self.x, self.y, self.loss, self.tol = x, y, loss, tol
         self.max_matvecs, self.seed = max_matvecs, seed
         self.v: Tensor | None = None
@@ -490,6 +476,6 @@ def trace_bound(lr: float, batch_size: int, n: int) -> float:
     lr ((1 - c) tr H^2 + c mean_i ||g_i||^4) <= 2 tr H, and mean_i ||g_i||^4 >= (tr H)^2
     (Jensen), so c lr (tr H)^2 <= 2 tr H. For B = 1: tr(H) <= 2 / lr. Infinite for B = n.
     """
-    lr = _check_positive("lr", lr)
+    lr = check_positive("lr", lr)
     c = sgd_noise_factor(batch_size, n)
     return math.inf if c == 0 else 2.0 / (lr * c)

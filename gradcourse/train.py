@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .checks import check_int
 from .losses import LossFn, get_loss, targets_for
 
 OPTIMIZERS: tuple[str, ...] = ("gd", "sgd")
@@ -82,14 +83,6 @@ class History:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    bad = isinstance(value, bool) or not isinstance(value, int)
-    if bad or value < low or (high is not None and value > high):
-        allowed = f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}"
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return value
 
 
 def _check_float(name: str, value: object, low: float, high: float, *, low_open: bool) -> float:
@@ -152,9 +145,9 @@ def minibatches(n: int, batch_size: int, *, seed: int = 0) -> Iterator[Tensor]:
     """Endless minibatch indices: each epoch a fresh permutation of range(n) (drawn from
     ``torch.Generator().manual_seed(seed)``) cut into batches of ``batch_size`` (the last one
     smaller when batch_size does not divide n). Sampling without replacement within an epoch."""
-    _check_int("n", n, 1)
-    _check_int("batch_size", batch_size, 1, n)
-    _check_int("seed", seed, 0)
+    check_int("n", n, 1)
+    check_int("batch_size", batch_size, 1, n)
+    check_int("seed", seed, 0)
     g = torch.Generator().manual_seed(seed)
     while True:
         yield from torch.randperm(n, generator=g).split(batch_size)
@@ -207,7 +200,7 @@ def train(
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     n = len(x)
     if batch_size is not None:
-        _check_int("batch_size", batch_size, 1, n)
+        check_int("batch_size", batch_size, 1, n)
         if optimizer == "gd" and batch_size != n:
             raise ValueError(
                 f"optimizer='gd' is full batch: batch_size must be None or n={n}, "
@@ -218,12 +211,12 @@ def train(
         raise ValueError("give exactly one of steps and epochs (a positive int)")
     steps_per_epoch = math.ceil(n / batch_size)
     if steps is None:
-        total = _check_int("epochs", epochs, 1) * steps_per_epoch
+        total = check_int("epochs", epochs, 1) * steps_per_epoch
     else:
-        total = _check_int("steps", steps, 1)
-    _check_int("every", every, 1)
-    _check_int("log_every", log_every, 1)
-    _check_int("seed", seed, 0)
+        total = check_int("steps", steps, 1)
+    check_int("every", every, 1)
+    check_int("log_every", log_every, 1)
+    check_int("seed", seed, 0)
     get_loss(loss)  # validates the name
 
     if device is not None:
@@ -309,7 +302,7 @@ def evaluate(
     """
     x, y = _prepare(model, x, y)
     n = len(x)
-    batch_size = n if batch_size is None else _check_int("batch_size", batch_size, 1, n)
+    batch_size = n if batch_size is None else check_int("batch_size", batch_size, 1, n)
     total_loss, total_correct, has_acc = 0.0, 0.0, False
     with _mode(model, False), torch.no_grad():
         for start in range(0, n, batch_size):
@@ -337,7 +330,7 @@ def grad_norm(
     """
     x, y = _prepare(model, x, y)
     n = len(x)
-    batch_size = n if batch_size is None else _check_int("batch_size", batch_size, 1, n)
+    batch_size = n if batch_size is None else check_int("batch_size", batch_size, 1, n)
     params = [p for p in model.parameters() if p.requires_grad]
     total = [torch.zeros_like(p) for p in params]
     for start in range(0, n, batch_size):

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .. import data, models, scores, train
 from ..cache import Cache
+from ..checks import check_int
 
 DATASETS: tuple[str, ...] = ("mnist1d", "digits", "cifar10")
 ARCHS: tuple[str, ...] = ("mlp", "small_cnn", "resnet18")
@@ -63,14 +64,6 @@ DEFAULTS: dict[str, Any] = dict(
 # ----------------------------------------------------------------------------- checks
 
 
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    bad = isinstance(value, bool) or not isinstance(value, int)
-    if bad or value < low or (high is not None and value > high):
-        allowed = f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}"
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return value
-
-
 def _check_fraction(name: str, value: object, *, low_open: bool = True) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
@@ -94,22 +87,22 @@ def config(**overrides: Any) -> dict[str, Any]:
         raise ValueError(f"dataset must be one of {DATASETS}, got {cfg['dataset']!r}")
     if cfg["arch"] not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {cfg['arch']!r}")
-    _check_int("n_train", cfg["n_train"], 10)
-    _check_int("n_test", cfg["n_test"], 1)
-    _check_int("data_seed", cfg["data_seed"], 0)
+    check_int("n_train", cfg["n_train"], 10)
+    check_int("n_test", cfg["n_test"], 1)
+    check_int("data_seed", cfg["data_seed"], 0)
     _check_fraction("noise", cfg["noise"], low_open=False)
-    _check_int("epochs", cfg["epochs"], 1)
-    _check_int("batch_size", cfg["batch_size"], 1, cfg["n_train"])
+    check_int("epochs", cfg["epochs"], 1)
+    check_int("batch_size", cfg["batch_size"], 1, cfg["n_train"])
     if not cfg["score_seeds"]:
         raise ValueError("score_seeds must hold at least one seed (an int >= 0), got ()")
     for i, s in enumerate(cfg["score_seeds"]):
-        _check_int(f"score_seeds[{i}]", s, 0)
+        check_int(f"score_seeds[{i}]", s, 0)
     if not cfg["score_epochs"] or sorted(set(cfg["score_epochs"])) != list(cfg["score_epochs"]):
         raise ValueError(
             f"score_epochs must be distinct epochs in increasing order, got {cfg['score_epochs']}"
         )
     for i, e in enumerate(cfg["score_epochs"]):
-        _check_int(f"score_epochs[{i}]", e, 0, cfg["epochs"])
+        check_int(f"score_epochs[{i}]", e, 0, cfg["epochs"])
     return cfg
 
 
@@ -183,7 +176,7 @@ def make_model(
     (ReLU), a :class:`gradcourse.models.SmallCNN` (1-D for signals, 2-D for images) with
     ``channels`` and ``hidden``, or the CIFAR ResNet-18 of the paper."""
     cfg = config(**cfg)
-    _check_int("seed", seed, 0)
+    check_int("seed", seed, 0)
     shape = tuple(input_shape)
     if cfg["arch"] == "mlp":
         return models.MLP(math.prod(shape), cfg["widths"], num_classes, seed=seed, device=device)
@@ -400,7 +393,7 @@ def prune_curve(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     epoch = epoch if method in EPOCH_METHODS else None
     fractions = tuple(_check_fraction(f"fractions[{i}]", f) for i, f in enumerate(fractions))
-    seeds = tuple(_check_int(f"seeds[{i}]", s, 0) for i, s in enumerate(seeds))
+    seeds = tuple(check_int(f"seeds[{i}]", s, 0) for i, s in enumerate(seeds))
     if not fractions or not seeds:
         raise ValueError("fractions and seeds must each hold at least one value")
     _check_fraction("offset", offset, low_open=False)
@@ -492,6 +485,6 @@ def top_k_precision(score: Tensor, flipped: Tensor, k: int | None = None) -> flo
             f"score and flipped must have the same length >= 1, got {len(score)}, {len(flipped)}"
         )
     k = int(flipped.sum()) if k is None else k
-    _check_int("k", k, 1, len(score))
+    check_int("k", k, 1, len(score))
     top = scores.prune(score, k / len(score), mode="hardest")
     return float(flipped[top].double().mean())

@@ -25,26 +25,12 @@ from torch.func import functional_call
 
 from .. import curvature, data, models, train
 from ..cache import Cache
+from ..checks import check_int, check_positive
 
 DTYPE = torch.float64
 
 
 # ----------------------------------------------------------------------------- checks
-
-
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    bad = isinstance(value, bool) or not isinstance(value, int)
-    if bad or value < low or (high is not None and value > high):
-        allowed = f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}"
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return value
-
-
-def _check_positive(name: str, value: object) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 # ----------------------------------------------------------------------------- spectrum statistics
@@ -60,7 +46,7 @@ def count_outliers(eigenvalues: Tensor | Sequence[float], max_outliers: int = 20
     before the measurements. Eigenvalues below 1e-12 lambda_1 are treated as zero and end
     the search (a ratio to zero is not a gap between outliers and a bulk).
     """
-    _check_int("max_outliers", max_outliers, 1)
+    check_int("max_outliers", max_outliers, 1)
     eig = torch.as_tensor(eigenvalues, dtype=torch.float64).flatten()
     if eig.numel() < 2:
         raise ValueError(f"eigenvalues must hold at least 2 values, got {eig.numel()}")
@@ -79,7 +65,7 @@ def count_outliers(eigenvalues: Tensor | Sequence[float], max_outliers: int = 20
 
 def near_zero_fraction(eigenvalues: Tensor | Sequence[float], rel: float = 0.01) -> float:
     """Fraction of eigenvalues with |lambda| <= ``rel`` * max |lambda| (the size of the bulk)."""
-    rel = _check_positive("rel", rel)
+    rel = check_positive("rel", rel)
     eig = torch.as_tensor(eigenvalues, dtype=torch.float64).flatten()
     if eig.numel() == 0:
         raise ValueError("eigenvalues must not be empty")
@@ -100,8 +86,8 @@ def blobs(
     device: str | torch.device | None = None,
 ) -> tuple[Tensor, Tensor]:
     """K standardised Gaussian blobs in float64 (gc.data.gaussian_mixture): (x, y)."""
-    _check_int("num_classes", num_classes, 2)
-    _check_positive("spread", spread)
+    check_int("num_classes", num_classes, 2)
+    check_positive("spread", spread)
     ds = data.gaussian_mixture(
         n_train, 0, num_classes=num_classes, dim=dim, spread=spread, seed=seed, dtype=DTYPE
     )
@@ -123,7 +109,7 @@ def train_to_flat(
 ) -> train.History:
     """Train with cross-entropy until ||grad L|| <= ``grad_tol`` (Sagun et al.'s rule, checked
     every ``check_every`` steps on the full batch) or ``max_steps`` updates."""
-    _check_positive("grad_tol", grad_tol)
+    check_positive("grad_tol", grad_tol)
 
     def flat_enough(history: train.History) -> bool:
         return train.grad_norm(model, x, y, loss="ce") <= grad_tol
@@ -166,11 +152,11 @@ def blob_spectrum(
     ``decompose`` also the spectra of the Gauss-Newton part G and the residual R = H - G at
     the end (Papyan 2020, eq. 3). Eigenvalues are ascending, on the CPU.
     """
-    _check_int("num_classes", num_classes, 2)
+    check_int("num_classes", num_classes, 2)
     widths = tuple(widths)
     for i, w in enumerate(widths):
-        _check_int(f"widths[{i}]", w, 1)
-    _check_int("max_steps", max_steps, 1)
+        check_int(f"widths[{i}]", w, 1)
+    check_int("max_steps", max_steps, 1)
     x, y = blobs(num_classes, n_train=n_train, dim=dim, spread=spread, seed=seed, device=device)
     model = models.MLP(dim, widths, num_classes, seed=seed, dtype=DTYPE, device=x.device)
 
@@ -219,11 +205,11 @@ def explore_spectrum(
     """The spectrum for the notebook's sliders: K blobs in ``dim`` dimensions (200 points),
     two hidden layers of ``width``, GD with lr 0.1 for at most ``steps``; validated with
     messages a reader can act on, and cached per slider setting."""
-    _check_int("num_classes (K)", num_classes, 2, 20)
-    _check_int("width", width, 1, 32)
-    _check_positive("spread", spread)
-    _check_int("steps", steps, 1, 5_000)
-    _check_int("dim", dim, 1, 64)
+    check_int("num_classes (K)", num_classes, 2, 20)
+    check_int("width", width, 1, 32)
+    check_positive("spread", spread)
+    check_int("steps", steps, 1, 5_000)
+    check_int("dim", dim, 1, 64)
     config = dict(
         num_classes=num_classes,
         widths=(width, width),
@@ -313,9 +299,9 @@ def batch_size_experiment(
     """Train one initialisation twice, SGD with ``small_batch`` for ``epochs`` and full-batch
     GD for the same number of updates, with the same lr; the loss on the line between the two solutions,
     alpha in [-0.5, 1.5], and the top Hessian eigenvalue (Lanczos) at each end."""
-    _check_int("small_batch", small_batch, 1, n_train)
-    _check_int("epochs", epochs, 1)
-    _check_int("num_alphas", num_alphas, 5)
+    check_int("small_batch", small_batch, 1, n_train)
+    check_int("epochs", epochs, 1)
+    check_int("num_alphas", num_alphas, 5)
     x, y = blobs(num_classes, n_train=n_train, dim=dim, spread=spread, seed=seed, device=device)
     solutions, top, losses = [], [], []
     steps = epochs * math.ceil(n_train / small_batch)  # the same number of updates for both

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .. import data, losses, models, ntk
 from ..cache import Cache
+from ..checks import check_int
 from ..train import Diverged
 
 DTYPE = torch.float64
@@ -42,14 +43,6 @@ GRAM_CHUNK_BYTES = 2**31
 
 
 # ----------------------------------------------------------------------------- checks
-
-
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    bad = isinstance(value, bool) or not isinstance(value, int)
-    if bad or value < low or (high is not None and value > high):
-        allowed = f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}"
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return value
 
 
 def _check_number(
@@ -89,8 +82,8 @@ def make_net(
 ) -> nn.Module:
     """The paper's network: ``depth`` hidden ReLU layers of ``width`` in the NTK
     parameterisation, a~ = W a / sqrt(n_in) + beta b with W, b ~ N(0, 1), one output."""
-    _check_int("width", width, 1)
-    _check_int("depth", depth, 1)
+    check_int("width", width, 1)
+    check_int("depth", depth, 1)
     _check_number("beta", beta, 0.0)
     return models.MLP(
         in_dim,
@@ -112,13 +105,13 @@ def circle(angles: Tensor | Sequence[float]) -> Tensor:
 
 def angle_grid(n_angles: int) -> Tensor:
     """``n_angles`` angles evenly spaced in [-pi, pi]."""
-    _check_int("n_angles", n_angles, 2)
+    check_int("n_angles", n_angles, 2)
     return torch.linspace(-math.pi, math.pi, n_angles, dtype=DTYPE)
 
 
 def gaussian_task(n_train: int, *, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Fig. 1's least-squares task: x ~ N(0, I_2), target f*(x) = x1 x2; (x (n, 2), y (n, 1))."""
-    _check_int("n_train", n_train, 1)
+    check_int("n_train", n_train, 1)
     x = torch.randn(n_train, 2, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
     return x, (x[:, 0] * x[:, 1])[:, None]
 
@@ -138,7 +131,7 @@ def gradient_descent(
     end). Returns the loss before each step and at the end, (steps + 1,). Raises
     :class:`gradcourse.train.Diverged` on a non-finite loss."""
     lr = _check_number("lr", lr, 0.0, low_open=True)
-    _check_int("steps", steps, 0)
+    check_int("steps", steps, 0)
     params = [p for p in model.parameters() if p.requires_grad]
     history = torch.empty(steps + 1, dtype=torch.float64)
     for k in range(steps + 1):
@@ -197,7 +190,7 @@ def kernel_run(
     ``n_angles`` angles in [-pi, pi], and the Gram matrix Theta(X, X) of the training inputs,
     at initialisation and after ``steps`` GD steps of rate ``lr`` on the least-squares task of
     :func:`gaussian_task`. Float64."""
-    _check_int("n_angles", n_angles, 2)
+    check_int("n_angles", n_angles, 2)
     model = make_net(2, width, depth, beta=beta, seed=seed, device=device)
     x, y = (t.to(model.layers[0].weight.device) for t in gaussian_task(n_train, seed=data_seed))
     xs = circle(angle_grid(n_angles)).to(x.device)
@@ -418,7 +411,7 @@ def pc_inputs(
     """A class-balanced batch of ``n`` training inputs, flattened, float64: ``"mnist1d"``
     (generated offline) or ``"mnist"`` (raises gradcourse.data.DatasetUnavailable when its files
     are not on disk)."""
-    _check_int("n", n, 2)
+    check_int("n", n, 2)
     if dataset == "mnist1d":
         ds = data.mnist1d(seed=42, dtype=DTYPE)
     elif dataset == "mnist":
@@ -437,7 +430,7 @@ def kernel_pcs(
     (the eigenvalues of the kernel's integral operator on the empirical distribution) and ``pcs``
     (k, N), normalised as functions, 1/N sum_i pc(x_i)^2 = 1, each signed to have a positive sum."""
     n = x.shape[0]
-    _check_int("k", k, 1, n)
+    check_int("k", k, 1, n)
     theta = analytic(x.cpu(), depth=depth, beta=beta)[1]
     lam, vec = torch.linalg.eigh(theta)
     lam, vec = lam.flip(0)[:k], vec.flip(1)[:, :k].T
@@ -511,10 +504,10 @@ def explore_kernel(
     """Fig. 1 for the notebook's sliders: Theta(x0, x) on the circle at initialisation and after
     ``steps`` GD steps (lr 1.0) for a few seeds, and the analytic limit; validated with messages
     a reader can act on, each run cached."""
-    _check_int("width", width, 2, 8192)
-    _check_int("depth", depth, 1, 8)
+    check_int("width", width, 2, 8192)
+    check_int("depth", depth, 1, 8)
     _check_number("beta", beta, 0.0, 2.0)
-    _check_int("steps", steps, 0, 2000)
+    check_int("steps", steps, 0, 2000)
     config = dict(
         depth=depth, beta=float(beta), steps=steps, lr=1.0, n_train=n_train, n_angles=n_angles
     )
