@@ -87,6 +87,7 @@ def lab_url(tmp_path_factory):
         "--IdentityProvider.token=", "--ServerApp.password=",
         f"--ServerApp.root_dir={root}", f"--LabApp.user_settings_dir={base / 'settings'}",
         "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=", "--allow-root",
+        "--ServerApp.disable_check_xsrf=True",  # loopback, no token: lets the fixture stop kernels
     ]  # fmt: skip
     log = open(base / "server.log", "w")  # noqa: SIM115 - closed at teardown
     server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -123,10 +124,20 @@ def browser():
         chromium.close()
 
 
+def _shutdown_kernels(url: str) -> None:
+    """Stop every kernel the server runs, so one notebook's leftover work never slows the next."""
+    with urllib.request.urlopen(f"{url}/api/kernels", timeout=10) as response:
+        kernels = json.load(response)
+    for kernel in kernels:
+        request = urllib.request.Request(f"{url}/api/kernels/{kernel['id']}", method="DELETE")
+        urllib.request.urlopen(request, timeout=30).close()
+
+
 @pytest.fixture
-def page(browser):
+def page(browser, lab_url):
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(120_000)
     yield page
     context.close()
+    _shutdown_kernels(lab_url)
