@@ -33,6 +33,9 @@ def check_notebook(page, lab_url: str, name: str, screenshot: Path | None = None
         assert problem is None, f"{name}: moving {control.label} raised in its callback:\n{problem}"
         after = output_state(control)
         assert after != before, f"{name}: moving {control.label} did not change its output"
+    if screenshot is not None:  # the first panel after a step: a figure, not an extreme's message
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        (controls[0].panel if controls else page).screenshot(path=str(screenshot))
     # Phase 2: the extremes (the Neuromatch check). A value that cannot be computed must show a
     # message (.gc-message), never an error; the output need not change (it may already show one).
     for control in controls:
@@ -42,10 +45,6 @@ def check_notebook(page, lab_url: str, name: str, screenshot: Path | None = None
             assert problem is None, (
                 f"{name}: {control.label} at its {where}imum raised in its callback:\n{problem}"
             )
-    if screenshot is not None:
-        screenshot.parent.mkdir(parents=True, exist_ok=True)
-        target = controls[0].panel if controls else page
-        target.screenshot(path=str(screenshot))
     return {"run_s": run_s, "total_s": time.monotonic() - start, "controls": len(controls)}
 
 
