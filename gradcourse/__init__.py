@@ -29,6 +29,7 @@ _SUBMODULES = (
     "curvature",
     "data",
     "experiments",
+    "functional",
     "losses",
     "models",
     "ntk",

@@ -38,9 +38,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.dropout import _DropoutNd
 
+from .functional import refuse_random_train_mode, select_params
 from .losses import LossFn, get_loss, targets_for
 
 Batch = tuple[Tensor, Tensor]
@@ -176,15 +175,7 @@ class _LinearCombination(CurvatureOperator):
 
 def _check_deterministic(model: nn.Module) -> None:
     """Refuse BatchNorm / dropout in train mode: the map v -> H v would change between calls."""
-    for name, module in model.named_modules():
-        if module.training and isinstance(module, _BatchNorm | _DropoutNd):
-            kind = "BatchNorm" if isinstance(module, _BatchNorm) else "dropout"
-            raise ValueError(
-                f"model has {kind} module {name or type(module).__name__!r} in train mode: "
-                f"its output depends on the batch (BatchNorm statistics) or on random masks "
-                f"(dropout), so the curvature would not be a fixed linear map. Call model.eval() "
-                f"first."
-            )
+    refuse_random_train_mode(model, "the curvature would not be a fixed linear map")
 
 
 def _is_single_batch(data: object) -> bool:
@@ -403,20 +394,7 @@ def _select_params(
     model: nn.Module, params: dict[str, Tensor] | None, device: str | torch.device | None
 ) -> Params:
     """Copies of the chosen parameters (default: all that require grad) on ``device``."""
-    named = dict(model.named_parameters())
-    if params is None:
-        params = {n: p for n, p in named.items() if p.requires_grad}
-    unknown = sorted(set(params) - set(named))
-    if unknown:
-        raise ValueError(f"params has names that are not parameters of the model: {unknown}")
-    if not params:
-        raise ValueError("params is empty: the model has no parameters that require grad")
-    dtypes = {p.dtype for p in params.values()}
-    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-        raise ValueError(f"params must share one floating dtype, got {sorted(map(str, dtypes))}")
-    if device is None:
-        device = next(iter(params.values())).device
-    return {n: p.detach().to(device).clone() for n, p in params.items()}
+    return select_params(model, params, device, copy=True)
 
 
 def exact_hessian(

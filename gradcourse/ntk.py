@@ -54,9 +54,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vmap
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.dropout import _DropoutNd
 from torch.utils.flop_counter import FlopCounterMode
+
+from .functional import refuse_random_train_mode, select_params
 
 Params = dict[str, Tensor]
 
@@ -112,13 +112,7 @@ def _check_number(name: str, value: object, *, allow_zero: bool, allow_inf: bool
 
 def _check_deterministic(model: nn.Module) -> None:
     """Refuse BatchNorm / dropout in train mode: the NTK would not be a function of (x, x')."""
-    for name, module in model.named_modules():
-        if module.training and isinstance(module, _BatchNorm | _DropoutNd):
-            kind = "BatchNorm" if isinstance(module, _BatchNorm) else "dropout"
-            raise ValueError(
-                f"model has {kind} module {name or type(module).__name__!r} in train mode, so "
-                "its output is not a function of one example; call model.eval() first"
-            )
+    refuse_random_train_mode(model, "the NTK would not be a function of one pair of examples")
 
 
 def _check_inputs(name: str, x: object) -> Tensor:
@@ -235,22 +229,10 @@ class EmpiricalNTK:
 
     def _resolve_params(self, params: Mapping[str, Tensor] | None) -> tuple[Params, Params]:
         named = dict(self.model.named_parameters())
-        if params is None:
-            params = self.params
-        if params is None:
-            params = {n: p for n, p in named.items() if p.requires_grad}
-        unknown = sorted(set(params) - set(named))
-        if unknown:
-            raise ValueError(f"params has names that are not parameters of the model: {unknown}")
-        if not params:
-            raise ValueError("params is empty: the model has no parameters that require grad")
-        dtypes = {p.dtype for p in params.values()}
-        if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-            raise ValueError(
-                f"params must share one floating dtype, got {sorted(map(str, dtypes))}"
-            )
-        device = self.device or next(iter(params.values())).device
-        chosen = {n: p.detach().to(device) for n, p in params.items()}
+        chosen = select_params(
+            self.model, self.params if params is None else params, self.device, copy=False
+        )
+        device = next(iter(chosen.values())).device
         frozen = {n: p.detach().to(device) for n, p in named.items() if n not in chosen}
         frozen.update({n: b.to(device) for n, b in self.model.named_buffers()})
         return chosen, frozen

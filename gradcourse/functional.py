@@ -1,0 +1,52 @@
+"""A model as a function of a dict of parameters: the helpers that curvature, NTK and
+per-example code share when they call ``torch.func.functional_call``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
+
+Params = dict[str, Tensor]
+
+
+def refuse_random_train_mode(model: nn.Module, consequence: str) -> None:
+    """Raise ValueError if ``model`` has BatchNorm or dropout in train mode: its output then
+    depends on the rest of the batch or on random masks. ``consequence`` says what breaks."""
+    for name, module in model.named_modules():
+        if module.training and isinstance(module, _BatchNorm | _DropoutNd):
+            kind = "BatchNorm" if isinstance(module, _BatchNorm) else "dropout"
+            raise ValueError(
+                f"model has {kind} module {name or type(module).__name__!r} in train mode: "
+                f"its output depends on the batch (BatchNorm statistics) or on random masks "
+                f"(dropout), so {consequence}. Call model.eval() first."
+            )
+
+
+def select_params(
+    model: nn.Module,
+    params: Mapping[str, Tensor] | None,
+    device: str | torch.device | None,
+    *,
+    copy: bool = True,
+) -> Params:
+    """The chosen parameters (default: all that require grad), detached, on ``device`` (default:
+    where they are); cloned when ``copy``. Checks the names and that they share one float dtype."""
+    named = dict(model.named_parameters())
+    if params is None:
+        params = {n: p for n, p in named.items() if p.requires_grad}
+    unknown = sorted(set(params) - set(named))
+    if unknown:
+        raise ValueError(f"params has names that are not parameters of the model: {unknown}")
+    if not params:
+        raise ValueError("params is empty: the model has no parameters that require grad")
+    dtypes = {p.dtype for p in params.values()}
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        raise ValueError(f"params must share one floating dtype, got {sorted(map(str, dtypes))}")
+    if device is None:
+        device = next(iter(params.values())).device
+    chosen = {n: p.detach().to(device) for n, p in params.items()}
+    return {n: p.clone() for n, p in chosen.items()} if copy else chosen
