@@ -13,7 +13,9 @@ from gradcourse.experiments import stability as sx
 def test_spearman_and_validation():
     assert sx.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
     assert sx.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    with pytest.raises(ValueError, match="same shape"):
+    # learning rates repeat across batch sizes: ties must share their mean rank (scipy's rule)
+    assert sx.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(3**0.5 / 2)
+    with pytest.raises(ValueError, match="same length"):
         sx.spearman([1, 2], [1, 2, 3])
 
 

@@ -18,6 +18,7 @@ from .. import data as gdata
 from .. import models, stability, train
 from ..cache import Cache
 from ..curvature import lanczos
+from ..scores import spearman  # re-exported for the notebook (ties averaged)
 
 __all__ = [
     "load_classification",
@@ -152,6 +153,32 @@ def _measures(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
     }
 
 
+def _train_once(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    lr: float,
+    batch_size: int,
+    steps: int,
+    loss_tol: float,
+    seed: int,
+) -> tuple[float, bool, int]:
+    """Train by GD (batch_size = n) or SGD until the loss is below ``loss_tol`` / 10 or
+    ``steps``; return (full training loss, diverged, steps taken). A run counts as diverged
+    when the loss went non-finite or ended above 1000x the targets' mean square."""
+    n = len(x)
+    hist = train.train(
+        model, x, y, lr=lr, optimizer="gd" if batch_size == n else "sgd",
+        batch_size=None if batch_size == n else batch_size, steps=steps, seed=seed,
+        progress=False, raise_on_divergence=False, log_every=10,
+        stop_when=lambda h: h.loss[-1] < loss_tol * 0.1,
+    )  # fmt: skip
+    full = train.evaluate(model, x, y)["loss"]
+    diverged = hist.diverged is not None or not full < 1e3 * float(y.pow(2).mean())
+    return full, diverged, hist.step[-1] if hist.step else 0
+
+
 def relu_sweep(
     *,
     lrs: list[float],
@@ -201,22 +228,9 @@ def relu_sweep(
         for b in [n, *batch_sizes]:
             for lr in lrs:
                 model = models.two_layer_relu(dim, width, seed=seed, dtype=torch.float64)
-                hist = train.train(
-                    model,
-                    x,
-                    y,
-                    lr=lr,
-                    optimizer="gd" if b == n else "sgd",
-                    batch_size=None if b == n else b,
-                    steps=steps,
-                    seed=seed,
-                    progress=False,
-                    raise_on_divergence=False,
-                    log_every=10,
-                    stop_when=lambda h: h.loss[-1] < loss_tol * 0.1,
+                full, diverged, taken = _train_once(
+                    model, x, y, lr=lr, batch_size=b, steps=steps, loss_tol=loss_tol, seed=seed
                 )
-                full = train.evaluate(model, x, y)["loss"]
-                diverged = hist.diverged is not None or not full < 1e3 * float(y.pow(2).mean())
                 m = (
                     _measures(model, x)
                     if not diverged and math.isfinite(full)
@@ -229,7 +243,7 @@ def relu_sweep(
                 rows["path_norm"].append(_path_norm(model) if not diverged else math.nan)
                 rows["train_loss"].append(full)
                 rows["test_loss"].append(train.evaluate(model, xt, yt)["loss"])
-                rows["steps"].append(hist.step[-1] if hist.step else 0)
+                rows["steps"].append(taken)
                 rows["diverged"].append(diverged)
         return {k: np.asarray(v) for k, v in rows.items()}
 
@@ -383,23 +397,10 @@ def diagonal_sweep(
         for b in [n, *batch_sizes]:
             for lr in lrs:
                 model = models.DiagonalLinear(dim, init_scale=init_scale, dtype=torch.float64)
-                hist = train.train(
-                    model,
-                    x,
-                    y,
-                    lr=lr,
-                    optimizer="gd" if b == n else "sgd",
-                    batch_size=None if b == n else b,
-                    steps=steps,
-                    seed=seed,
-                    progress=False,
-                    raise_on_divergence=False,
-                    log_every=10,
-                    stop_when=lambda h: h.loss[-1] < loss_tol * 0.1,
+                full, diverged, taken = _train_once(
+                    model, x, y, lr=lr, batch_size=b, steps=steps, loss_tol=loss_tol, seed=seed
                 )
                 u, v = model.u.detach(), model.v.detach()
-                full = train.evaluate(model, x, y)["loss"]
-                diverged = hist.diverged is not None or not full < 1e3 * float(y.pow(2).mean())
                 rows["lr"].append(lr)
                 rows["batch_size"].append(b)
                 rows["trace"].append(float((m * (u**2 + v**2)).sum()))
@@ -411,15 +412,6 @@ def diagonal_sweep(
         return {k: np.asarray(v) for k, v in rows.items()}
 
     return _cache(cache).get_or_compute("stability-diagonal", config, compute)
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation of two 1-D arrays (no ties handling beyond argsort)."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if a.shape != b.shape or a.size < 2:
-        raise ValueError(f"a and b need the same shape and >= 2 entries, got {a.shape}, {b.shape}")
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def timed(fn, *args, **kwargs) -> tuple[Any, float]:
