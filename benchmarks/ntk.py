@@ -2,7 +2,7 @@
 
     python benchmarks/ntk.py [--device cpu] [--repeats 3] [--sizes 32 128 256]
 
-Three ways to get the full (N, N, O, O) empirical NTK of the same model on the same inputs,
+Four ways to get the full (N, N, O, O) empirical NTK of the same model on the same inputs,
 float32, in one process:
 
 - ``loop``: the baseline a user would write first: for each example and each output, one
@@ -10,7 +10,11 @@ float32, in one process:
   Theta = J J^T in one matrix product;
 - ``jacobian``: ``gradcourse.ntk.empirical_ntk(method="jacobian")``, Jacobian contraction
   (``vmap(jacrev)`` + one matrix product), cost ~ N·O·[FP] + N²·O²·P;
-- ``ntk_vp``: ``method="ntk_vp"``, NTK-vector products (vjp then jvp), cost ~ N²·O·[FP].
+- ``ntk_vp``: ``method="ntk_vp"``, NTK-vector products (vjp then jvp), cost ~ N²·O·[FP];
+- ``layerwise``: ``method="layerwise"``, per-layer Gram factorisation: a dense layer's Jacobian
+  rows are outer products g ⊗ a, so its part of the kernel is (a.a')(g.g'), cost
+  ~ N·O·[FP] + N²·sum_l (in_l + O²·out_l); the CNN's convolutions go through Jacobian
+  contraction, its dense head through the factorisation.
 
 Models, on MNIST-1D-sized inputs (n, 40): the MLP of the course in the NTK parameterisation
 (40 -> 64 -> 64 -> 10, P = 7.4k), the same with a scalar output (Jacot et al.'s setting), and
@@ -121,7 +125,7 @@ def main() -> None:
                 flush=True,
             )
             best = ("loop", t_loop)
-            for method in ("jacobian", "ntk_vp"):
+            for method in ("jacobian", "ntk_vp", "layerwise"):
                 t, out = median_time(
                     lambda m=model, x=x, meth=method: N.empirical_ntk(m, x, method=meth),
                     args.repeats,

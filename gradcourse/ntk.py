@@ -11,22 +11,30 @@ cost C moves the function along it (section 3, eq. 3): df_t/dt = -Theta grad_f C
 Empirical kernels (any ``torch.func``-friendly model, parameters as a dict):
 
 - :func:`empirical_ntk`, :func:`empirical_ntk_fn`: the (n1, n2, O, O) blocks, or their mean
-  diagonal (``trace_outputs=True``, shape (n1, n2)), by two exact methods (the two methods of
-  PyTorch's ``torch.func`` NTK tutorial, in our own code):
+  diagonal (``trace_outputs=True``, shape (n1, n2)), by three exact methods:
 
   * ``"jacobian"``: Jacobian contraction, per-example Jacobians by ``vmap(jacrev)`` then one
     matrix product. Cost ~ N·O·[FP] + N²·O²·P (N inputs, O outputs, P parameters, [FP] the
     cost of one forward pass of one example);
   * ``"ntk_vp"``: NTK-vector products, Theta e = J(x) (J(x')^T e): a vjp (``jacrev`` of the
     single example x'_j: J(x')^T e_{jb} only involves example j) then a ``jvp`` through the
-    batch x. Cost ~ N²·O·[FP].
+    batch x. Cost ~ N²·O·[FP]. (These two are the methods of PyTorch's ``torch.func`` NTK
+    tutorial, in our own code.)
+  * ``"layerwise"``: for a dense layer z = W a + b run once per example, d f_o / d W = g_o a^T
+    with g_o = d f_o / d z, so the layer's part of the kernel factorises into two small Grams,
+    (a(x).a(x') + 1) · g_o(x).g_p(x'), cost N²·(in + O²·out) instead of N²·O²·in·out. The
+    inputs a are captured by forward hooks and the g_o come from O backward passes of the batch;
+    parameters outside such layers (convolutions, a layer applied twice, a Linear on sequences)
+    go through Jacobian contraction. The same outer-product structure is what the per-example
+    gradient norms of :mod:`gradcourse.pergrad` use (Goodfellow 2015), and what
+    neural-tangents' "structured derivatives" exploit in general.
 
-  Both work on blocks of ``chunk_size`` examples, so memory stays bounded for thousands of
-  inputs; ``"auto"`` (the default) picks by the cost model (:func:`auto_method`), with the
+  All work on blocks of ``chunk_size`` examples, so memory stays bounded for thousands of
+  inputs; ``"auto"`` (the default) picks by a flop count (:func:`auto_method`), with the
   NTK-vector products' lower flop efficiency measured by ``benchmarks/ntk.py``
-  (:data:`NTK_VP_OVERHEAD`): Jacobian contraction won every measured case (MLP with O = 1 and
-  O = 10, 1-D SmallCNN, N = 32...256, CPU), so ``auto`` picks ``ntk_vp`` only when O·P exceeds
-  about 10 [FP] (many outputs of a model with little computation per parameter).
+  (:data:`NTK_VP_OVERHEAD`). In that benchmark (MLP 40-64-64-10 and 40-64-64-1, 1-D SmallCNN,
+  N = 32 and 256, one CPU thread) the layerwise route won every case, 5.7-27x faster than a
+  per-example loop of autograd Jacobians, against 1.4-6.6x for Jacobian contraction.
 
 Infinite-width kernels of a fully connected ReLU net in the NTK parameterisation
 (:class:`gradcourse.models.MLP` with ``parameterization="ntk"``), built layer by layer from small
@@ -48,7 +56,7 @@ section 5; Lee et al. 2019, "Wide neural networks of any depth evolve as linear 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +65,7 @@ from torch.func import functional_call, jacrev, jvp, vmap
 from torch.utils.flop_counter import FlopCounterMode
 
 from .functional import refuse_random_train_mode, select_params
+from .models import NTKLinear
 
 Params = dict[str, Tensor]
 
@@ -79,7 +88,7 @@ __all__ = [
     "linearize",
 ]
 
-METHODS: tuple[str, ...] = ("auto", "jacobian", "ntk_vp")
+METHODS: tuple[str, ...] = ("auto", "jacobian", "ntk_vp", "layerwise")
 #: How much slower one NTK-vector-product flop runs than one flop of the Jacobian route (the
 #: jvp's batched tangents are memory-bound; the contraction is one large matrix product).
 #: benchmarks/ntk.py, MLP 40-64-64-10, N = 256, 1 CPU thread: the cost model gives ntk_vp 5x
@@ -183,22 +192,179 @@ def _block_ntk_vp(
     return theta.diagonal(dim1=2, dim2=3).mean(-1) if trace else theta
 
 
+# -------------------------------------------------------------- layerwise (per-layer Gram) route
+
+
+@dataclass(frozen=True)
+class _Dense:
+    """A dense layer z = w_scale * W a + b_scale * b that runs once per forward pass on inputs of
+    shape (n, in): its parameters' Jacobian rows are outer products g ⊗ a (see _block_layerwise)."""
+
+    module: nn.Module
+    weight: str | None  # the weight's name if it is among the chosen parameters
+    bias: str | None
+    w_scale: float
+    b_scale: float
+
+
+def _dense_scales(m: nn.Module) -> tuple[float, float]:
+    if isinstance(m, NTKLinear):
+        return m.weight_scale / math.sqrt(m.in_features), m.bias_scale
+    return 1.0, 1.0
+
+
+def _find_dense(
+    model: nn.Module, params: Params, frozen: Params, x_one: Tensor
+) -> tuple[dict[str, _Dense], int]:
+    """The dense layers (``nn.Linear``, :class:`~gradcourse.models.NTKLinear`) owning chosen
+    parameters that the layerwise route can take: called once per forward pass, on (n, in)
+    inputs (a Linear applied twice, or along a sequence, shares weights across positions and
+    is left to Jacobian contraction). Also returns O, the number of outputs, from the same
+    forward pass of ``x_one``."""
+    candidates: dict[str, tuple[nn.Module, str | None, str | None]] = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear | NTKLinear):
+            continue
+        w = f"{name}.weight" if name else "weight"
+        b = f"{name}.bias" if name else "bias"
+        w, b = (w if w in params else None), (b if m.bias is not None and b in params else None)
+        if w or b:
+            candidates[name] = (m, w, b)
+    calls: dict[str, list[int]] = {name: [] for name in candidates}
+
+    def hook(name: str):
+        def record(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            calls[name].append(inputs[0].ndim)
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, (m, _, _) in candidates.items()]
+    try:
+        with torch.no_grad():
+            out = functional_call(model, {**frozen, **params}, (x_one,))
+    finally:
+        for h in handles:
+            h.remove()
+    dense = {
+        name: _Dense(m, w, b, *_dense_scales(m))
+        for name, (m, w, b) in candidates.items()
+        if calls[name] == [2]
+    }
+    return dense, out.reshape(len(x_one), -1).shape[1]
+
+
+def _dense_factors(
+    model: nn.Module, params: Params, frozen: Params, dense: dict[str, _Dense], xs: Tensor
+) -> list[tuple[Tensor | None, Tensor]]:
+    """Per dense layer: its input a (n, in), already multiplied by w_scale (None when the weight
+    is not chosen), and g (n, O, out) = d f_o(x_i) / d z_i, the gradient of each output w.r.t.
+    the layer's output z for each example. One forward pass of the batch and one backward pass
+    per output o: example i's outputs depend on z_i alone, so the gradient of sum_i f_o(x_i)
+    w.r.t. z is exactly (d f_o(x_i) / d z_i)_i."""
+    records: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def hook(name: str):
+        def capture(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+            records[name] = (inputs[0].detach(), output)
+            return output.clone()  # later in-place ops act on the clone, not on the node we use
+
+        return capture
+
+    handles = [d.module.register_forward_hook(hook(n)) for n, d in dense.items()]
+    try:
+        with torch.enable_grad():
+            live = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+            out = functional_call(model, {**frozen, **live}, (xs,)).reshape(len(xs), -1)
+    finally:
+        for h in handles:
+            h.remove()
+    outputs = [records[name][1] for name in dense]
+    o = out.shape[1]
+    grads: list[list[Tensor | None]] = []
+    for k in range(o):
+        grads.append(
+            list(
+                torch.autograd.grad(
+                    out[:, k].sum(), outputs, retain_graph=k < o - 1, allow_unused=True
+                )
+            )
+        )
+    factors = []
+    for j, (name, d) in enumerate(dense.items()):
+        a, z = records[name]
+        per_output = [g[j] if g[j] is not None else torch.zeros_like(z) for g in grads]
+        g = torch.stack(per_output, dim=1).detach()  # (n, O, out)
+        factors.append((None if d.weight is None else a * d.w_scale, g))
+    return factors
+
+
+def _block_layerwise(
+    fa: list[tuple[Tensor | None, Tensor]],
+    fb: list[tuple[Tensor | None, Tensor]],
+    dense: dict[str, _Dense],
+    trace: bool,
+) -> Tensor:
+    """sum over dense layers of their part of Theta(xa, xb). A dense layer's Jacobian rows are
+    d f_o(x) / d W = g_o(x) ⊗ w_scale a(x) and d f_o(x) / d b = b_scale g_o(x), so its part is
+
+        Theta_l(x, x')_{op} = (w_scale² a(x).a(x') + b_scale²) · g_o(x).g_p(x')
+
+    an (n1 x n2) Gram of inputs times an (n1 O x n2 O) Gram of output gradients: cost
+    n1·n2·(in + O²·out) per layer instead of n1·n2·O²·in·out for the contraction of J."""
+    total = None
+    for (aa, ga), (ab, gb), d in zip(fa, fb, dense.values(), strict=True):
+        coef = torch.zeros(ga.shape[0], gb.shape[0], dtype=ga.dtype, device=ga.device)
+        if aa is not None:
+            coef = coef + aa @ ab.T
+        if d.bias is not None:
+            coef = coef + d.b_scale**2
+        (na, o, m), nb = ga.shape, gb.shape[0]
+        if trace:
+            part = coef * (ga.reshape(na, o * m) @ gb.reshape(nb, o * m).T) / o
+        else:
+            gram = (ga.reshape(na * o, m) @ gb.reshape(nb * o, m).T).reshape(na, o, nb, o)
+            part = coef[:, :, None, None] * gram.permute(0, 2, 1, 3)
+        total = part if total is None else total + part
+    return total
+
+
 def auto_method(
-    n1: int, n2: int, outputs: int, n_params: int, flops: float, *, trace: bool = False
+    n1: int,
+    n2: int,
+    outputs: int,
+    n_params: int,
+    flops: float,
+    *,
+    trace: bool = False,
+    dense: Sequence[tuple[int, int]] = (),
 ) -> str:
-    """The cheaper method by the cost model of the ``torch.func`` NTK tutorial, for n1 x n2
-    inputs, O = ``outputs``, P = ``n_params`` and [FP] = ``flops`` of one example's forward:
+    """The cheapest method by a flop count, for n1 x n2 inputs, O = ``outputs``,
+    P = ``n_params``, [FP] = ``flops`` of one example's forward pass, and ``dense`` the
+    (in, out) sizes of the dense layers the layerwise route can take (O² becomes O when traced):
 
-        jacobian:  (n1 + n2)·O·[FP] + n1·n2·O²·P      (n1·n2·O·P when traced over outputs)
-        ntk_vp:    NTK_VP_OVERHEAD · n1·n2·O·[FP] + n2·O·[FP]
+        jacobian:   (n1 + n2)·O·[FP] + n1·n2·O²·P
+        ntk_vp:     NTK_VP_OVERHEAD · n1·n2·O·[FP] + n2·O·[FP]
+        layerwise:  (n1 + n2)·O·[FP] + n1·n2·sum_l (in_l + O²·out_l)
+                    + Jacobian contraction of the P_rest other parameters, if any
 
-    So for many inputs Jacobian contraction wins when O·P < [FP] (O = 1, or weight sharing:
-    convolutions) and NTK-vector products when O·P > [FP] (an MLP has [FP] ~ 2P, so O > 2).
+    The first two are the cost model of the ``torch.func`` NTK tutorial: for many inputs
+    Jacobian contraction wins when O·P < [FP] (O = 1, or weight sharing: convolutions) and
+    NTK-vector products when O·P > [FP]. The layerwise route replaces a dense layer's in·out
+    parameters by in + O·out numbers per example, so it wins whenever dense layers hold most of
+    the parameters (an MLP; the head of a CNN).
     """
     o, pairs = outputs, n1 * n2
-    jacobian = (n1 + n2) * o * flops + pairs * (o if trace else o * o) * n_params
+    o2 = o if trace else o * o
+    jacobian = (n1 + n2) * o * flops + pairs * o2 * n_params
     ntk_vp = NTK_VP_OVERHEAD * pairs * o * flops + n2 * o * flops
-    return "ntk_vp" if ntk_vp < jacobian else "jacobian"
+    costs = {"jacobian": jacobian, "ntk_vp": ntk_vp}
+    if dense:
+        rest = max(0, n_params - sum(i * m + m for i, m in dense))
+        layerwise = (n1 + n2) * o * flops + pairs * sum(i + o2 * m for i, m in dense)
+        if rest:
+            layerwise += (n1 + n2) * o * flops + pairs * o2 * rest
+        costs["layerwise"] = layerwise
+    return min(costs, key=costs.__getitem__)
 
 
 class EmpiricalNTK:
@@ -255,35 +421,52 @@ class EmpiricalNTK:
                 f"x2 must have the example shape of x1, {tuple(x1.shape[1:])}, "
                 f"got {tuple(x2.shape[1:])}"
             )
-        f_single, f_batch = _single(self.model, frozen), _batched(self.model, frozen)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            o = f_batch(params_, x1[:1]).shape[1]
+        with FlopCounterMode(display=False) as counter:
+            dense, o = _find_dense(self.model, params_, frozen, x1[:1])
         trace = self.trace_outputs or o == 1
         method = self.method
+        n_params = sum(p.numel() for p in params_.values())
         if method == "auto":
-            n_params = sum(p.numel() for p in params_.values())
             flops = counter.get_total_flops() or 2 * n_params
-            method = auto_method(len(x1), len(x2), o, n_params, flops, trace=trace)
+            sizes = [(d.module.in_features, d.module.out_features) for d in dense.values()]
+            method = auto_method(len(x1), len(x2), o, n_params, flops, trace=trace, dense=sizes)
         self.last_method = method
+        if method != "layerwise":
+            dense = {}
+        owned = {n for d in dense.values() for n in (d.weight, d.bias) if n is not None}
+        rest = {n: p for n, p in params_.items() if n not in owned}
+        rest_frozen = {**frozen, **{n: p for n, p in params_.items() if n in owned}}
+        f_single, f_batch = _single(self.model, rest_frozen), _batched(self.model, rest_frozen)
+
         chunk = self.chunk_size
         if chunk is None:
-            size = sum(p.numel() for p in params_.values()) * o * first.element_size()
-            chunk = max(1, DEFAULT_CHUNK_BYTES // size)
+            per_example = sum(p.numel() for p in rest.values()) * o
+            per_example += sum(
+                d.module.in_features + o * d.module.out_features for d in dense.values()
+            )
+            chunk = max(1, DEFAULT_CHUNK_BYTES // (max(per_example, 1) * first.element_size()))
         n1, n2 = x1.shape[0], x2.shape[0]
         shape = (n1, n2) if trace else (n1, n2, o, o)
         out = torch.empty(shape, dtype=first.dtype, device=first.device)
-        starts1 = range(0, n1, chunk)
-        for i in starts1:
+        for i in range(0, n1, chunk):
             xa = x1[i : i + chunk]
-            ja = None
-            if method == "jacobian":
-                ja = _flat_jacobian(f_single, params_, xa)
+            ja = fa = None
+            if method in ("jacobian", "layerwise") and rest:
+                ja = _flat_jacobian(f_single, rest, xa)
+            if dense:
+                fa = _dense_factors(self.model, params_, frozen, dense, xa)
             for j in range(i if symmetric else 0, n2, chunk):
-                xb = xa if symmetric and j == i else x2[j : j + chunk]
-                if method == "jacobian":
-                    block = _block_jacobian(f_single, params_, xa, xb, trace, ja)
+                same = symmetric and j == i
+                xb = xa if same else x2[j : j + chunk]
+                if method == "ntk_vp":
+                    block = _block_ntk_vp(f_single, f_batch, rest, xa, xb, trace)
                 else:
-                    block = _block_ntk_vp(f_single, f_batch, params_, xa, xb, trace)
+                    block = 0.0
+                    if rest:
+                        block = _block_jacobian(f_single, rest, xa, xb, trace, ja)
+                    if dense:
+                        fb = fa if same else _dense_factors(self.model, params_, frozen, dense, xb)
+                        block = block + _block_layerwise(fa, fb, dense, trace)
                 out[i : i + len(xa), j : j + len(xb)] = block
                 if symmetric and j != i:
                     mirrored = block.transpose(0, 1)
@@ -317,10 +500,11 @@ def empirical_ntk_fn(
     which is the scalar kernel Theta in Theta (x) I_O at infinite width) or when O == 1.
 
     ``method``: ``"jacobian"`` (Jacobian contraction, N·O·[FP] + N²·O²·P), ``"ntk_vp"``
-    (NTK-vector products, N²·O·[FP]) or ``"auto"`` (the cheaper by :func:`auto_method`; the
-    choice of the last call is in ``last_method``).
-    ``chunk_size``: examples per block (default: as many as keep one block's Jacobian under
-    :data:`DEFAULT_CHUNK_BYTES`). ``device``: where to compute (default: the parameters').
+    (NTK-vector products, N²·O·[FP]), ``"layerwise"`` (per-layer Grams of dense layers,
+    N·O·[FP] + N²·sum_l (in_l + O²·out_l), the rest by Jacobian contraction) or ``"auto"``
+    (the cheapest by :func:`auto_method`; the choice of the last call is in ``last_method``).
+    ``chunk_size``: examples per block (default: as many as keep one block's Jacobians or
+    layer factors under :data:`DEFAULT_CHUNK_BYTES`). ``device``: where to compute (default: the parameters').
     A model with BatchNorm or dropout in train mode is refused.
     """
     return EmpiricalNTK(

@@ -64,7 +64,7 @@ MODELS = {
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("method", ["jacobian", "ntk_vp"])
+@pytest.mark.parametrize("method", ["jacobian", "ntk_vp", "layerwise"])
 def test_empirical_ntk_equals_explicit_jacobian_product(name: str, method: str) -> None:
     build, shape = MODELS[name]
     model = build()
@@ -85,7 +85,7 @@ def test_empirical_ntk_equals_explicit_jacobian_product(name: str, method: str) 
     )
 
 
-@pytest.mark.parametrize("method", ["jacobian", "ntk_vp"])
+@pytest.mark.parametrize("method", ["jacobian", "ntk_vp", "layerwise"])
 @pytest.mark.parametrize("chunk_size", [1, 2, 3, 100])
 def test_chunking_and_symmetric_case(method: str, chunk_size: int) -> None:
     model = MODELS["mlp_vector"][0]()
@@ -100,6 +100,56 @@ def test_chunking_and_symmetric_case(method: str, chunk_size: int) -> None:
     torch.testing.assert_close(flat, flat.T, rtol=0, atol=1e-13)
     eig = torch.linalg.eigvalsh(flat)
     assert eig.min() > -1e-10 * eig.max()
+
+
+class SharedAndSequence(nn.Module):
+    """Linear layers the layerwise route must leave to Jacobian contraction: one applied twice
+    (shared weights), one applied along a sequence (input (n, L, in)); and one it can take."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.seq = nn.Linear(2, 3, dtype=F64)
+        self.shared = nn.Linear(3, 3, dtype=F64)
+        self.head = nn.Linear(3, 2, dtype=F64)
+        for p in self.parameters():
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=F64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.seq(x.reshape(len(x), 3, 2))).mean(1)  # (n, 3)
+        h = torch.tanh(self.shared(torch.tanh(self.shared(h))))
+        return self.head(h)
+
+
+def test_layerwise_leaves_shared_and_sequence_layers_to_the_jacobian() -> None:
+    model = SharedAndSequence()
+    x1, x2 = randn(5, 6, seed=20), randn(3, 6, seed=21)
+    ref = explicit_ntk(model, x1, x2)
+    got = N.empirical_ntk(model, x1, x2, method="layerwise")
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    x = randn(4, 6, seed=22)
+    sym = N.empirical_ntk(model, x, method="layerwise", chunk_size=3, trace_outputs=True)
+    ref = explicit_ntk(model, x, x).diagonal(dim1=2, dim2=3).mean(-1)
+    torch.testing.assert_close(sym, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_layerwise_with_some_parameters_frozen_and_auto_picks_it_for_an_mlp() -> None:
+    model = MODELS["mlp_vector"][0]()
+    names = [n for n, _ in model.named_parameters()]
+    chosen = {n: p for n, p in model.named_parameters() if n.endswith("weight") or n == names[-1]}
+    x = randn(4, 3, seed=23)
+    jac = N.empirical_ntk(model, x, params=chosen, method="jacobian")
+    lw = N.empirical_ntk(model, x, params=chosen, method="layerwise")
+    torch.testing.assert_close(lw, jac, rtol=1e-12, atol=1e-12)
+    full = N.empirical_ntk(model, x, method="jacobian")
+    assert not torch.allclose(lw, full)  # the frozen biases really were left out
+
+    fn = N.empirical_ntk_fn(MLP(40, [64, 64], 10, parameterization="ntk", seed=0))
+    fn(torch.randn(64, 40, generator=torch.Generator().manual_seed(0)))
+    assert fn.last_method == "layerwise"
+    # a model without dense layers: the layerwise route is not a candidate
+    assert N.auto_method(64, 64, 1, 1000, 4000.0, trace=True) in ("jacobian", "ntk_vp")
 
 
 def test_methods_agree_on_cnn_in_float32_and_fn_follows_params() -> None:

@@ -38,8 +38,6 @@ DTYPE = torch.float64
 #: Jacot et al.'s L = 4 linear layers = 3 hidden layers (our ``depth``).
 PAPER_DEPTH = 3
 PAPER_BETA = 0.1
-#: Memory budget (bytes) of one block of per-example Jacobians in the Gram matrices.
-GRAM_CHUNK_BYTES = 2**31
 
 
 # ----------------------------------------------------------------------------- checks
@@ -160,14 +158,10 @@ def analytic(
     return ntk.analytic_ntk(x1, x2, depth=depth, bias_scale=beta)
 
 
-def _gram_chunk(model: nn.Module) -> int:
-    p = sum(q.numel() * q.element_size() for q in model.parameters())
-    return max(1, GRAM_CHUNK_BYTES // p)
-
-
 def _curve(model: nn.Module, x0: Tensor, xs: Tensor) -> Tensor:
-    """Theta(x0, x) for every x in xs, (m,): one vjp (jacrev of x0) and one jvp through xs."""
-    return ntk.empirical_ntk(model, xs, x0, method="ntk_vp", chunk_size=len(xs))[:, 0]
+    """Theta(x0, x) for every x in xs, (m,) (the library's layerwise route: one forward and one
+    backward pass of xs and of x0, then per-layer Gram products)."""
+    return ntk.empirical_ntk(model, xs, x0)[:, 0]
 
 
 # ----------------------------------------------------------------------------- Fig. 1 / scaling
@@ -195,10 +189,9 @@ def kernel_run(
     x, y = (t.to(model.layers[0].weight.device) for t in gaussian_task(n_train, seed=data_seed))
     xs = circle(angle_grid(n_angles)).to(x.device)
     x0 = xs.new_tensor([[1.0, 0.0]])
-    chunk = _gram_chunk(model)
-    curve0, gram0 = _curve(model, x0, xs), ntk.empirical_ntk(model, x, chunk_size=chunk)
+    curve0, gram0 = _curve(model, x0, xs), ntk.empirical_ntk(model, x)
     loss = gradient_descent(model, x, y, lr=lr, steps=steps)
-    curve_t, gram_t = _curve(model, x0, xs), ntk.empirical_ntk(model, x, chunk_size=chunk)
+    curve_t, gram_t = _curve(model, x0, xs), ntk.empirical_ntk(model, x)
     return {
         "curve0": curve0.cpu(),
         "curveT": curve_t.cpu(),
