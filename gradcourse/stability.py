@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,7 +47,8 @@ from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from .checks import check_int, check_positive
 from .curvature import CurvatureOperator, GGNOperator, HessianOperator, lanczos
-from .losses import LossFn
+from .functional import refuse_random_train_mode
+from .losses import LossFn, get_loss, targets_for
 
 Curvature = Literal["hessian", "ggn"]
 CURVATURES: tuple[str, ...] = ("hessian", "ggn")
@@ -383,6 +385,52 @@ def linearized_sgd_second_moment(
 # --------------------------------------------------------------------------------------------
 
 
+class _CurrentHessian(CurvatureOperator):
+    """H of the mean loss over (x, y) at ``model``'s current parameters, by double backward
+    (Pearlmutter 1994) through one autograd graph of the module itself: one forward and one
+    ``create_graph`` backward to build it, then one backward per product.
+
+    The same products as :class:`~gradcourse.curvature.HessianOperator` (the tests hold it to
+    that), for the one case where an operator lives for a single Lanczos run at a point that
+    changes between runs: it neither copies the parameters nor goes through ``torch.func``, and
+    on the small nets of notebook 02 its set-up plus first product costs about 1.6 training
+    steps instead of 3 (``benchmarks/stability_tracking.py``).
+    Valid until the parameters change: an optimizer step invalidates the graph.
+    """
+
+    def __init__(self, model: nn.Module, loss: str | LossFn, x: Tensor, y: Tensor) -> None:
+        refuse_random_train_mode(model, "the curvature would not be a fixed linear map")
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("model has no parameters that require grad")
+        first = params[0]
+        x = x.to(first.device, first.dtype) if x.is_floating_point() else x.to(first.device)
+        y = y.to(first.device, first.dtype) if y.is_floating_point() else y.to(first.device)
+        with torch.enable_grad():
+            out = model(x)
+            if isinstance(loss, str):
+                y = targets_for(loss, y, out.shape[1] if out.ndim > 1 else 1, out.dtype)
+            grads = torch.autograd.grad(get_loss(loss)(out, y), params, create_graph=True)
+        # a gradient that does not depend on the parameters has a zero row block in H
+        self._live = [i for i, g in enumerate(grads) if g.requires_grad]
+        self._grads = [grads[i] for i in self._live]
+        self._params, self._sizes = params, [p.numel() for p in params]
+        super().__init__(sum(self._sizes), first.dtype, first.device)
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        chunks = torch.split(v, self._sizes)
+        directions = [chunks[i].view_as(self._params[i]) for i in self._live]
+        hv = torch.autograd.grad(
+            self._grads,
+            self._params,
+            directions,
+            retain_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        return torch.cat([h.reshape(-1) for h in hv])
+
+
 class SharpnessTracker:
     """``callback(step, model)`` for :func:`gradcourse.train.train`: lambda_max(H) of the mean
     loss over (x, y) by :func:`~gradcourse.curvature.lanczos`, warm-started from the previous
@@ -390,7 +438,14 @@ class SharpnessTracker:
     scipy's eigsh). Records ``sharpness``, ``sharpness_matvecs`` and ``sharpness_time`` (s);
     :attr:`total_time` sums the time spent here, to compare with the run's wall time.
 
-    ``tol``: Lanczos's relative residual (the eigenvalue error is about tol^2 lambda / gap).
+    ``tol``: Lanczos's relative residual. The relative eigenvalue error is about
+    tol^2 lambda / gap when Lanczos finds the top eigenpair; near the edge of stability the top
+    eigenvalues cluster (gaps down to 0.1% of lambda) and cross between calls, and a warm start
+    can then settle on the runner-up, an error of at most that gap. 1e-3 keeps such misses rare;
+    3e-3 saves a quarter of the products but misses more often and by more
+    (``benchmarks/stability_tracking.py``).
+    ``measure_at(step)``: whether to measure at this call (default: at every call); a skipped
+    call returns None, which :func:`~gradcourse.train.train` does not record.
     """
 
     def __init__(
@@ -402,20 +457,23 @@ class SharpnessTracker:
         tol: float = 1e-3,
         max_matvecs: int = 200,
         seed: int = 0,
+        measure_at: Callable[[int], bool] | None = None,
     ) -> None:
         check_positive("tol", tol)
         check_int("max_matvecs", max_matvecs, 1)
         self.x, self.y, self.loss, self.tol = x, y, loss, tol
-        self.max_matvecs, self.seed = max_matvecs, seed
+        self.max_matvecs, self.seed, self.measure_at = max_matvecs, seed, measure_at
         self.v: Tensor | None = None
         self.total_time = 0.0
         self.total_matvecs = 0
 
-    def __call__(self, step: int, model: nn.Module) -> dict[str, float]:
+    def __call__(self, step: int, model: nn.Module) -> dict[str, float] | None:
         import warnings
 
+        if self.measure_at is not None and not self.measure_at(step):
+            return None
         start = time.perf_counter()
-        op = HessianOperator(model, self.loss, (self.x, self.y))
+        op = _CurrentHessian(model, self.loss, self.x, self.y)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # unconverged: recorded, not fatal
             res = lanczos(
@@ -469,12 +527,18 @@ def gauss_newton_spectrum(
 
 def trace_bound(lr: float, batch_size: int, n: int) -> float:
     """The bound tr(H) <= 2 / (lr (n - B)/(B (n - 1))) on a minimum that is linearly stable for
-    SGD(lr, B) when every H_i = g_i g_i^T has rank one (scalar output, zero loss).
+    SGD(lr, B) in the mean-square sense of Wu, Ma & E (2018, Theorem 1), when every
+    H_i = g_i g_i^T has rank one (square loss, scalar output, zero loss).
 
-    Derivation (the argument of Wu & Su 2023, Section 3, written for batch B): stability is
-    lr (H^2 + c Sigma) <= 2 H in the PSD order, c = (n - B)/(B (n - 1)); taking the trace,
-    lr ((1 - c) tr H^2 + c mean_i ||g_i||^4) <= 2 tr H, and mean_i ||g_i||^4 >= (tr H)^2
-    (Jensen), so c lr (tr H)^2 <= 2 tr H. For B = 1: tr(H) <= 2 / lr. Infinite for B = n.
+    Our derivation, not a theorem quoted from Wu & Su (2023): their abstract states the B = 1
+    form, tr(H) <= 2 / lr at a global minimum linearly stable for SGD, under their own
+    definition of linear stability (their Section 3, not checked here). For B > 1 this bound is
+    weaker by 1 / c.
+
+    Derivation: stability is lr (H^2 + c Sigma) <= 2 H in the PSD order, c = (n - B)/(B (n - 1));
+    taking the trace, lr ((1 - c) tr H^2 + c mean_i ||g_i||^4) <= 2 tr H, and
+    mean_i ||g_i||^4 >= (tr H)^2 (Jensen), so c lr (tr H)^2 <= 2 tr H. For B = 1:
+    tr(H) <= 2 / lr. Infinite for B = n.
     """
     lr = check_positive("lr", lr)
     c = sgd_noise_factor(batch_size, n)

@@ -244,3 +244,25 @@ def test_sharpness_tracker_follows_training_and_warm_starts():
     assert rec["sharpness"][-1] == pytest.approx(top, rel=1e-6)
     assert tracker.total_time == pytest.approx(rec["sharpness_time"].sum())
     assert rec["sharpness_matvecs"][-1] < rec["sharpness_matvecs"][0]  # the warm start pays
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_tracker_operator_matches_the_hessian_operator(loss):
+    """The tracker's double-backward operator on the live module is HessianOperator's H, frozen
+    parameters left out; a train-mode dropout is refused like there."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (9,), generator=g)
+    model = models.MLP(3, [5, 4], 2, activation="tanh", seed=3, dtype=torch.float64)
+    model.layers[0].bias.requires_grad_(False)
+    current = stability._CurrentHessian(model, loss, x, y).dense()
+    torch.testing.assert_close(current, HessianOperator(model, loss, (x, y)).dense())
+    with pytest.raises(ValueError, match="dropout"):
+        stability._CurrentHessian(nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.5)), loss, x, y)
+
+
+def test_sharpness_tracker_measures_only_where_asked():
+    model, x, y = tiny_problem(n=16, seed=5)
+    tracker = stability.SharpnessTracker(x, y, measure_at=lambda step: step % 10 == 0 or step > 15)
+    hist = train.train(model, x, y, lr=0.05, steps=20, callback=tracker, every=5, progress=False)
+    assert list(hist.record_arrays()["step"]) == [0, 10, 20]

@@ -21,7 +21,10 @@ from ..curvature import lanczos
 from ..scores import spearman  # re-exported for the notebook (ties averaged)
 
 __all__ = [
+    "TAIL_START",
     "load_classification",
+    "eos_dataset",
+    "for_dataset",
     "sharpness_run",
     "teacher_regression",
     "relu_sweep",
@@ -30,6 +33,11 @@ __all__ = [
     "diagonal_sweep",
     "spearman",
 ]
+
+
+#: Where the "end of training" window starts, as a fraction of the run: the notebook averages the
+#: sharpness over the last quarter, and :func:`sharpness_run` tracks that window densely.
+TAIL_START = 0.75
 
 
 def _cache(cache: Cache | None) -> Cache:
@@ -57,6 +65,34 @@ def load_classification(dataset: str, n: int, device: str = "cpu") -> tuple[Any,
     return (ds.x_train.to(device), ds.y_train.to(device)), note or f"MNIST-1D, {n} examples"
 
 
+def eos_dataset(dataset: str) -> tuple[str, str]:
+    """The dataset the edge-of-stability runs will actually use, and a note saying why:
+    ``"cifar10"`` when its files are on disk, else ``"mnist1d"`` (the fallback of
+    :func:`load_classification`; nothing is downloaded). Resolve it before choosing learning
+    rates (:func:`for_dataset`): a rate sized for one dataset's sharpness can be far from
+    another's 2/eta."""
+    if dataset == "mnist1d":
+        return "mnist1d", "MNIST-1D"
+    if dataset != "cifar10":
+        raise ValueError(f"dataset must be 'mnist1d' or 'cifar10', got {dataset!r}")
+    try:
+        gdata.cifar10(n_train=1, n_test=1, seed=0)
+    except gdata.DatasetUnavailable as err:
+        return "mnist1d", f"CIFAR-10 unavailable ({str(err).splitlines()[0]}); using MNIST-1D"
+    return "cifar10", "CIFAR-10"
+
+
+def for_dataset(setting: Any, dataset: str) -> Any:
+    """``setting[dataset]`` when ``setting`` is a dict keyed by dataset name (a profile whose
+    learning rates depend on the data actually loaded, see :func:`eos_dataset`), else
+    ``setting`` unchanged."""
+    if not isinstance(setting, dict):
+        return setting
+    if dataset not in setting:
+        raise ValueError(f"no setting for dataset {dataset!r}; have {sorted(setting)}")
+    return setting[dataset]
+
+
 def sharpness_run(
     *,
     lr: float,
@@ -66,6 +102,7 @@ def sharpness_run(
     widths: tuple[int, ...] = (64, 64),
     steps: int = 1000,
     every: int = 25,
+    every_early: int | None = None,
     dataset: str = "mnist1d",
     seed: int = 0,
     device: str = "cpu",
@@ -73,8 +110,19 @@ def sharpness_run(
 ) -> dict[str, Any]:
     """Train a tanh MLP (Cohen et al. 2021's ``fc-tanh``) with MSE by GD or SGD, tracking
     lambda_max(H) of the full-batch loss every ``every`` steps (warm-started Lanczos,
-    :class:`gradcourse.stability.SharpnessTracker`). A diverging run is kept, with
-    ``diverged_at`` >= 0 (else -1)."""
+    :class:`gradcourse.stability.SharpnessTracker`). With ``every_early`` (a multiple of
+    ``every``), the first three quarters of the run are tracked only every ``every_early``
+    steps and the last quarter, the window the notebook averages, every ``every`` steps: near
+    the edge the warm start saves little (the top eigenvalues cluster and swap), so the cost of
+    tracking is set by the number of measurements. A diverging run is kept, with
+    ``diverged_at`` >= 0 (else -1). ``track_time`` is the tracker's share of ``wall_time``."""
+    if every_early is not None and (
+        isinstance(every_early, bool)
+        or not isinstance(every_early, int)
+        or every_early < every
+        or every_early % every
+    ):
+        raise ValueError(f"every_early must be a multiple of every={every}, got {every_early!r}")
     config = dict(
         lr=float(lr),
         optimizer=optimizer,
@@ -83,15 +131,19 @@ def sharpness_run(
         widths=list(widths),
         steps=steps,
         every=every,
+        every_early=every_early,
         dataset=dataset,
         seed=seed,
     )
+
+    def measure_at(step: int) -> bool:
+        return every_early is None or step >= TAIL_START * steps or step % every_early == 0
 
     def compute() -> dict[str, Any]:
         (x, y), note = load_classification(dataset, n, device)
         model = models.MLP(x.shape[1], list(widths), 10, activation="tanh", seed=seed)
         model = model.to(device)
-        tracker = stability.SharpnessTracker(x, y, seed=seed)
+        tracker = stability.SharpnessTracker(x, y, seed=seed, measure_at=measure_at)
         hist = train.train(
             model,
             x,
