@@ -1,7 +1,13 @@
-"""Shared test set-up: keep every test's files out of the repository's data/ and build/."""
+"""Shared test set-up: keep every test's files out of the repository's data/ and build/, and
+writers of small fake dataset files in the real on-disk formats (for the torchvision path)."""
 
 from __future__ import annotations
 
+import os
+import pickle
+import struct
+
+import numpy as np
 import pytest
 
 
@@ -9,3 +15,78 @@ import pytest
 def _isolated_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("GRADCOURSE_DATA", str(tmp_path_factory.mktemp("data")))
     monkeypatch.setenv("GRADCOURSE_BUILD", str(tmp_path_factory.mktemp("build")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake CIFAR-10 and MNIST files
+
+
+def _write_fake_cifar10(root, per_batch=20, n_test=20):
+    """``cifar-10-batches-py/`` as torchvision reads it: pickled dicts with uint8 ``data``
+    (n, 3072; channel-major 3x32x32) and ``labels``, plus ``batches.meta`` with label names.
+    Returns ``{file name: (data, labels)}``."""
+    rng = np.random.default_rng(0)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    labels_written = {}
+    for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", n_test)]:
+        low = np.array([0, 100, 200]).repeat(1024)  # channel c holds values in [low_c, low_c + 50)
+        data = (low + rng.integers(0, 50, size=(n, 3072))).astype(np.uint8)
+        labels = [int(v) for v in rng.permutation(np.arange(n) % 10)]
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, "labels": labels}, f)
+        labels_written[name] = (data, labels)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+    return labels_written
+
+
+def _write_idx(path, array):
+    """An idx file as in the MNIST distribution: magic (0, 0, 0x08 = uint8, ndim), big-endian
+    int32 sizes, then the raw bytes."""
+    header = struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def _write_fake_mnist(root, n_train=30, n_test=10):
+    """``MNIST/raw/`` as torchvision reads it: the four idx files (gunzipped), uint8 images
+    (n, 28, 28) and labels ``arange(n) % 10``. Returns ``{"train": (images, labels), "t10k":
+    (images, labels)}``."""
+    rng = np.random.default_rng(0)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    arrays = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, size=(n, 28, 28)).astype(np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+        arrays[prefix] = (images, labels)
+    return arrays
+
+
+@pytest.fixture
+def skip_cifar_md5(monkeypatch):
+    """torchvision checks the md5 of every CIFAR-10 file against the real archive's, which fake
+    files cannot match. Only that checksum is replaced by a check that the file exists; the
+    pickle reading, reshaping and layout are torchvision's own code."""
+    import torchvision.datasets.cifar
+
+    monkeypatch.setattr(
+        torchvision.datasets.cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath)
+    )
+
+
+@pytest.fixture
+def write_fake_cifar10(skip_cifar_md5):
+    """The writer ``write_fake_cifar10(root, per_batch=20, n_test=20)`` of fake CIFAR-10 files
+    (five training batches of ``per_batch`` and a test batch), with torchvision's md5 check
+    replaced for the test (:func:`skip_cifar_md5`)."""
+    return _write_fake_cifar10
+
+
+@pytest.fixture
+def write_fake_mnist():
+    """The writer ``write_fake_mnist(root, n_train=30, n_test=10)`` of fake MNIST idx files
+    (torchvision checks only that they exist)."""
+    return _write_fake_mnist

@@ -4,9 +4,7 @@ torchvision path (on small fake files written in the real on-disk formats). All 
 from __future__ import annotations
 
 import os
-import pickle
 import random
-import struct
 from urllib.error import URLError
 
 import numpy as np
@@ -321,41 +319,11 @@ def test_default_data_root_follows_environment(data_dir):
 
 
 # ---------------------------------------------------------------------------------------------
-# CIFAR-10 and MNIST through torchvision, on small fake files in the real formats
+# CIFAR-10 and MNIST through torchvision, on small fake files in the real formats (writers and
+# the md5 fixture in conftest.py)
 
 
-def write_fake_cifar10(root, per_batch=20, n_test=20):
-    """``cifar-10-batches-py/`` as torchvision reads it: pickled dicts with uint8 ``data``
-    (n, 3072; channel-major 3x32x32) and ``labels``, plus ``batches.meta`` with label names."""
-    rng = np.random.default_rng(0)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    labels_written = {}
-    for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", n_test)]:
-        low = np.array([0, 100, 200]).repeat(1024)  # channel c holds values in [low_c, low_c + 50)
-        data = (low + rng.integers(0, 50, size=(n, 3072))).astype(np.uint8)
-        labels = [int(v) for v in rng.permutation(np.arange(n) % 10)]
-        with open(folder / name, "wb") as f:
-            pickle.dump({"data": data, "labels": labels}, f)
-        labels_written[name] = (data, labels)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
-    return labels_written
-
-
-@pytest.fixture
-def skip_cifar_md5(monkeypatch):
-    """torchvision checks the md5 of every CIFAR-10 file against the real archive's, which fake
-    files cannot match. Only that checksum is replaced by a check that the file exists; the
-    pickle reading, reshaping and layout are torchvision's own code."""
-    import torchvision.datasets.cifar
-
-    monkeypatch.setattr(
-        torchvision.datasets.cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath)
-    )
-
-
-def test_cifar10_from_fake_files(tmp_path, skip_cifar_md5):
+def test_cifar10_from_fake_files(tmp_path, write_fake_cifar10):
     written = write_fake_cifar10(tmp_path)
     ds = D.cifar10(root=tmp_path)
     assert_dataset(ds, 100, 20, (3, 32, 32), 10)
@@ -382,24 +350,8 @@ def test_cifar10_from_fake_files(tmp_path, skip_cifar_md5):
     assert torch.equal(sub.x_train, later.x_train) and torch.equal(sub.y_train, later.y_train)
 
 
-def write_idx(path, array):
-    """An idx file as in the MNIST distribution: magic (0, 0, 0x08 = uint8, ndim), big-endian
-    int32 sizes, then the raw bytes."""
-    header = struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
-def test_mnist_from_fake_files(tmp_path):
-    rng = np.random.default_rng(0)
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    arrays = {}
-    for prefix, n in (("train", 30), ("t10k", 10)):
-        images = rng.integers(0, 256, size=(n, 28, 28)).astype(np.uint8)
-        labels = (np.arange(n) % 10).astype(np.uint8)
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
-        arrays[prefix] = (images, labels)
+def test_mnist_from_fake_files(tmp_path, write_fake_mnist):
+    arrays = write_fake_mnist(tmp_path)
     ds = D.mnist(root=tmp_path)
     assert_dataset(ds, 30, 10, (1, 28, 28), 10)
     assert ds.y_train.tolist() == arrays["train"][1].tolist()

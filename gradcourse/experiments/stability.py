@@ -45,13 +45,17 @@ def _cache(cache: Cache | None) -> Cache:
 
 
 def load_classification(dataset: str, n: int, device: str = "cpu") -> tuple[Any, str]:
-    """(x, y) of ``n`` training examples and a note. ``dataset="cifar10"`` is the 5k subset
-    of Cohen et al. 2021 (flattened); when its files are missing (no download here) it falls
-    back to MNIST-1D and says so in the note."""
+    """(x, y) of ``n`` training examples and a note. ``dataset="cifar10"`` is Cohen et al.
+    2021's ``cifar10-5k`` set-up: pixels / 255, flattened, each of the 3072 features centred and
+    scaled to unit variance (their code standardises per feature; we do it over the subset, a
+    class-balanced random one where they take the first 5,000 images). When its files are
+    missing (no download here) it falls back to MNIST-1D and says so in the note."""
     if dataset == "cifar10":
         try:
             ds = gdata.cifar10(n_train=n, n_test=100, seed=0)
             x = ds.x_train.flatten(1)
+            if n > 1:  # per-feature standardisation (invariant to the per-channel one before)
+                x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
             return (x.to(device), ds.y_train.to(device)), f"CIFAR-10, {n} examples"
         except gdata.DatasetUnavailable as err:
             note = f"CIFAR-10 unavailable ({str(err).splitlines()[0]}); using MNIST-1D instead"

@@ -1,0 +1,328 @@
+"""The paper-scale (``gpu`` profile) code paths of notebooks 02, 03 and 04, run end to end at tiny
+size and offline: the real datasets (CIFAR-10, MNIST) come from small fake files in torchvision's
+on-disk formats (writers in conftest.py) under ``$GRADCOURSE_DATA``, the architectures and call
+sequences are those of the notebooks' ``gpu`` configurations (ResNet-18 on CIFAR-10; the wider
+SmallCNN of the MNIST-1D fallback). Without these tests those branches only ever run on a GPU
+machine with the datasets on disk."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gradcourse import data as D
+from gradcourse import models, scores, stability
+from gradcourse.cache import Cache
+from gradcourse.experiments import data_diet as dd
+from gradcourse.experiments import ntk as nx
+from gradcourse.experiments import stability as sx
+
+NOTEBOOKS = Path(__file__).parents[1] / "notebooks"
+CPU = torch.device("cpu")  # the notebooks pass P.device
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny nets: extra threads only wait on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    root = tmp_path / "gc_data"
+    monkeypatch.setenv("GRADCOURSE_DATA", str(root))
+    return root
+
+
+def notebook_config(notebook: str, profile: str) -> dict:
+    """The ``cfg = P.pick(...)`` of ``notebook``, evaluated for one profile (no CUDA needed)."""
+    path = NOTEBOOKS / notebook
+    for cell in json.loads(path.read_text())["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        for node in ast.walk(ast.parse("".join(cell["source"]))):
+            if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "cfg":
+                call = node.value
+                if isinstance(call, ast.Call) and getattr(call.func, "attr", "") == "pick":
+                    profiles = {kw.arg: kw.value for kw in call.keywords}
+                    return eval(compile(ast.Expression(profiles[profile]), str(path), "eval"))
+    raise AssertionError(f"no cfg = P.pick(...) in {notebook}")
+
+
+def cifar_train_arrays(written):
+    """Training pixels (n, 3072) uint8 and labels as written, in torchvision's order."""
+    pixels = np.concatenate([written[f"data_batch_{i}"][0] for i in range(1, 6)])
+    labels = sum((written[f"data_batch_{i}"][1] for i in range(1, 6)), [])
+    return pixels, torch.tensor(labels)
+
+
+def standardized_cifar(pixels):
+    """pixels / 255 standardised per channel with the statistics of all of ``pixels``, flat."""
+    x = pixels.reshape(len(pixels), 3, 1024) / 255.0
+    mean, std = x.mean((0, 2), keepdims=True), x.std((0, 2), keepdims=True)
+    return torch.from_numpy(((x - mean) / std).reshape(len(pixels), 3072))
+
+
+def assert_finite(result, keys):
+    for key in keys:
+        assert torch.isfinite(torch.as_tensor(result[key], dtype=torch.float64)).all(), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook 04: Data Diet at the gpu profile
+
+
+SCORE_KEYS = ("el2n", "grand", "forgetting", "input_norm", "test_accuracy")
+
+
+def test_data_diet_gpu_profile_resnet18_on_cifar10(data_dir, write_fake_cifar10, tmp_path):
+    gpu = notebook_config("04_data_diet.ipynb", "gpu")
+    paper = gpu["data"]
+    assert (paper["dataset"], paper["arch"]) == ("cifar10", "resnet18")
+    assert not dd.available("cifar10")  # no files: the notebook takes its fallback
+    written = write_fake_cifar10(data_dir)  # 5 x 20 training, 20 test images
+    assert dd.available("cifar10")
+    n, early = 10, gpu["early"]
+    cfg = dd.config(
+        **{**paper, "n_train": n, "n_test": 10, "epochs": 1, "batch_size": 5, "score_seeds": (0,)}
+    )
+    assert cfg["score_epochs"] == (0, early) == (0, 1)  # the gpu's own scored epochs
+    cache = Cache(tmp_path / "cache")
+
+    res = dd.cached_scores(cfg, cache=cache, device=CPU)
+    assert res["epochs"].tolist() == [0, 1] and int(res["steps"]) == 2
+    assert res["el2n"].shape == res["grand"].shape == (2, 1, n)
+    assert res["forgetting"].shape == (1, n) and res["input_norm"].shape == (n,)
+    assert res["test_accuracy"].shape == (1,) and res["labels"].shape == (n,)
+    assert_finite(res, SCORE_KEYS)
+    assert (res["el2n"] >= 0).all() and (res["el2n"] <= math.sqrt(2) + 1e-6).all()
+    assert (res["grand"] > 0).all() and not res["flipped"].any()
+    # the data are the fake CIFAR-10 images: a balanced subset, standardised per channel
+    pixels, labels = cifar_train_arrays(written)
+    idx = D.balanced_subset_indices(labels, n, seed=cfg["data_seed"])
+    assert torch.equal(res["labels"], labels[idx]) and sorted(res["labels"].tolist()) == list(
+        range(10)
+    )
+    expected = standardized_cifar(pixels)[idx]
+    torch.testing.assert_close(res["input_norm"], expected.norm(dim=1), rtol=1e-5, atol=0)
+    # and the network is the ResNet-18: epoch-0 EL2N is that of a fresh ResNet-18 (seed 0)
+    net = dd.make_model(cfg, (3, 32, 32), 10, seed=0)
+    assert isinstance(net, models.ResNet18) and models.count_params(net) > 11_000_000
+    images = expected.float().reshape(n, 3, 32, 32)
+    fresh = scores.el2n_scores(net, images, labels[idx])
+    torch.testing.assert_close(res["el2n"][0, 0], fresh.double(), rtol=1e-4, atol=1e-5)
+    # GraNd of ResNet-18 (the linear trick through residual blocks, projection shortcuts and
+    # BatchNorm with non-trivial running statistics) = one backward pass per example, eval mode
+    with torch.no_grad():
+        net.train()(images * 2 + 0.5)  # moves every BatchNorm's running mean and variance
+    grand = scores.grand_scores(net, images[:3], labels[idx][:3])
+    net.eval()
+    for i in range(3):
+        net.zero_grad()
+        torch.nn.functional.cross_entropy(net(images[i : i + 1]), labels[idx][i : i + 1]).backward()
+        norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in net.parameters()))
+        assert grand[i].item() == pytest.approx(norm.item(), rel=1e-3)
+
+    # the notebook's score cells
+    named = {
+        f"EL2N@{early}": dd.method_scores(res, "el2n", early),
+        f"GraNd@{early}": dd.method_scores(res, "grand", early),
+        "GraNd@0": dd.method_scores(res, "grand", 0),
+        "forgetting": dd.method_scores(res, "forgetting"),
+        "input norm": dd.method_scores(res, "input_norm"),
+    }
+    assert all(s.shape == (n,) for s in named.values())
+    names, rho = scores.spearman_matrix(named)
+    assert rho.shape == (5, 5) and names == list(named)
+    assert math.isfinite(scores.spearman(named["GraNd@0"], named["input norm"]))
+
+    # pruning curves (two of the notebook's methods: the retraining path is the same for all)
+    curves = {
+        dd.curve_key(m, e): dd.prune_curve(
+            cfg, m, e, gpu["fractions"], (0,), cache=cache, device=CPU
+        )
+        for m, e in (("el2n", early), ("random", None))
+    }
+    for curve in curves.values():
+        assert curve["accuracy"].shape == (1, 1) and curve["fractions"].tolist() == [0.5]
+        assert 0 <= float(curve["accuracy"][0, 0]) <= 1
+    diff, se = dd.difference(
+        dd.accuracy_at(dd.find_curve(curves, "el2n", early), 0.5),
+        dd.accuracy_at(curves["random"], 0.5),
+    )
+    assert math.isfinite(diff) and se == 0.0
+
+    # label noise: scores of the noisy data, top-k precision, the window curve
+    noisy_cfg = dd.config(**{**cfg, "noise": gpu["noise"]})
+    res_noisy = dd.cached_scores(noisy_cfg, cache=cache, device=CPU)
+    flipped = res_noisy["flipped"]
+    assert int(flipped.sum()) == round(gpu["noise"] * n) == 2
+    assert (res_noisy["labels"][flipped] != res["labels"][flipped]).all()
+    assert_finite(res_noisy, SCORE_KEYS)
+    precision = dd.top_k_precision(dd.method_scores(res_noisy, "el2n", early), flipped)
+    assert precision in (0.0, 0.5, 1.0)
+    window = dd.prune_curve(
+        noisy_cfg,
+        "el2n",
+        early,
+        gpu["noise_fractions"],
+        (0,),
+        offset=gpu["noise"],
+        cache=cache,
+        device=CPU,
+    )
+    assert window["accuracy"].shape == (1, 1) and torch.isfinite(window["accuracy"]).all()
+
+
+def test_data_diet_unavailable_cifar10_raises_the_data_error(data_dir):
+    """Without the files, load_data says where they go (the notebook checks available first)."""
+    cfg = dd.config(dataset="cifar10", arch="resnet18", n_train=10, n_test=10, batch_size=5)
+    with pytest.raises(D.DatasetUnavailable, match="cifar-10-batches-py"):
+        dd.load_data(cfg)
+
+
+def test_data_diet_gpu_fallback_small_cnn_on_mnist1d(data_dir, tmp_path):
+    fallback = notebook_config("04_data_diet.ipynb", "gpu")["fallback"]
+    paper = fallback["data"]
+    assert (paper["dataset"], paper["arch"]) == ("mnist1d", "small_cnn")
+    assert (paper["channels"], paper["hidden"]) == ((32, 64), 128)
+    n, early = 40, fallback["early"]
+    cfg = dd.config(
+        **{
+            **paper,
+            "n_train": n,
+            "n_test": 1001,  # > the cached pool's 1,000 test examples, as the fallback's 2,000
+            "epochs": early,
+            "batch_size": 20,
+            "score_seeds": (0, 1),
+            "score_epochs": (0, 1, early),
+        }
+    )
+    cache = Cache(tmp_path / "cache")
+    res = dd.cached_scores(cfg, cache=cache, device=CPU)
+    assert res["epochs"].tolist() == [0, 1, 3] and int(res["steps"]) == 3 * 2
+    assert res["el2n"].shape == res["grand"].shape == (3, 2, n)
+    assert res["forgetting"].shape == (2, n) and res["test_accuracy"].shape == (2,)
+    assert_finite(res, SCORE_KEYS)
+    assert (res["grand"] > 0).all()
+    ds, _ = dd.load_data(cfg)
+    assert ds.input_shape == (40,) and ds.name == "mnist1d" and ds.n_test == 1001
+    net = dd.make_model(cfg, ds.input_shape, 10, seed=1)
+    assert isinstance(net, models.SmallCNN)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv1d)]
+    assert [c.out_channels for c in convs] == [32, 64]
+    assert max(m.out_features for m in net.modules() if isinstance(m, torch.nn.Linear)) == 128
+    torch.testing.assert_close(
+        res["grand"][0, 1], scores.grand_scores(net, ds.x_train, ds.y_train).double()
+    )
+
+    extra_epoch = fallback["extra"][0][1]
+    assert extra_epoch == 1
+    curve = dd.prune_curve(cfg, "el2n", extra_epoch, (0.5, 0.9), (0, 1), cache=cache, device=CPU)
+    assert curve["accuracy"].shape == (2, 2) and torch.isfinite(curve["accuracy"]).all()
+    noisy_cfg = dd.config(**{**cfg, "noise": fallback["noise"]})
+    res_noisy = dd.cached_scores(noisy_cfg, cache=cache, device=CPU)
+    assert int(res_noisy["flipped"].sum()) == 8
+    precision = dd.top_k_precision(dd.method_scores(res_noisy, "el2n", early), res_noisy["flipped"])
+    assert 0.0 <= precision <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook 02: the edge-of-stability runs on CIFAR-10
+
+
+def test_stability_gpu_profile_on_cifar10(data_dir, write_fake_cifar10, tmp_path):
+    gpu = notebook_config("02_sgd_stability.ipynb", "gpu")
+    assert gpu["eos"]["dataset"] == "cifar10"
+    assert sx.eos_dataset("cifar10")[0] == "mnist1d"  # no files yet: the fallback
+    written = write_fake_cifar10(data_dir, per_batch=20, n_test=100)
+    dataset, note = sx.eos_dataset(gpu["eos"]["dataset"])
+    assert (dataset, note) == ("cifar10", "CIFAR-10")
+    assert sx.for_dataset(gpu["eos_lrs"], dataset) == [0.01, 0.02, 0.04]
+
+    # load_classification: the balanced subset, flattened, every pixel feature standardised
+    # over the subset (Cohen et al.'s cifar10-5k preparation)
+    pixels, labels = cifar_train_arrays(written)
+    (x, y), note = sx.load_classification("cifar10", 20)
+    assert note == "CIFAR-10, 20 examples"
+    assert x.shape == (20, 3072) and x.dtype == torch.float32 and y.dtype == torch.int64
+    idx = D.balanced_subset_indices(labels, 20, seed=0)
+    assert torch.equal(y, labels[idx]) and torch.bincount(y).tolist() == [2] * 10
+    raw = torch.from_numpy(pixels[idx.numpy()]).double() / 255.0
+    expected = (raw - raw.mean(0)) / raw.std(0)
+    torch.testing.assert_close(x.double(), expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(x.mean(0), torch.zeros(3072), rtol=0, atol=1e-5)
+    torch.testing.assert_close(x.std(0), torch.ones(3072), rtol=0, atol=1e-4)
+
+    # a short sharpness run at the gpu's learning rate, on the 3072-dim inputs
+    lr = sx.for_dataset(gpu["eos_lrs"], dataset)[0]
+    eos = dict(gpu["eos"], dataset=dataset, n=20, widths=(16,), steps=8, every=2, every_early=4)
+    run = sx.sharpness_run(lr=lr, device="cpu", cache=Cache(tmp_path / "cache"), **eos)
+    assert run["note"] == "CIFAR-10, 20 examples" and run["diverged_at"] == -1
+    assert list(run["sharp_step"]) == [0, 4, 6, 8]  # every_early before 3/4 of the run
+    assert np.isfinite(run["sharpness"]).all() and (run["sharpness"] > 0).all()
+    assert np.isfinite(run["loss"]).all() and len(run["loss"]) >= 2
+    # the first sharpness is that of the fresh fc-tanh net on the CIFAR-10 inputs (d = 3072)
+    net = models.MLP(3072, [16], 10, activation="tanh", seed=0)
+    first = stability.SharpnessTracker(x, y, seed=0)(0, net)["sharpness"]
+    assert run["sharpness"][0] == pytest.approx(first, rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook 03: Fig. 3 on MNIST
+
+
+def test_ntk_fig3_gpu_profile_on_mnist(data_dir, write_fake_mnist, tmp_path):
+    gpu = notebook_config("03_neural_tangent_kernel.ipynb", "gpu")
+    assert gpu["fig3_dataset"] == "mnist"
+    with pytest.raises(D.DatasetUnavailable):  # what the notebook catches to fall back
+        nx.pc_inputs(20, dataset="mnist")
+    n = 20
+    arrays = write_fake_mnist(data_dir, n_train=n, n_test=10)
+    x = nx.pc_inputs(n, dataset="mnist")
+    images = arrays["train"][0].reshape(n, 784) / 255.0  # all n: the balanced subset is everything
+    expected = torch.from_numpy((images - images.mean()) / images.std())
+    assert x.shape == (n, 784) and x.dtype == torch.float64
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-5)
+
+    steps, coeffs = 20, [0.0, 0.5, 0.0, 0.0]
+    pc_config = dict(
+        dataset="mnist", n=n, depth=nx.PAPER_DEPTH, beta=nx.PAPER_BETA, steps=steps, lr=1.0
+    )
+    cache = Cache(tmp_path / "cache")
+    widths = (16, 64)
+    fig3 = {
+        w: nx.cached(
+            cache, "ntk-pc-run", nx.pc_experiment, width=w, coeffs=coeffs, device=CPU, **pc_config
+        )
+        for w in widths
+    }
+    reference = nx.kernel_pcs(expected, k=4)  # the limiting kernel of the MNIST inputs
+    for r in fig3.values():
+        assert r["proj"].shape == (steps + 1, 4) and r["orth"].shape == (steps + 1,)
+        assert r["eigvals"].shape == (4,) and r["pcs"].shape == (4, n)
+        assert_finite(r, ("proj", "orth", "loss", "eigvals", "pcs"))
+        assert torch.equal(r["proj"][0], torch.zeros(4)) and r["loss"][-1] < r["loss"][0]
+        torch.testing.assert_close(r["eigvals"], reference["eigvals"])
+        torch.testing.assert_close(r["pcs"].pow(2).mean(1), torch.ones(4, dtype=torch.float64))
+    lam = fig3[widths[0]]["eigvals"]
+    assert (lam > 0).all() and (lam[:-1] >= lam[1:]).all()
+    assert 1.0 * lam[0] < 2  # GD at the notebook's lr = 1 is stable on these inputs
+    pred = nx.pc_prediction(lam, coeffs, lr=1.0, steps=steps)
+    deviation = {w: nx.line_deviation(r, pred) for w, r in fig3.items()}
+    assert all(d.shape == (steps + 1,) and torch.isfinite(d).all() for d in deviation.values())
+    all4 = [0.5] * 4
+    multi = nx.cached(
+        cache, "ntk-pc-run", nx.pc_experiment, width=64, coeffs=all4, device=CPU, **pc_config
+    )
+    t_half = nx.half_times(multi["proj"], all4)
+    assert t_half.shape == (4,) and t_half[0] < math.inf  # PC1 (the largest) is half-learnt
