@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import re
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .claims import format_table
 from .paths import build_root, repo_root
@@ -94,6 +96,35 @@ def _resolve_notebook(name: str) -> Path:
     )
 
 
+#: Longest single wait on a kernel channel (s); a longer wait is a loop of these.
+POLL_INTERVAL = 1.0
+
+
+def _repoll(channel: Any, interval: float = POLL_INTERVAL) -> None:
+    """Make ``channel.get_msg(timeout)`` wait in slices of at most ``interval`` seconds.
+
+    nbclient waits for a cell's reply with one ``get_msg`` of up to the cell timeout. After a
+    cell that displays ipywidgets, that single wait sometimes never wakes although the kernel
+    has replied and is idle (nbclient issue #312, nbconvert #2029): we saw ``gradcourse run``
+    hang for half an hour after notebook 04's widget cell, twice, on a loaded 2-core machine.
+    A fresh poll checks the socket again, so slicing the wait turns that hang into a delay of
+    at most ``interval``; the overall timeout is unchanged.
+    """
+    original = channel.get_msg
+
+    async def get_msg(timeout: float | None = None) -> dict[str, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = interval if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return await original(timeout=min(interval, left))
+            except queue.Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
+    channel.get_msg = get_msg
+
+
 def run_notebook(
     path: Path,
     out_dir: Path,
@@ -112,7 +143,15 @@ def run_notebook(
     nb = nbformat.read(path, as_version=4)
     code_cells = sum(c.cell_type == "code" for c in nb.cells)
     bar = tqdm(total=code_cells, desc=path.stem, unit="cell", disable=not progress)
-    client = NotebookClient(
+
+    class Client(NotebookClient):
+        async def async_start_new_kernel_client(self) -> Any:
+            kc = await super().async_start_new_kernel_client()
+            _repoll(kc.shell_channel)
+            _repoll(kc.iopub_channel)
+            return kc
+
+    client = Client(
         nb,
         timeout=timeout,
         kernel_name="python3",

@@ -133,3 +133,34 @@ def test_module_entry_point():
     script = Path(sys.executable).parent / "gradcourse"
     done = subprocess.run([str(script), "list"], capture_output=True, text=True, check=False)
     assert done.returncode == 0 and "00_tour" in done.stdout
+
+
+def test_repoll_slices_long_waits_and_keeps_the_overall_timeout() -> None:
+    """A long get_msg becomes a loop of short polls (a missed wake-up then costs one slice),
+    and the caller's timeout still ends the wait with queue.Empty."""
+    import asyncio
+    import queue
+
+    from gradcourse.cli import _repoll
+
+    class Channel:
+        def __init__(self, ready_after: int | None) -> None:
+            self.waits: list[float] = []
+            self.ready_after = ready_after
+
+        async def get_msg(self, timeout: float | None = None) -> dict:
+            self.waits.append(timeout)
+            if self.ready_after is not None and len(self.waits) > self.ready_after:
+                return {"msg": "reply"}
+            await asyncio.sleep(min(timeout, 0.01))
+            raise queue.Empty
+
+    ready = Channel(ready_after=3)
+    _repoll(ready, interval=0.02)
+    assert asyncio.run(ready.get_msg(timeout=3600)) == {"msg": "reply"}
+    assert len(ready.waits) == 4 and all(w <= 0.02 for w in ready.waits)
+    forever = Channel(ready_after=None)
+    _repoll(forever, interval=0.02)
+    with pytest.raises(queue.Empty):
+        asyncio.run(forever.get_msg(timeout=0.05))
+    assert 2 <= len(forever.waits) and all(w <= 0.02 for w in forever.waits)
