@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from gradcourse import models, stability, train
-from gradcourse.curvature import CurvatureOperator, HessianOperator, lanczos
+from gradcourse.curvature import CurvatureOperator, HessianOperator, LiveHessianOperator, lanczos
 from gradcourse.experiments import stability as sx
 
 # notebook 02's eos configurations (cell "Setup")
@@ -112,7 +112,7 @@ def breakdown(cfg, x, y):
     # built after the training above: an optimizer step invalidates the live operator's graph
     func, live = (
         HessianOperator(model, "mse", (x, y)),
-        stability._CurrentHessian(model, "mse", x, y),
+        LiveHessianOperator(model, "mse", x, y),
     )
     func.matvec(v)
     parts = {
@@ -121,7 +121,7 @@ def breakdown(cfg, x, y):
             lambda: HessianOperator(model, "mse", (x, y)).matvec(v)
         ),
         "set-up + 1 product, live double backward": median_ms(
-            lambda: stability._CurrentHessian(model, "mse", x, y).matvec(v)
+            lambda: LiveHessianOperator(model, "mse", x, y).matvec(v)
         ),
         "1 product, torch.func (graph cached)": median_ms(lambda: func.matvec(v)),
         "1 product, live double backward": median_ms(lambda: live.matvec(v)),

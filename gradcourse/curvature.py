@@ -9,6 +9,8 @@ formed (Pearlmutter 1994, "Fast exact multiplication by the Hessian"):
 - :class:`GGNOperator`       G v = J^T H_out J v, the generalised Gauss-Newton (Schraudolph 2002);
 - :class:`ResidualOperator`  R v = sum_k (dL/df_k) Hess(f_k) v, so that H = G + R
   (Papyan 2020, "Traces of class/cross-class structure pervade deep learning spectra", eq. 3).
+- :class:`LiveHessianOperator`  H v by double backward through the module itself, at its
+  current parameters, for one batch: cheaper to build, for a sharpness measured during training.
 
 Operators average over the whole dataset (one ``(x, y)`` batch, or a list / DataLoader of
 batches, weighted by batch size), so they are the curvature of the *mean* loss whatever the
@@ -52,6 +54,7 @@ BatchMap = Callable[[Params], Params]
 __all__ = [
     "CurvatureOperator",
     "HessianOperator",
+    "LiveHessianOperator",
     "GGNOperator",
     "ResidualOperator",
     "exact_hessian",
@@ -326,6 +329,54 @@ class HessianOperator(_ModelOperator):
             return grad(self.batch_loss)(p, x, y)
 
         return self._derivative_map(gradient)
+
+
+class LiveHessianOperator(CurvatureOperator):
+    """H of the mean loss over (x, y) at ``model``'s current parameters, by double backward
+    (Pearlmutter 1994) through one autograd graph of the module itself: one forward and one
+    ``create_graph`` backward to build it, then one backward per product.
+
+    The same products as :class:`HessianOperator` (the tests hold it to that), for a single
+    (x, y) batch, built for the case where an operator lives for one Lanczos run at a point that
+    changes between runs (:class:`gradcourse.stability.SharpnessTracker` during training): it
+    neither copies the parameters nor goes through ``torch.func``, and on the small nets of
+    notebook 02 its set-up plus first product costs about 1.6 training steps instead of 3
+    (``benchmarks/stability_tracking.py``). It reads the module's parameters as they are: valid
+    until they change (an optimizer step invalidates the graph); use :class:`HessianOperator`
+    for a fixed point, chosen parameters, or data in several batches.
+    """
+
+    def __init__(self, model: nn.Module, loss: str | LossFn, x: Tensor, y: Tensor) -> None:
+        refuse_random_train_mode(model, "the curvature would not be a fixed linear map")
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("model has no parameters that require grad")
+        first = params[0]
+        x = x.to(first.device, first.dtype) if x.is_floating_point() else x.to(first.device)
+        y = y.to(first.device, first.dtype) if y.is_floating_point() else y.to(first.device)
+        with torch.enable_grad():
+            out = model(x)
+            if isinstance(loss, str):
+                y = targets_for(loss, y, out.shape[1] if out.ndim > 1 else 1, out.dtype)
+            grads = torch.autograd.grad(get_loss(loss)(out, y), params, create_graph=True)
+        # a gradient that does not depend on the parameters has a zero row block in H
+        self._live = [i for i, g in enumerate(grads) if g.requires_grad]
+        self._grads = [grads[i] for i in self._live]
+        self._params, self._sizes = params, [p.numel() for p in params]
+        super().__init__(sum(self._sizes), first.dtype, first.device)
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        chunks = torch.split(v, self._sizes)
+        directions = [chunks[i].view_as(self._params[i]) for i in self._live]
+        hv = torch.autograd.grad(
+            self._grads,
+            self._params,
+            directions,
+            retain_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        return torch.cat([h.reshape(-1) for h in hv])
 
 
 class ResidualOperator(_ModelOperator):

@@ -46,9 +46,8 @@ from torch import Tensor, nn
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from .checks import check_int, check_positive
-from .curvature import CurvatureOperator, GGNOperator, HessianOperator, lanczos
-from .functional import refuse_random_train_mode
-from .losses import LossFn, get_loss, targets_for
+from .curvature import CurvatureOperator, GGNOperator, HessianOperator, LiveHessianOperator, lanczos
+from .losses import LossFn
 
 Curvature = Literal["hessian", "ggn"]
 CURVATURES: tuple[str, ...] = ("hessian", "ggn")
@@ -385,52 +384,6 @@ def linearized_sgd_second_moment(
 # --------------------------------------------------------------------------------------------
 
 
-class _CurrentHessian(CurvatureOperator):
-    """H of the mean loss over (x, y) at ``model``'s current parameters, by double backward
-    (Pearlmutter 1994) through one autograd graph of the module itself: one forward and one
-    ``create_graph`` backward to build it, then one backward per product.
-
-    The same products as :class:`~gradcourse.curvature.HessianOperator` (the tests hold it to
-    that), for the one case where an operator lives for a single Lanczos run at a point that
-    changes between runs: it neither copies the parameters nor goes through ``torch.func``, and
-    on the small nets of notebook 02 its set-up plus first product costs about 1.6 training
-    steps instead of 3 (``benchmarks/stability_tracking.py``).
-    Valid until the parameters change: an optimizer step invalidates the graph.
-    """
-
-    def __init__(self, model: nn.Module, loss: str | LossFn, x: Tensor, y: Tensor) -> None:
-        refuse_random_train_mode(model, "the curvature would not be a fixed linear map")
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("model has no parameters that require grad")
-        first = params[0]
-        x = x.to(first.device, first.dtype) if x.is_floating_point() else x.to(first.device)
-        y = y.to(first.device, first.dtype) if y.is_floating_point() else y.to(first.device)
-        with torch.enable_grad():
-            out = model(x)
-            if isinstance(loss, str):
-                y = targets_for(loss, y, out.shape[1] if out.ndim > 1 else 1, out.dtype)
-            grads = torch.autograd.grad(get_loss(loss)(out, y), params, create_graph=True)
-        # a gradient that does not depend on the parameters has a zero row block in H
-        self._live = [i for i, g in enumerate(grads) if g.requires_grad]
-        self._grads = [grads[i] for i in self._live]
-        self._params, self._sizes = params, [p.numel() for p in params]
-        super().__init__(sum(self._sizes), first.dtype, first.device)
-
-    def _matvec(self, v: Tensor) -> Tensor:
-        chunks = torch.split(v, self._sizes)
-        directions = [chunks[i].view_as(self._params[i]) for i in self._live]
-        hv = torch.autograd.grad(
-            self._grads,
-            self._params,
-            directions,
-            retain_graph=True,
-            allow_unused=True,
-            materialize_grads=True,
-        )
-        return torch.cat([h.reshape(-1) for h in hv])
-
-
 class SharpnessTracker:
     """``callback(step, model)`` for :func:`gradcourse.train.train`: lambda_max(H) of the mean
     loss over (x, y) by :func:`~gradcourse.curvature.lanczos`, warm-started from the previous
@@ -473,7 +426,7 @@ class SharpnessTracker:
         if self.measure_at is not None and not self.measure_at(step):
             return None
         start = time.perf_counter()
-        op = _CurrentHessian(model, self.loss, self.x, self.y)
+        op = LiveHessianOperator(model, self.loss, self.x, self.y)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # unconverged: recorded, not fatal
             res = lanczos(

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from gradcourse import models, stability, train
-from gradcourse.curvature import GGNOperator, HessianOperator, lanczos
+from gradcourse.curvature import GGNOperator, HessianOperator, LiveHessianOperator, lanczos
 
 
 def tiny_problem(n: int = 6, seed: int = 0):
@@ -255,10 +255,10 @@ def test_tracker_operator_matches_the_hessian_operator(loss):
     y = torch.randint(0, 2, (9,), generator=g)
     model = models.MLP(3, [5, 4], 2, activation="tanh", seed=3, dtype=torch.float64)
     model.layers[0].bias.requires_grad_(False)
-    current = stability._CurrentHessian(model, loss, x, y).dense()
+    current = LiveHessianOperator(model, loss, x, y).dense()
     torch.testing.assert_close(current, HessianOperator(model, loss, (x, y)).dense())
     with pytest.raises(ValueError, match="dropout"):
-        stability._CurrentHessian(nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.5)), loss, x, y)
+        LiveHessianOperator(nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.5)), loss, x, y)
 
 
 def test_sharpness_tracker_measures_only_where_asked():
