@@ -5,8 +5,10 @@
 
 Results are dicts of arrays, tensors, numbers, strings, lists and nested dicts. They are stored as
 ``.npz`` (no pickles: loading never executes code) written atomically (temporary file, then
-rename), so an interrupted run never leaves a half-written entry. An entry that cannot be read
-is recomputed with a warning, never a crash.
+rename), so an interrupted run never leaves a half-written entry; entries get the permissions of
+any new file (0666 minus the umask). Dict keys are stored as strings and must not contain "/",
+which joins nested keys. An entry that cannot be read is recomputed with a warning, never a
+crash.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import warnings
 import zipfile
@@ -27,6 +30,9 @@ import torch
 from .paths import data_root
 
 _META_KEY = "__meta__"
+_SEP = "/"  # joins the keys of nested results into the names of the npz arrays
+# a cache entry, ``<name>-<config_key>.npz``; temporary files of writers start with "."
+_ENTRY = re.compile(r"(?P<name>[^.].*)-[0-9a-f]{16}\.npz")
 
 
 def _canonical(value: Any, where: str) -> Any:
@@ -59,7 +65,20 @@ def _flatten(obj: Any, prefix: str, arrays: dict[str, np.ndarray]) -> Any:
     """Split a result into NumPy arrays (stored in the npz) and a JSON skeleton that refers to
     them, remembering which arrays were torch tensors."""
     if isinstance(obj, Mapping):
-        return {"dict": {str(k): _flatten(v, f"{prefix}/{k}", arrays) for k, v in obj.items()}}
+        keys = [str(k) for k in obj]
+        for key in keys:
+            if _SEP in key:
+                raise ValueError(
+                    f"result key {key!r} at {prefix or _SEP} contains {_SEP!r}, which joins nested "
+                    "keys in the cache file; use a key without it (or a nested dict)"
+                )
+        if len(set(keys)) != len(keys):
+            raise ValueError(
+                f"result keys at {prefix or _SEP} must be distinct as strings (they are stored as "
+                f"strings), got {list(obj)!r}: two give the same string"
+            )
+        items = zip(keys, obj.values(), strict=True)
+        return {"dict": {k: _flatten(v, f"{prefix}{_SEP}{k}", arrays) for k, v in items}}
     if isinstance(obj, torch.Tensor):
         arrays[prefix] = obj.detach().cpu().numpy()
         return {"tensor": prefix, "dtype": str(obj.dtype).removeprefix("torch.")}
@@ -69,7 +88,7 @@ def _flatten(obj: Any, prefix: str, arrays: dict[str, np.ndarray]) -> Any:
         arrays[prefix] = obj
         return {"array": prefix}
     if isinstance(obj, (list, tuple)):
-        items = [_flatten(v, f"{prefix}/{i}", arrays) for i, v in enumerate(obj)]
+        items = [_flatten(v, f"{prefix}{_SEP}{i}", arrays) for i, v in enumerate(obj)]
         return {"list" if isinstance(obj, list) else "tuple": items}
     if isinstance(obj, (np.integer, np.floating, np.bool_)):
         obj = obj.item()
@@ -96,8 +115,16 @@ def _unflatten(node: dict[str, Any], arrays: Mapping[str, np.ndarray]) -> Any:
     return payload
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_results(path: Path, results: Any) -> None:
-    """Write ``results`` to ``path`` (.npz) atomically: a temporary file, then ``os.replace``."""
+    """Write ``results`` to ``path`` (.npz) atomically: a temporary file, then ``os.replace``.
+    The file gets mode 0666 & ~umask, like any new file (mkstemp alone makes it private)."""
     arrays: dict[str, np.ndarray] = {}
     skeleton = _flatten(results, "", arrays)
     arrays[_META_KEY] = np.array(json.dumps(skeleton))
@@ -108,6 +135,7 @@ def save_results(path: Path, results: Any) -> None:
             np.savez(fh, **arrays)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -134,9 +162,17 @@ class Cache:
         self.root = Path(root) if root is not None else data_root() / "cache"
         self.enabled = enabled
 
+    @staticmethod
+    def _check_name(name: object) -> str:
+        if not isinstance(name, str) or not name or any(c in name for c in "/\\") or name[0] == ".":
+            raise ValueError(
+                f"name must be a plain, non-empty file stem (no '/' or '\\', not starting with "
+                f"'.'), got {name!r}"
+            )
+        return name
+
     def path(self, name: str, config: Mapping[str, Any]) -> Path:
-        if not name or any(c in name for c in "/\\") or name.startswith("."):
-            raise ValueError(f"name must be a plain, non-empty file stem, got {name!r}")
+        name = self._check_name(name)
         return self.root / f"{name}-{config_key(name, config)}.npz"
 
     def load(self, name: str, config: Mapping[str, Any]) -> Any | None:
@@ -182,12 +218,19 @@ class Cache:
         return results
 
     def clear(self, name: str | None = None) -> int:
-        """Delete cached entries (all, or those of ``name``); returns how many were removed."""
-        if not self.root.exists():
+        """Delete cached entries, ``<name>-<16 hex digits>.npz`` files (all of them, or those of
+        exactly ``name``); returns how many were removed. Other files, among them the temporary
+        files of writers still at work, are left alone."""
+        if name is not None:
+            name = self._check_name(name)
+        if not self.root.is_dir():
             return 0
-        pattern = f"{name}-*.npz" if name else "*.npz"
         removed = 0
-        for path in self.root.glob(pattern):
-            path.unlink()
-            removed += 1
+        for path in self.root.iterdir():
+            match = _ENTRY.fullmatch(path.name)
+            if match is None or (name is not None and match["name"] != name):
+                continue
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed += 1
         return removed

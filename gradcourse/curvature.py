@@ -60,6 +60,7 @@ __all__ = [
     "exact_hessian",
     "EigResult",
     "lanczos",
+    "NonFiniteOperatorError",
     "Estimate",
     "hutchinson_trace",
     "hutchpp_trace",
@@ -613,7 +614,8 @@ def lanczos(
     ``tol=1e-3``.
 
     ``v0`` warm-starts the iteration from a previous estimate (a vector, or eigenvectors (P, j)
-    whose sum is used), e.g. to track the sharpness along training. Memory: basis_size + 1
+    whose sum is used), e.g. to track the sharpness along training. Raises
+    :class:`NonFiniteOperatorError` when a product comes back inf/NaN. Memory: basis_size + 1
     vectors of length P (default basis_size = max(2 k' + 20, 40) capped at P, k' = k or 2k).
     """
     size = op.shape[0]
@@ -664,6 +666,11 @@ def lanczos(
     )
 
 
+class NonFiniteOperatorError(FloatingPointError):
+    """A curvature operator returned inf or NaN: the parameters or the loss have overflowed
+    (typically a training run about to diverge), so no eigenvalue can be computed."""
+
+
 class _ThickRestartBasis:
     """The Krylov basis V (rows) and projected matrix T = V^T A V of thick-restart Lanczos.
 
@@ -684,6 +691,11 @@ class _ThickRestartBasis:
         j, dim = self.size, self.op.shape[0]
         w = self.op.matvec(self.basis[j])
         self.num_matvecs += 1
+        if not bool(torch.isfinite(w).all()):
+            raise NonFiniteOperatorError(
+                f"lanczos: the operator returned inf/NaN at product {self.num_matvecs} "
+                "(overflowing parameters or loss: a diverging run?)"
+            )
         av_norm = w.norm()
         coeffs = _orthogonalize_(w, self.basis[: j + 1])
         self.proj[: j + 1, j] = coeffs

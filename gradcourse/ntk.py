@@ -691,7 +691,8 @@ class _Spectral:
             raise ValueError(f"ntk_train_train must be square, got shape {tuple(k.shape)}")
         self.n, self.blocks = n, k.ndim == 4
         self.dtype, self.device = k.dtype, k.device
-        y, self.out_shape = _as_outputs("y_train", y_train.to(k.dtype), n)
+        y, self.out_shape = _as_outputs("y_train", y_train, n)
+        y = y.to(self.device, self.dtype)  # like f0_* and the test kernel
         self.o = y.shape[1]
         if self.blocks and k.shape[2] != self.o:
             raise ValueError(
@@ -807,6 +808,8 @@ def kernel_gradient_flow(
 
     Kernels: (n, n) / (m, n) (the same kernel on every output), or blocks (n, n, O, O) /
     (m, n, O, O) from :func:`empirical_ntk`. Outputs: (n,) or (n, O); ``f0_*=None`` means 0.
+    The targets, the f0_* and the test kernel are moved to the training kernel's device and
+    dtype, where the results are.
     ``t``: a number, or a 1-D sequence (then the results get a leading time dimension).
     """
     times, scalar = _times("t", t, integer=False)

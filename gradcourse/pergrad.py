@@ -110,7 +110,7 @@ def _check_batchnorm(model: nn.Module) -> None:
             raise ValueError(
                 f"model has BatchNorm {name!r} with track_running_stats=False: it normalises with "
                 "batch statistics even in eval mode, so an example's loss depends on the rest of "
-                "the batch and per-example gradients are not defined"
+                "the batch and per-example gradients, losses and scores are not defined"
             )
 
 
@@ -332,7 +332,10 @@ def _layer_sq_norms(m: nn.Module, a: Tensor, e: Tensor) -> Tensor:
             total += e2.sum(2).pow(2).sum(1)
     else:  # BatchNorm in eval mode: gamma * (a - mean) / sqrt(var + eps) + beta, per channel
         shape = (1, -1) + (1,) * (a.ndim - 2)
-        xhat = (a - m.running_mean.view(shape)) * torch.rsqrt(m.running_var.view(shape) + m.eps)
+        # the forward pass ran on ``device`` with copies of the buffers; the module's own may
+        # live elsewhere
+        mean, var = (t.to(a.device).view(shape) for t in (m.running_mean, m.running_var))
+        xhat = (a - mean) * torch.rsqrt(var + m.eps)
         e2 = e.reshape(n, e.shape[1], -1)
         if m.weight is not None and m.weight.requires_grad:
             total += (e2 * xhat.reshape(n, a.shape[1], -1)).sum(2).pow(2).sum(1)
@@ -466,10 +469,12 @@ def per_example_losses(
     device: str | torch.device | None = None,
 ) -> Tensor:
     """l(f(x_i), y_i) for every example, in eval mode under no_grad (vmap of the mean loss over
-    a batch of one, so a callable loss needs no per-example variant)."""
+    a batch of one, so a callable loss needs no per-example variant). A BatchNorm without
+    running statistics is refused, as in :func:`per_example_grad_norms`."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     get_loss(loss)
+    _check_batchnorm(model)
     params, frozen, x, y = _prepare(model, x, y, device)
     y = _targets(model, loss, params, frozen, x, y)
     mean_loss = get_loss(loss)

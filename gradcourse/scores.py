@@ -10,7 +10,8 @@ of training (w_t the weights, p(w_t, x) = softmax(f(x; w_t)), y one-hot):
 
 the expectations taken over independently initialised (and trained) networks. Both are
 computed with the network in eval mode, so BatchNorm normalises with its running statistics and
-the score of an example does not depend on the rest of the batch. Toneva et al. 2019, "An
+the score of an example does not depend on the rest of the batch (a BatchNorm without running
+statistics, ``track_running_stats=False``, would, and is refused). Toneva et al. 2019, "An
 Empirical Study of Example Forgetting during Deep Neural Network Learning" (ICLR, arXiv
 1812.05159), count *forgetting events*: transitions from correctly to incorrectly classified
 between consecutive records of training (section 3).
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .losses import LossFn
-from .pergrad import eval_mode, per_example_grad_norms
+from .pergrad import _check_batchnorm, eval_mode, per_example_grad_norms
 
 __all__ = [
     "MODES",
@@ -118,10 +119,11 @@ def el2n_scores(
 
     Eval mode (modes restored afterwards), no_grad, in batches of ``batch_size``, on ``device``
     (default: the model's). The number of classes is the model's output width. Returns (n,) in
-    the model's dtype on ``device``.
+    the model's dtype on ``device``. A BatchNorm without running statistics is refused.
     """
     _check_labels(x, y)
     _check_int("batch_size", batch_size, 1)
+    _check_batchnorm(model)
     model_device, dtype = _model_device_dtype(model)
     device = model_device if device is None else torch.device(device)
     if device != model_device:
@@ -261,7 +263,8 @@ class ForgettingRecorder:
     ``every`` = steps per epoch to record once per epoch (Toneva et al. 2019 record each example
     when it is visited in a minibatch; an end-of-epoch pass over the full set is the common
     variant and does not depend on the batch order). :meth:`correct` stacks the rows into a
-    (records, n) tensor and :meth:`forgetting_events` counts transitions.
+    (records, n) tensor and :meth:`forgetting_events` counts transitions. A model with a
+    BatchNorm without running statistics is refused (ValueError, nothing recorded).
 
         rec = ForgettingRecorder(x, y)
         gc.train.train(model, x, y, loss="ce", optimizer="sgd", batch_size=128, lr=0.1,
@@ -277,6 +280,7 @@ class ForgettingRecorder:
         self.steps: list[int] = []
 
     def __call__(self, step: int, model: nn.Module) -> dict[str, Any]:
+        _check_batchnorm(model)
         device, dtype = _model_device_dtype(model)
         hits = []
         with eval_mode(model), torch.no_grad():
@@ -397,7 +401,8 @@ def prune(
     - ``"window"``: skip the round(offset * n) highest scores, keep the next k (Paul et al.
       2021, section 4 / fig. 4, the offset experiment); offset + kept must fit in n.
 
-    Ties are broken by index (the lower index counts as harder), so the result is deterministic.
+    Ties are broken by index (the lower index counts as harder, in every mode), so the result is
+    deterministic and, on ties too, the k hardest and the n - k easiest are complements.
     ``offset`` is only used by ``"window"``.
     """
     s = _scores_1d("scores", scores)
@@ -419,12 +424,13 @@ def prune(
     if mode == "random":
         kept = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
         return kept.sort().values
-    # stable sort of -s: descending scores, ties in index order
+    # stable sort of -s: descending scores, ties in index order; "easiest" reads the same
+    # total order from the other end, so on ties it keeps the complement of "hardest"
     hardest_first = torch.sort(-s, stable=True).indices
     if mode == "hardest":
         kept = hardest_first[:k]
     elif mode == "easiest":
-        kept = torch.sort(s, stable=True).indices[:k]
+        kept = hardest_first.flip(0)[:k]
     else:
         skip = round(offset * n)
         if skip + k > n:

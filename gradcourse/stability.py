@@ -46,8 +46,15 @@ from torch import Tensor, nn
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from .checks import check_int, check_positive
-from .curvature import CurvatureOperator, GGNOperator, HessianOperator, LiveHessianOperator, lanczos
-from .losses import LossFn
+from .curvature import (
+    CurvatureOperator,
+    GGNOperator,
+    HessianOperator,
+    LiveHessianOperator,
+    NonFiniteOperatorError,
+    lanczos,
+)
+from .losses import LossFn, targets_for
 
 Curvature = Literal["hessian", "ggn"]
 CURVATURES: tuple[str, ...] = ("hessian", "ggn")
@@ -103,8 +110,12 @@ class PerExampleCurvature:
     ) -> None:
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
-        if not (isinstance(data, tuple | list) and len(data) == 2):
-            raise ValueError("data must be one (x, y) pair of tensors")
+        if not (
+            isinstance(data, tuple | list)
+            and len(data) == 2
+            and all(isinstance(t, Tensor) for t in data)
+        ):
+            raise ValueError("data must be one (x, y) pair of tensors (a single batch)")
         if chunk_size is not None:
             check_int("chunk_size", chunk_size, 1)
         cls = HessianOperator if curvature == "hessian" else GGNOperator
@@ -112,6 +123,11 @@ class PerExampleCurvature:
         self.curvature = curvature
         self.chunk_size = chunk_size
         self.x, self.y = next(self.mean.batches())
+        if loss == "mse" and not self.y.is_floating_point():
+            # one-hot targets made here, once: inside vmap, one_hot could not read the labels
+            with torch.no_grad():
+                out = self.mean.outputs(self.mean.params, self.x[:1])
+            self.y = targets_for(loss, self.y, out.shape[1] if out.ndim > 1 else 1, out.dtype)
         self.n = len(self.x)
         self.size = self.mean.shape[0]
         self.dtype, self.device = self.mean.dtype, self.mean.device
@@ -426,19 +442,27 @@ class SharpnessTracker:
         if self.measure_at is not None and not self.measure_at(step):
             return None
         start = time.perf_counter()
-        op = LiveHessianOperator(model, self.loss, self.x, self.y)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # unconverged: recorded, not fatal
-            res = lanczos(
-                op, k=1, tol=self.tol, max_matvecs=self.max_matvecs, seed=self.seed, v0=self.v
-            )
-        self.v = res.eigenvectors[:, 0].detach()
+        try:
+            op = LiveHessianOperator(model, self.loss, self.x, self.y)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # unconverged: recorded
+                res = lanczos(
+                    op, k=1, tol=self.tol, max_matvecs=self.max_matvecs, seed=self.seed, v0=self.v
+                )
+        except NonFiniteOperatorError:
+            # a run about to diverge: loss still finite, Hessian products already overflow.
+            # Recorded as NaN; train() reports the divergence at its next loss check.
+            self.v = None
+            sharpness, matvecs = math.nan, 0
+        else:
+            self.v = res.eigenvectors[:, 0].detach()
+            sharpness, matvecs = float(res.eigenvalues[0]), res.num_matvecs
         elapsed = time.perf_counter() - start
         self.total_time += elapsed
-        self.total_matvecs += res.num_matvecs
+        self.total_matvecs += matvecs
         return {
-            "sharpness": float(res.eigenvalues[0]),
-            "sharpness_matvecs": res.num_matvecs,
+            "sharpness": sharpness,
+            "sharpness_matvecs": matvecs,
             "sharpness_time": elapsed,
         }
 

@@ -185,7 +185,10 @@ def train(
       replacement, reshuffling every epoch (:func:`minibatches` with ``seed``).
     - Exactly one of ``steps`` (updates) and ``epochs`` (passes over the data) is given.
     - ``callback(step, model)`` runs at steps 0, every, 2*every, ... and at the last step, before
-      that step's update; a returned dict is stored in ``history.records`` with its step.
+      that step's forward pass and update (so it sees the model, BatchNorm statistics included,
+      as of that step; on an overflowing model it must cope with inf/NaN, as
+      :class:`gradcourse.stability.SharpnessTracker` does); a returned dict is stored in
+      ``history.records`` with its step.
     - ``stop_when(history)`` is asked after each logged step; True ends the run there.
     - ``loss="mse"`` on integer labels trains on one-hot targets (:func:`losses.targets_for`).
     - ``device``: move the model there first (default: where the model is); x and y follow the
@@ -199,6 +202,8 @@ def train(
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     n = len(x)
+    if n < 1:
+        raise ValueError("x must hold at least one example, got 0")
     if batch_size is not None:
         check_int("batch_size", batch_size, 1, n)
         if optimizer == "gd" and batch_size != n:
@@ -235,6 +240,7 @@ def train(
         with _mode(model, True):
             for t in range(total + 1):
                 last = t == total
+                # before the step's forward pass, which moves BatchNorm's running statistics
                 if callback is not None and (t % every == 0 or last):
                     _store(history, t, callback(t, model))
                 if batches is None:

@@ -110,6 +110,52 @@ def test_disabled_cache_never_hits(tmp_path):
 def test_bad_names(tmp_path):
     with pytest.raises(ValueError, match="name"):
         Cache(tmp_path).path("../up", {})
+    for bad in ("", "../up", ".hidden", "a/b", "a\\b"):
+        with pytest.raises(ValueError, match="name must be a plain, non-empty file stem"):
+            Cache(tmp_path).clear(bad)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_entries_get_ordinary_permissions(tmp_path, umask):
+    """mkstemp makes a private (0600) file; an entry gets 0666 & ~umask like any new file."""
+    old = os.umask(umask)
+    try:
+        path = Cache(tmp_path).save("exp", {"a": 1}, {"v": np.arange(3)})
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_clear_removes_only_that_names_entries(tmp_path):
+    cache = Cache(tmp_path)
+    for name in ("x", "x-y", "xy", "x-0123456789abcdef"):
+        cache.save(name, {"a": 1}, {"v": 1})
+        cache.save(name, {"a": 2}, {"v": 2})
+    # a concurrent writer's temporary file (save_results' naming) and files that are no entries
+    stem = cache.path("x", {"a": 3}).stem
+    pending = tmp_path / f".{stem}.k2j4h1.tmp.npz"
+    pending.write_bytes(b"in flight")
+    (tmp_path / "x-notes.npz").write_bytes(b"")
+    (tmp_path / "x-0123456789ABCDEF.npz").write_bytes(b"")
+    assert cache.clear("x") == 2
+    assert cache.load("x", {"a": 1}) is None
+    for name in ("x-y", "xy", "x-0123456789abcdef"):
+        assert cache.load(name, {"a": 1}) == {"v": 1}
+    assert cache.clear("x-y") == 2 and cache.load("xy", {"a": 2}) == {"v": 2}
+    assert cache.clear() == 4
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([pending.name, "x-notes.npz", "x-0123456789ABCDEF.npz"])
+    assert Cache(tmp_path / "missing").clear("x") == 0
+
+
+def test_result_keys_with_the_separator_are_refused(tmp_path):
+    """'/' joins nested keys in the npz, so {'a/b': ..} and {'a': {'b': ..}} would collide."""
+    for bad in ({"a/b": torch.zeros(1), "a": {"b": torch.ones(1)}}, {"x": [{"c/": 1}]}):
+        with pytest.raises(ValueError, match=r"result key .* contains '/'"):
+            save_results(tmp_path / "r.npz", bad)
+    with pytest.raises(ValueError, match=r"result keys at /d .*same string"):
+        save_results(tmp_path / "r.npz", {"d": {1: torch.zeros(1), "1": torch.ones(1)}})
+    assert not any(tmp_path.iterdir())
 
 
 def test_default_root_follows_env(tmp_path, monkeypatch):

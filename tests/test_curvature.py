@@ -282,6 +282,15 @@ def test_lanczos_float32_and_reproducible(mid_problem):
     assert_rel_close(a.eigenvalues, evals.flip(0)[:3], 1e-4)
 
 
+def test_lanczos_refuses_an_operator_that_overflows():
+    class Overflowing(C.CurvatureOperator):
+        def _matvec(self, v):
+            return v * math.inf
+
+    with pytest.raises(C.NonFiniteOperatorError, match="inf/NaN at product 1"):
+        C.lanczos(Overflowing(5, torch.float64, torch.device("cpu")), k=1)
+
+
 def test_lanczos_bad_arguments(tanh_ce):
     op = C.HessianOperator(make_mlp(SIZES, nn.Tanh), "ce", (X, Y))
     for kwargs, word in [

@@ -432,6 +432,25 @@ def test_bad_inputs_raise_value_errors_naming_the_argument() -> None:
         N.kernel_regression(k_tr[:2], k_te, y)
     with pytest.raises(ValueError, match="y_train"):
         N.kernel_regression(k_tr, k_te, randn(4, seed=3))
+    with pytest.raises(ValueError, match="y_train"):
+        N.kernel_regression(k_tr, k_te, [0.0, 1.0, 2.0])
+
+
+def test_targets_follow_the_kernel_to_its_device() -> None:
+    """y_train (like f0_* and the test kernel) is moved to the kernel's device and dtype (the
+    meta device stands in for CUDA: no data, but devices are checked)."""
+    k_tr, k_te = spd_kernels(4, 3, 2, seed=7)
+    y, f0 = randn(4, 2, seed=8).float(), randn(4, 2, seed=9)
+    meta_tr, meta_te = k_tr.to("meta"), k_te.to("meta")
+    spec = N._Spectral(meta_tr, y)  # shared by flow, descent and regression
+    assert spec.y.device.type == "meta" and spec.y.dtype == F64
+    out = N.kernel_gradient_descent(meta_tr, meta_te, f0, None, y, 0.1, torch.tensor([0, 3]))
+    assert out.train.device.type == out.test.device.type == "meta"
+    assert out.train.shape == (2, 4, 2) and out.test.shape == (2, 3, 2)
+    if torch.cuda.is_available():
+        ref = N.kernel_gradient_flow(k_tr, k_te, f0, None, y, 2.0)
+        got = N.kernel_gradient_flow(k_tr.cuda(), k_te.cuda(), f0, None, y, 2.0)
+        torch.testing.assert_close(got.test.cpu(), ref.test, rtol=1e-10, atol=1e-10)
 
 
 def test_analytic_ntk_of_two_input_sets_is_the_off_diagonal_block():

@@ -263,6 +263,8 @@ def test_batchnorm_without_running_stats_refused():
         PG.per_example_grad_norms(model, "ce", x, y)
     with pytest.raises(ValueError, match="track_running_stats"):
         PG.per_example_grads(model, "ce", x, y)
+    with pytest.raises(ValueError, match="track_running_stats"):
+        PG.per_example_losses(model, "ce", x, y)
 
 
 def test_bad_inputs():
@@ -297,6 +299,20 @@ def test_device_argument_and_result_device():
         torch.testing.assert_close(on_gpu.cpu(), got, rtol=1e-10, atol=0)
         vm = PG.per_example_grad_norms(model, "ce", x, y, device="cuda", method="vmap")
         torch.testing.assert_close(vm.cpu(), got, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("method", ["linear_trick", "auto", "vmap"])
+def test_batchnorm_on_another_device(method):
+    """BatchNorm's running statistics come from the copies moved to ``device``, not from the
+    module (the meta device stands in for CUDA: no data, but devices are checked)."""
+    model, x, y = problem("bn", torch.float32)
+    got = PG.per_example_grad_norms(model, "ce", x, y, device="meta", method=method)
+    assert got.device.type == "meta" and got.shape == (N,)
+    assert model[1].running_mean.device.type == "cpu"  # the model itself is not moved
+    if torch.cuda.is_available():
+        ref = PG.per_example_grad_norms(model, "ce", x, y, method=method)
+        on_gpu = PG.per_example_grad_norms(model, "ce", x, y, device="cuda", method=method)
+        torch.testing.assert_close(on_gpu.cpu(), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_global_rng_untouched():

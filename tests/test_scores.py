@@ -57,6 +57,24 @@ def test_el2n_uses_eval_mode_and_restores_it():
     assert float(model[1].running_mean[0]) == 0.3
 
 
+def test_batchnorm_without_running_stats_refused():
+    """Batch statistics would make an example's score depend on the rest of the batch."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Linear(5, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.Linear(6, K)
+        ).double()
+    x, y = data()
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        S.el2n_scores(model, x, y)
+    recorder = S.ForgettingRecorder(x, y)
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        recorder(0, model)
+    assert recorder.rows == [] and recorder.steps == []
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        S.grand_scores(model, x, y)
+
+
 def test_grand_at_init_matches_loop():
     model = MLP(5, [6], K, seed=3, dtype=torch.float64)
     x, y = data()
@@ -217,6 +235,25 @@ def test_prune_random_and_ties():
     assert S.prune(ties, 0.4, mode="easiest").tolist() == [0, 4]
     scores = torch.tensor([1.0, math.inf, 0.0])  # never-learned examples may score inf
     assert S.prune(scores, 0.34).tolist() == [1]
+
+
+def test_prune_hardest_and_easiest_rank_ties_alike():
+    """On ties the lower index counts as harder in both modes, so keeping the k hardest and the
+    n - k easiest splits the examples in two (forgetting counts tie at 0 for most examples)."""
+    equal = torch.zeros(10)
+    assert S.prune(equal, 0.5).tolist() == [0, 1, 2, 3, 4]
+    assert S.prune(equal, 0.5, mode="easiest").tolist() == [5, 6, 7, 8, 9]
+    ties = torch.tensor([1.0, 2.0, 2.0, 2.0, 0.0])
+    assert S.prune(ties, 0.2, mode="easiest").tolist() == [4]
+    assert S.prune(ties, 0.6, mode="easiest").tolist() == [0, 3, 4]  # 3 is the easiest of the 2s
+    assert S.prune(ties, 0.8, mode="easiest").tolist() == [0, 2, 3, 4]
+    g = torch.Generator().manual_seed(0)
+    for scores in (equal, ties, torch.randint(0, 3, (10,), generator=g).double()):
+        n = len(scores)
+        for k in range(1, n):
+            hard = set(S.prune(scores, k / n).tolist())
+            easy = set(S.prune(scores, (n - k) / n, mode="easiest").tolist())
+            assert hard.isdisjoint(easy) and hard | easy == set(range(n))
 
 
 def test_prune_bad_inputs():

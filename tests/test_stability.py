@@ -266,3 +266,31 @@ def test_sharpness_tracker_measures_only_where_asked():
     tracker = stability.SharpnessTracker(x, y, measure_at=lambda step: step % 10 == 0 or step > 15)
     hist = train.train(model, x, y, lr=0.05, steps=20, callback=tracker, every=5, progress=False)
     assert list(hist.record_arrays()["step"]) == [0, 10, 20]
+
+
+def test_sharpness_tracker_records_nan_on_an_overflowed_model():
+    model, x, y = tiny_problem()
+    tracker = stability.SharpnessTracker(x, y)
+    assert math.isfinite(tracker(0, model)["sharpness"]) and tracker.v is not None
+    with torch.no_grad():
+        model.layers[-1].weight.fill_(1e200)  # finite weights; products overflow to inf
+    out = tracker(1, model)
+    assert math.isnan(out["sharpness"]) and out["sharpness_matvecs"] == 0 and tracker.v is None
+
+
+def test_mse_on_integer_labels_uses_one_hot_targets():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 2, 1, 1, 0, 2])
+    model = models.MLP(3, [4], 3, activation="tanh", seed=1, dtype=torch.float64)
+    onehot = torch.nn.functional.one_hot(labels, 3).double()
+    for curvature in ("hessian", "ggn"):
+        a = stability.SigmaOperator(model, "mse", (x, labels), curvature=curvature).dense()
+        b = stability.SigmaOperator(model, "mse", (x, onehot), curvature=curvature).dense()
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_per_example_curvature_refuses_several_batches():
+    model, x, y = tiny_problem()
+    with pytest.raises(ValueError, match="one \\(x, y\\) pair of tensors"):
+        stability.PerExampleCurvature(model, "mse", [(x[:3], y[:3]), (x[3:], y[3:])])

@@ -391,3 +391,23 @@ def test_history_helpers():
     history.loss += [2.0, 1.0]
     assert len(history) == 2 and history.final_loss == 1.0
     assert set(history.as_arrays()) == {"step", "loss"}
+
+
+def test_empty_data_is_refused_by_name():
+    model, x, y = least_squares()
+    with pytest.raises(ValueError, match="x must hold at least one example"):
+        train(model, x[:0], y[:0], lr=0.1, steps=3, progress=False)
+
+
+def test_callback_sees_batchnorm_statistics_before_the_steps_forward_pass():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    x, y = torch.randn(8, 3) + 5.0, torch.randint(0, 2, (8,))
+    seen = {}
+
+    def callback(t, m):
+        seen[t] = m[1].running_mean.clone()
+
+    train(model, x, y, loss="ce", lr=0.1, steps=1, progress=False, callback=callback)
+    assert torch.equal(seen[0], torch.zeros(4))  # untouched at step 0
+    assert not torch.equal(seen[1], torch.zeros(4))  # moved by step 0's forward pass
