@@ -220,15 +220,21 @@ def _train_once(
     loss_tol: float,
     seed: int,
 ) -> tuple[float, bool, int]:
-    """Train by GD (batch_size = n) or SGD until the loss is below ``loss_tol`` / 10 or
-    ``steps``; return (full training loss, diverged, steps taken). A run counts as diverged
-    when the loss went non-finite or ended above 1000x the targets' mean square."""
+    """Train by GD (batch_size = n) or SGD until the full training loss (checked every 10
+    steps) is below ``loss_tol`` / 10 or ``steps``; return (full training loss, diverged, steps
+    taken). A run counts as diverged when the loss went non-finite or ended above 1000x the
+    targets' mean square."""
     n = len(x)
+
+    def full_loss() -> float:
+        # the whole training set's loss: with SGD, one minibatch's loss can be tiny by chance
+        return train.evaluate(model, x, y)["loss"]
+
     hist = train.train(
         model, x, y, lr=lr, optimizer="gd" if batch_size == n else "sgd",
         batch_size=None if batch_size == n else batch_size, steps=steps, seed=seed,
         progress=False, raise_on_divergence=False, log_every=10,
-        stop_when=lambda h: h.loss[-1] < loss_tol * 0.1,
+        stop_when=lambda h: full_loss() < loss_tol * 0.1,
     )  # fmt: skip
     full = train.evaluate(model, x, y)["loss"]
     diverged = hist.diverged is not None or not full < 1e3 * float(y.pow(2).mean())
@@ -251,8 +257,12 @@ def relu_sweep(
     """Two-layer ReLU nets (Wu & Su 2023, Section 4) on teacher regression, trained by GD
     (B = n) and SGD (each B in ``batch_sizes``) at each lr, float64, until the training loss is
     below ``loss_tol`` or ``steps``. At the end: lambda_max, trace and Frobenius norm of the
-    Gauss-Newton matrix (= the Hessian at zero loss), the path norm, train and test loss."""
+    Gauss-Newton matrix (= the Hessian at zero loss), the path norm, train and test loss, and
+    ``wme_lambda``, lambda_max of the Wu-Ma-E matrix for that run's (lr, B) with Gauss-Newton
+    curvature (<= 1: the endpoint is linearly stable for it in mean square).
+    ``converged``: the training loss ended at or below ``loss_tol``."""
     config = dict(
+        version=2,  # bumped when the returned fields change, so old cache entries are not used
         lrs=[float(v) for v in lrs],
         batch_sizes=list(batch_sizes),
         n=n,
@@ -279,6 +289,8 @@ def relu_sweep(
                 "test_loss",
                 "steps",
                 "diverged",
+                "converged",
+                "wme_lambda",
             )
         }
         for b in [n, *batch_sizes]:
@@ -301,9 +313,26 @@ def relu_sweep(
                 rows["test_loss"].append(train.evaluate(model, xt, yt)["loss"])
                 rows["steps"].append(taken)
                 rows["diverged"].append(diverged)
+                rows["converged"].append(bool(not diverged and full <= loss_tol))
+                rows["wme_lambda"].append(
+                    math.nan if diverged else _wme_lambda(model, x, y, lr=lr, batch_size=b)
+                )
         return {k: np.asarray(v) for k, v in rows.items()}
 
     return _cache(cache).get_or_compute("stability-relu", config, compute)
+
+
+def _wme_lambda(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float, batch_size: int
+) -> float:
+    """lambda_max of the Wu-Ma-E matrix (I - lr G)^2 + lr^2 c_B Sigma at the model's parameters,
+    with the Gauss-Newton per-example curvatures (PSD, as the analysis assumes)."""
+    n = len(x)
+    sigma = stability.SigmaOperator(model, "mse", (x, y), curvature="ggn")
+    check = stability.wu_ma_e_stable(
+        sigma.mean, sigma if batch_size < n else None, lr, batch_size, n, lanczos_tol=1e-8
+    )
+    return check.lambda_max
 
 
 def linear_stability(
@@ -420,8 +449,10 @@ def diagonal_sweep(
     (n < dim), trained by GD and SGD at each lr; at the end: the trace of the Gauss-Newton matrix,
     tr(G) = 1/n sum_i sum_j (u_j^2 + v_j^2) x_ij^2, the weighted l1 norm
     2 sum_j m_j |u_j v_j| (m_j = 1/n sum_i x_ij^2) that it bounds (AM-GM, equality when |u| = |v|),
-    ||beta||_1 and the test error."""
+    ||beta||_1 and the test error. ``converged``: the training loss ended at or below
+    ``loss_tol``."""
     config = dict(
+        version=2,  # bumped when the returned fields change, so old cache entries are not used
         lrs=[float(v) for v in lrs],
         batch_sizes=list(batch_sizes),
         n=n,
@@ -436,7 +467,6 @@ def diagonal_sweep(
 
     def compute() -> dict[str, Any]:
         x, y, xt, yt = sparse_regression(n, n_test, dim, sparsity, seed=seed)
-        m = x.pow(2).mean(0)
         rows: dict[str, list] = {
             k: []
             for k in (
@@ -448,6 +478,7 @@ def diagonal_sweep(
                 "train_loss",
                 "test_loss",
                 "diverged",
+                "converged",
             )
         }
         for b in [n, *batch_sizes]:
@@ -456,18 +487,29 @@ def diagonal_sweep(
                 full, diverged, taken = _train_once(
                     model, x, y, lr=lr, batch_size=b, steps=steps, loss_tol=loss_tol, seed=seed
                 )
-                u, v = model.u.detach(), model.v.detach()
                 rows["lr"].append(lr)
                 rows["batch_size"].append(b)
-                rows["trace"].append(float((m * (u**2 + v**2)).sum()))
-                rows["weighted_l1"].append(float(2 * (m * (u * v).abs()).sum()))
-                rows["l1"].append(float((u * v).abs().sum()))
+                for k, val in _diagonal_measures(model, x).items():
+                    rows[k].append(val)
                 rows["train_loss"].append(full)
                 rows["test_loss"].append(train.evaluate(model, xt, yt)["loss"])
                 rows["diverged"].append(diverged)
+                rows["converged"].append(bool(not diverged and full <= loss_tol))
         return {k: np.asarray(v) for k, v in rows.items()}
 
     return _cache(cache).get_or_compute("stability-diagonal", config, compute)
+
+
+def _diagonal_measures(model: models.DiagonalLinear, x: torch.Tensor) -> dict[str, float]:
+    """tr(G) = 1/n sum_i sum_j (u_j^2 + v_j^2) x_ij^2, the weighted l1 norm
+    2 sum_j m_j |u_j v_j| (m_j = 1/n sum_i x_ij^2) and ||u * v||_1 of a diagonal linear net."""
+    u, v = model.u.detach(), model.v.detach()
+    m = x.pow(2).mean(0)
+    return {
+        "trace": float((m * (u**2 + v**2)).sum()),
+        "weighted_l1": float(2 * (m * (u * v).abs()).sum()),
+        "l1": float((u * v).abs().sum()),
+    }
 
 
 def timed(fn, *args, **kwargs) -> tuple[Any, float]:
