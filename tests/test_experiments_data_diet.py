@@ -121,6 +121,26 @@ def test_method_scores_and_kept_indices(tiny_scores):
         dd.kept_indices(r, "el2n", 2, 0.0)
 
 
+def test_kept_indices_easiest_keeps_the_lowest_scores(tiny_scores):
+    r = tiny_scores
+    el2n = dd.method_scores(r, "el2n", 2)
+    easy = dd.kept_indices(r, "el2n", 2, 0.25, mode="easiest")
+    assert torch.equal(easy, scores.prune(el2n, 0.25, mode="easiest"))
+    assert len(easy) == 15
+    assert el2n[easy].max() <= torch.sort(el2n).values[14]
+    hard = dd.kept_indices(r, "el2n", 2, 0.75)
+    assert sorted(easy.tolist() + hard.tolist()) == list(range(60))  # complements, ties too
+    # random ignores the mode: the same subset either way
+    assert torch.equal(
+        dd.kept_indices(r, "random", None, 0.5, seed=3, mode="easiest"),
+        dd.kept_indices(r, "random", None, 0.5, seed=3),
+    )
+    with pytest.raises(ValueError, match=r"mode must be one of \('hardest', 'easiest'\)"):
+        dd.kept_indices(r, "el2n", 2, 0.25, mode="window")
+    with pytest.raises(ValueError, match="offset .* is only used with mode='hardest'"):
+        dd.kept_indices(r, "el2n", 2, 0.25, offset=0.1, mode="easiest")
+
+
 def test_prune_curve_shapes_cache_and_lookup(tmp_path):
     cache = Cache(tmp_path)
     cfg = dd.config(**{**TINY, "score_seeds": (0,)})
@@ -141,10 +161,31 @@ def test_prune_curve_shapes_cache_and_lookup(tmp_path):
         dd.accuracy_at(curve, 0.3)
 
 
+def test_prune_curve_easiest_is_its_own_cached_curve(tmp_path, monkeypatch):
+    cache = Cache(tmp_path)
+    cfg = dd.config(**{**TINY, "score_seeds": (0,)})
+    hard = dd.prune_curve(cfg, "el2n", 2, (0.5,), (0,), cache=cache)
+    kept = []
+    real = dd.kept_indices
+    monkeypatch.setattr(dd, "kept_indices", lambda *a, **k: kept.append(k["mode"]) or real(*a, **k))
+    easy = dd.prune_curve(cfg, "el2n", 2, (0.5,), (0,), mode="easiest", cache=cache)
+    assert kept == ["easiest"]  # computed, not read from the hardest-first entry
+    assert easy["accuracy"].shape == hard["accuracy"].shape == (1, 1)
+    again = dd.prune_curve(cfg, "el2n", 2, (0.5,), (0,), mode="easiest", cache=cache)
+    assert kept == ["easiest"] and torch.equal(again["accuracy"], easy["accuracy"])
+    # the default mode is not in the cache key: the hardest-first curve is found as before
+    dd.prune_curve(cfg, "el2n", 2, (0.5,), (0,), mode="hardest", cache=cache)
+    assert kept == ["easiest"]
+    with pytest.raises(ValueError, match="mode must be one of"):
+        dd.prune_curve(cfg, "el2n", 2, (0.5,), (0,), mode="middle")
+
+
 def test_curve_key():
     assert dd.curve_key("el2n", 5) == "el2n@5"
     assert dd.curve_key("random", 5) == "random"
     assert dd.curve_key("el2n", 3, 0.2) == "el2n@3+skip0.2"
+    assert dd.curve_key("el2n", 3, mode="easiest") == "el2n@3 easiest"
+    assert dd.curve_key("random", mode="easiest") == "random"
 
 
 def test_difference_and_top_k_precision():

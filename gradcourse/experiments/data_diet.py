@@ -11,7 +11,8 @@ This module adds what is specific to the paper's protocol:
 - :func:`score_experiment`  train ``len(score_seeds)`` networks once each on all the data and
   take EL2N and GraNd at every epoch of ``score_epochs`` (0 = initialisation), forgetting
   events over the whole run, the input norm, and the full-data test accuracy;
-- :func:`method_scores`, :func:`kept_indices`  the ranking of one method and the subset it keeps;
+- :func:`method_scores`, :func:`kept_indices`  the ranking of one method and the subset it keeps
+  (the highest scores, as in the paper, or the lowest with ``mode="easiest"``);
 - :func:`prune_curve`  retrain from scratch on the kept subsets, with the same number of
   optimisation steps as the full-data run (Paul et al. 2021, section 3), over seeds;
 - :func:`difference`, :func:`top_k_precision`, :func:`find_curve`  the statistics the claims use.
@@ -37,6 +38,7 @@ DATASETS: tuple[str, ...] = ("mnist1d", "digits", "cifar10")
 ARCHS: tuple[str, ...] = ("mlp", "small_cnn", "resnet18")
 METHODS: tuple[str, ...] = ("el2n", "grand", "forgetting", "input_norm", "random")
 EPOCH_METHODS: tuple[str, ...] = ("el2n", "grand")  # scores taken at a chosen epoch
+KEEP_MODES: tuple[str, ...] = ("hardest", "easiest")  # which end of a ranking is kept
 
 # The MNIST-1D pool the data module caches (the package's standard 4,000 / 1,000 split).
 _MNIST1D_TRAIN, _MNIST1D_TEST = 4000, 1000
@@ -351,19 +353,35 @@ def kept_indices(
     *,
     offset: float = 0.0,
     seed: int = 0,
+    mode: str = "hardest",
 ) -> Tensor:
     """Indices kept when keeping ``fraction`` of the examples by ``method``: the highest scores
     (:func:`gradcourse.scores.prune`, ``"hardest"``), or after skipping the ``offset`` fraction of
-    highest scores (``"window"``), or a random subset drawn from ``seed`` for ``"random"``."""
+    highest scores (``"window"``), or the lowest scores with ``mode="easiest"`` (Sorscher et al.
+    2022: the better choice when data are scarce), or a random subset drawn from ``seed`` for
+    ``"random"`` (which ignores ``mode``)."""
     fraction = _check_fraction("fraction", fraction)
+    _check_mode(mode, offset)
     s = method_scores(result, method, epoch)
     n = len(result["labels"])
     if s is None:
         if offset:
             raise ValueError(f"offset is not used by method 'random', got offset={offset}")
         return scores.prune(torch.zeros(n), fraction, mode="random", seed=seed)
+    if mode == "easiest":
+        return scores.prune(s, fraction, mode="easiest")
     mode = "window" if offset else "hardest"
     return scores.prune(s, fraction, mode=mode, offset=offset)
+
+
+def _check_mode(mode: object, offset: float) -> None:
+    if mode not in KEEP_MODES:
+        raise ValueError(f"mode must be one of {KEEP_MODES}, got {mode!r}")
+    if offset and mode != "hardest":
+        raise ValueError(
+            f"offset (skip the highest scores) is only used with mode='hardest', got "
+            f"offset={offset} with mode={mode!r}"
+        )
 
 
 # ----------------------------------------------------------------------------- pruning
@@ -377,11 +395,14 @@ def prune_curve(
     seeds: Sequence[int],
     *,
     offset: float = 0.0,
+    mode: str = "hardest",
     cache: Cache | None = None,
     device: str | torch.device | None = None,
 ) -> dict[str, Tensor]:
     """Final test accuracy after training from scratch on the subset ``method`` keeps, for each
     fraction kept and seed: ``{"fractions": (F,), "accuracy": (F, S), "seeds": (S,)}``.
+    The subset is that of :func:`kept_indices` with ``offset`` and ``mode`` (``"hardest"``, the
+    paper's rule, or ``"easiest"``).
 
     The scores come from :func:`cached_scores` of ``cfg`` (averaged over ``score_seeds``). Each
     run initialises the network from ``seed`` (also the batch order, and the subset for
@@ -399,6 +420,8 @@ def prune_curve(
     _check_fraction("offset", offset, low_open=False)
     if offset >= 1.0:
         raise ValueError(f"offset must be a number in [0, 1), got {offset!r}")
+    _check_mode(mode, offset)
+    mode = "hardest" if method == "random" else mode  # random ignores it: one cached curve
 
     def compute() -> dict[str, Tensor]:
         result = cached_scores(cfg, cache=cache, device=device)
@@ -407,7 +430,9 @@ def prune_curve(
         accuracy = torch.zeros(len(fractions), len(seeds), dtype=torch.float64)
         for i, fraction in enumerate(fractions):
             for j, seed in enumerate(seeds):
-                kept = kept_indices(result, method, epoch, fraction, offset=offset, seed=seed)
+                kept = kept_indices(
+                    result, method, epoch, fraction, offset=offset, seed=seed, mode=mode
+                )
                 kept = kept.to(ds.x_train.device)
                 model = make_model(cfg, ds.input_shape, ds.num_classes, seed=seed, device=device)
                 _train(model, ds.x_train[kept], ds.y_train[kept], cfg, steps=steps, seed=seed)
@@ -424,15 +449,22 @@ def prune_curve(
     key = dict(
         cfg=_key(cfg), method=method, epoch=epoch, fractions=fractions, seeds=seeds, offset=offset
     )
+    if mode != "hardest":  # the default stays out of the key, so earlier cached curves still match
+        key["mode"] = mode
     return cache.get_or_compute("datadiet-prune", key, compute)
 
 
-def curve_key(method: str, epoch: int | None = None, offset: float = 0.0) -> str:
-    """A short label for a curve: ``"el2n@5"``, ``"grand@0"``, ``"random"``, ``"el2n@5+skip0.1"``."""
+def curve_key(
+    method: str, epoch: int | None = None, offset: float = 0.0, mode: str = "hardest"
+) -> str:
+    """A short label for a curve: ``"el2n@5"``, ``"grand@0"``, ``"random"``, ``"el2n@5+skip0.1"``,
+    ``"el2n@5 easiest"``."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _check_mode(mode, offset)
     label = f"{method}@{epoch}" if method in EPOCH_METHODS else method
-    return label + (f"+skip{offset:g}" if offset else "")
+    label += f"+skip{offset:g}" if offset else ""
+    return label + (" easiest" if mode == "easiest" and method != "random" else "")
 
 
 def find_curve(
