@@ -135,32 +135,52 @@ def test_module_entry_point():
     assert done.returncode == 0 and "00_tour" in done.stdout
 
 
-def test_repoll_slices_long_waits_and_keeps_the_overall_timeout() -> None:
+def test_repoll_slices_long_waits_and_keeps_the_overall_timeout(monkeypatch) -> None:
     """A long get_msg becomes a loop of short polls (a missed wake-up then costs one slice),
-    and the caller's timeout still ends the wait with queue.Empty."""
+    and the caller's timeout still ends the wait with queue.Empty.
+
+    Runs on a fake clock (cli's ``time.monotonic``): each poll that times out advances it by
+    exactly its timeout, so the slices are deterministic however loaded the machine is (times
+    are binary fractions, so the clock arithmetic is exact)."""
     import asyncio
     import queue
+    import types
 
     from gradcourse.cli import _repoll
 
+    clock = [1000.0]
+    monkeypatch.setattr(cli, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+
     class Channel:
         def __init__(self, ready_after: int | None) -> None:
-            self.waits: list[float] = []
+            self.waits: list[float | None] = []
             self.ready_after = ready_after
 
         async def get_msg(self, timeout: float | None = None) -> dict:
             self.waits.append(timeout)
+            if len(self.waits) > 50:  # a wrapper that never gives up fails instead of hanging
+                raise RuntimeError("too many polls")
+            await asyncio.sleep(0)  # a real coroutine that yields to the loop
             if self.ready_after is not None and len(self.waits) > self.ready_after:
                 return {"msg": "reply"}
-            await asyncio.sleep(min(timeout, 0.01))
+            clock[0] += timeout  # the poll used up its whole slice
             raise queue.Empty
 
     ready = Channel(ready_after=3)
-    _repoll(ready, interval=0.02)
+    _repoll(ready, interval=0.25)
     assert asyncio.run(ready.get_msg(timeout=3600)) == {"msg": "reply"}
-    assert len(ready.waits) == 4 and all(w <= 0.02 for w in ready.waits)
+    assert ready.waits == [0.25] * 4
+    assert clock[0] == 1000.75
+    # no timeout: poll in slices of the interval until the reply
+    no_timeout = Channel(ready_after=2)
+    _repoll(no_timeout, interval=0.25)
+    assert asyncio.run(no_timeout.get_msg()) == {"msg": "reply"}
+    assert no_timeout.waits == [0.25] * 3
+    # a timeout of 0.625 = two full slices and a last one of the 0.125 left, then queue.Empty
     forever = Channel(ready_after=None)
-    _repoll(forever, interval=0.02)
+    _repoll(forever, interval=0.25)
+    start = clock[0]
     with pytest.raises(queue.Empty):
-        asyncio.run(forever.get_msg(timeout=0.05))
-    assert 2 <= len(forever.waits) and all(w <= 0.02 for w in forever.waits)
+        asyncio.run(forever.get_msg(timeout=0.625))
+    assert forever.waits == [0.25, 0.25, 0.125]
+    assert clock[0] - start == 0.625

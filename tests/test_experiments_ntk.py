@@ -169,9 +169,16 @@ def test_gaussian_limit_matches_monte_carlo():
     out = nx.gaussian_limit(
         k[:n, :n], k[n:, :n], k[n:, n:].diagonal(), t[:n, :n], t[n:, :n], y, lr=0.3, steps=5
     )
+    # A_k = Theta(x, X) Theta^{-1} (I - (I - lr Theta / n)^k), built here with solve and
+    # matrix_power (the function diagonalises Theta instead)
+    theta, eye = t[:n, :n], torch.eye(n, dtype=DT)
+    a = t[n:, :n] @ torch.linalg.solve(
+        theta, eye - torch.linalg.matrix_power(eye - 0.3 * theta / n, 5)
+    )
+    torch.testing.assert_close(out["A"], a, rtol=1e-10, atol=1e-12)
     g = torch.Generator().manual_seed(0)
     f0 = torch.randn(samples, n + m, generator=g, dtype=DT) @ torch.linalg.cholesky(k).T
-    f = f0[:, n:] - (f0[:, :n] - y) @ out["A"].T  # f_k = f0(x) - A (f0(X) - Y)
+    f = f0[:, n:] - (f0[:, :n] - y) @ a.T  # f_k = f0(x) - A (f0(X) - Y)
     se = out["std"] / math.sqrt(samples)
     assert ((f.mean(0) - out["mean"]).abs() < 4 * se).all()
     assert ((f.std(0) / out["std"] - 1).abs() < 4 / math.sqrt(2 * samples)).all()
@@ -183,6 +190,53 @@ def test_gaussian_limit_refuses_bad_shapes():
         nx.gaussian_limit(k, k, k.diagonal(), k[:2, :2], k, torch.zeros(3, dtype=DT))
     with pytest.raises(ValueError, match="steps"):
         nx.gaussian_limit(k, k, k.diagonal(), k, k, torch.zeros(3, dtype=DT), steps=-1)
+
+
+def circle_limit_by_hand(angles, *, depth, beta, lr, steps, n_grid):
+    """Fig. 2's prediction from scratch: the task on the unit circle (targets x1 x2 =
+    sin(2 g) / 2, a grid of n_grid angles in [-pi, pi]), the joint analytic (NNGP, NTK) over grid
+    + training points, A_k by solve / matrix_power (inv at k = inf), and the covariance of
+    f_k(grid) = [I, -A] (f0(grid), f0(X)) + A Y as B K B^T."""
+    g_train = torch.tensor(angles, dtype=DT)
+    g_grid = torch.linspace(-math.pi, math.pi, n_grid, dtype=DT)
+    n = len(g_train)
+    gs = torch.cat([g_grid, g_train])
+    pts = torch.stack([torch.cos(gs), torch.sin(gs)], dim=1)
+    k, t = ntk.analytic_ntk(pts, depth=depth, weight_scale=1.0, bias_scale=beta)
+    theta, eye = t[n_grid:, n_grid:], torch.eye(n, dtype=DT)
+    if math.isinf(steps):
+        a = t[:n_grid, n_grid:] @ torch.linalg.inv(theta)
+    else:
+        step = torch.linalg.matrix_power(eye - lr * theta / n, steps)
+        a = t[:n_grid, n_grid:] @ torch.linalg.solve(theta, eye - step)
+    b = torch.cat([torch.eye(n_grid, dtype=DT), -a], dim=1)
+    cov = b @ k @ b.T
+    return {"mean": a @ (torch.sin(2 * g_train) / 2), "std": cov.diagonal().sqrt(), "A": a}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "ref"),
+    [
+        (dict(n_grid=9), dict(depth=nx.PAPER_DEPTH, beta=0.1, lr=1.0, steps=math.inf)),
+        (
+            dict(depth=2, beta=0.4, lr=0.7, steps=6, n_grid=7),
+            dict(depth=2, beta=0.4, lr=0.7, steps=6),
+        ),
+        (
+            dict(depth=1, beta=0.0, steps=math.inf, n_grid=5),
+            dict(depth=1, beta=0.0, lr=1.0, steps=math.inf),
+        ),
+    ],
+)
+def test_circle_limit_is_the_gaussian_prediction_of_the_analytic_kernels(kwargs, ref):
+    angles = [-2.5, -0.8, 0.6, 2.2]  # notebook 03's Fig. 2
+    assert nx.PAPER_DEPTH == 3 and nx.PAPER_BETA == 0.1  # Jacot et al.: L = 4, beta = 0.1
+    out = nx.circle_limit(angles, **kwargs)
+    expected = circle_limit_by_hand(angles, n_grid=kwargs["n_grid"], **ref)
+    for key in ("mean", "std", "A"):
+        torch.testing.assert_close(out[key], expected[key], rtol=1e-9, atol=1e-10)
+    # a non-trivial prediction: a band of width ~0.1 between the points, a mean of size ~0.5
+    assert expected["std"].max() > 0.05 and expected["mean"].abs().max() > 0.1
 
 
 def test_circle_fit_run_is_deterministic_and_fits():

@@ -7,11 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 from gradcourse.losses import mse
 from gradcourse.models import (
     MLP,
+    BasicBlock,
     DiagonalLinear,
     NTKLinear,
     SmallCNN,
@@ -211,6 +213,185 @@ def test_resnet18_shape_and_param_count():
     assert count_params(model) == 11_173_962  # the CIFAR ResNet-18, "11.2M"
     assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
     assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
+
+
+# ----------------------------------------------------------------------------- CNN / ResNet forward
+# The forward passes rebuilt from each module's own weights with torch.nn.functional convolutions
+# and by-hand pooling, ReLU and BatchNorm (eval mode: the running statistics), so a dropped ReLU,
+# a dropped shortcut or a swapped pooling changes the output.
+
+
+def max_pool2_by_hand(x: torch.Tensor, dims: int) -> torch.Tensor:
+    """Non-overlapping max over windows of 2 in each of the last ``dims`` axes (floor mode)."""
+    for axis in range(x.dim() - dims, x.dim()):
+        size = x.shape[axis] // 2
+        x = x.narrow(axis, 0, 2 * size)
+        x = x.unflatten(axis, (size, 2)).amax(axis + 1)
+    return x
+
+
+def adaptive_avg_by_hand(x: torch.Tensor, out: int, dims: int) -> torch.Tensor:
+    """Adaptive average pooling: bin i of an axis of length L averages the positions
+    floor(i L / out) .. ceil((i + 1) L / out) - 1 (bins overlap when out does not divide L)."""
+    for axis in range(x.dim() - dims, x.dim()):
+        length = x.shape[axis]
+        bins = [
+            x.narrow(
+                axis, (i * length) // out, -(-(i + 1) * length // out) - (i * length) // out
+            ).mean(axis, keepdim=True)
+            for i in range(out)
+        ]
+        x = torch.cat(bins, axis)
+    return x
+
+
+def relu(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x > 0, x, torch.zeros_like(x))
+
+
+def small_cnn_by_hand(model: SmallCNN, x: torch.Tensor, dims: int, k: int, pool: int):
+    conv = F.conv1d if dims == 1 else F.conv2d
+    h = x.unsqueeze(1) if x.dim() == dims + 1 else x
+    for layer in model.convs:
+        h = max_pool2_by_hand(relu(conv(h, layer.weight, layer.bias, padding=k // 2)), dims)
+    h = adaptive_avg_by_hand(h, pool, dims).flatten(1)
+    h = relu(h @ model.fc1.weight.T + model.fc1.bias)
+    return h @ model.fc2.weight.T + model.fc2.bias
+
+
+@pytest.mark.parametrize(
+    ("dims", "in_shape", "kernel", "pool"),
+    [(1, (37,), 3, 4), (1, (2, 41), 5, 3), (2, (13, 11), 3, 2), (2, (2, 15, 12), 3, 3)],
+)
+def test_small_cnn_forward_is_the_explicit_formula(dims, in_shape, kernel, pool):
+    """[conv(same padding) -> relu -> maxpool 2] x 2, adaptive average pool, linear-relu-linear.
+    Odd lengths exercise the floor of the max-pool and overlapping adaptive-pool bins."""
+    in_channels = in_shape[0] if len(in_shape) == dims + 1 else 1
+    model = SmallCNN(
+        in_channels,
+        num_classes=3,
+        conv_dim=dims,
+        channels=(4, 5),
+        hidden=6,
+        kernel_size=kernel,
+        pool_size=pool,
+        seed=3,
+        dtype=torch.float64,
+    )
+    x = torch.randn(4, *in_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = small_cnn_by_hand(model, x, dims, kernel, pool)
+    torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_small_cnn_init_is_the_documented_uniform():
+    """Weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's default): bounded by
+    the bound, reaching close to it, with variance bound^2 / 3 (36,864 draws: relative standard
+    error of the variance 0.5%, tested within 3%)."""
+    model = SmallCNN(1, conv_dim=2, channels=(8, 64, 64), seed=1)
+    conv = model.convs[2]
+    bound = 1 / math.sqrt(64 * 3 * 3)
+    w = conv.weight.detach().double()
+    assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.99 * bound
+    assert abs(float(w.mean())) < 4 * bound / math.sqrt(3 * w.numel())
+    assert float(w.pow(2).mean()) == pytest.approx(bound**2 / 3, rel=0.03)
+    assert float(conv.bias.detach().abs().max()) <= bound
+    fc1_bound = 1 / math.sqrt(64 * 4 * 4)
+    assert float(model.fc1.weight.detach().abs().max()) <= fc1_bound
+    assert float(model.fc1.weight.detach().abs().max()) > 0.99 * fc1_bound
+
+
+def randomize_batchnorm_(model: nn.Module, seed: int) -> None:
+    """Non-trivial affine parameters and running statistics for every BatchNorm (eval mode)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c, dt = m.num_features, m.weight.dtype
+                m.weight.copy_(0.5 + torch.rand(c, generator=g, dtype=dt))
+                m.bias.copy_(0.3 * torch.randn(c, generator=g, dtype=dt))
+                m.running_mean.copy_(0.3 * torch.randn(c, generator=g, dtype=dt))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=g, dtype=dt))
+    model.eval()
+
+
+def bn_by_hand(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    def per_channel(v):
+        return v[None, :, None, None]
+
+    scale = per_channel(bn.weight) / torch.sqrt(per_channel(bn.running_var) + bn.eps)
+    return (x - per_channel(bn.running_mean)) * scale + per_channel(bn.bias)
+
+
+def basic_block_by_hand(block: nn.Module, x: torch.Tensor, c_in: int, c_out: int, stride: int):
+    """relu(bn2(conv3x3(relu(bn1(conv3x3_stride(x))))) + shortcut(x)), He et al. 2016 fig. 2;
+    shortcut = x, or bn(conv1x1_stride(x)) when the shape changes (option B)."""
+    out = relu(bn_by_hand(F.conv2d(x, block.conv1.weight, stride=stride, padding=1), block.bn1))
+    out = bn_by_hand(F.conv2d(out, block.conv2.weight, padding=1), block.bn2)
+    if stride != 1 or c_in != c_out:
+        proj, bn = block.shortcut[0], block.shortcut[1]
+        assert proj.weight.shape == (c_out, c_in, 1, 1)
+        shortcut = bn_by_hand(F.conv2d(x, proj.weight, stride=stride), bn)
+    else:
+        assert count_params(block.shortcut) == 0
+        shortcut = x
+    return relu(out + shortcut)
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "stride"), [(4, 4, 1), (4, 6, 2), (3, 5, 1)])
+def test_basic_block_forward_is_the_explicit_formula(c_in, c_out, stride):
+    g = torch.Generator().manual_seed(0)
+    block = BasicBlock(c_in, c_out, stride, torch.float64)
+    with torch.no_grad():
+        for p in block.parameters():
+            if p.dim() == 4:  # skip_init leaves the convs uninitialised: fill them
+                p.normal_(0.0, 0.3, generator=g)
+    randomize_batchnorm_(block, seed=1)
+    x = torch.randn(3, c_in, 7, 6, generator=g, dtype=torch.float64)
+    expected = basic_block_by_hand(block, x, c_in, c_out, stride)
+    assert expected.shape == (3, c_out, (7 - 1) // stride + 1, (6 - 1) // stride + 1)
+    torch.testing.assert_close(block(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_resnet18_forward_is_the_explicit_formula():
+    """relu(bn(conv3x3 stride 1)), no max-pool; stages of two BasicBlocks, widths 64-128-256-512
+    with strides 1-2-2-2; global average pool; linear. 16x16 inputs: a 2x2 map is pooled."""
+    model = resnet18(num_classes=7, in_channels=2, seed=0, dtype=torch.float64)
+    randomize_batchnorm_(model, seed=2)
+    x = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    h = relu(bn_by_hand(F.conv2d(x, model.conv1.weight, padding=1), model.bn1))
+    c_in = 64
+    stages = (model.layer1, model.layer2, model.layer3, model.layer4)
+    for stage, (c_out, stride) in zip(stages, ((64, 1), (128, 2), (256, 2), (512, 2)), strict=True):
+        assert len(stage) == 2
+        h = basic_block_by_hand(stage[0], h, c_in, c_out, stride)
+        h = basic_block_by_hand(stage[1], h, c_out, c_out, 1)
+        c_in = c_out
+    assert h.shape == (2, 512, 2, 2)
+    expected = h.mean((2, 3)) @ model.fc.weight.T + model.fc.bias
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_resnet18_init_is_kaiming_normal_fan_out():
+    """Convs ~ N(0, 2 / (c_out k^2)) (Kaiming normal, fan_out, ReLU), BatchNorm weight 1 and bias
+    0, linear ~ U(+-1/sqrt(512)). Tolerances are ~4 standard errors of the sample variance,
+    sqrt(2 / N) relative; fan_in instead of fan_out would be off by a factor 2 to 21."""
+    model = resnet18(seed=0)
+    checks = [
+        (model.conv1, 64 * 9, 0.15),  # 1,728 draws; fan_in would be 27 (factor 21)
+        (model.layer2[0].shortcut[0], 128, 0.07),  # 8,192 draws; fan_in 64 (factor 2)
+        (model.layer4[1].conv2, 512 * 9, 0.01),  # 2.4M draws
+    ]
+    for conv, fan_out, rel in checks:
+        w = conv.weight.detach().double()
+        assert abs(float(w.mean())) < 4 * math.sqrt(2 / fan_out / w.numel())
+        assert float(w.pow(2).mean()) == pytest.approx(2 / fan_out, rel=rel)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            assert torch.equal(m.weight, torch.ones_like(m.weight))
+            assert torch.equal(m.bias, torch.zeros_like(m.bias))
+    bound, fc_max = 1 / math.sqrt(512), float(model.fc.weight.detach().abs().max())
+    assert fc_max <= bound < 1.01 * fc_max
 
 
 def test_count_params_and_build_model():

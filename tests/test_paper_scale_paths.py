@@ -77,6 +77,18 @@ def assert_finite(result, keys):
         assert torch.isfinite(torch.as_tensor(result[key], dtype=torch.float64)).all(), key
 
 
+def hand_top_k_precision(res, epoch):
+    """The notebook's label-noise statistic from the raw scores: EL2N at ``epoch`` averaged over
+    the score seeds, its k = (number flipped) highest, and the count of flipped labels among
+    them, over k."""
+    el2n = res["el2n"][res["epochs"].tolist().index(epoch)].double().mean(0)
+    flipped = res["flipped"].bool()
+    k = int(flipped.sum())
+    order = sorted(range(len(el2n)), key=lambda i: -float(el2n[i]))
+    assert float(el2n[order[k - 1]]) > float(el2n[order[k]])  # no tie at the cut
+    return sum(bool(flipped[i]) for i in order[:k]) / k
+
+
 # ---------------------------------------------------------------------------------------------
 # Notebook 04: Data Diet at the gpu profile
 
@@ -119,6 +131,8 @@ def test_data_diet_gpu_profile_resnet18_on_cifar10(data_dir, write_fake_cifar10,
     assert isinstance(net, models.ResNet18) and models.count_params(net) > 11_000_000
     images = expected.float().reshape(n, 3, 32, 32)
     fresh = scores.el2n_scores(net, images, labels[idx])
+    # epoch 0 scores the fresh network: train() calls back before the step's forward pass,
+    # which would move BatchNorm's running statistics
     torch.testing.assert_close(res["el2n"][0, 0], fresh.double(), rtol=1e-4, atol=1e-5)
     # GraNd of ResNet-18 (the linear trick through residual blocks, projection shortcuts and
     # BatchNorm with non-trivial running statistics) = one backward pass per example, eval mode
@@ -154,7 +168,11 @@ def test_data_diet_gpu_profile_resnet18_on_cifar10(data_dir, write_fake_cifar10,
     }
     for curve in curves.values():
         assert curve["accuracy"].shape == (1, 1) and curve["fractions"].tolist() == [0.5]
-        assert 0 <= float(curve["accuracy"][0, 0]) <= 1
+        # an accuracy counted over the n_test = 10 clean test images: a multiple of 1/10 (the
+        # retraining itself is only checked to run end to end here; at 2 steps a ResNet-18 is
+        # close to a constant classifier, so its accuracy says nothing about the training)
+        correct = float(curve["accuracy"][0, 0]) * cfg["n_test"]  # counted in float32
+        assert correct == pytest.approx(round(correct), abs=1e-5) and 0 <= round(correct) <= 10
     diff, se = dd.difference(
         dd.accuracy_at(dd.find_curve(curves, "el2n", early), 0.5),
         dd.accuracy_at(curves["random"], 0.5),
@@ -169,7 +187,7 @@ def test_data_diet_gpu_profile_resnet18_on_cifar10(data_dir, write_fake_cifar10,
     assert (res_noisy["labels"][flipped] != res["labels"][flipped]).all()
     assert_finite(res_noisy, SCORE_KEYS)
     precision = dd.top_k_precision(dd.method_scores(res_noisy, "el2n", early), flipped)
-    assert precision in (0.0, 0.5, 1.0)
+    assert precision == hand_top_k_precision(res_noisy, early)
     window = dd.prune_curve(
         noisy_cfg,
         "el2n",
@@ -233,7 +251,7 @@ def test_data_diet_gpu_fallback_small_cnn_on_mnist1d(data_dir, tmp_path):
     res_noisy = dd.cached_scores(noisy_cfg, cache=cache, device=CPU)
     assert int(res_noisy["flipped"].sum()) == 8
     precision = dd.top_k_precision(dd.method_scores(res_noisy, "el2n", early), res_noisy["flipped"])
-    assert 0.0 <= precision <= 1.0
+    assert precision == hand_top_k_precision(res_noisy, early)
 
 
 # ---------------------------------------------------------------------------------------------
