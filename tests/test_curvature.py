@@ -328,6 +328,32 @@ def test_hutchinson_trace_within_three_stderr(tanh_ce):
         assert est.samples.shape == (200,) and est.num_matvecs == 200
 
 
+def seeded_probes(num: int, seed: int, dist: str, size: int = 27) -> torch.Tensor:
+    """The estimators' probes, redrawn: one at a time from torch.Generator().manual_seed(seed),
+    Rademacher as 2 randint(0, 2) - 1, Gaussian as randn in float64; rows (num, size)."""
+    g = torch.Generator().manual_seed(seed)
+    if dist == "rademacher":
+        draws = [torch.randint(0, 2, (size,), generator=g) * 2 - 1 for _ in range(num)]
+    else:
+        draws = [torch.randn(size, generator=g, dtype=F64) for _ in range(num)]
+    return torch.stack(draws).to(F64)
+
+
+def test_hutchinson_samples_are_the_quadratic_forms_of_the_seeded_probes(tanh_ce):
+    """Zero-noise check: each sample is v_i^T H v_i (trace) or ||H v_i||^2 (Frobenius) for the
+    same seeded probe v_i, H the autograd reference; any bias shows, not only one > 3 stderr."""
+    model, ref = tanh_ce
+    op = C.HessianOperator(model, "ce", (X, Y))
+    for dist in ("rademacher", "gaussian"):
+        vs = seeded_probes(50, 1, dist)
+        hv = vs @ ref  # rows (H v_i)^T, H symmetric
+        for block_size in (8, 3):
+            trace = C.hutchinson_trace(op, 50, seed=1, dist=dist, block_size=block_size)
+            torch.testing.assert_close(trace.samples, (vs * hv).sum(1), rtol=1e-10, atol=1e-10)
+            fro = C.hutchinson_squared_frobenius(op, 50, seed=1, dist=dist, block_size=block_size)
+            torch.testing.assert_close(fro.samples, hv.pow(2).sum(1), rtol=1e-10, atol=1e-10)
+
+
 def test_hutchinson_stderr_is_honest(tanh_ce):
     model, ref = tanh_ce
     op = C.HessianOperator(model, "ce", (X, Y))
@@ -380,8 +406,12 @@ def test_slq_with_full_krylov_space_finds_the_spectrum(tanh_ce):
     sd = C.spectral_density(op, num_probes=2, num_iters=100, seed=0)  # capped at P = 27
     nodes = sd.nodes[sd.weights > 1e-8]
     assert (nodes[:, None] - evals[None, :]).abs().min(dim=1).values.max() < 1e-8
-    # with every eigenvalue a node, the moments are exact quadratic forms u^T H^k u
-    assert sd.moment(3).samples.shape == (2,)
+    # with every eigenvalue a node, the moments are exact quadratic forms u^T H^k u / ||u||^2
+    us = seeded_probes(2, 0, "rademacher")
+    for order in (1, 2, 3):
+        power = torch.linalg.matrix_power(ref, order)
+        expected = torch.einsum("ip,pq,iq->i", us, power, us) / us.pow(2).sum(1)
+        torch.testing.assert_close(sd.moment(order).samples, expected, rtol=1e-9, atol=1e-12)
 
 
 def test_matmat_is_columnwise_matvec(tanh_ce):

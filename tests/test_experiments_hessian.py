@@ -59,6 +59,29 @@ def _tiny_problem():
     return model, x, y
 
 
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _mlp_by_hand(w, x, sizes):
+    """models.MLP (ReLU) written out on a flat vector in named_parameters order (W: out x in)."""
+    offset, h = 0, x
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        weight = w[offset : offset + fan_in * fan_out].reshape(fan_out, fan_in)
+        offset += fan_in * fan_out
+        bias = w[offset : offset + fan_out]
+        offset += fan_out
+        h = h @ weight.T + bias
+        if i < len(sizes) - 2:
+            h = torch.relu(h)
+    return h
+
+
+def _ce_by_hand(out, y):
+    """Mean softmax cross-entropy: logsumexp of the logits minus the true class's logit."""
+    return (torch.logsumexp(out, dim=1) - out.gather(1, y[:, None]).squeeze(1)).mean()
+
+
 def test_interpolation_endpoints_are_the_two_models_losses():
     model, x, y = _tiny_problem()
     other = models.MLP(2, (4,), 3, seed=1, dtype=torch.float64)
@@ -122,10 +145,10 @@ def test_explore_spectrum_refuses_bad_sliders(args, match):
         hx.explore_spectrum(*args)
 
 
-def test_batch_size_experiment_runs_and_its_line_passes_through_both_ends():
+def test_batch_size_experiment_matches_hand_training_and_autograd_hessians():
     r = hx.batch_size_experiment(
-        num_classes=2, widths=(4,), n_train=20, small_batch=5, epochs=3, num_alphas=9
-    )
+        num_classes=2, widths=(4,), n_train=20, lr=3.0, small_batch=5, epochs=3, num_alphas=9
+    )  # lr 3: the two runs end in different places, with a bump between them (barrier > 0)
     alphas, line = r["alphas"], r["loss"]
     assert line[torch.isclose(alphas, torch.tensor(0.0, dtype=torch.float64))].item() == (
         pytest.approx(r["loss_small"], rel=1e-10)
@@ -133,7 +156,39 @@ def test_batch_size_experiment_runs_and_its_line_passes_through_both_ends():
     assert line[torch.isclose(alphas, torch.tensor(1.0, dtype=torch.float64))].item() == (
         pytest.approx(r["loss_large"], rel=1e-10)
     )
-    assert r["top_small"] > 0 and r["top_large"] > 0
+    # The experiment does not return its models: train both again by hand, from the same blobs
+    # and initialisation, on a hand-written loss. 3 epochs of B=5 on n=20 are 12 updates, plain
+    # w <- w - 3 grad, SGD batches cut from one seed-0 permutation of range(20) per epoch.
+    x, y = hx.blobs(2, n_train=20, dim=2, spread=1.0, seed=0)
+    sizes = (2, 4, 2)
+    init = _flat(models.MLP(2, (4,), 2, seed=0, dtype=torch.float64))
+
+    def loss(w, idx=slice(None)):
+        return _ce_by_hand(_mlp_by_hand(w, x[idx], sizes), y[idx])
+
+    gen = torch.Generator().manual_seed(0)
+    sgd_batches = torch.cat([torch.randperm(20, generator=gen) for _ in range(3)]).split(5)
+    solutions = []
+    for batches in (sgd_batches, [slice(None)] * 12):
+        w = init.clone()
+        for idx in batches:
+            w = w - 3.0 * torch.func.grad(loss)(w, idx)
+        solutions.append(w)
+    small, large = solutions
+    assert r["loss_small"] == pytest.approx(loss(small).item(), rel=1e-10)
+    assert r["loss_large"] == pytest.approx(loss(large).item(), rel=1e-10)
+    assert r["distance"] == pytest.approx((small - large).norm().item(), rel=1e-10)
+    # the Lanczos sharpness at each end: the top eigenvalue of the exact autograd Hessian
+    for key, w in (("top_small", small), ("top_large", large)):
+        top = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, w)).max().item()
+        assert r[key] == pytest.approx(top, rel=1e-8), key
+    # the line, and its barrier: the largest excess over the chord for alpha in [0, 1]
+    hand = torch.stack([loss((1 - a) * small + a * large) for a in alphas])
+    torch.testing.assert_close(line, hand, rtol=1e-10, atol=1e-12)
+    inside = (alphas >= 0) & (alphas <= 1)
+    chord = (1 - alphas) * loss(small) + alphas * loss(large)
+    barrier = (hand - chord)[inside].max().item()
+    assert barrier > 0.05 and r["barrier"] == pytest.approx(barrier, rel=1e-9)
 
 
 def test_slq_moments_match_the_exact_spectrum():
@@ -153,9 +208,23 @@ def test_slq_experiment_refuses_unknown_names():
         hx.slq_experiment(model="vit")
 
 
-def test_ggn_operator_matches_dense_on_the_blob_problem():
+def test_hessian_ggn_and_residual_match_autograd_on_the_blob_problem():
+    """exact_hessian, G = J^T H_out J and R = H - G on the blob MLP (ReLU, models.MLP's
+    parameter order), against autograd of the hand-written network and loss."""
     model, x, y = _tiny_problem()
-    h = curvature.exact_hessian(model, "ce", (x, y))
-    g = curvature.GGNOperator(model, "ce", (x, y)).dense()
-    r = curvature.ResidualOperator(model, "ce", (x, y)).dense()
-    assert torch.allclose(h, g + r, atol=1e-10)
+    sizes, w = (2, 4, 3), _flat(model)
+    h_ref = torch.autograd.functional.hessian(
+        lambda v: _ce_by_hand(_mlp_by_hand(v, x, sizes), y), w
+    )
+    out = _mlp_by_hand(w, x, sizes).detach()
+    jac = torch.autograd.functional.jacobian(lambda v: _mlp_by_hand(v, x, sizes).reshape(-1), w)
+    out_hess = torch.autograd.functional.hessian(
+        lambda o: _ce_by_hand(o.reshape(out.shape), y), out.reshape(-1)
+    )
+    g_ref = jac.T @ out_hess @ jac
+    assert (h_ref - g_ref).abs().max() > 1e-3  # the residual is not negligible here
+    tol = dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(curvature.exact_hessian(model, "ce", (x, y)), h_ref, **tol)
+    torch.testing.assert_close(curvature.GGNOperator(model, "ce", (x, y)).dense(), g_ref, **tol)
+    residual = curvature.ResidualOperator(model, "ce", (x, y)).dense()
+    torch.testing.assert_close(residual, h_ref - g_ref, **tol)

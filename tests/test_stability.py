@@ -248,14 +248,31 @@ def test_sharpness_tracker_follows_training_and_warm_starts():
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 def test_tracker_operator_matches_the_hessian_operator(loss):
-    """The tracker's double-backward operator on the live module is HessianOperator's H, frozen
-    parameters left out; a train-mode dropout is refused like there."""
+    """The tracker's double-backward operator on the live module is the Hessian over the
+    trainable parameters only (a frozen, non-zero first bias left out), against autograd of the
+    hand-written net and loss, and HessianOperator's H; a train-mode dropout is refused."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(9, 3, generator=g, dtype=torch.float64)
     y = torch.randint(0, 2, (9,), generator=g)
     model = models.MLP(3, [5, 4], 2, activation="tanh", seed=3, dtype=torch.float64)
+    frozen = torch.randn(5, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        model.layers[0].bias.copy_(frozen)
     model.layers[0].bias.requires_grad_(False)
+
+    def hand_loss(w):  # w: W0 (5x3), W1 (4x5), b1, W2 (2x4), b2; b0 = frozen, a constant
+        w0, w1, b1 = w[:15].view(5, 3), w[15:35].view(4, 5), w[35:39]
+        w2, b2 = w[39:47].view(2, 4), w[47:49]
+        out = torch.tanh(torch.tanh(x @ w0.T + frozen) @ w1.T + b1) @ w2.T + b2
+        if loss == "mse":  # 1/n sum_i 1/2 ||f(x_i) - onehot(y_i)||^2
+            return 0.5 * (out - nn.functional.one_hot(y, 2).double()).pow(2).sum() / len(y)
+        return (torch.logsumexp(out, 1) - out.gather(1, y[:, None]).squeeze(1)).mean()
+
+    trainable = torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+    reference = torch.autograd.functional.hessian(hand_loss, trainable)
     current = LiveHessianOperator(model, loss, x, y).dense()
+    assert current.shape == (49, 49)
+    torch.testing.assert_close(current, reference, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(current, HessianOperator(model, loss, (x, y)).dense())
     with pytest.raises(ValueError, match="dropout"):
         LiveHessianOperator(nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.5)), loss, x, y)
