@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from reference import flat_params, mlp_by_hand
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -36,24 +37,6 @@ def make_mlp(sizes: tuple[int, ...], act: type[nn.Module], seed: int = 0) -> nn.
 def make_data(n: int, d: int, c: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, d, generator=g, dtype=F64), torch.randint(0, c, (n,), generator=g)
-
-
-def flat_params(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def mlp_by_hand(w: torch.Tensor, x: torch.Tensor, sizes: tuple[int, ...], act) -> torch.Tensor:
-    """The same network as make_mlp, written out on a flat vector (PyTorch's W: out x in)."""
-    offset, h = 0, x
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        weight = w[offset : offset + fan_in * fan_out].reshape(fan_out, fan_in)
-        offset += fan_in * fan_out
-        bias = w[offset : offset + fan_out]
-        offset += fan_out
-        h = h @ weight.T + bias
-        if i < len(sizes) - 2:
-            h = act(h)
-    return h
 
 
 def loss_by_hand(out: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import flat_params, mlp_by_hand
 
 from gradcourse import curvature, models
 from gradcourse.cache import Cache
@@ -57,24 +58,6 @@ def _tiny_problem():
     x, y = hx.blobs(3, n_train=30, dim=2, spread=1.0, seed=0)
     model = models.MLP(2, (4,), 3, seed=0, dtype=torch.float64)
     return model, x, y
-
-
-def _flat(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def _mlp_by_hand(w, x, sizes):
-    """models.MLP (ReLU) written out on a flat vector in named_parameters order (W: out x in)."""
-    offset, h = 0, x
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        weight = w[offset : offset + fan_in * fan_out].reshape(fan_out, fan_in)
-        offset += fan_in * fan_out
-        bias = w[offset : offset + fan_out]
-        offset += fan_out
-        h = h @ weight.T + bias
-        if i < len(sizes) - 2:
-            h = torch.relu(h)
-    return h
 
 
 def _ce_by_hand(out, y):
@@ -161,10 +144,10 @@ def test_batch_size_experiment_matches_hand_training_and_autograd_hessians():
     # w <- w - 3 grad, SGD batches cut from one seed-0 permutation of range(20) per epoch.
     x, y = hx.blobs(2, n_train=20, dim=2, spread=1.0, seed=0)
     sizes = (2, 4, 2)
-    init = _flat(models.MLP(2, (4,), 2, seed=0, dtype=torch.float64))
+    init = flat_params(models.MLP(2, (4,), 2, seed=0, dtype=torch.float64))
 
     def loss(w, idx=slice(None)):
-        return _ce_by_hand(_mlp_by_hand(w, x[idx], sizes), y[idx])
+        return _ce_by_hand(mlp_by_hand(w, x[idx], sizes), y[idx])
 
     gen = torch.Generator().manual_seed(0)
     sgd_batches = torch.cat([torch.randperm(20, generator=gen) for _ in range(3)]).split(5)
@@ -212,12 +195,10 @@ def test_hessian_ggn_and_residual_match_autograd_on_the_blob_problem():
     """exact_hessian, G = J^T H_out J and R = H - G on the blob MLP (ReLU, models.MLP's
     parameter order), against autograd of the hand-written network and loss."""
     model, x, y = _tiny_problem()
-    sizes, w = (2, 4, 3), _flat(model)
-    h_ref = torch.autograd.functional.hessian(
-        lambda v: _ce_by_hand(_mlp_by_hand(v, x, sizes), y), w
-    )
-    out = _mlp_by_hand(w, x, sizes).detach()
-    jac = torch.autograd.functional.jacobian(lambda v: _mlp_by_hand(v, x, sizes).reshape(-1), w)
+    sizes, w = (2, 4, 3), flat_params(model)
+    h_ref = torch.autograd.functional.hessian(lambda v: _ce_by_hand(mlp_by_hand(v, x, sizes), y), w)
+    out = mlp_by_hand(w, x, sizes).detach()
+    jac = torch.autograd.functional.jacobian(lambda v: mlp_by_hand(v, x, sizes).reshape(-1), w)
     out_hess = torch.autograd.functional.hessian(
         lambda o: _ce_by_hand(o.reshape(out.shape), y), out.reshape(-1)
     )

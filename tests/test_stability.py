@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from reference import flat_params
 from torch import nn
 
 from gradcourse import models, stability, train
@@ -20,10 +21,6 @@ def tiny_problem(n: int = 6, seed: int = 0):
     y = torch.randn(n, 2, generator=g, dtype=torch.float64)
     model = models.MLP(3, [4], 2, activation="tanh", seed=seed, dtype=torch.float64)
     return model, x, y
-
-
-def flat_params(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 def per_example_hessians(model, x, y):
