@@ -7,13 +7,15 @@ LAB_ARGS ?=
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 PROFILE ?= auto
 
-.PHONY: lab test test-unit test-notebooks test-browser chromium lint format reproduce clean help
+.PHONY: lab test test-unit test-notebooks test-browser test-sweep chromium data lint format reproduce clean help
 
 help:
 	@echo "make lab        create .venv, install, open the course in JupyterLab (LAB_ARGS=--no-browser on a headless machine)"
 	@echo "make test       create .venv, install with test extras, lint, unit tests, every notebook under nbval (profile ci)"
 	@echo "make test-browser  every notebook in JupyterLab in headless Chromium: run all, move each widget"
 	@echo "make reproduce  run every notebook in the auto profile (gpu if CUDA, else cpu) and print the scorecard"
+	@echo "make data       check that Fashion-MNIST is on disk (apt-get install as root when missing)"
+	@echo "make test-sweep unit tests and notebooks under each CPU capability and 1/2 threads"
 	@echo "make format     apply ruff's formatter and autofixes"
 
 $(BIN)/python:
@@ -32,7 +34,21 @@ $(VENV)/.installed-browser: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e '.[test,browser]'
 	@touch $@ $(VENV)/.installed $(VENV)/.installed-test
 
+# Fashion-MNIST, the course's real dataset: Debian's package puts it in /usr/share/datasets/.
+# When it is missing, root with apt-get installs it (as test-browser does Chromium); anyone
+# else is told the two ways to get it (apt, or torchvision's download).
+DATA_CHECK := $(BIN)/python -m gradcourse data
+
+data: $(VENV)/.installed
+	@if ! $(DATA_CHECK) >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Fashion-MNIST with apt-get (package dataset-fashion-mnist)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	fi
+	@$(DATA_CHECK) || { echo "Get it with: sudo apt-get install dataset-fashion-mnist"; \
+		echo "         or: $(BIN)/python -m gradcourse data --download   (online; torchvision)"; exit 1; }
+
 lab: $(VENV)/.installed
+	@$(MAKE) --no-print-directory data || echo "(continuing: notebooks on Fashion-MNIST will say what is missing)"
 	$(BIN)/jupyter lab notebooks/ $(ROOT_FLAG) $(LAB_ARGS)
 
 lint: $(VENV)/.installed-test
@@ -49,7 +65,22 @@ test-unit: $(VENV)/.installed-test
 test-notebooks: $(VENV)/.installed-test
 	GRADCOURSE_PROFILE=ci $(BIN)/python -m pytest --nbval-lax notebooks/ -q --durations=0 -p no:cacheprovider
 
-test: lint test-unit test-notebooks
+test: data lint test-unit test-notebooks
+
+# Results must not depend on the CPU's vector unit or the thread count: the unit tests and the
+# notebooks under each ATEN_CPU_CAPABILITY (default, avx2, and the machine's own) with 1 and 2
+# threads (GRADCOURSE_THREADS overrides every profile's thread count). About 6x `make test`.
+SWEEP_CAPS ?= default avx2 native
+SWEEP_THREADS ?= 1 2
+test-sweep: $(VENV)/.installed-test data
+	@set -e; for cap in $(SWEEP_CAPS); do for t in $(SWEEP_THREADS); do \
+		echo "== ATEN_CPU_CAPABILITY=$$cap, $$t thread(s) =="; \
+		if [ "$$cap" = native ]; then unset ATEN_CPU_CAPABILITY; else export ATEN_CPU_CAPABILITY=$$cap; fi; \
+		export GRADCOURSE_THREADS=$$t OMP_NUM_THREADS=$$t; \
+		$(BIN)/python -c "import torch; print('torch uses', torch.backends.cpu.get_cpu_capability(), 'with', torch.get_num_threads(), 'thread(s)')"; \
+		GRADCOURSE_PROFILE=ci $(BIN)/python -m pytest tests/ --ignore=tests/browser -q -p no:cacheprovider; \
+		GRADCOURSE_PROFILE=ci $(BIN)/python -m pytest --nbval-lax notebooks/ -q -p no:cacheprovider; \
+	done; done
 
 # Playwright drives the system Chromium (it never downloads a browser of its own).
 test-browser: $(VENV)/.installed-browser

@@ -12,7 +12,7 @@ import importlib
 import warnings
 from typing import TYPE_CHECKING
 
-from .profile import PROFILES, Profile, get_device, profile, seed_everything
+from .profile import PROFILES, Profile, get_device, profile, seed_everything, set_cpu_threads
 
 __version__ = "0.1.0"
 
@@ -42,7 +42,15 @@ _SUBMODULES = (
     "widgets",
 )
 
-__all__ = ["PROFILES", "Profile", "get_device", "profile", "seed_everything", *_SUBMODULES]
+__all__ = [
+    "PROFILES",
+    "Profile",
+    "get_device",
+    "profile",
+    "seed_everything",
+    "set_cpu_threads",
+    *_SUBMODULES,
+]
 
 
 def __getattr__(name: str):

@@ -4,6 +4,7 @@
 - ``run NOTEBOOK... [--profile P]``: execute notebooks headlessly into ``build/`` (the executed
   ``.ipynb`` is kept, next to the JSON record of its claim verdicts), with a progress bar.
 - ``report``: one scorecard of every claim of every executed notebook.
+- ``data [--download]``: check that Fashion-MNIST is on disk (and valid), or download it.
 """
 
 from __future__ import annotations
@@ -219,6 +220,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """Check that Fashion-MNIST is on disk and valid (downloading it with ``--download``)."""
+    from . import data
+
+    try:
+        ds = data.fashion_mnist(download=args.download, standardize="none")
+    except data.DatasetUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"Fashion-MNIST: {ds.n_train} training and {ds.n_test} test images, {ds.source}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradcourse", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -237,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_report = sub.add_parser("report", help="scorecard of every executed notebook's claims")
     p_report.add_argument("--dir", help="directory of *.claims.json (default: build/)")
     p_report.set_defaults(func=cmd_report)
+    p_data = sub.add_parser("data", help="check that the course's dataset (Fashion-MNIST) is here")
+    p_data.add_argument(
+        "--download", action="store_true", help="download it with torchvision when it is missing"
+    )
+    p_data.set_defaults(func=cmd_data)
     return parser
 
 

@@ -3,6 +3,7 @@
     ds = gc.data.gaussian_mixture(n_train=100, num_classes=2, seed=0)   # Sagun et al. 2017
     ds = gc.data.mnist1d()                                              # generated offline, cached
     ds = gc.data.digits()                                               # bundled with scikit-learn
+    ds = gc.data.fashion_mnist(n_train=1_000)                           # real images, offline
     ds = gc.data.cifar10(n_train=5_000)                                 # torchvision, files on disk
     x, y = gc.data.full_batch(ds, device="cuda")
 
@@ -14,16 +15,22 @@ deterministic under ``seed`` without touching the global random state. Files liv
 
 from __future__ import annotations
 
+import functools
+import gzip
 import hashlib
 import json
 import math
 import os
 import random
+import struct
 import tempfile
 import warnings
 import zipfile
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +38,7 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 from torch.utils.data import TensorDataset as _TensorDataset
 
+from .checks import check_int as _check_int
 from .losses import LossFn, one_hot, targets_for
 from .paths import data_root
 
@@ -41,12 +49,14 @@ __all__ = [
     "cifar10",
     "default_data_root",
     "digits",
+    "fashion_mnist",
     "full_batch",
     "gaussian_mixture",
     "label_noise",
     "mnist",
     "mnist1d",
     "one_hot",
+    "read_idx",
     "standardize",
 ]
 
@@ -56,14 +66,6 @@ SPLITS: tuple[str, ...] = ("train", "test")
 class DatasetUnavailable(RuntimeError):
     """A dataset's files are not on disk (or could not be downloaded); the message says where
     to put which files."""
-
-
-def _check_int(name: str, value: int, low: int, high: int | None = None) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if value < low or (high is not None and value > high):
-        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {allowed}, got {value}")
 
 
 def _check_split(split: str) -> None:
@@ -85,6 +87,8 @@ class Dataset:
     y_test: Tensor
     num_classes: int
     name: str
+    classes: tuple[str, ...] | None = None  # class names, where the dataset has them
+    source: str | None = None  # the folder its files were read from, for datasets on disk
 
     def __post_init__(self) -> None:
         for split in SPLITS:
@@ -465,108 +469,311 @@ def mnist1d(
 
 
 # ----------------------------------------------------------------------------------------------
-# CIFAR-10 and MNIST through torchvision (files on disk; downloaded only when asked)
+# Image datasets: Fashion-MNIST and MNIST from validated IDX files, CIFAR-10 through torchvision.
+# Files are read from disk; torchvision downloads only when asked (``download=True``).
 
-_WHERE = {  # torchvision class: (name, function, folder under root, files that go there)
-    "CIFAR10": (
-        "CIFAR-10",
-        "cifar10",
-        "cifar-10-batches-py",
-        "data_batch_1 ... data_batch_5, test_batch and batches.meta, extracted from "
-        "cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html)",
-    ),
-    "MNIST": (
-        "MNIST",
-        "mnist",
-        os.path.join("MNIST", "raw"),
-        "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
-        "t10k-labels-idx1-ubyte (the four MNIST .gz files, gunzipped)",
-    ),
+#: Where Debian's package ``dataset-fashion-mnist`` puts the four gzipped IDX files.
+SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
+#: The four IDX files of an MNIST-format dataset, per split: (images, labels).
+IDX_FILES: dict[str, tuple[str, str]] = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+_IDX_UINT8 = 0x08
+STANDARDIZE: tuple[str, ...] = ("channel", "feature", "none")
 
 
-def _torchvision_split(cls_name: str, root: Path, train: bool, download: bool):
-    """One split of a torchvision dataset; missing files raise :class:`DatasetUnavailable`."""
-    import torchvision.datasets
+class InvalidIDXFile(ValueError):
+    """A file is not a well-formed IDX file of the expected shape (the message says why)."""
 
-    cls = getattr(torchvision.datasets, cls_name)
+
+def read_idx(path: str | Path, *, ndim: int, num_classes: int | None = None) -> np.ndarray:
+    """The uint8 array stored in an IDX file (plain or ``.gz``), as in the MNIST distribution:
+    magic number ``0x00 0x00 0x08 ndim``, ``ndim`` big-endian int32 sizes, then the bytes.
+
+    Raises :class:`InvalidIDXFile` for a wrong magic number or rank, a length that disagrees
+    with the header (truncated or padded), a truncated or corrupt gzip stream, or (with
+    ``num_classes``) a label outside ``[0, num_classes - 1]``. The result is read-only and
+    cached in memory per file version (path, size and modification time)."""
+    path = Path(path)
+    stat = path.stat()
+    return _read_idx_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns, ndim, num_classes)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_idx_cached(
+    path: str, size: int, mtime_ns: int, ndim: int, num_classes: int | None
+) -> np.ndarray:
     try:
-        return cls(root=str(root), train=train, download=download)
-    except (RuntimeError, OSError) as err:
-        name, function, folder, files = _WHERE[cls_name]
-        what = (
-            f"downloading {name} into {root} failed ({' '.join(str(err).split())[:300]})"
-            if download
-            else f"{name} was not found (or is corrupted) under {root}"
+        if path.endswith(".gz"):
+            with gzip.open(path, "rb") as fh:
+                raw = fh.read()
+        else:
+            raw = Path(path).read_bytes()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise InvalidIDXFile(f"its gzip stream is truncated or corrupt ({err})") from err
+    header_len = 4 + 4 * ndim
+    if len(raw) < header_len:
+        raise InvalidIDXFile(f"it holds {len(raw)} bytes, fewer than an IDX header's {header_len}")
+    zero, dtype, rank = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype != _IDX_UINT8 or rank != ndim:
+        raise InvalidIDXFile(
+            f"its magic number is 0x{raw[:4].hex()}, expected 0x0000080{ndim} (uint8, {ndim}-D)"
         )
-        raise DatasetUnavailable(
-            f"{what}. Put {files} into {root / folder}{os.sep}, or call "
-            f"gradcourse.data.{function}(download=True) on a machine that is online."
-        ) from err
+    shape = struct.unpack(f">{ndim}I", raw[4:header_len])
+    expected = header_len + math.prod(shape)
+    if len(raw) != expected:
+        raise InvalidIDXFile(
+            f"its header announces shape {shape} ({expected} bytes) but it holds {len(raw)} bytes"
+            f" ({'truncated' if len(raw) < expected else 'trailing data'})"
+        )
+    array = np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(shape)
+    if num_classes is not None and array.size and int(array.max()) >= num_classes:
+        bad = int(np.argmax(array >= num_classes))
+        raise InvalidIDXFile(
+            f"label {int(array.flat[bad])} at index {bad} is outside [0, {num_classes - 1}]"
+        )
+    return array  # frombuffer over bytes: already read-only
 
 
-def _pixel_stats(images: np.ndarray) -> tuple[Tensor, Tensor]:
-    """Exact mean and std of uint8 pixels / 255 per channel (last axis), from each channel's
-    histogram, so the whole training set is never copied as floats."""
-    levels = np.arange(256) / 255.0
-    means, stds = [], []
-    for c in range(images.shape[-1]):
-        counts = np.bincount(images[..., c].ravel(), minlength=256)
-        mean = counts @ levels / counts.sum()
-        means.append(mean)
-        stds.append(math.sqrt(counts @ (levels - mean) ** 2 / counts.sum()))
-    return torch.tensor(means), torch.tensor(stds)
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    """``folder/stem`` or ``folder/stem.gz``, whichever exists (the plain file first)."""
+    for name in (stem, f"{stem}.gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _read_idx_folder(
+    folder: Path, image_shape: tuple[int, int], num_classes: int, remedy: str
+) -> dict[str, np.ndarray]:
+    """The four validated arrays of an MNIST-format folder (``images_train``, ``labels_train``,
+    ``images_test``, ``labels_test``); a bad file raises :class:`DatasetUnavailable` naming it."""
+    arrays = {}
+    for split, (images_stem, labels_stem) in IDX_FILES.items():
+        files = {"images": _idx_file(folder, images_stem), "labels": _idx_file(folder, labels_stem)}
+        for kind, path in files.items():
+            try:
+                if path is None:
+                    raise InvalidIDXFile("it is missing")
+                array = read_idx(path, ndim=3 if kind == "images" else 1,
+                                 num_classes=num_classes if kind == "labels" else None)  # fmt: skip
+                if kind == "images" and array.shape[1:] != image_shape:
+                    raise InvalidIDXFile(
+                        f"its images are {array.shape[1]}x{array.shape[2]}, expected "
+                        f"{image_shape[0]}x{image_shape[1]}"
+                    )
+            except (InvalidIDXFile, OSError) as err:
+                name = (
+                    path.name
+                    if path is not None
+                    else f"{images_stem if kind == 'images' else labels_stem}[.gz]"
+                )
+                raise DatasetUnavailable(
+                    f"{name} in {folder}{os.sep} is not usable: {err}. {remedy}"
+                ) from err
+            arrays[f"{kind}_{split}"] = array
+        n_images, n_labels = len(arrays[f"images_{split}"]), len(arrays[f"labels_{split}"])
+        if n_images != n_labels or n_images == 0:
+            raise DatasetUnavailable(
+                f"the {split} split in {folder}{os.sep} has {n_images} images but {n_labels} "
+                f"labels. {remedy}"
+            )
+    return arrays
+
+
+def _has_idx_files(folder: Path) -> bool:
+    return all(_idx_file(folder, stem) is not None for pair in IDX_FILES.values() for stem in pair)
+
+
+def _check_standardize(standardize: str) -> str:
+    if standardize not in STANDARDIZE:
+        raise ValueError(f"standardize must be one of {STANDARDIZE}, got {standardize!r}")
+    return standardize
+
+
+def _pixel_stats(images: np.ndarray, standardize: str) -> tuple[Tensor, Tensor]:
+    """Mean and std of uint8 pixels / 255 over the training images (n, C, H, W): one per channel
+    (``"channel"``, exact, from each channel's histogram) or one per pixel (``"feature"``, as
+    Cohen et al. 2021), accumulated in float64 blocks so the set is never copied whole as
+    floats. Constant pixels get std 1 (they are only centred); ``"none"``: mean 0, std 1."""
+    n, c = images.shape[:2]
+    if standardize == "none":
+        return torch.zeros(1, c, 1, 1, dtype=torch.float64), torch.ones(
+            1, c, 1, 1, dtype=torch.float64
+        )
+    if standardize == "channel":
+        levels = np.arange(256) / 255.0
+        means, stds = [], []
+        for ch in range(c):
+            counts = np.bincount(images[:, ch].ravel(), minlength=256)
+            mean = counts @ levels / counts.sum()
+            means.append(mean)
+            stds.append(math.sqrt(counts @ (levels - mean) ** 2 / counts.sum()))
+        mean_t = torch.tensor(means, dtype=torch.float64).view(1, c, 1, 1)
+        std_t = torch.tensor(stds, dtype=torch.float64).view(1, c, 1, 1)
+    else:
+        total = np.zeros(images.shape[1:], dtype=np.float64)
+        square = np.zeros(images.shape[1:], dtype=np.float64)
+        for start in range(0, n, 8192):
+            block = images[start : start + 8192].astype(np.float64) / 255.0
+            total += block.sum(0)
+            square += (block * block).sum(0)
+        mean = total / n
+        var = np.maximum(square / n - mean * mean, 0.0)
+        mean_t, std_t = torch.from_numpy(mean)[None], torch.from_numpy(np.sqrt(var))[None]
+    rounding = 100 * torch.finfo(torch.float32).eps * (1 + mean_t.abs())
+    return mean_t, torch.where(std_t > rounding, std_t, torch.ones_like(std_t))
 
 
 def _image_dataset(
-    cls_name: str,
-    root: str | Path | None,
-    download: bool,
+    images: tuple[np.ndarray, np.ndarray],
+    labels: tuple[np.ndarray, np.ndarray],
+    *,
+    name: str,
+    num_classes: int,
+    classes: tuple[str, ...] | None,
     n_train: int | None,
     n_test: int | None,
+    balanced: bool,
+    standardize: str,
+    flatten: bool,
     seed: int,
     device: str | torch.device | None,
     dtype: torch.dtype,
 ) -> Dataset:
-    root = default_data_root() if root is None else Path(root).expanduser()
-    splits = [_torchvision_split(cls_name, root, train, download) for train in (True, False)]
-    images = [np.asarray(s.data, dtype=np.uint8) for s in splits]  # (n, H, W) or (n, H, W, C)
-    labels = [torch.as_tensor(np.asarray(s.targets), dtype=torch.int64) for s in splits]
-    if images[0].ndim == 3:
-        images = [im[..., None] for im in images]
-    # Per-channel statistics of the full training split (Cohen et al. 2021 also standardise
-    # before taking a subset), so a subset here equals ``Dataset.subset`` of the full set.
-    mean, std = _pixel_stats(images[0])
+    """A :class:`Dataset` from uint8 images (n, C, H, W) and labels of both splits: pixels / 255,
+    standardised with statistics of the *full* training split (so a subset here equals
+    ``Dataset.subset`` of the full set, and Cohen et al.'s order: standardise, then subset)."""
+    _check_standardize(standardize)
+    _check_int("seed", seed, 0, 2**32 - 1)
+    mean, std = _pixel_stats(images[0], standardize)
     xs, ys = [], []
     for im, y, n, arg in zip(images, labels, (n_train, n_test), ("n_train", "n_test"), strict=True):
+        y = torch.as_tensor(np.asarray(y, dtype=np.int64))
         if n is not None:
             _check_int(arg, n, 1, len(y))
-            idx = balanced_subset_indices(y, n, seed=seed)
+            if balanced:
+                idx = balanced_subset_indices(y, n, seed=seed)
+            else:
+                gen = torch.Generator().manual_seed(seed)
+                idx = torch.randperm(len(y), generator=gen)[:n].sort().values
             im, y = im[idx.numpy()], y[idx]
-        x = torch.from_numpy(im).permute(0, 3, 1, 2)  # (n, C, H, W)
-        x = x.to(dtype=dtype, memory_format=torch.contiguous_format).div_(255)
-        x.sub_(mean.to(dtype).view(1, -1, 1, 1)).div_(std.to(dtype).view(1, -1, 1, 1))
-        xs.append(x.to(device))
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        x = torch.from_numpy(im.astype(np.float64 if work == torch.float64 else np.float32))
+        x = (x.div_(255) - mean.to(work)) / std.to(work)
+        x = x.to(dtype)
+        xs.append((x.flatten(1) if flatten else x).to(device))
         ys.append(y.to(device))
-    num_classes = len(splits[0].classes)
-    return Dataset(xs[0], ys[0], xs[1], ys[1], num_classes=num_classes, name=cls_name.lower())
+    return Dataset(xs[0], ys[0], xs[1], ys[1], num_classes=num_classes, name=name, classes=classes)
 
 
-def cifar10(
+def _idx_dataset(
+    display: str,
+    folders: Sequence[Path],
+    download_into: Path,
+    torchvision_class: str,
+    function: str,
+    install_hint: str,
+    *,
+    download: bool,
+    classes: tuple[str, ...] | None,
+    **options: Any,
+) -> Dataset:
+    """An MNIST-format dataset read from the first of ``folders`` holding all four IDX files
+    (plain or gzipped), downloaded by torchvision into ``download_into`` when asked."""
+    download_hint = (
+        f"call gradcourse.data.{function}(download=True) on a machine that is online "
+        f"(torchvision puts the files into {download_into}{os.sep})"
+    )
+    remedy = "Replace the file: " + (f"{install_hint}, or " if install_hint else "")
+    remedy += f"delete it and {download_hint}."
+    found = next((f for f in folders if _has_idx_files(f)), None)
+    if found is None and download:
+        import torchvision.datasets
+
+        cls = getattr(torchvision.datasets, torchvision_class)
+        try:
+            cls(root=str(download_into.parent.parent), train=True, download=True)
+        except (RuntimeError, OSError) as err:
+            raise DatasetUnavailable(
+                f"downloading {display} into {download_into} failed "
+                f"({' '.join(str(err).split())[:300]}). Retry when online"
+                + (f", or {install_hint}." if install_hint else ".")
+            ) from err
+        found = download_into if _has_idx_files(download_into) else None
+    if found is None:
+        where = " or ".join(f"{f}{os.sep}" for f in folders)
+        files = ", ".join(f"{stem}[.gz]" for pair in IDX_FILES.values() for stem in pair)
+        raise DatasetUnavailable(
+            f"{display} was not found: looked for {files} in {where}. "
+            + (f"{install_hint[:1].upper()}{install_hint[1:]}. Or " if install_hint else "Or ")
+            + f"{download_hint}, or copy the files there."
+        )
+    arrays = _read_idx_folder(found, (28, 28), 10, remedy)
+    images = (arrays["images_train"][:, None], arrays["images_test"][:, None])
+    labels = (arrays["labels_train"], arrays["labels_test"])
+    ds = _image_dataset(images, labels, num_classes=10, classes=classes, **options)
+    return replace(ds, source=str(found))
+
+
+def fashion_mnist(
     root: str | Path | None = None,
     *,
     download: bool = False,
     n_train: int | None = None,
     n_test: int | None = None,
+    balanced: bool = True,
+    standardize: str = "channel",
+    flatten: bool = False,
     seed: int = 0,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Dataset:
-    """CIFAR-10 via ``torchvision.datasets.CIFAR10`` from ``<root>/cifar-10-batches-py/``:
-    (n, 3, 32, 32) pixels scaled to [0, 1], then standardised per channel with training
-    statistics. ``n_train``/``n_test`` take class-balanced subsets under ``seed`` (e.g. the
-    5,000 examples of Cohen et al. 2021). Downloads only when ``download=True``."""
-    return _image_dataset("CIFAR10", root, download, n_train, n_test, seed, device, dtype)
+    """Fashion-MNIST (Xiao, Rasul & Vollgraf 2017, arXiv 1708.07747): 60,000 training and 10,000
+    test images of 28x28 grey pixels, 10 classes of clothing (6,000 / 1,000 per class), as
+    (n, 1, 28, 28), or (n, 784) with ``flatten``.
+
+    Looked for, in order: ``<root>/FashionMNIST/raw/`` (torchvision's layout; ``root`` defaults
+    to ``$GRADCOURSE_DATA`` or ``<repo>/data``), then :data:`SYSTEM_FASHION_MNIST`, where
+    Debian's ``dataset-fashion-mnist`` installs it (offline); with ``download=True`` and
+    neither present, torchvision downloads it into the first. Every file is validated (magic
+    number, length, labels in 0..9, intact gzip): a missing or corrupt file raises
+    :class:`DatasetUnavailable` naming the folder, the file and what to do.
+
+    Pixels are scaled to [0, 1], then standardised with the full training split's statistics
+    as ``standardize`` says: ``"channel"`` (one mean and std), ``"feature"`` (per pixel, as Cohen et al.
+    2021) or ``"none"`` (pixels / 255, as Wu, Ma & E 2018 and Jacot et al. 2018).
+    ``n_train``/``n_test`` take subsets under ``seed``, class-balanced unless
+    ``balanced=False`` (then uniformly at random)."""
+    root = default_data_root() if root is None else Path(root).expanduser()
+    folder = root / "FashionMNIST" / "raw"
+    return _idx_dataset(
+        "Fashion-MNIST",
+        [folder, SYSTEM_FASHION_MNIST],
+        folder,
+        "FashionMNIST",
+        "fashion_mnist",
+        "install Debian's package: `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu; "
+        f"it puts the files into {SYSTEM_FASHION_MNIST}{os.sep})",
+        download=download,
+        classes=FASHION_MNIST_CLASSES,
+        name="fashion_mnist",
+        n_train=n_train,
+        n_test=n_test,
+        balanced=balanced,
+        standardize=standardize,
+        flatten=flatten,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+    )
 
 
 def mnist(
@@ -575,11 +782,95 @@ def mnist(
     download: bool = False,
     n_train: int | None = None,
     n_test: int | None = None,
+    balanced: bool = True,
+    standardize: str = "channel",
+    flatten: bool = False,
     seed: int = 0,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Dataset:
-    """MNIST via ``torchvision.datasets.MNIST`` from ``<root>/MNIST/raw/``: (n, 1, 28, 28)
-    pixels scaled to [0, 1], then standardised with training statistics. ``n_train``/``n_test``
-    take class-balanced subsets under ``seed``. Downloads only when ``download=True``."""
-    return _image_dataset("MNIST", root, download, n_train, n_test, seed, device, dtype)
+    """MNIST (LeCun et al. 1998) from ``<root>/MNIST/raw/`` (torchvision's layout; the four IDX
+    files, plain or gzipped): (n, 1, 28, 28), or (n, 784) with ``flatten``. Downloaded by
+    torchvision only when ``download=True``. Files are validated as in :func:`fashion_mnist`,
+    and ``standardize``, ``n_train``, ``n_test``, ``balanced`` and ``seed`` mean the same."""
+    root = default_data_root() if root is None else Path(root).expanduser()
+    folder = root / "MNIST" / "raw"
+    return _idx_dataset(
+        "MNIST",
+        [folder],
+        folder,
+        "MNIST",
+        "mnist",
+        "",
+        download=download,
+        classes=None,
+        name="mnist",
+        n_train=n_train,
+        n_test=n_test,
+        balanced=balanced,
+        standardize=standardize,
+        flatten=flatten,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+    )
+
+
+def cifar10(
+    root: str | Path | None = None,
+    *,
+    download: bool = False,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    balanced: bool = True,
+    standardize: str = "channel",
+    flatten: bool = False,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Dataset:
+    """CIFAR-10 via ``torchvision.datasets.CIFAR10`` from ``<root>/cifar-10-batches-py/``:
+    (n, 3, 32, 32) pixels scaled to [0, 1], then standardised with training statistics (per
+    channel by default; ``standardize`` as in :func:`fashion_mnist`). ``n_train``/``n_test``
+    take subsets under ``seed`` (e.g. the 5,000 examples of Cohen et al. 2021). Downloads only
+    when ``download=True``."""
+    import torchvision.datasets
+
+    _check_standardize(standardize)
+    root = default_data_root() if root is None else Path(root).expanduser()
+    splits = []
+    for train in (True, False):
+        try:
+            splits.append(
+                torchvision.datasets.CIFAR10(root=str(root), train=train, download=download)
+            )
+        except (RuntimeError, OSError) as err:
+            what = (
+                f"downloading CIFAR-10 into {root} failed ({' '.join(str(err).split())[:300]})"
+                if download
+                else f"CIFAR-10 was not found (or is corrupted) under {root}"
+            )
+            raise DatasetUnavailable(
+                f"{what}. Put data_batch_1 ... data_batch_5, test_batch and batches.meta, "
+                "extracted from cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html), "
+                f"into {root / 'cifar-10-batches-py'}{os.sep}, or call "
+                "gradcourse.data.cifar10(download=True) on a machine that is online."
+            ) from err
+    images = tuple(np.asarray(s.data, dtype=np.uint8).transpose(0, 3, 1, 2) for s in splits)
+    labels = tuple(np.asarray(s.targets) for s in splits)
+    ds = _image_dataset(
+        images,  # type: ignore[arg-type]
+        labels,  # type: ignore[arg-type]
+        name="cifar10",
+        num_classes=len(splits[0].classes),
+        classes=tuple(splits[0].classes),
+        n_train=n_train,
+        n_test=n_test,
+        balanced=balanced,
+        standardize=standardize,
+        flatten=flatten,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+    )
+    return replace(ds, source=str(root / "cifar-10-batches-py"))

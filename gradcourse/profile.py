@@ -20,6 +20,7 @@ import torch
 
 PROFILES: tuple[str, ...] = ("ci", "cpu", "gpu")
 ENV_VAR = "GRADCOURSE_PROFILE"
+THREADS_VAR = "GRADCOURSE_THREADS"
 _MISSING = object()
 
 
@@ -68,6 +69,21 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def set_cpu_threads(n: int) -> int:
+    """Compute on ``n`` CPU threads, unless ``$GRADCOURSE_THREADS`` names another count (which
+    wins, so a whole run can be repeated at 1 and 2 threads: ``make test-sweep``). Returns the
+    count now in force."""
+    raw = os.environ.get(THREADS_VAR, "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"${THREADS_VAR}={raw!r} must be a positive integer")
+        n = int(raw)
+    elif isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    torch.set_num_threads(n)
+    return n
+
+
 @dataclass(frozen=True)
 class Profile:
     """A resolved profile: its name and the device it computes on."""
@@ -104,10 +120,13 @@ def profile(name: str | None = None, device: str | torch.device | None = None) -
     that a second thread only adds synchronisation, which on a loaded 2-core machine made cells
     10-80x slower (measured: a 516x516 ``eigvalsh`` took 3.2 s with 2 threads, 0.04 s with 1),
     and one thread makes its numbers independent of the machine's core count.
+    ``$GRADCOURSE_THREADS`` overrides the thread count at every profile.
     """
     resolved = resolve_profile_name(name)
     if resolved == "ci":
-        torch.set_num_threads(1)
+        set_cpu_threads(1)
         if device is None:
             device = "cpu"
+    elif os.environ.get(THREADS_VAR, "").strip():
+        set_cpu_threads(torch.get_num_threads())  # the variable's count
     return Profile(name=resolved, device=get_device(device))

@@ -3,6 +3,7 @@ writers of small fake dataset files in the real on-disk formats (for the torchvi
 
 from __future__ import annotations
 
+import gzip
 import os
 import pickle
 import struct
@@ -41,28 +42,41 @@ def _write_fake_cifar10(root, per_batch=20, n_test=20):
     return labels_written
 
 
-def _write_idx(path, array):
-    """An idx file as in the MNIST distribution: magic (0, 0, 0x08 = uint8, ndim), big-endian
-    int32 sizes, then the raw bytes."""
+def _idx_bytes(array):
+    """An idx file's bytes as in the MNIST distribution: magic (0, 0, 0x08 = uint8, ndim),
+    big-endian int32 sizes, then the raw bytes."""
     header = struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
+    return header + array.astype(np.uint8).tobytes()
 
 
-def _write_fake_mnist(root, n_train=30, n_test=10):
-    """``MNIST/raw/`` as torchvision reads it: the four idx files (gunzipped), uint8 images
-    (n, 28, 28) and labels ``arange(n) % 10``. Returns ``{"train": (images, labels), "t10k":
-    (images, labels)}``."""
-    rng = np.random.default_rng(0)
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
+def _write_idx(path, array, gz=False):
+    data = _idx_bytes(array)
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        data = gzip.compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def _write_fake_idx_folder(folder, n_train=30, n_test=10, gz=False, seed=0):
+    """The four idx files of an MNIST-format dataset in ``folder`` (gzipped when ``gz``, as
+    Debian ships Fashion-MNIST), uint8 images (n, 28, 28) and labels ``arange(n) % 10``.
+    Returns ``{"train": (images, labels), "t10k": (images, labels)}``."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
     arrays = {}
     for prefix, n in (("train", n_train), ("t10k", n_test)):
         images = rng.integers(0, 256, size=(n, 28, 28)).astype(np.uint8)
         labels = (np.arange(n) % 10).astype(np.uint8)
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte", images, gz=gz)
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, gz=gz)
         arrays[prefix] = (images, labels)
     return arrays
+
+
+def _write_fake_mnist(root, n_train=30, n_test=10):
+    """``MNIST/raw/`` in torchvision's layout: the four idx files (gunzipped)."""
+    return _write_fake_idx_folder(root / "MNIST" / "raw", n_train, n_test)
 
 
 @pytest.fixture
@@ -83,6 +97,13 @@ def write_fake_cifar10(skip_cifar_md5):
     (five training batches of ``per_batch`` and a test batch), with torchvision's md5 check
     replaced for the test (:func:`skip_cifar_md5`)."""
     return _write_fake_cifar10
+
+
+@pytest.fixture
+def write_fake_idx_folder():
+    """The writer ``write_fake_idx_folder(folder, n_train=30, n_test=10, gz=False, seed=0)`` of
+    the four idx files of an MNIST-format dataset (MNIST, Fashion-MNIST)."""
+    return _write_fake_idx_folder
 
 
 @pytest.fixture

@@ -151,7 +151,7 @@ def test_balanced_subset_indices():
     assert counts.sum() == 32 and sorted(counts.tolist()) == [10, 11, 11]
     assert torch.equal(idx, D.balanced_subset_indices(labels, 32, seed=0))
     assert not torch.equal(idx, D.balanced_subset_indices(labels, 32, seed=1))
-    with pytest.raises(ValueError, match="n must be in"):
+    with pytest.raises(ValueError, match=r"n must be an int in"):
         D.balanced_subset_indices(labels, 301)
     scarce = torch.tensor([0] * 50 + [1] * 3)
     with pytest.raises(ValueError, match="class 1"):

@@ -74,3 +74,23 @@ def test_seed_everything_makes_all_generators_repeat():
     assert draw() != first
     with pytest.raises(ValueError, match="seed"):
         gc.seed_everything(-1)
+
+
+def test_threads_variable_overrides_every_profile(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("GRADCOURSE_THREADS", raising=False)
+        gc.profile("ci")
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("GRADCOURSE_THREADS", "2")
+        gc.profile("ci")
+        assert torch.get_num_threads() == 2
+        assert gc.set_cpu_threads(1) == 2 and torch.get_num_threads() == 2
+        monkeypatch.setenv("GRADCOURSE_THREADS", "two")
+        with pytest.raises(ValueError, match="GRADCOURSE_THREADS"):
+            gc.profile("ci")
+        monkeypatch.delenv("GRADCOURSE_THREADS")
+        with pytest.raises(ValueError, match="n must be"):
+            gc.set_cpu_threads(0)
+    finally:
+        torch.set_num_threads(before)
