@@ -194,8 +194,18 @@ def test_gpu_profile_picks_learning_rates_for_the_dataset_loaded():
 
 
 def test_sharpness_run_reports_divergence_near_overflow(tmp_path):
-    # at lr 0.8 the loss reaches ~1e35 (finite) at step 25, a measurement step, where every
-    # Hessian product overflows: recorded as NaN, then divergence at the next loss check
+    # At lr 0.8 the loss grows by ~100x a step and reaches ~1e35 (still finite in float32) near
+    # step 25, a measurement step, where the Hessian products overflow. What must hold on every
+    # CPU (the exact step of overflow depends on rounding, so it is not pinned): divergence is
+    # reported within a few steps of the first overflow, every loss before it is finite, and the
+    # sharpness recorded at the last measurement before it is NaN, not a crash or a number.
     kw = dict(dataset="mnist1d", n=128, widths=(32, 32), steps=200, every=25, every_early=None)
     r = sx.sharpness_run(lr=0.8, optimizer="sgd", batch_size=16, cache=Cache(tmp_path), **kw)
-    assert r["diverged_at"] == 26 and np.isnan(r["sharpness"][-1])
+    step, loss = r["diverged_at"], r["loss"]
+    assert step > 0 and len(loss) == step and np.isfinite(loss).all()
+    assert loss[-1] > 1e30  # it was heading to overflow, not stopped early for another reason
+    first_overflow = int(np.argmax(loss > 1e30))
+    assert step - first_overflow <= 5
+    last = r["sharp_step"][-1]
+    assert step - 5 <= last <= step and np.isnan(r["sharpness"][-1])
+    assert np.isfinite(r["sharpness"][:-1]).all()  # measured normally before the blow-up
