@@ -253,7 +253,11 @@ class _ModelOperator(CurvatureOperator):
         return {n: c.view_as(p) for (n, p), c in zip(self.params.items(), chunks, strict=True)}
 
     def outputs(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        """The model's outputs f(x; params), the other parameters and buffers held fixed."""
+        """The model's outputs f(x; params), the other parameters and buffers held fixed.
+
+        The model's mode is checked here, at product time, and not only when the operator is
+        built: switched to train mode since, its dropout or BatchNorm would change the map."""
+        _check_deterministic(self._model)
         return functional_call(self._model, {**self._frozen, **params}, (x,))
 
     def loss_of_outputs(self, outputs: Tensor, y: Tensor) -> Tensor:

@@ -50,3 +50,17 @@ def select_params(
         device = next(iter(params.values())).device
     chosen = {n: p.detach().to(device) for n, p in params.items()}
     return {n: p.clone() for n, p in chosen.items()} if copy else chosen
+
+
+def shared_parameters(model: nn.Module) -> dict[int, list[str]]:
+    """Parameters reachable under more than one name (tied weights, e.g. ``b.weight =
+    a.weight``, or one module used in two places), as ``id(tensor) -> names``.
+
+    ``named_parameters()`` lists such a tensor once, under its first name, and
+    ``functional_call`` keeps the tie, so whole-model routes (vmap, Jacobians) are exact. A rule
+    that works layer by layer sees each use separately and would miss the cross terms of the
+    summed gradient: it must leave these parameters to a whole-model route."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {key: found for key, found in names.items() if len(found) > 1}

@@ -65,7 +65,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vmap
 from torch.utils.flop_counter import FlopCounterMode
 
-from .functional import refuse_random_train_mode, select_params
+from .functional import refuse_random_train_mode, select_params, shared_parameters
 from .models import NTKLinear
 
 Params = dict[str, Tensor]
@@ -220,12 +220,16 @@ def _find_dense(
     """The dense layers (``nn.Linear``, :class:`~gradcourse.models.NTKLinear`) owning chosen
     parameters that the layerwise route can take: called once per forward pass, on (n, in)
     inputs (a Linear applied twice, or along a sequence, shares weights across positions and
-    is left to Jacobian contraction). Also returns O, the number of outputs, from the same
+    is left to Jacobian contraction, as is a layer whose parameters are tied to another's).
+    Also returns O, the number of outputs, from the same
     forward pass of ``x_one``."""
     candidates: dict[str, tuple[nn.Module, str | None, str | None]] = {}
+    shared = shared_parameters(model)
     for name, m in model.named_modules():
         if not isinstance(m, nn.Linear | NTKLinear):
             continue
+        if any(id(p) in shared for p in m.parameters(recurse=False)):
+            continue  # tied weights: the layer sees one use only; Jacobian contraction sees all
         w = f"{name}.weight" if name else "weight"
         b = f"{name}.bias" if name else "bias"
         w, b = (w if w in params else None), (b if m.bias is not None and b in params else None)
@@ -412,6 +416,7 @@ class EmpiricalNTK:
         ``x2=None`` means x2 = x1 (only the blocks on and above the diagonal are computed).
         ``params`` (names -> tensors) overrides the parameters; the rest stay at the model's.
         """
+        _check_deterministic(self.model)  # again: the model may have been put in train mode
         params_, frozen = self._resolve_params(params)
         first = next(iter(params_.values()))
         x1 = _check_inputs("x1", x1).to(first.device, first.dtype)
@@ -909,6 +914,7 @@ class LinearizedModel:
         self.model, self.params0, self._frozen = model, params0, frozen
 
     def __call__(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        _check_deterministic(self.model)  # the mode it had at linearize() may have changed
         missing = sorted(set(self.params0) - set(params))
         if missing:
             raise ValueError(f"params is missing entries of params0: {missing}")

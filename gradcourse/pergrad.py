@@ -26,7 +26,7 @@ Two exact routes:
 ``method="auto"`` takes the linear trick when every parameter belongs to a layer it supports
 (``nn.Linear``, :class:`gradcourse.models.NTKLinear`, ``nn.Conv1d`` / ``nn.Conv2d`` with
 ``groups=1`` and zero padding, affine ``BatchNorm1d`` / ``BatchNorm2d``), each called once per
-forward pass; otherwise vmap.
+forward pass, and no parameter is shared between modules (tied weights); otherwise vmap.
 
 **Eval mode.** Both routes run the model in eval mode (every submodule's own mode is restored
 afterwards): BatchNorm then normalises with its running statistics and dropout is off, so l_i
@@ -55,6 +55,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
+from .functional import shared_parameters
 from .losses import LossFn, get_loss, targets_for
 from .models import NTKLinear
 
@@ -261,10 +262,17 @@ _TRICK_TYPES = (nn.Linear, NTKLinear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.B
 def _trick_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The modules owning trainable parameters, if the linear trick supports all of them."""
     layers = {}
+    shared = shared_parameters(model)
     for name, m in model.named_modules():
         own = [p for p in m.parameters(recurse=False) if p.requires_grad]
         if not own:
             continue
+        tied = [shared[id(p)] for p in own if id(p) in shared]
+        if tied:
+            raise _Unsupported(
+                f"parameter {' = '.join(tied[0])} is shared: its gradient sums over its uses, "
+                "which a per-layer rule cannot see"
+            )
         if type(m) not in _TRICK_TYPES:
             raise _Unsupported(f"module {name!r} ({type(m).__name__}) is not supported")
         if isinstance(m, nn.Conv1d | nn.Conv2d) and not _conv_supported(m):

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradcourse import curvature as C
+from gradcourse.stability import SigmaOperator
 
 F64 = torch.float64
 
@@ -173,6 +174,28 @@ def test_train_mode_batchnorm_and_dropout_are_refused(layer):
     dense = op.dense()
     torch.testing.assert_close(dense, dense.T)
     torch.testing.assert_close(dense, C.exact_hessian(model, "ce", (X, Y)))
+
+
+@pytest.mark.parametrize("layer", [nn.BatchNorm1d(4), nn.Dropout(0.5)], ids=["bn", "dropout"])
+@pytest.mark.parametrize("cache", [True, False])
+def test_switching_to_train_mode_after_building_is_refused_at_product_time(layer, cache):
+    # built in eval mode, then put in train mode before any product: the forward pass of the
+    # products would use dropout masks (a wrong lambda_max) or batch statistics (a torch.func
+    # crash for BatchNorm), so the product refuses, naming the module
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), layer, nn.Tanh(), nn.Linear(4, 3)).to(F64)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=F64)
+    for cls in (C.HessianOperator, C.GGNOperator, C.ResidualOperator):
+        op = cls(model.eval(), "ce", (X, Y), cache=cache)
+        model.train()
+        with pytest.raises(ValueError, match=r"train mode.*model\.eval\(\)"):
+            op @ v
+        model.eval()
+        torch.testing.assert_close(op @ v, cls(model, "ce", (X, Y)) @ v)
+    sigma = SigmaOperator(model.eval(), "mse", (X, Y))
+    model.train()
+    with pytest.raises(ValueError, match="train mode"):
+        sigma @ v
 
 
 def test_bad_operator_inputs():

@@ -463,3 +463,41 @@ def test_analytic_ntk_of_two_input_sets_is_the_off_diagonal_block():
     assert nngp.shape == ntk.shape == (4, 6)
     torch.testing.assert_close(nngp, nngp_all[:4, 4:], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ntk, ntk_all[:4, 4:], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer", [nn.BatchNorm1d(6), nn.Dropout(0.5)], ids=["bn", "dropout"])
+def test_switching_to_train_mode_after_configuring_is_refused(layer):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), layer, nn.Tanh(), nn.Linear(6, 2)).double().eval()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    ntk, lin = N.EmpiricalNTK(model), N.linearize(model)
+    reference = ntk(x)
+    model.train()
+    with pytest.raises(ValueError, match="train mode"):
+        ntk(x)
+    with pytest.raises(ValueError, match="train mode"):
+        lin(lin.params0, x)
+    model.eval()
+    torch.testing.assert_close(ntk(x), reference)
+
+
+@pytest.mark.parametrize("method", ["auto", "layerwise", "jacobian", "ntk_vp"])
+def test_tied_weights_are_exact_on_every_route(method):
+    # b.weight = a.weight: the reference sums both uses through plain autograd, one output of
+    # one example at a time; a layerwise rule would see one use only (about 20% off)
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    model = nn.Sequential(a, nn.Tanh(), b, nn.Tanh(), nn.Linear(4, 2)).double()
+    x = randn(6, 4, seed=7)
+    params = list(model.parameters())  # the shared weight once
+    rows = []
+    for i in range(len(x)):
+        out = model(x[i : i + 1]).reshape(-1)
+        for o in range(len(out)):
+            g = torch.autograd.grad(out[o], params, retain_graph=True)
+            rows.append(torch.cat([t.reshape(-1) for t in g]))
+    jac = torch.stack(rows).reshape(len(x), 2, -1)
+    reference = torch.einsum("iap,jbp->ijab", jac, jac)
+    ntk = N.EmpiricalNTK(model, method=method)
+    torch.testing.assert_close(ntk(x), reference)

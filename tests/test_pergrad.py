@@ -321,3 +321,28 @@ def test_global_rng_untouched():
     PG.per_example_grad_norms(model, "ce", x, y, progress=True)
     PG.per_example_grads(model, "ce", x, y)
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def tied_model() -> nn.Sequential:
+    """Two Linear layers sharing one weight (b.weight = a.weight), then a head."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(5, 5), nn.Linear(5, 5)
+    b.weight = a.weight
+    return nn.Sequential(a, nn.Tanh(), b, nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_tied_weights_take_the_exact_route(loss):
+    # a per-layer rule would add ||g_a||^2 + ||g_b||^2 for the shared weight instead of
+    # ||g_a + g_b||^2 (2-8% off on such nets); auto must take vmap, which keeps the tie
+    model = tied_model()
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.arange(12) % 3
+    assert len(dict(model.named_parameters())) == 5  # the shared weight counted once
+    reference = loop_norms(model, loss, x, y)
+    torch.testing.assert_close(PG.per_example_grad_norms(model, loss, x, y), reference)
+    torch.testing.assert_close(
+        PG.per_example_grad_norms(model, loss, x, y, method="vmap"), reference
+    )
+    assert not PG.supports_linear_trick(model)
+    with pytest.raises(ValueError, match=r"0\.weight = 2\.weight is shared"):
+        PG.per_example_grad_norms(model, loss, x, y, method="linear_trick")
