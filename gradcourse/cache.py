@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
@@ -27,11 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .paths import data_root
+from .paths import data_root, write_atomic
 
 _META_KEY = "__meta__"
 _SEP = "/"  # joins the keys of nested results into the names of the npz arrays
 # a cache entry, ``<name>-<config_key>.npz``; temporary files of writers start with "."
+#: cache folders already warned about a failed write (one warning each per process)
+_WARNED_UNWRITABLE: set[Path] = set()
 _ENTRY = re.compile(r"(?P<name>[^.].*)-[0-9a-f]{16}\.npz")
 
 
@@ -115,31 +116,12 @@ def _unflatten(node: dict[str, Any], arrays: Mapping[str, np.ndarray]) -> Any:
     return payload
 
 
-def _umask() -> int:
-    """The process's umask (reading it means setting it; it is put back at once)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_results(path: Path, results: Any) -> None:
-    """Write ``results`` to ``path`` (.npz) atomically: a temporary file, then ``os.replace``.
-    The file gets mode 0666 & ~umask, like any new file (mkstemp alone makes it private)."""
+    """Write ``results`` to ``path`` (.npz) atomically (:func:`gradcourse.paths.write_atomic`)."""
     arrays: dict[str, np.ndarray] = {}
     skeleton = _flatten(results, "", arrays)
     arrays[_META_KEY] = np.array(json.dumps(skeleton))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp.npz")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda fh: np.savez(fh, **arrays))
 
 
 def load_results(path: Path) -> Any:
@@ -207,14 +189,27 @@ class Cache:
         """Return the cached result for ``(name, config)``, computing and storing it on a miss.
 
         ``refresh=True`` recomputes and overwrites. Only a complete result is ever stored: if
-        ``compute`` raises, the cache is left as it was.
+        ``compute`` raises, the cache is left as it was. If storing fails (a read-only or full
+        disk, the cache folder removed or replaced), the computed result is still returned and
+        the failure is warned about once per cache folder: a result is never lost to its cache.
         """
         if not refresh:
             cached = self.load(name, config)
             if cached is not None:
                 return cached
         results = compute()
-        self.save(name, config, results)
+        try:
+            self.save(name, config, results)
+        except OSError as exc:
+            if self.root not in _WARNED_UNWRITABLE:
+                _WARNED_UNWRITABLE.add(self.root)
+                warnings.warn(
+                    f"could not store results in the cache {self.root} ({type(exc).__name__}: "
+                    f"{exc}); they are kept in memory for this run, and will be recomputed next "
+                    "time. (Warned once per folder.)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         return results
 
     def clear(self, name: str | None = None) -> int:

@@ -9,6 +9,11 @@
 A check prints one line. In the profiles listed in ``holds_at`` a failed check raises
 :class:`ClaimFailed` (so nbval fails); in the others it is reported as *not reproduced at this
 scale*. Tolerances are arguments of the check, fixed before the result is seen.
+
+The JSON record of a notebook's run is rewritten when the run starts (``Claims(...)``), after
+every check, passed or failed, and at :meth:`Claims.report`, which marks it finished. So a run
+that stops at a failed claim, or at an error in any cell, leaves a record that says so, never
+the verdicts of an earlier run.
 """
 
 from __future__ import annotations
@@ -17,13 +22,12 @@ import json
 import math
 import os
 import platform
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .paths import build_root
+from .paths import build_root, write_atomic
 from .profile import PROFILES, Profile, resolve_profile_name
 
 COMPARISONS: tuple[str, ...] = ("close", "==", "<=", ">=", "<", ">", "in")
@@ -174,6 +178,19 @@ class Claims:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.verbose = verbose
         self.verdicts: list[Verdict] = []
+        self.finished = False
+        self._save()  # a new run: the previous run's record must not survive as if current
+
+    @property
+    def path(self) -> Path | None:
+        """Where the JSON record goes (``None`` when no notebook name was given)."""
+        if not self.notebook:
+            return None
+        return (self.out_dir or build_root()) / f"{self.notebook}.claims.json"
+
+    def _save(self) -> None:
+        if self.path is not None:
+            write_json_atomic(self.path, self.record())
 
     def check(
         self,
@@ -220,6 +237,7 @@ class Claims:
             note=note,
         )
         self.verdicts = [v for v in self.verdicts if v.name != name] + [verdict]
+        self._save()
         if self.verbose:
             print(verdict.line())
         if verdict.status == "FAILED":
@@ -240,31 +258,43 @@ class Claims:
             "notebook": self.notebook,
             "profile": self.profile,
             "python": platform.python_version(),
+            "finished": self.finished,
             "verdicts": [asdict(v) | {"status": v.status} for v in self.verdicts],
         }
 
     def report(self, write: bool = True) -> list[Verdict]:
-        """Print the verdict table and, when ``write``, save the JSON record
-        ``<out_dir>/<notebook>.claims.json`` atomically."""
+        """Print the verdict table and mark the run finished; when ``write``, save the JSON
+        record ``<out_dir>/<notebook>.claims.json`` (atomically)."""
         print(self.table())
-        if write and self.notebook:
-            path = (self.out_dir or build_root()) / f"{self.notebook}.claims.json"
-            write_json_atomic(path, self.record())
-            print(f"verdicts written to {path}")
+        self.finished = True
+        if write and self.path is not None:
+            self._save()
+            print(f"verdicts written to {self.path}")
         return list(self.verdicts)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``obj`` as UTF-8 JSON to ``path`` (:func:`gradcourse.paths.write_atomic`)."""
+    text = json.dumps(obj, indent=1, ensure_ascii=False)
+    write_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def check_record(obj: Any) -> dict[str, Any]:
+    """``obj`` if it is a claims record as :meth:`Claims.record` writes it (a dict with a
+    ``verdicts`` list whose items carry every :class:`Verdict` field); else ValueError saying
+    what is wrong. Records written before ``finished`` existed count as finished."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    verdicts = obj.get("verdicts")
+    if not isinstance(verdicts, list):
+        raise ValueError("it has no 'verdicts' list")
+    for i, v in enumerate(verdicts):
+        missing = [k for k in Verdict.__dataclass_fields__ if not isinstance(v, dict) or k not in v]
+        if missing:
+            raise ValueError(f"verdict {i} lacks {', '.join(missing)}")
+        if v["compare"] not in COMPARISONS:
+            raise ValueError(f"verdict {i} has an unknown comparison {v['compare']!r}")
+    return {"paper": "?", "notebook": None, "profile": "?", "finished": True} | obj
 
 
 def format_table(records: Sequence[dict[str, Any]]) -> str:

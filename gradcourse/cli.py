@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .claims import format_table
+from .claims import check_record, format_table
 from .paths import build_root, repo_root
 from .profile import PROFILES, resolve_profile_name
 
@@ -199,25 +199,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def load_records(directory: Path) -> list[dict]:
-    records = []
+def load_records(directory: Path) -> tuple[list[dict], list[str]]:
+    """The claim records in ``directory`` and, for each file that is not one, a line naming it
+    and saying why (unreadable, not UTF-8, not JSON, not a record); those files are skipped."""
+    records, problems = [], []
     for path in sorted(directory.glob("*.claims.json")):
         try:
-            records.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            print(f"warning: skipping unreadable {path}: {exc}", file=sys.stderr)
-    return records
+            records.append(check_record(json.loads(path.read_text(encoding="utf-8"))))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is one
+            problems.append(f"{path}: skipped, not a claims record ({exc})")
+    return records, problems
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     directory = Path(args.dir) if args.dir else build_root()
-    records = load_records(directory)
+    records, problems = load_records(directory)
+    for line in problems:
+        print(f"warning: {line}", file=sys.stderr)
     if not records:
         print(f"no claim records in {directory}; run `python -m gradcourse run` first")
         return 1
     print(format_table(records))
-    failed = sum(v["status"] == "FAILED" for r in records for v in r["verdicts"])
-    return 1 if failed else 0
+    failed_runs = []
+    for rec in records:
+        name = f"{rec['notebook'] or rec['paper']} (profile {rec['profile']})"
+        failed = [v["name"] for v in rec["verdicts"] if v["status"] == "FAILED"]
+        if failed:
+            failed_runs.append(f"{name}: claim failed: {'; '.join(failed)}")
+        elif not rec["finished"]:
+            count = len(rec["verdicts"])
+            failed_runs.append(
+                f"{name}: the run stopped before its verdict table, after {count} check(s): "
+                "a cell raised (see the executed notebook)"
+            )
+    if failed_runs:
+        print(f"\n{len(failed_runs)} run(s) failed:")
+        for line in failed_runs:
+            print(f"  {line}")
+    return 1 if failed_runs or problems else 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:

@@ -630,8 +630,9 @@ def lanczos(
     if num_wanted > size:
         raise ValueError(f"k must be <= P={size} (<= P/2 for which='both'), got k={k}")
     tol = _default_tol(op.dtype) if tol is None else tol
-    if not tol > 0:
-        raise ValueError(f"tol must be > 0, got {tol!r}")
+    if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 < tol < 1:
+        # a relative residual: tol >= 1 (or inf, or NaN) would accept any vector as converged
+        raise ValueError(f"tol must be a number in (0, 1) (a relative residual), got {tol!r}")
     m = min(size, max(2 * num_wanted + 20, 40)) if basis_size is None else basis_size
     _check_positive_int("basis_size", m, minimum=num_wanted + 1 if size > num_wanted else size)
     if m > size:

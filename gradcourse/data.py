@@ -23,7 +23,6 @@ import math
 import os
 import random
 import struct
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -40,7 +39,7 @@ from torch.utils.data import TensorDataset as _TensorDataset
 
 from .checks import check_int as _check_int
 from .losses import LossFn, one_hot, targets_for
-from .paths import data_root
+from .paths import data_root, write_atomic
 
 __all__ = [
     "Dataset",
@@ -413,23 +412,6 @@ def _load_mnist1d_cache(path: Path, n_train: int, n_test: int) -> dict[str, np.n
     return arrays
 
 
-def _save_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` to ``path`` via a temporary file in the same directory and a rename, so a
-    reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private to the user
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def mnist1d(
     n_train: int = 4000,
     n_test: int = 1000,
@@ -461,7 +443,7 @@ def mnist1d(
     if arrays is None:
         arrays = _generate_mnist1d(args, n_train, n_test)
         try:
-            _save_atomically(path, arrays)
+            write_atomic(path, lambda fh: np.savez(fh, **arrays))
         except OSError as err:
             warnings.warn(f"could not cache MNIST-1D at {path} ({err})", stacklevel=2)
     ordered = (arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"])

@@ -4,12 +4,20 @@ Each location can be overridden with an environment variable:
 ``GRADCOURSE_DATA`` (datasets and cached results, default ``<repo>/data``) and
 ``GRADCOURSE_BUILD`` (executed notebooks and claim records, default ``<repo>/build``).
 Outside a source checkout the defaults fall back to ``~/.cache/gradcourse``.
+
+:func:`write_atomic` is the one way the package writes a file (caches, claim records,
+generated datasets): a reader never sees a half-written file, and the file gets the
+permissions of any new file.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 
 def repo_root() -> Path | None:
@@ -49,3 +57,39 @@ def build_root() -> Path:
     """Directory for executed notebooks and claim records (``$GRADCOURSE_BUILD`` or
     ``<repo>/build``)."""
     return _location("GRADCOURSE_BUILD", "build")
+
+
+def _umask() -> int:
+    """The process's umask: read from /proc where the kernel reports it, else by setting it and
+    putting it back at once (not thread-safe, hence only the fallback)."""
+    try:
+        with open("/proc/self/status") as fh:
+            found = re.search(r"^Umask:\s*([0-7]+)$", fh.read(), flags=re.MULTILINE)
+        if found:
+            return int(found.group(1), 8)
+    except OSError:
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> Path:
+    """Write ``path`` by calling ``write(fh)`` on a temporary file in the same directory, then
+    ``fsync`` and ``os.replace``: readers see the old file or the new one, never a part. The
+    file gets mode 0666 & ~umask, like any new file (``mkstemp`` alone would make it 0600).
+    On any error the temporary file is removed and the error raised; ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

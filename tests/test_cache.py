@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -133,7 +134,7 @@ def test_clear_removes_only_that_names_entries(tmp_path):
         cache.save(name, {"a": 2}, {"v": 2})
     # a concurrent writer's temporary file (save_results' naming) and files that are no entries
     stem = cache.path("x", {"a": 3}).stem
-    pending = tmp_path / f".{stem}.k2j4h1.tmp.npz"
+    pending = tmp_path / f".{stem}.npz.k2j4h1.tmp"
     pending.write_bytes(b"in flight")
     (tmp_path / "x-notes.npz").write_bytes(b"")
     (tmp_path / "x-0123456789ABCDEF.npz").write_bytes(b"")
@@ -161,3 +162,46 @@ def test_result_keys_with_the_separator_are_refused(tmp_path):
 def test_default_root_follows_env(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADCOURSE_DATA", str(tmp_path))
     assert Cache().root == tmp_path / "cache"
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    import gradcourse.cache
+
+    monkeypatch.setattr(gradcourse.cache, "_WARNED_UNWRITABLE", set())
+
+
+def test_a_failed_save_keeps_the_result_and_warns_once(tmp_path, monkeypatch, fresh_warnings):
+    import warnings
+
+    import gradcourse.cache
+
+    def disk_full(fh, **arrays):
+        fh.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gradcourse.cache.np, "savez", disk_full)
+    cache, calls = Cache(tmp_path), []
+    compute = lambda: calls.append(1) or {"v": np.arange(3)}  # noqa: E731
+    with pytest.warns(RuntimeWarning, match="No space left on device.*kept in memory"):
+        first = cache.get_or_compute("exp", {"a": 1}, compute)
+    assert np.array_equal(first["v"], np.arange(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second failure in this folder is silent
+        second = cache.get_or_compute("exp", {"a": 2}, compute)
+    assert np.array_equal(second["v"], np.arange(3)) and len(calls) == 2
+    assert list(tmp_path.iterdir()) == []  # no half-written entry, no temporary file left
+
+
+def test_a_cache_folder_that_is_a_file_or_removed(tmp_path, fresh_warnings):
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the folder should be")
+    with pytest.warns(RuntimeWarning, match="could not store results in the cache"):
+        result = Cache(blocked).get_or_compute("exp", {}, lambda: {"v": 1})
+    assert result == {"v": 1}
+    # the folder deleted mid-run (as the README suggests, to start afresh): recreated
+    cache = Cache(tmp_path / "gone")
+    cache.get_or_compute("exp", {"a": 1}, lambda: {"v": 1})
+    shutil.rmtree(tmp_path / "gone")
+    assert cache.get_or_compute("exp", {"a": 2}, lambda: {"v": 2}) == {"v": 2}
+    assert cache.load("exp", {"a": 2}) == {"v": 2}

@@ -99,3 +99,31 @@ def test_table_counts_every_status():
     table = format_table([claims.record()])
     assert "2 claims: 1 reproduced, 1 not reproduced at this scale, 0 failed" in table
     assert format_table([]) == "(no claims checked)"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_record_gets_ordinary_permissions_and_no_temp_file(tmp_path, umask):
+    import os
+
+    old = os.umask(umask)
+    try:
+        claims = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path, verbose=False)
+        claims.check("c", 1.0, 1.0)
+        claims.report()
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "nb.claims.json").st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["nb.claims.json"]
+
+
+def test_record_is_written_at_every_check_and_finished_by_report(tmp_path):
+    claims = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path, verbose=False)
+    on_disk = lambda: json.loads((tmp_path / "nb.claims.json").read_text())  # noqa: E731
+    assert on_disk()["verdicts"] == [] and on_disk()["finished"] is False
+    claims.check("a", 1.0, 1.0)
+    assert [v["name"] for v in on_disk()["verdicts"]] == ["a"] and not on_disk()["finished"]
+    with pytest.raises(ClaimFailed):
+        claims.check("b", 3.0, 1.0, holds_at=("ci",))
+    assert [v["status"] for v in on_disk()["verdicts"]] == ["reproduced", "FAILED"]
+    claims.report()
+    assert on_disk()["finished"] is True
