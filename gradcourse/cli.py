@@ -14,7 +14,9 @@ import json
 import os
 import queue
 import re
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -97,6 +99,8 @@ def _resolve_notebook(name: str) -> Path:
     )
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
 #: Longest single wait on a kernel channel (s); a longer wait is a loop of these.
 POLL_INTERVAL = 1.0
 
@@ -126,6 +130,21 @@ def _repoll(channel: Any, interval: float = POLL_INTERVAL) -> None:
     channel.get_msg = get_msg
 
 
+def _kernel_config(socket_dir: str) -> Any:
+    """Kernels talk to us over local IPC sockets where the OS has them (not TCP on localhost):
+    nothing is reachable from the network, and the kernel has no reason to print its warning
+    about unencrypted TCP into the user's terminal. Windows keeps TCP."""
+    from traitlets.config import Config
+
+    config = Config()
+    if os.name == "posix":
+        config.KernelManager.transport = "ipc"
+        # the socket files' prefix: absolute (the kernel runs in the notebook's folder) and
+        # short (a Unix socket path has ~100 characters at most)
+        config.KernelManager.ip = os.path.join(socket_dir, "k")
+    return config
+
+
 def run_notebook(
     path: Path,
     out_dir: Path,
@@ -142,6 +161,7 @@ def run_notebook(
     from tqdm.auto import tqdm
 
     nb = nbformat.read(path, as_version=4)
+    socket_dir = tempfile.mkdtemp(prefix="gc-kernel-")
     code_cells = sum(c.cell_type == "code" for c in nb.cells)
     bar = tqdm(total=code_cells, desc=path.stem, unit="cell", disable=not progress)
 
@@ -154,6 +174,7 @@ def run_notebook(
 
     client = Client(
         nb,
+        config=_kernel_config(socket_dir),
         timeout=timeout,
         kernel_name="python3",
         resources={"metadata": {"path": str(path.parent.resolve())}},
@@ -171,6 +192,7 @@ def run_notebook(
         error = f"{type(exc).__name__}: {exc}"
     finally:
         bar.close()
+        shutil.rmtree(socket_dir, ignore_errors=True)
         for key, value in env_before.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -193,6 +215,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         out_path, seconds, error = run_notebook(
             path, out_dir, profile, timeout=args.timeout, progress=not args.quiet
         )
+        if error is not None and not sys.stdout.isatty():
+            error = _ANSI.sub("", error)  # the kernel colours tracebacks for a terminal
         status = "ok" if error is None else f"FAILED: {error}"
         print(f"  {path.name}: {status} in {seconds:.1f} s -> {out_path}", flush=True)
         failures += error is not None

@@ -167,8 +167,37 @@ def test_run_reports_a_failing_notebook(tmp_path, capsys):
         cli.main(["run", str(path), "--profile", "ci", "--out", str(tmp_path / "o"), "--quiet"])
         == 1
     )
-    assert "FAILED" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "FAILED: RuntimeError: boom" in out
+    assert "\x1b[" not in out, "no terminal colour codes when the output is not a terminal"
     assert (tmp_path / "o" / "bad.ipynb").exists(), "the partly executed notebook is kept"
+
+
+def test_run_prints_progress_and_verdicts_not_kernel_transport_warnings(tmp_path):
+    import subprocess
+    import sys
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)")])
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    path = tmp_path / "small.ipynb"
+    nbformat.write(nb, path)
+    done = subprocess.run(
+        [sys.executable, "-m", "gradcourse", "run", str(path), "--profile", "ci"]
+        + ["--out", str(tmp_path / "o"), "--quiet"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "small.ipynb: ok" in done.stdout
+    assert "without encryption" not in done.stderr and "WARNING" not in done.stderr
+    executed = nbformat.read(tmp_path / "o" / "small.ipynb", as_version=4)
+    assert executed.cells[0].outputs[0]["text"] == "42\n"
 
 
 def test_bad_profile_and_unknown_notebook(capsys):
