@@ -2,7 +2,7 @@
 
     claims = gc.claims.Claims(paper="Sagun et al. 2017", notebook="01_hessian_spectrum")
     claims.check("outliers = number of classes", measured=n_out, expected=k,
-                 holds_at=("cpu", "gpu"))
+                 kind="paper", holds_at=("cpu", "gpu"))
     ...
     claims.report()   # table, and a JSON record beside the executed notebook
 
@@ -23,7 +23,7 @@ import math
 import os
 import platform
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,10 @@ from .paths import build_root, write_atomic
 from .profile import PROFILES, Profile, resolve_profile_name
 
 COMPARISONS: tuple[str, ...] = ("close", "==", "<=", ">=", "<", ">", "in")
+#: ``paper``: a statement of the paper (or of its reproduction), what the course is about.
+#: ``sanity``: an identity or a property of the implementation; it belongs in the unit tests,
+#: and is shown in a notebook only where seeing it helps. A check that cannot fail is sanity.
+KINDS: tuple[str, ...] = ("paper", "sanity")
 SYMBOLS = {"close": "≈", "==": "=", "<=": "≤", ">=": "≥", "<": "<", ">": ">", "in": "∈"}
 
 
@@ -79,11 +83,13 @@ class Verdict:
     profile: str
     holds_at: list[str]
     note: str = ""
+    kind: str = "paper"
+    paper_value: Any = None  # the paper's own number or statement, where it gives one
 
     @property
     def status(self) -> str:
         if self.holds:
-            return "reproduced"
+            return "reproduced" if self.kind == "paper" else "passed"
         return "FAILED" if self.required else "not reproduced at this scale"
 
     @property
@@ -103,7 +109,8 @@ class Verdict:
         """Show nothing when a check ends a notebook cell: check() already printed the line."""
 
     def line(self) -> str:
-        mark = {"reproduced": "✓", "FAILED": "✗"}.get(self.status, "·")
+        mark = {"reproduced": "✓", "passed": "✓", "FAILED": "✗"}.get(self.status, "·")
+        kind = "" if self.kind == "paper" else f"({self.kind}) "
         if self.required:
             where = ""
         elif self.holds_at:
@@ -112,7 +119,7 @@ class Verdict:
             where = " [reported, required at no profile]"
         note = f" — {self.note}" if self.note else ""
         return (
-            f"[{mark}] {self.name}: measured {_fmt(self.measured)}, expected "
+            f"[{mark}] {kind}{self.name}: measured {_fmt(self.measured)}, expected "
             f"{self.expected_text} -> {self.status}{where}{note}"
         )
 
@@ -198,14 +205,22 @@ class Claims:
         measured: Any,
         expected: Any,
         *,
+        kind: str,
         compare: str = "close",
         tol: float = 0.0,
         rtol: float = 0.0,
         holds_at: Sequence[str] = PROFILES,
         note: str = "",
+        paper_value: Any = None,
     ) -> Verdict:
         """Check one claim; print its verdict; raise :class:`ClaimFailed` if it fails at a
-        profile listed in ``holds_at``."""
+        profile listed in ``holds_at``.
+
+        ``kind`` is ``"paper"`` (a statement of the paper; give its own number or words as
+        ``paper_value`` where it has one) or ``"sanity"`` (an identity or implementation
+        property, also tested in ``tests/``). There is no default: every check says which."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if compare not in COMPARISONS:
             raise ValueError(f"compare must be one of {COMPARISONS}, got {compare!r}")
         if tol < 0 or rtol < 0:
@@ -235,6 +250,8 @@ class Claims:
             profile=self.profile,
             holds_at=list(holds_at),
             note=note,
+            kind=kind,
+            paper_value=_plain(paper_value),
         )
         self.verdicts = [v for v in self.verdicts if v.name != name] + [verdict]
         self._save()
@@ -289,24 +306,53 @@ def check_record(obj: Any) -> dict[str, Any]:
     if not isinstance(verdicts, list):
         raise ValueError("it has no 'verdicts' list")
     for i, v in enumerate(verdicts):
-        missing = [k for k in Verdict.__dataclass_fields__ if not isinstance(v, dict) or k not in v]
+        missing = [k for k in _REQUIRED_FIELDS if not isinstance(v, dict) or k not in v]
         if missing:
             raise ValueError(f"verdict {i} lacks {', '.join(missing)}")
         if v["compare"] not in COMPARISONS:
             raise ValueError(f"verdict {i} has an unknown comparison {v['compare']!r}")
+        if v.get("kind", "paper") not in KINDS:
+            raise ValueError(f"verdict {i} has an unknown kind {v['kind']!r}")
     return {"paper": "?", "notebook": None, "profile": "?", "finished": True} | obj
 
 
+_REQUIRED_FIELDS = [f.name for f in fields(Verdict) if f.default is MISSING]
+
+
+def verdict_from_dict(v: dict[str, Any]) -> Verdict:
+    """A :class:`Verdict` from its JSON form (fields added later take their defaults)."""
+    return Verdict(**{f.name: v[f.name] for f in fields(Verdict) if f.name in v})
+
+
+def summary(verdicts: Sequence[Verdict]) -> str:
+    """One line counting paper claims and sanity checks separately, e.g. "paper claims: 12
+    required here, 12 reproduced; 3 report-only (1 reproduced); sanity checks: 4 of 4 passed"."""
+    paper = [v for v in verdicts if v.kind == "paper"]
+    required = [v for v in paper if v.required]
+    optional = [v for v in paper if not v.required]
+    sanity = [v for v in verdicts if v.kind == "sanity"]
+    line = (
+        f"paper claims: {len(required)} required here, {sum(v.holds for v in required)} "
+        f"reproduced; {len(optional)} report-only ({sum(v.holds for v in optional)} "
+        f"reproduced); sanity checks: {sum(v.holds for v in sanity)} of {len(sanity)} passed"
+    )
+    failed = sum(v.status == "FAILED" for v in verdicts)
+    return line + (f"; {failed} FAILED" if failed else "")
+
+
 def format_table(records: Sequence[dict[str, Any]]) -> str:
-    """One table of every claim in ``records`` (as produced by :meth:`Claims.record`)."""
-    header = ("paper", "claim", "measured", "expected", "verdict", "profile")
-    rows = []
+    """One table of every claim in ``records`` (as produced by :meth:`Claims.record`), with the
+    :func:`summary` line of all of them."""
+    header = ("paper", "kind", "claim", "measured", "expected", "verdict", "profile")
+    rows, verdicts = [], []
     for rec in records:
         for v in rec["verdicts"]:
-            verdict = Verdict(**{k: v[k] for k in Verdict.__dataclass_fields__})
+            verdict = verdict_from_dict(v)
+            verdicts.append(verdict)
             rows.append(
                 (
                     rec["paper"],
+                    verdict.kind,
                     verdict.name,
                     _fmt(verdict.measured),
                     verdict.expected_text,
@@ -327,10 +373,5 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
 
     lines = [fmt_row(header), fmt_row(["-" * w for w in widths])]
     lines += [fmt_row(r) for r in rows]
-    counts = {s: sum(r[4] == s for r in rows) for s in ("reproduced", "FAILED")}
-    other = len(rows) - sum(counts.values())
-    lines.append(
-        f"{len(rows)} claims: {counts['reproduced']} reproduced, "
-        f"{other} not reproduced at this scale, {counts['FAILED']} failed"
-    )
+    lines.append(summary(verdicts))
     return "\n".join(lines)

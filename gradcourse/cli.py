@@ -3,7 +3,10 @@
 - ``list``: every notebook with its paper and the claims it checks.
 - ``run NOTEBOOK... [--profile P]``: execute notebooks headlessly into ``build/`` (the executed
   ``.ipynb`` is kept, next to the JSON record of its claim verdicts), with a progress bar.
-- ``report``: one scorecard of every claim of every executed notebook.
+- ``run ... --record``: also keep the verdicts in ``results/<profile>/`` (committed).
+- ``report``: one table of every claim of every executed notebook; ``report --results``: the
+  course scorecard across profiles from ``results/``.
+- ``compare FRESH --profile ci``: a fresh run's verdicts against the recorded ones.
 - ``data [--download]``: check that Fashion-MNIST is on disk (and valid), or download it.
 """
 
@@ -100,6 +103,13 @@ def _resolve_notebook(name: str) -> Path:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+#: How far a fresh run's measured numbers may sit from the recorded ones (``compare``): the
+#: ``ci`` profile is single-threaded and seeded, so numbers differ only by the rounding of
+#: the CPU's vector kernels (AVX-512, AVX2, plain), amplified by training; measured with
+#: ``make test-sweep`` (see the README).
+RTOL = 1e-2
+ATOL = 1e-6
 
 #: Longest single wait on a kernel channel (s); a longer wait is a loop of these.
 POLL_INTERVAL = 1.0
@@ -212,6 +222,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     failures = 0
     for path in paths:
         print(f"running {path.name} (profile {profile}) ...", flush=True)
+        record_path = out_dir / f"{path.stem}.claims.json"
+        record_path.unlink(missing_ok=True)  # a notebook that fails early must not leave an old one
         out_path, seconds, error = run_notebook(
             path, out_dir, profile, timeout=args.timeout, progress=not args.quiet
         )
@@ -220,6 +232,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         status = "ok" if error is None else f"FAILED: {error}"
         print(f"  {path.name}: {status} in {seconds:.1f} s -> {out_path}", flush=True)
         failures += error is not None
+        if args.record:
+            import nbformat
+
+            from . import results
+
+            claims_record = None
+            if record_path.is_file():
+                claims_record = check_record(json.loads(record_path.read_text(encoding="utf-8")))
+            kept = results.record_run(
+                claims_record,
+                notebook=path.stem,
+                profile=profile,
+                seconds=seconds,
+                executed=nbformat.read(out_path, as_version=4),
+                error=error,
+            )
+            print(f"  recorded -> {kept}", flush=True)
     return 1 if failures else 0
 
 
@@ -235,7 +264,55 @@ def load_records(directory: Path) -> tuple[list[dict], list[str]]:
     return records, problems
 
 
+def cmd_results(args: argparse.Namespace) -> int:
+    """The course scorecard from results/ (``report --results``), optionally written into the
+    README between its scorecard markers."""
+    from . import results
+
+    table = results.scorecard(Path(args.dir) if args.dir else None)
+    if args.update_readme:
+        readme = Path(args.update_readme)
+        readme.write_text(results.replace_scorecard(readme.read_text(encoding="utf-8"), table))
+        print(f"scorecard written into {readme}")
+    else:
+        print(table)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """A fresh run's claim records (``FRESH``, e.g. the nbval run's build folder) against the
+    recorded ones of ``--profile``: claims, kinds, verdicts, and numbers within tolerance."""
+    from . import results
+
+    fresh_records, problems = load_records(Path(args.fresh))
+    if not fresh_records:
+        problems.append(f"no claim records in {args.fresh}")
+    root = Path(args.results) if args.results else None
+    for fresh in fresh_records:
+        name = fresh.get("notebook")
+        recorded = results.load(args.profile, name, root) if name else None
+        if recorded is None:
+            problems.append(
+                f"{name}: nothing recorded at {args.profile}; run "
+                f"`python -m gradcourse run {name} --profile {args.profile} --record`"
+            )
+            continue
+        problems += results.compare(fresh, recorded, rtol=args.rtol, atol=args.atol)
+    for line in problems:
+        print(line)
+    if problems:
+        print(
+            f"{len(problems)} difference(s) from results/{args.profile}/: if a notebook changed, "
+            f"re-record it (python -m gradcourse run NOTEBOOK --profile {args.profile} --record)"
+        )
+        return 1
+    print(f"{len(fresh_records)} notebook(s) match results/{args.profile}/")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
+    if args.results:
+        return cmd_results(args)
     directory = Path(args.dir) if args.dir else build_root()
     records, problems = load_records(directory)
     for line in problems:
@@ -290,10 +367,32 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--out", help="output directory (default: build/)")
     p_run.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     p_run.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_run.add_argument(
+        "--record", action="store_true", help="keep the verdicts in results/<profile>/ (committed)"
+    )
     p_run.set_defaults(func=cmd_run)
     p_report = sub.add_parser("report", help="scorecard of every executed notebook's claims")
-    p_report.add_argument("--dir", help="directory of *.claims.json (default: build/)")
+    p_report.add_argument(
+        "--dir", help="directory of *.claims.json (default: build/; with --results: results/)"
+    )
+    p_report.add_argument(
+        "--results",
+        action="store_true",
+        help="the course scorecard across profiles, from the recorded results/",
+    )
+    p_report.add_argument(
+        "--update-readme", metavar="README", help="with --results: write it into README"
+    )
     p_report.set_defaults(func=cmd_report)
+    p_compare = sub.add_parser(
+        "compare", help="a fresh run's claim records against the recorded results of a profile"
+    )
+    p_compare.add_argument("fresh", help="directory of the fresh run's *.claims.json")
+    p_compare.add_argument("--profile", default="ci", choices=PROFILES)
+    p_compare.add_argument("--results", help="results folder (default: results/)")
+    p_compare.add_argument("--rtol", type=float, default=RTOL, help=f"default {RTOL:g}")
+    p_compare.add_argument("--atol", type=float, default=ATOL, help=f"default {ATOL:g}")
+    p_compare.set_defaults(func=cmd_compare)
     p_data = sub.add_parser("data", help="check that the course's dataset (Fashion-MNIST) is here")
     p_data.add_argument(
         "--download", action="store_true", help="download it with torchvision when it is missing"

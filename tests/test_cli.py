@@ -62,7 +62,7 @@ def test_report_prints_the_scorecard(executed_tour, capsys):
     _, out = executed_tour
     assert cli.main(["report", "--dir", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "torch.func toolkit tour" in text and "reproduced" in text and "0 failed" in text
+    assert "torch.func toolkit tour" in text and "sanity checks:" in text and "FAILED" not in text
 
 
 def test_report_fails_when_a_claim_failed(tmp_path, capsys):
@@ -99,29 +99,29 @@ def test_a_failed_run_replaces_the_previous_record(tmp_path, capsys):
     # run 1 passes and reports; run 2 fails a required claim before report(): `report` must
     # show run 2's failure, not run 1's verdicts as current
     first = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path, verbose=False)
-    first.check("c", 1.0, 1.0)
+    first.check("c", 1.0, 1.0, kind="paper")
     first.report()
     assert cli.main(["report", "--dir", str(tmp_path)]) == 0
     second = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path, verbose=False)
     with pytest.raises(ClaimFailed):
-        second.check("c", 2.0, 1.0, holds_at=("ci",))
+        second.check("c", 2.0, 1.0, holds_at=("ci",), kind="paper")
     capsys.readouterr()
     assert cli.main(["report", "--dir", str(tmp_path)]) == 1
     out = capsys.readouterr().out
-    assert "0 reproduced" in out and "1 failed" in out
+    assert "1 required here, 0 reproduced" in out and "1 FAILED" in out
     assert "1 run(s) failed" in out and "nb (profile ci): claim failed: c" in out
 
 
 def test_a_run_that_stopped_in_another_cell_is_reported(tmp_path, capsys):
     old = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path, verbose=False)
-    old.check("a", 1.0, 1.0)
-    old.check("b", 1.0, 1.0)
+    old.check("a", 1.0, 1.0, kind="paper")
+    old.check("b", 1.0, 1.0, kind="paper")
     old.report()
     new = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path, verbose=False)
-    new.check("a", 1.0, 1.0)  # ... then a cell raised, before claim b and report()
+    new.check("a", 1.0, 1.0, kind="paper")  # ... then a cell raised, before claim b and report()
     assert cli.main(["report", "--dir", str(tmp_path)]) == 1
     out = capsys.readouterr().out
-    assert "1 claims: 1 reproduced" in out
+    assert "1 required here, 1 reproduced" in out
     assert "nb (profile ci): the run stopped before its verdict table, after 1 check(s)" in out
     started = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path)  # nothing checked yet
     assert json.loads(started.path.read_text()) == started.record()
@@ -139,14 +139,14 @@ def test_a_run_that_stopped_in_another_cell_is_reported(tmp_path, capsys):
 )
 def test_report_names_and_skips_a_bad_file(tmp_path, capsys, content, why):
     good = Claims("P", notebook="good", profile="ci", out_dir=tmp_path, verbose=False)
-    good.check("c", 1.0, 1.0)
+    good.check("c", 1.0, 1.0, kind="paper")
     good.report()
     capsys.readouterr()
     (tmp_path / "bad.claims.json").write_bytes(content)
     assert cli.main(["report", "--dir", str(tmp_path)]) == 1
     captured = capsys.readouterr()
     assert str(tmp_path / "bad.claims.json") in captured.err and why in captured.err
-    assert "1 claims: 1 reproduced" in captured.out  # the good record is still shown
+    assert "1 required here, 1 reproduced" in captured.out  # the good record is still shown
 
 
 def test_report_with_nothing_to_report(tmp_path, capsys):

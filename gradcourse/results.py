@@ -1,0 +1,353 @@
+"""Recorded verdicts at each profile: the course's scorecard.
+
+``python -m gradcourse run --profile P --record`` keeps each notebook's claim verdicts in
+``results/<P>/<notebook>.json`` (committed), with the machine, the library versions, the date
+and the wall time per notebook and per section. From these files:
+
+- each notebook's closing table (:func:`verdict_table`): claim, the paper's value, this run and
+  the recorded ``ci``, ``cpu`` and ``gpu`` runs, each with its verdict;
+- the course scorecard (:func:`scorecard`): paper claims required / reproduced per notebook
+  and profile, shown in the README;
+- the check that a fresh ``ci`` run still matches what is recorded (:func:`compare`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .claims import Verdict, _fmt, check_record, verdict_from_dict, write_json_atomic
+from .paths import repo_root
+from .profile import PROFILES
+
+RESULTS_VAR = "GRADCOURSE_RESULTS"
+MARK = {"reproduced": "✓", "passed": "✓", "FAILED": "✗", "not reproduced at this scale": "○"}
+LEGEND = (
+    "✓ reproduced (a sanity check: passed); ✗ failed where required; ○ not reproduced where "
+    "not required; **bold**: required at that profile; — not checked there; not run: no "
+    "recorded run at that profile."
+)
+
+
+def results_root() -> Path:
+    """``$GRADCOURSE_RESULTS``, else ``<repo>/results`` (else ``./results`` outside a checkout)."""
+    override = os.environ.get(RESULTS_VAR)
+    if override:
+        return Path(override).expanduser()
+    root = repo_root()
+    return (root if root is not None else Path.cwd()) / "results"
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording a run
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    """The machine a run is recorded on: CPU model, logical cores, torch's threads and CPU
+    kernel, and the GPU's name (``None`` without CUDA)."""
+    import torch
+
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "os": platform.platform(terse=True),
+    }
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import torch
+
+    from . import __version__
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "gradcourse": __version__,
+    }
+
+
+def section_times(nb: Any) -> list[dict[str, Any]]:
+    """Seconds spent per ``## `` section of an executed notebook, from the timestamps nbclient
+    stores in each code cell's metadata (cells before the first section count as "setup")."""
+    sections: list[dict[str, Any]] = [{"section": "setup", "seconds": 0.0}]
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            heading = re.search(r"^##\s+(.+)$", cell.source, flags=re.MULTILINE)
+            if heading:
+                sections.append({"section": heading.group(1).strip(), "seconds": 0.0})
+            continue
+        timing = cell.get("metadata", {}).get("execution", {})
+        start, end = timing.get("iopub.execute_input"), timing.get("shell.execute_reply")
+        if start and end:
+            seconds = (_parse_time(end) - _parse_time(start)).total_seconds()
+            sections[-1]["seconds"] += max(seconds, 0.0)
+    for s in sections:
+        s["seconds"] = round(s["seconds"], 2)
+    return [s for s in sections if s["seconds"] > 0 or s["section"] != "setup"]
+
+
+def _parse_time(text: str) -> _dt.datetime:
+    return _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def record_run(
+    claims_record: dict[str, Any] | None,
+    *,
+    notebook: str,
+    profile: str,
+    seconds: float,
+    executed: Any = None,
+    error: str | None = None,
+    root: Path | None = None,
+) -> Path:
+    """Write ``results/<profile>/<notebook>.json``: the run's claims record (or, when the
+    notebook left none, an empty unfinished one carrying ``error``) plus the machine, versions,
+    date, wall time and per-section times."""
+    record = (
+        dict(claims_record)
+        if claims_record is not None
+        else {
+            "paper": "?",
+            "notebook": notebook,
+            "profile": profile,
+            "finished": False,
+            "verdicts": [],
+        }
+    )
+    record.update(
+        notebook=notebook,
+        profile=profile,
+        error=error,
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        wall_seconds=round(seconds, 1),
+        sections=section_times(executed) if executed is not None else [],
+        machine=machine(),
+        versions=versions(),
+    )
+    path = (root or results_root()) / profile / f"{notebook}.json"
+    write_json_atomic(path, record)
+    return path
+
+
+def load(profile: str, notebook: str, root: Path | None = None) -> dict[str, Any] | None:
+    """The recorded run of ``notebook`` at ``profile``, or ``None`` when there is none."""
+    path = (root or results_root()) / profile / f"{notebook}.json"
+    if not path.is_file():
+        return None
+    return check_record(json.loads(path.read_text(encoding="utf-8")))
+
+
+# ---------------------------------------------------------------------------------------------
+# A notebook's closing table
+
+
+def _cell(v: Verdict | None, recorded: bool) -> str:
+    if v is None:
+        return "—" if recorded else "not run"
+    mark = MARK.get(v.status, "?")
+    return f"{_fmt(v.measured)} **{mark}**" if v.required else f"{_fmt(v.measured)} {mark}"
+
+
+class VerdictTable:
+    """The closing table of a notebook: one row per claim, the paper's value, this run and the
+    recorded runs at each profile. Shown as Markdown in Jupyter, as text by ``print``."""
+
+    def __init__(self, header: Sequence[str], rows: list[list[str]], footer: list[str]):
+        self.header, self.rows, self.footer = list(header), rows, footer
+
+    def _repr_markdown_(self) -> str:
+        def esc(text: str) -> str:
+            return text.replace("|", "\\|")
+
+        lines = ["| " + " | ".join(self.header) + " |"]
+        lines.append("|" + "---|" * len(self.header))
+        lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in self.rows]
+        return "\n".join(lines + [""] + [f"{line}  " for line in self.footer])
+
+    def __str__(self) -> str:
+        return self._repr_markdown_()
+
+
+def verdict_table(notebook: str, current: Any = None, *, root: Path | None = None) -> VerdictTable:
+    """The verdicts of ``notebook``: this run (``current``, a :class:`gradcourse.claims.Claims`,
+    optional) beside the recorded ``ci`` / ``cpu`` / ``gpu`` runs under ``results/``."""
+    recorded = {p: load(p, notebook, root) for p in PROFILES}
+    columns: dict[str, dict[str, Verdict]] = {}
+    if current is not None:
+        columns["this run"] = {v.name: v for v in current.verdicts}
+    for p, rec in recorded.items():
+        columns[p] = (
+            {} if rec is None else {v["name"]: verdict_from_dict(v) for v in rec["verdicts"]}
+        )
+    names: list[str] = []
+    for col in columns.values():
+        names += [n for n in col if n not in names]
+    rows = []
+    for name in names:
+        first = next(col[name] for col in columns.values() if name in col)
+        paper = "" if first.paper_value is None else _fmt(first.paper_value)
+        row = [name, first.kind, paper, first.expected_text]
+        for label, col in columns.items():
+            ran = label == "this run" or recorded[label] is not None
+            row.append(_cell(col.get(name), ran))
+        rows.append(row)
+    footer = [LEGEND]
+    for p, rec in recorded.items():
+        if rec is None:
+            footer.append(f"{p}: not run yet (no results/{p}/{notebook}.json).")
+        else:
+            m = rec.get("machine", {})
+            where = m.get("gpu") or f"{m.get('cpu', '?')}, {m.get('torch_threads', '?')} thread(s)"
+            state = "" if rec.get("finished", True) else " — the run did not finish"
+            footer.append(
+                f"{p}: {rec.get('date', '?')[:10]}, {rec.get('wall_seconds', '?')} s on {where}"
+                f"{state}."
+            )
+    header = ["claim", "kind", "paper", "expected", *columns]
+    return VerdictTable(header, rows, footer)
+
+
+# ---------------------------------------------------------------------------------------------
+# The course scorecard
+
+
+def _counts(rec: dict[str, Any]) -> str:
+    vs = [verdict_from_dict(v) for v in rec["verdicts"]]
+    paper = [v for v in vs if v.kind == "paper"]
+    req = [v for v in paper if v.required]
+    opt = [v for v in paper if not v.required]
+    sanity = [v for v in vs if v.kind == "sanity"]
+    text = (
+        f"{sum(v.holds for v in req)}/{len(req)} required, "
+        f"{sum(v.holds for v in opt)}/{len(opt)} other; sanity {sum(v.holds for v in sanity)}"
+        f"/{len(sanity)}"
+    )
+    return text if rec.get("finished", True) else f"{text} (unfinished)"
+
+
+def scorecard(root: Path | None = None, notebooks: Sequence[str] | None = None) -> str:
+    """The course's scorecard as a Markdown table: per notebook and profile, paper claims
+    reproduced / required there, and reproduced / checked among the report-only ones."""
+    root = root or results_root()
+    if notebooks is None:
+        names = {p.stem for prof in PROFILES for p in (root / prof).glob("*.json")}
+        notebooks = sorted(names)
+    lines = [
+        "| notebook | " + " | ".join(f"`{p}`" for p in PROFILES) + " |",
+        "|---|" + "---|" * len(PROFILES),
+    ]
+    for nb in notebooks:
+        cells = []
+        for prof in PROFILES:
+            rec = load(prof, nb, root)
+            cells.append("not run" if rec is None else _counts(rec))
+        lines.append(f"| `{nb}` | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        "Per notebook and profile: paper claims *reproduced/required* there; then "
+        "*reproduced/checked* among the paper claims reported there but required only at a "
+        "larger scale (or nowhere, with the measured reason in the notebook); then the sanity "
+        "checks (identities and implementation properties) passed/checked."
+    )
+    return "\n".join(lines)
+
+
+SCORECARD_START = "<!-- scorecard: generated by `make scorecard`; do not edit -->"
+SCORECARD_END = "<!-- /scorecard -->"
+
+
+def replace_scorecard(text: str, table: str) -> str:
+    """``text`` (the README) with the block between the scorecard markers replaced."""
+    start, end = text.find(SCORECARD_START), text.find(SCORECARD_END)
+    if start < 0 or end < start:
+        raise ValueError(f"the README has no {SCORECARD_START!r} ... {SCORECARD_END!r} block")
+    return text[: start + len(SCORECARD_START)] + "\n" + table + "\n" + text[end:]
+
+
+# ---------------------------------------------------------------------------------------------
+# A fresh run against the recorded one
+
+
+def _numbers(value: Any) -> list[float] | None:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return None
+    if isinstance(value, int | float):
+        return [float(value)]
+    if isinstance(value, list):
+        out = []
+        for v in value:
+            sub = _numbers(v)
+            if sub is None:
+                return None
+            out += sub
+        return out
+    return None
+
+
+def _close(a: Any, b: Any, rtol: float, atol: float) -> bool:
+    na, nb = _numbers(a), _numbers(b)
+    if na is None or nb is None:
+        return a == b
+    if len(na) != len(nb):
+        return False
+    for x, y in zip(na, nb, strict=True):
+        if math.isnan(x) and math.isnan(y):
+            continue
+        if not abs(x - y) <= atol + rtol * max(abs(x), abs(y)):
+            return False
+    return True
+
+
+def compare(
+    fresh: dict[str, Any], recorded: dict[str, Any], *, rtol: float, atol: float
+) -> list[str]:
+    """What differs between a fresh claims record and the recorded one: claim names and their
+    order, kinds, where each is required, verdicts, and measured numbers beyond
+    ``atol + rtol * max(|a|, |b|)``. Empty when they agree."""
+    label = recorded.get("notebook") or fresh.get("notebook") or "?"
+    fv = [verdict_from_dict(v) for v in fresh["verdicts"]]
+    rv = [verdict_from_dict(v) for v in recorded["verdicts"]]
+    if [v.name for v in fv] != [v.name for v in rv]:
+        return [
+            f"{label}: the claims differ: fresh {[v.name for v in fv]}, "
+            f"recorded {[v.name for v in rv]}"
+        ]
+    problems = []
+    if not fresh.get("finished", True):
+        problems.append(f"{label}: the fresh run did not finish")
+    for a, b in zip(fv, rv, strict=True):
+        for field in ("kind", "holds_at", "status", "expected", "compare"):
+            if getattr(a, field) != getattr(b, field):
+                problems.append(
+                    f"{label}: {a.name!r}: {field} {getattr(a, field)!r} now, "
+                    f"{getattr(b, field)!r} recorded"
+                )
+        if not _close(a.measured, b.measured, rtol, atol):
+            problems.append(
+                f"{label}: {a.name!r}: measured {_fmt(a.measured)} now, {_fmt(b.measured)} "
+                f"recorded (beyond rtol {rtol:g}, atol {atol:g})"
+            )
+    return problems

@@ -1,0 +1,135 @@
+"""Recorded results: recording a run, the closing verdict table, the course scorecard and the
+comparison of a fresh run with the recorded one (on records written here)."""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+
+from gradcourse import results
+from gradcourse.claims import ClaimFailed, Claims
+
+
+def run(profile, out_dir, measured=(1.0, 0.4, 0.0), finish=True):
+    """A small notebook's claims: a paper claim required everywhere, one required only at gpu,
+    and a sanity check."""
+    claims = Claims("P", notebook="nb", profile=profile, out_dir=out_dir, verbose=False)
+    claims.check("required", measured[0], 1.0, rtol=0.1, kind="paper", paper_value="1 (Fig. 2)")
+    claims.check("gpu only", measured[1], 1.0, rtol=0.1, kind="paper", holds_at=("gpu",))
+    claims.check("identity", measured[2], 0.0, tol=1e-9, kind="sanity")
+    if finish:
+        claims.report(write=True)
+    return claims
+
+
+def test_record_load_and_machine(tmp_path):
+    claims = run("ci", tmp_path / "build")
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell("a"),
+            nbformat.v4.new_markdown_cell("## Section one\ntext"),
+            nbformat.v4.new_code_cell("b"),
+            nbformat.v4.new_code_cell("c"),
+        ]
+    )
+    stamps = [("00:00:00", "00:00:01.5"), ("00:00:02", "00:00:04"), ("00:00:05", "00:00:05.25")]
+    for cell, (start, end) in zip([nb.cells[0], nb.cells[2], nb.cells[3]], stamps, strict=True):
+        cell.metadata["execution"] = {
+            "iopub.execute_input": f"2026-11-30T{start}Z",
+            "shell.execute_reply": f"2026-11-30T{end}Z",
+        }
+    path = results.record_run(
+        claims.record(), notebook="nb", profile="ci", seconds=12.34, executed=nb,
+        root=tmp_path / "results",
+    )  # fmt: skip
+    assert path == tmp_path / "results" / "ci" / "nb.json"
+    rec = results.load("ci", "nb", tmp_path / "results")
+    assert rec["wall_seconds"] == 12.3 and rec["finished"] and rec["error"] is None
+    assert rec["sections"] == [
+        {"section": "setup", "seconds": 1.5},
+        {"section": "Section one", "seconds": 2.25},
+    ]
+    assert {"cpu", "cores", "torch_threads", "cpu_capability", "gpu"} <= set(rec["machine"])
+    assert {"python", "torch", "numpy", "gradcourse"} <= set(rec["versions"])
+    assert [v["name"] for v in rec["verdicts"]] == ["required", "gpu only", "identity"]
+    assert results.load("gpu", "nb", tmp_path / "results") is None
+
+
+def test_a_notebook_without_a_record_is_recorded_as_unfinished(tmp_path):
+    path = results.record_run(
+        None, notebook="nb", profile="cpu", seconds=3.0, error="boom", root=tmp_path
+    )
+    rec = json.loads(path.read_text())
+    assert rec["verdicts"] == [] and rec["finished"] is False and rec["error"] == "boom"
+
+
+def test_verdict_table_shows_this_run_and_every_profile(tmp_path):
+    root = tmp_path / "results"
+    for profile, measured in (("ci", (1.0, 0.4, 0.0)), ("cpu", (1.02, 0.95, 0.0))):
+        results.record_run(
+            run(profile, tmp_path / profile).record(),
+            notebook="nb", profile=profile, seconds=1.0, root=root,
+        )  # fmt: skip
+    current = run("ci", tmp_path / "now", measured=(0.98, 0.5, 0.0))
+    table = results.verdict_table("nb", current, root=root)
+    assert table.header == ["claim", "kind", "paper", "expected", "this run", "ci", "cpu", "gpu"]
+    required, gpu_only, identity = table.rows
+    assert required[:4] == ["required", "paper", "1 (Fig. 2)", "≈ 1 (±10%)"]
+    assert required[4:] == ["0.98 **✓**", "1 **✓**", "1 **✓**", "not run"]
+    assert gpu_only[4:] == ["0.5 ○", "0.4 ○", "0.4 ○", "not run"]
+    assert identity[1] == "sanity" and identity[4] == "0.0 **✓**"
+    markdown = table._repr_markdown_()
+    assert markdown.startswith("| claim | kind | paper |") and "gpu: not run yet" in markdown
+    # a claim only some runs have: "—" where a recorded run did not check it
+    extra = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path / "x", verbose=False)
+    extra.check("new claim", 1.0, 1.0, kind="paper")
+    rows = results.verdict_table("nb", extra, root=root).rows
+    assert rows[0][0] == "new claim" and rows[0][5:] == ["—", "—", "not run"]
+
+
+def test_scorecard_counts_paper_claims_per_profile_and_fills_the_readme(tmp_path):
+    root = tmp_path / "results"
+    results.record_run(
+        run("cpu", tmp_path / "b").record(), notebook="nb", profile="cpu", seconds=1, root=root
+    )
+    claims = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path / "c", verbose=False)
+    with pytest.raises(ClaimFailed):
+        claims.check("required", 0.0, 1.0, rtol=0.1, kind="paper")
+    results.record_run(claims.record(), notebook="nb", profile="ci", seconds=1, root=root)
+    table = results.scorecard(root)
+    row = next(line for line in table.splitlines() if line.startswith("| `nb`"))
+    assert row == (
+        "| `nb` | 0/1 required, 0/0 other; sanity 0/0 (unfinished) "
+        "| 1/1 required, 0/1 other; sanity 1/1 | not run |"
+    )
+    readme = f"intro\n{results.SCORECARD_START}\nold\n{results.SCORECARD_END}\nrest\n"
+    updated = results.replace_scorecard(readme, table)
+    assert updated == f"intro\n{results.SCORECARD_START}\n{table}\n{results.SCORECARD_END}\nrest\n"
+    assert results.replace_scorecard(updated, table) == updated
+    with pytest.raises(ValueError, match="scorecard"):
+        results.replace_scorecard("no markers", table)
+
+
+def test_compare_finds_what_changed(tmp_path):
+    recorded = run("ci", tmp_path / "a").record()
+    same = run("ci", tmp_path / "b", measured=(1.0 + 1e-9, 0.4, 1e-12)).record()
+    assert results.compare(same, recorded, rtol=1e-6, atol=1e-9) == []
+    drifted = run("ci", tmp_path / "c", measured=(1.05, 0.4, 0.0)).record()
+    (problem,) = results.compare(drifted, recorded, rtol=1e-3, atol=1e-9)
+    assert "'required': measured 1.05 now, 1 recorded" in problem
+    assert results.compare(drifted, recorded, rtol=0.1, atol=0) == []  # within a stated tolerance
+    flipped = run("ci", tmp_path / "d", measured=(1.0, 0.95, 0.0)).record()
+    problems = results.compare(flipped, recorded, rtol=1, atol=1)
+    assert problems == [
+        "nb: 'gpu only': status 'reproduced' now, 'not reproduced at this scale' recorded"
+    ]
+    unfinished = run("ci", tmp_path / "e", finish=False).record()
+    assert results.compare(unfinished, recorded, rtol=0, atol=0) == [
+        "nb: the fresh run did not finish"
+    ]
+    renamed = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path / "f", verbose=False)
+    renamed.check("other", 1.0, 1.0, kind="paper")
+    (problem,) = results.compare(renamed.record(), recorded, rtol=1, atol=1)
+    assert "the claims differ" in problem
