@@ -7,6 +7,7 @@
 - ``report``: one table of every claim of every executed notebook; ``report --results``: the
   course scorecard across profiles from ``results/``.
 - ``compare FRESH --profile ci``: a fresh run's verdicts against the recorded ones.
+- ``site [--profile P]``: the course as a static site in ``build/site/<P>/``.
 - ``data [--download]``: check that Fashion-MNIST is on disk (and valid), or download it.
 """
 
@@ -209,6 +210,14 @@ def run_notebook(
             else:
                 os.environ[key] = value
     seconds = time.perf_counter() - start
+    from .site import source_digest
+
+    nb.metadata["gradcourse"] = {
+        "profile": profile,
+        "source_sha256": source_digest(path),
+        "error": error,
+        "seconds": round(seconds, 1),
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / path.name
     nbformat.write(nb, out_path)
@@ -310,6 +319,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_site(args: argparse.Namespace) -> int:
+    """Build the course site (what ``make site`` runs)."""
+    from .site import build
+
+    profile = resolve_profile_name(args.profile)
+    start = time.perf_counter()
+    out, failed = build(profile, Path(args.build) if args.build else build_root(), quiet=args.quiet)
+    print(f"site at profile {profile}: {out / 'index.html'} ({time.perf_counter() - start:.0f} s)")
+    if failed:
+        print(f"these notebooks failed to execute (their pages show the error): {failed}")
+        return 1
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     if args.results:
         return cmd_results(args)
@@ -393,6 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_compare.add_argument("--rtol", type=float, default=RTOL, help=f"default {RTOL:g}")
     p_compare.add_argument("--atol", type=float, default=ATOL, help=f"default {ATOL:g}")
     p_compare.set_defaults(func=cmd_compare)
+    p_site = sub.add_parser("site", help="build the course site (executes what is not current)")
+    p_site.add_argument("--profile", default="cpu", help="profile of the executed notebooks")
+    p_site.add_argument("--build", help="build folder (default: build/)")
+    p_site.add_argument("--quiet", action="store_true", help="no progress bars")
+    p_site.set_defaults(func=cmd_site)
     p_data = sub.add_parser("data", help="check that the course's dataset (Fashion-MNIST) is here")
     p_data.add_argument(
         "--download", action="store_true", help="download it with torchvision when it is missing"
