@@ -7,13 +7,14 @@ LAB_ARGS ?=
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 PROFILE ?= auto
 
-.PHONY: lab test test-unit test-notebooks test-browser test-sweep chromium data lint format reproduce clean help
+.PHONY: lab test test-unit test-notebooks test-browser test-sweep chromium data lint format reproduce scorecard site clean help
 
 help:
 	@echo "make lab        create .venv, install, open the course in JupyterLab (LAB_ARGS=--no-browser on a headless machine)"
 	@echo "make test       create .venv, install with test extras, lint, unit tests, every notebook under nbval (profile ci)"
 	@echo "make test-browser  every notebook in JupyterLab in headless Chromium: run all, move each widget"
-	@echo "make reproduce  run every notebook in the auto profile (gpu if CUDA, else cpu) and print the scorecard"
+	@echo "make reproduce  run every notebook (PROFILE=ci|cpu|gpu, default auto), record results/<profile>/, refresh the README scorecard"
+	@echo "make site       the course as a static site in build/site/<profile>/ (PROFILE=ci for a quick build)"
 	@echo "make data       check that Fashion-MNIST is on disk (apt-get install as root when missing)"
 	@echo "make test-sweep unit tests and notebooks under each CPU capability and 1/2 threads"
 	@echo "make format     apply ruff's formatter and autofixes"
@@ -31,8 +32,12 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	@touch $@ $(VENV)/.installed
 
 $(VENV)/.installed-browser: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -e '.[test,browser]'
-	@touch $@ $(VENV)/.installed $(VENV)/.installed-test
+	$(BIN)/python -m pip install -e '.[test,browser,site]'
+	@touch $@ $(VENV)/.installed $(VENV)/.installed-test $(VENV)/.installed-site
+
+$(VENV)/.installed-site: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e '.[site]'
+	@touch $@ $(VENV)/.installed
 
 # Fashion-MNIST, the course's real dataset: Debian's package puts it in /usr/share/datasets/.
 # When it is missing, root with apt-get installs it (as test-browser does Chromium); anyone
@@ -62,14 +67,19 @@ format: $(VENV)/.installed-test
 test-unit: $(VENV)/.installed-test
 	GRADCOURSE_PROFILE=ci $(BIN)/python -m pytest tests/ --ignore=tests/browser -q --durations=10
 
+# The notebooks under nbval at ci, then their verdicts against the recorded results/ci/.
 test-notebooks: $(VENV)/.installed-test
-	GRADCOURSE_PROFILE=ci $(BIN)/python -m pytest --nbval-lax notebooks/ -q --durations=0 -p no:cacheprovider
+	rm -rf build/nbval-ci
+	GRADCOURSE_PROFILE=ci GRADCOURSE_BUILD=$(CURDIR)/build/nbval-ci \
+		$(BIN)/python -m pytest --nbval-lax notebooks/ -q --durations=0 -p no:cacheprovider
+	$(BIN)/python -m gradcourse compare build/nbval-ci --profile ci
 
 test: data lint test-unit test-notebooks
 
 # Results must not depend on the CPU's vector unit or the thread count: the unit tests and the
 # notebooks under each ATEN_CPU_CAPABILITY (default, avx2, and the machine's own) with 1 and 2
-# threads (GRADCOURSE_THREADS overrides every profile's thread count). About 6x `make test`.
+# threads (GRADCOURSE_THREADS overrides every profile's thread count), each notebook run with an
+# empty results cache, its verdicts compared with results/ci/. About 6x `make test`.
 SWEEP_CAPS ?= default avx2 native
 SWEEP_THREADS ?= 1 2
 test-sweep: $(VENV)/.installed-test data
@@ -77,13 +87,16 @@ test-sweep: $(VENV)/.installed-test data
 		echo "== ATEN_CPU_CAPABILITY=$$cap, $$t thread(s) =="; \
 		if [ "$$cap" = native ]; then unset ATEN_CPU_CAPABILITY; else export ATEN_CPU_CAPABILITY=$$cap; fi; \
 		export GRADCOURSE_THREADS=$$t OMP_NUM_THREADS=$$t; \
+		out=$(CURDIR)/build/sweep/$$cap-$$t; rm -rf $$out; mkdir -p $$out/data; \
 		$(BIN)/python -c "import torch; print('torch uses', torch.backends.cpu.get_cpu_capability(), 'with', torch.get_num_threads(), 'thread(s)')"; \
 		GRADCOURSE_PROFILE=ci $(BIN)/python -m pytest tests/ --ignore=tests/browser -q -p no:cacheprovider; \
-		GRADCOURSE_PROFILE=ci $(BIN)/python -m pytest --nbval-lax notebooks/ -q -p no:cacheprovider; \
+		GRADCOURSE_PROFILE=ci GRADCOURSE_DATA=$$out/data GRADCOURSE_BUILD=$$out \
+			$(BIN)/python -m pytest --nbval-lax notebooks/ -q -p no:cacheprovider; \
+		$(BIN)/python -m gradcourse compare $$out --profile ci; \
 	done; done
 
 # Playwright drives the system Chromium (it never downloads a browser of its own).
-test-browser: $(VENV)/.installed-browser
+test-browser: $(VENV)/.installed-browser data
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
 		|| [ -n "$$GRADCOURSE_CHROMIUM" ] || $(MAKE) --no-print-directory chromium
 	GRADCOURSE_PROFILE=ci $(BIN)/python -m pytest tests/browser -q -s -p no:cacheprovider
@@ -98,9 +111,19 @@ chromium:
 		exit 1; \
 	fi
 
-reproduce: $(VENV)/.installed
-	$(BIN)/python -m gradcourse run --profile $(PROFILE)
-	$(BIN)/python -m gradcourse report
+# Run every notebook at PROFILE and record its verdicts in results/<profile>/ (committed), then
+# refresh the README's scorecard. `make reproduce PROFILE=ci` after changing a notebook.
+reproduce: $(VENV)/.installed data
+	$(BIN)/python -m gradcourse run --profile $(PROFILE) --record
+	$(BIN)/python -m gradcourse report --results --update-readme README.md
+
+scorecard: $(VENV)/.installed
+	$(BIN)/python -m gradcourse report --results --update-readme README.md
+
+# The course as a static site in build/site/<profile>/ (notebooks executed when stale).
+SITE_PROFILE ?= $(if $(filter auto,$(PROFILE)),cpu,$(PROFILE))
+site: $(VENV)/.installed-site data
+	$(BIN)/python -m gradcourse site --profile $(SITE_PROFILE)
 
 clean:
 	rm -rf build .pytest_cache

@@ -324,17 +324,25 @@ def verdict_from_dict(v: dict[str, Any]) -> Verdict:
     return Verdict(**{f.name: v[f.name] for f in fields(Verdict) if f.name in v})
 
 
+def counts(verdicts: Sequence[Verdict]) -> dict[str, tuple[int, int]]:
+    """(held, checked) for the paper claims required at the run's profile (``required``), the
+    paper claims reported there (``report_only``) and the sanity checks (``sanity``)."""
+    groups = {
+        "required": [v for v in verdicts if v.kind == "paper" and v.required],
+        "report_only": [v for v in verdicts if v.kind == "paper" and not v.required],
+        "sanity": [v for v in verdicts if v.kind == "sanity"],
+    }
+    return {k: (sum(v.holds for v in vs), len(vs)) for k, vs in groups.items()}
+
+
 def summary(verdicts: Sequence[Verdict]) -> str:
     """One line counting paper claims and sanity checks separately, e.g. "paper claims: 12
     required here, 12 reproduced; 3 report-only (1 reproduced); sanity checks: 4 of 4 passed"."""
-    paper = [v for v in verdicts if v.kind == "paper"]
-    required = [v for v in paper if v.required]
-    optional = [v for v in paper if not v.required]
-    sanity = [v for v in verdicts if v.kind == "sanity"]
+    c = counts(verdicts)
     line = (
-        f"paper claims: {len(required)} required here, {sum(v.holds for v in required)} "
-        f"reproduced; {len(optional)} report-only ({sum(v.holds for v in optional)} "
-        f"reproduced); sanity checks: {sum(v.holds for v in sanity)} of {len(sanity)} passed"
+        f"paper claims: {c['required'][1]} required here, {c['required'][0]} reproduced; "
+        f"{c['report_only'][1]} report-only ({c['report_only'][0]} reproduced); "
+        f"sanity checks: {c['sanity'][0]} of {c['sanity'][1]} passed"
     )
     failed = sum(v.status == "FAILED" for v in verdicts)
     return line + (f"; {failed} FAILED" if failed else "")

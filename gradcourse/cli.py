@@ -106,11 +106,13 @@ def _resolve_notebook(name: str) -> Path:
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 #: How far a fresh run's measured numbers may sit from the recorded ones (``compare``): the
-#: ``ci`` profile is single-threaded and seeded, so numbers differ only by the rounding of
-#: the CPU's vector kernels (AVX-512, AVX2, plain), amplified by training; measured with
-#: ``make test-sweep`` (see the README).
+#: ``ci`` profile is single-threaded and seeded, so numbers differ only through the rounding of
+#: the CPU's vector kernels (plain, AVX2, AVX-512) and the thread count, amplified by training.
+#: Measured over those kernels with 1 and 2 threads: at most 4e-4 relative on trained
+#: quantities (notebook 02), one test example in 1,000 (0.001) on accuracy differences
+#: (notebook 04), rounding level on identities. Verdicts must match exactly.
 RTOL = 1e-2
-ATOL = 1e-6
+ATOL = 5e-3
 
 #: Longest single wait on a kernel channel (s); a longer wait is a loop of these.
 POLL_INTERVAL = 1.0

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .claims import Verdict, _fmt, check_record, verdict_from_dict, write_json_atomic
+from .claims import Verdict, _fmt, check_record, counts, verdict_from_dict, write_json_atomic
 from .paths import repo_root
 from .profile import PROFILES
 
@@ -235,15 +235,9 @@ def verdict_table(notebook: str, current: Any = None, *, root: Path | None = Non
 
 
 def _counts(rec: dict[str, Any]) -> str:
-    vs = [verdict_from_dict(v) for v in rec["verdicts"]]
-    paper = [v for v in vs if v.kind == "paper"]
-    req = [v for v in paper if v.required]
-    opt = [v for v in paper if not v.required]
-    sanity = [v for v in vs if v.kind == "sanity"]
-    text = (
-        f"{sum(v.holds for v in req)}/{len(req)} required, "
-        f"{sum(v.holds for v in opt)}/{len(opt)} other; sanity {sum(v.holds for v in sanity)}"
-        f"/{len(sanity)}"
+    c = counts([verdict_from_dict(v) for v in rec["verdicts"]])
+    text = "{}/{} required, {}/{} other; sanity {}/{}".format(
+        *c["required"], *c["report_only"], *c["sanity"]
     )
     return text if rec.get("finished", True) else f"{text} (unfinished)"
 

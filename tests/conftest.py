@@ -1,4 +1,4 @@
-"""Shared test set-up: keep every test's files out of the repository's data/ and build/, and
+"""Shared test set-up: keep every test's files out of the repository's data/, build/ and results/, and
 writers of small fake dataset files in the real on-disk formats (for the torchvision path)."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 def _isolated_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("GRADCOURSE_DATA", str(tmp_path_factory.mktemp("data")))
     monkeypatch.setenv("GRADCOURSE_BUILD", str(tmp_path_factory.mktemp("build")))
+    monkeypatch.setenv("GRADCOURSE_RESULTS", str(tmp_path_factory.mktemp("results")))
 
 
 # ---------------------------------------------------------------------------------------------

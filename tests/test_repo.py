@@ -63,3 +63,24 @@ def test_ci_runs_the_readme_test_command():
     assert commands[-2:] == ["make test", "make test-browser"]
     for command in ("make test", "make lab", "make test-browser"):
         assert command in readme
+
+
+def test_readme_scorecard_matches_the_recorded_results():
+    from gradcourse import results
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = results.scorecard(ROOT / "results")
+    assert results.replace_scorecard(readme, table) == readme, (
+        "the README's scorecard is out of date with results/: run `make scorecard`"
+    )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_notebook_has_recorded_ci_and_cpu_results(path):
+    from gradcourse import results
+
+    for profile in ("ci", "cpu"):
+        record = results.load(profile, path.stem, ROOT / "results")
+        assert record is not None, f"{path.name}: nothing in results/{profile}/ (make reproduce)"
+        assert record["finished"], f"{path.name}: the recorded {profile} run did not finish"
+        assert record["verdicts"], f"{path.name}: the recorded {profile} run checked no claim"

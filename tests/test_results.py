@@ -69,7 +69,7 @@ def test_verdict_table_shows_this_run_and_every_profile(tmp_path):
     root = tmp_path / "results"
     for profile, measured in (("ci", (1.0, 0.4, 0.0)), ("cpu", (1.02, 0.95, 0.0))):
         results.record_run(
-            run(profile, tmp_path / profile).record(),
+            run(profile, tmp_path / profile, measured=measured).record(),
             notebook="nb", profile=profile, seconds=1.0, root=root,
         )  # fmt: skip
     current = run("ci", tmp_path / "now", measured=(0.98, 0.5, 0.0))
@@ -77,8 +77,8 @@ def test_verdict_table_shows_this_run_and_every_profile(tmp_path):
     assert table.header == ["claim", "kind", "paper", "expected", "this run", "ci", "cpu", "gpu"]
     required, gpu_only, identity = table.rows
     assert required[:4] == ["required", "paper", "1 (Fig. 2)", "≈ 1 (±10%)"]
-    assert required[4:] == ["0.98 **✓**", "1 **✓**", "1 **✓**", "not run"]
-    assert gpu_only[4:] == ["0.5 ○", "0.4 ○", "0.4 ○", "not run"]
+    assert required[4:] == ["0.98 **✓**", "1 **✓**", "1.02 **✓**", "not run"]
+    assert gpu_only[4:] == ["0.5 ○", "0.4 ○", "0.95 ✓", "not run"]
     assert identity[1] == "sanity" and identity[4] == "0.0 **✓**"
     markdown = table._repr_markdown_()
     assert markdown.startswith("| claim | kind | paper |") and "gpu: not run yet" in markdown

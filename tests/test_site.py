@@ -1,0 +1,85 @@
+"""The site builder's own logic, without Sphinx: which executed copies are current, and how an
+interactive panel is frozen to what it showed last."""
+
+from __future__ import annotations
+
+import nbformat
+
+from gradcourse import site
+
+VIEW = site.WIDGET_VIEW
+STATE = site.WIDGET_STATE
+
+
+def panel_notebook():
+    """A notebook whose cell shows a VBox(HTML title, HBox(slider), Output(figure + text))."""
+    figure = {"output_type": "display_data", "metadata": {}, "data": {"image/png": "iVBORw0KGgo="}}
+    text = {"output_type": "stream", "name": "stdout", "text": "k = 3\n"}
+    state = {
+        "box": {"model_name": "VBoxModel", "state": {"children": ["IPY_MODEL_title", "IPY_MODEL_row", "IPY_MODEL_out"]}},
+        "title": {"model_name": "HTMLModel", "state": {"value": "<b>panel</b>"}},
+        "row": {"model_name": "HBoxModel", "state": {"children": ["IPY_MODEL_slider"]}},
+        "slider": {"model_name": "IntSliderModel", "state": {"value": 3}},
+        "out": {"model_name": "OutputModel", "state": {"outputs": [figure, text]}},
+    }  # fmt: skip
+    nb = nbformat.v4.new_notebook()
+    view = {"output_type": "display_data", "metadata": {},
+            "data": {VIEW: {"model_id": "box", "version_major": 2}, "text/plain": "VBox(...)"}}  # fmt: skip
+    plain = {"output_type": "stream", "name": "stdout", "text": "before\n"}
+    nb.cells = [
+        nbformat.v4.new_code_cell("explore(...)", outputs=[nbformat.from_dict(plain), nbformat.from_dict(view)]),
+        nbformat.v4.new_markdown_cell("text"),
+    ]  # fmt: skip
+    nb.metadata["widgets"] = {STATE: {"state": state, "version_major": 2, "version_minor": 0}}
+    return nb, figure, text
+
+
+def test_freeze_widgets_shows_the_panels_last_output():
+    nb, figure, text = panel_notebook()
+    assert site.freeze_widgets(nb) == 1
+    outputs = nb.cells[0].outputs
+    assert outputs[0]["text"] == "before\n"  # other outputs stay, in order
+    assert "gc-static-note" in outputs[1]["data"]["text/html"]
+    assert outputs[2] == figure and outputs[3] == text
+    assert "widgets" not in nb.metadata
+    nbformat.validate(nb)  # still a valid notebook for the site builder
+
+
+def test_a_view_without_stored_state_becomes_the_note_alone():
+    nb, _, _ = panel_notebook()
+    nb.metadata.pop("widgets")
+    site.freeze_widgets(nb)
+    assert len(nb.cells[0].outputs) == 2 and "gc-static-note" in str(nb.cells[0].outputs[1])
+
+
+def test_widget_outputs_follow_children_once_in_panel_order():
+    models = {
+        "a": {"model_name": "VBoxModel", "state": {"children": ["IPY_MODEL_o1", "IPY_MODEL_b"]}},
+        "b": {"model_name": "VBoxModel", "state": {"children": ["IPY_MODEL_o2", "IPY_MODEL_a"]}},
+        "o1": {"model_name": "OutputModel", "state": {"outputs": [{"n": 1}]}},
+        "o2": {"model_name": "OutputModel", "state": {"outputs": [{"n": 2}]}},
+    }
+    assert site.widget_outputs("a", models) == [{"n": 1}, {"n": 2}]  # the cycle a-b-a ends
+    assert site.widget_outputs("missing", models) == []
+
+
+def test_an_executed_copy_is_current_only_for_its_source_profile_and_success(tmp_path):
+    source = tmp_path / "nb.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1")]), source)
+    executed = tmp_path / "out" / "nb.ipynb"
+    assert not site.is_current(source, executed, "ci")
+    executed.parent.mkdir()
+    done = nbformat.read(source, as_version=4)
+    done.metadata["gradcourse"] = {
+        "profile": "ci", "source_sha256": site.source_digest(source), "error": None
+    }  # fmt: skip
+    nbformat.write(done, executed)
+    assert site.is_current(source, executed, "ci")
+    assert not site.is_current(source, executed, "cpu")
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("2")]), source)
+    assert not site.is_current(source, executed, "ci")  # the source changed since
+    done.metadata["gradcourse"].update(source_sha256=site.source_digest(source), error="boom")
+    nbformat.write(done, executed)
+    assert not site.is_current(source, executed, "ci")  # a failed run is re-executed
+    executed.write_text("not a notebook")
+    assert not site.is_current(source, executed, "ci")
