@@ -275,6 +275,7 @@ class Claims:
             "notebook": self.notebook,
             "profile": self.profile,
             "python": platform.python_version(),
+            "torch_threads": _torch_threads(),
             "finished": self.finished,
             "verdicts": [asdict(v) | {"status": v.status} for v in self.verdicts],
         }
@@ -288,6 +289,15 @@ class Claims:
             self._save()
             print(f"verdicts written to {self.path}")
         return list(self.verdicts)
+
+
+def _torch_threads() -> int | None:
+    """The CPU threads torch computes with in this process (the notebook's kernel, where a
+    record is written), or None when torch is not loaded."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else None
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

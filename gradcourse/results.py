@@ -147,6 +147,8 @@ def record_run(
         machine=machine(),
         versions=versions(),
     )
+    if record.get("torch_threads"):  # the notebook's own count (ci runs single-threaded)
+        record["machine"]["torch_threads"] = record["torch_threads"]
     path = (root or results_root()) / profile / f"{notebook}.json"
     write_json_atomic(path, record)
     return path
