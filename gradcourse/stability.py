@@ -21,6 +21,10 @@ This module builds these matrices as operators on flat parameter vectors, in the
 - :func:`sgd_stability_operator` the Wu-Ma-E matrix A; :func:`wu_ma_e_stable` its verdict;
   :func:`critical_learning_rate` the largest stable eta, by bisection;
 - :func:`linearized_sgd_second_moment` a Monte-Carlo simulation of the linearised dynamics;
+- :func:`second_moment_map`, :func:`sgd_second_moment`, :func:`mean_square_rate`,
+  :func:`mean_square_threshold`: the exact second moment E[x_t x_t^T] of those dynamics on
+  explicit matrices (:func:`per_example_matrices` restricts H_i to a subspace), and the learning
+  rate where it starts to grow;
 - :class:`SharpnessTracker`     a callback for :func:`gradcourse.train.train` that tracks
   lambda_max(H) with warm-started Lanczos and times itself (Cohen et al. 2021);
 - :func:`gauss_newton_spectrum` the exact nonzero spectrum of the Gauss-Newton matrix from the
@@ -69,6 +73,13 @@ __all__ = [
     "wu_ma_e_stable",
     "critical_learning_rate",
     "linearized_sgd_second_moment",
+    "batch_noise_factor",
+    "second_moment_map",
+    "second_moment_matrix",
+    "mean_square_rate",
+    "sgd_second_moment",
+    "mean_square_threshold",
+    "per_example_matrices",
     "SharpnessTracker",
     "gauss_newton_spectrum",
     "trace_bound",
@@ -393,6 +404,174 @@ def linearized_sgd_second_moment(
         moments.append(x.double().pow(2).sum(dim=1).mean())
     out = torch.stack(moments).cpu()
     return out / out[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The exact second moment of the linearised SGD (explicit matrices, small dimension)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_hessians(hessians: Tensor) -> Tensor:
+    if not isinstance(hessians, Tensor) or hessians.ndim != 3:
+        raise ValueError("hessians must be a tensor (n, r, r) of per-example curvature matrices")
+    n, r, r2 = hessians.shape
+    if r != r2 or n < 1 or r < 1:
+        raise ValueError(
+            f"hessians must have shape (n, r, r) with n, r >= 1, got {tuple(hessians.shape)}"
+        )
+    h = hessians.double()
+    if not torch.allclose(h, h.transpose(1, 2), rtol=1e-10, atol=1e-12 * float(h.abs().max())):
+        raise ValueError("hessians must be symmetric matrices")
+    return h
+
+
+def batch_noise_factor(batch_size: int, n: int, *, replacement: bool = False) -> float:
+    """c_B in E[H_B S H_B] = H S H + c_B (1/n sum_i H_i S H_i - H S H): (n - B)/(B (n - 1)) for
+    batches drawn uniformly without replacement (Wu, Ma & E 2018), 1/B with replacement."""
+    check_int("n", n, 1)
+    check_int("batch_size", batch_size, 1, None if replacement else n)
+    return 1.0 / batch_size if replacement else sgd_noise_factor(batch_size, n)
+
+
+def second_moment_map(
+    hessians: Tensor, lr: float, batch_size: int, *, replacement: bool = False
+) -> Callable[[Tensor], Tensor]:
+    """The map S_t -> S_{t+1} = E[x_{t+1} x_{t+1}^T] of the linearised SGD x_{t+1} = (I - lr
+    H_B) x_t, exactly, for a batch B drawn afresh each step (uniformly without replacement by
+    default, as in Wu, Ma & E 2018, Theorem 1):
+
+        T(S) = (I - lr H) S (I - lr H) + lr^2 c_B (1/n sum_i H_i S H_i - H S H).
+
+    ``hessians``: the per-example curvature matrices H_i (n, r, r), e.g. restricted to a
+    subspace with :func:`per_example_matrices`. Works in float64."""
+    h = _check_hessians(hessians)
+    lr = check_positive("lr", lr)
+    c = batch_noise_factor(batch_size, len(h), replacement=replacement)
+    mean = h.mean(0)
+    step = torch.eye(h.shape[1], dtype=h.dtype) - lr * mean
+
+    def apply(s: Tensor) -> Tensor:
+        s = s.double()
+        spread = torch.einsum("iab,bc,icd->ad", h, s, h) / len(h) - mean @ s @ mean
+        return step @ s @ step + (lr**2 * c) * spread
+
+    return apply
+
+
+def second_moment_matrix(
+    hessians: Tensor, lr: float, batch_size: int, *, replacement: bool = False
+) -> Tensor:
+    """The map of :func:`second_moment_map` as an (r^2, r^2) matrix acting on vec(S):
+    (I - lr H) (x) (I - lr H) + lr^2 c_B (1/n sum_i H_i (x) H_i - H (x) H). Symmetric, since
+    every H_i is."""
+    h = _check_hessians(hessians)
+    lr = check_positive("lr", lr)
+    c = batch_noise_factor(batch_size, len(h), replacement=replacement)
+    mean = h.mean(0)
+    step = torch.eye(h.shape[1], dtype=h.dtype) - lr * mean
+    spread = torch.einsum("iab,icd->adbc", h, h) / len(h) - torch.einsum("ab,cd->adbc", mean, mean)
+    r = h.shape[1]
+    return torch.kron(step, step) + (lr**2 * c) * spread.reshape(r * r, r * r)
+
+
+def mean_square_rate(
+    hessians: Tensor, lr: float, batch_size: int, *, replacement: bool = False
+) -> float:
+    """The spectral radius of :func:`second_moment_matrix`: E||x_t||^2 grows or decays like
+    rate^t for a generic start. Rate <= 1 is mean-square stability; it can exceed 1 while the
+    typical run (almost surely) still converges, because the mean of a multiplicative process
+    is carried by rare runs."""
+    m = second_moment_matrix(hessians, lr, batch_size, replacement=replacement)
+    return float(torch.linalg.eigvalsh(m).abs().max())
+
+
+def sgd_second_moment(
+    hessians: Tensor,
+    lr: float,
+    batch_size: int,
+    steps: int,
+    *,
+    s0: Tensor | None = None,
+    replacement: bool = False,
+) -> Tensor:
+    """E||x_t||^2 / E||x_0||^2 for t = 0..steps, exactly (the recursion of
+    :func:`second_moment_map`, no sampling), from E[x_0 x_0^T] = ``s0`` (default: the
+    identity, an isotropic start). Returns float64 (steps + 1,)."""
+    check_int("steps", steps, 0)
+    apply = second_moment_map(hessians, lr, batch_size, replacement=replacement)
+    r = hessians.shape[1]
+    s = torch.eye(r, dtype=torch.float64) if s0 is None else s0.double()
+    if s.shape != (r, r):
+        raise ValueError(f"s0 must have shape ({r}, {r}), got {tuple(s.shape)}")
+    traces = [torch.trace(s)]
+    for _ in range(steps):
+        s = apply(s)
+        traces.append(torch.trace(s))
+    out = torch.stack(traces)
+    return out / out[0]
+
+
+def mean_square_threshold(
+    hessians: Tensor,
+    batch_size: int,
+    *,
+    replacement: bool = False,
+    rel_tol: float = 1e-6,
+    grid: int = 64,
+) -> float:
+    """The largest lr at which SGD's linearised second moment does not grow (spectral radius of
+    :func:`second_moment_matrix` <= 1, up to rounding), searched on (0, 2 / lambda_max(H)]:
+    a grid of ``grid`` points finds the first unstable lr, bisection refines it to ``rel_tol``.
+
+    For PSD H_i it lies between the Wu-Ma-E learning rate (lambda_max(A) <= 1 bounds the growth
+    of one step from any start, so it implies this) and GD's 2 / lambda_max(H) (the mean E x_t
+    follows GD, and E||x_t||^2 >= ||E x_t||^2). The matrices must be restricted to a subspace
+    where H is nonsingular: a direction flat for every H_i is neutral at any lr."""
+    h = _check_hessians(hessians)
+    check_int("grid", grid, 2)
+    check_positive("rel_tol", rel_tol)
+    top = float(torch.linalg.eigvalsh(h.mean(0))[-1])
+    if not top > 0:
+        raise ValueError(f"lambda_max(H) must be > 0, got {top:g}")
+    bottom = float(torch.linalg.eigvalsh(h.mean(0))[0])
+    if not bottom > 1e-12 * top:
+        raise ValueError(
+            "H is singular on this subspace (a flat direction is neutral at any lr): restrict "
+            "the matrices to the span where H is nonsingular"
+        )
+    slack = 1e-9
+
+    def stable(lr: float) -> bool:
+        return mean_square_rate(h, lr, batch_size, replacement=replacement) <= 1 + slack
+
+    lrs = torch.linspace(0, 2 / top, grid + 1, dtype=torch.float64)[1:].tolist()
+    low, high = 0.0, None
+    for lr in lrs:
+        if stable(lr):
+            low = lr
+        else:
+            high = lr
+            break
+    if high is None:
+        return low
+    while high - low > rel_tol * high:
+        mid = 0.5 * (low + high)
+        low, high = (mid, high) if stable(mid) else (low, mid)
+    return low
+
+
+def per_example_matrices(curvature: PerExampleCurvature, basis: Tensor) -> Tensor:
+    """The per-example curvatures restricted to the span of ``basis`` (P, r) with orthonormal
+    columns: Q^T H_i Q for every example i, (n, r, r) float64, from n r products H_i q."""
+    if basis.ndim != 2 or basis.shape[0] != curvature.size:
+        raise ValueError(f"basis must have shape ({curvature.size}, r), got {tuple(basis.shape)}")
+    q = basis.to(device=curvature.device, dtype=curvature.dtype)
+    n, r = curvature.n, q.shape[1]
+    index = torch.arange(n, device=curvature.device).repeat_interleave(r)
+    vectors = q.T.repeat(n, 1)  # (n r, P): example i with each basis vector
+    products = curvature.products(vectors, index).view(n, r, -1)  # H_i q_j
+    out = torch.einsum("pa,ijp->iaj", q, products).double().cpu()
+    return 0.5 * (out + out.transpose(1, 2))
 
 
 # --------------------------------------------------------------------------------------------

@@ -308,3 +308,136 @@ def test_per_example_curvature_refuses_several_batches():
     model, x, y = tiny_problem()
     with pytest.raises(ValueError, match="one \\(x, y\\) pair of tensors"):
         stability.PerExampleCurvature(model, "mse", [(x[:3], y[:3]), (x[3:], y[3:])])
+
+
+# --------------------------------------------------------------------------------------------
+# The exact second moment, against enumeration of every batch
+
+
+def random_psd_hessians(n=5, r=3, rank_one=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if rank_one:  # H_i = g_i g_i^T: square loss, scalar output, at a zero-loss minimum
+        v = torch.randn(n, r, generator=g, dtype=torch.float64)
+        return torch.einsum("ip,iq->ipq", v, v)
+    a = torch.randn(n, r, r, generator=g, dtype=torch.float64)
+    return a @ a.transpose(1, 2) / r
+
+
+@pytest.mark.parametrize("replacement", [False, True])
+@pytest.mark.parametrize("b", [1, 2, 4])
+def test_second_moment_map_equals_the_mean_over_every_batch(replacement, b):
+    hs = random_psd_hessians(n=5, r=3, seed=b)
+    n, r, lr = 5, 3, 0.3
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(r, r, generator=g, dtype=torch.float64)
+    s = a @ a.T
+    draws = (
+        itertools.product(range(n), repeat=b)  # ordered draws, each equally likely
+        if replacement
+        else itertools.combinations(range(n), b)
+    )
+    maps = [torch.eye(r, dtype=torch.float64) - lr * hs[list(batch)].mean(0) for batch in draws]
+    enumerated = sum(m @ s @ m for m in maps) / len(maps)
+    exact = stability.second_moment_map(hs, lr, b, replacement=replacement)(s)
+    torch.testing.assert_close(exact, enumerated, rtol=1e-12, atol=1e-12)
+    matrix = stability.second_moment_matrix(hs, lr, b, replacement=replacement)
+    torch.testing.assert_close(matrix, matrix.T)
+    torch.testing.assert_close((matrix @ s.reshape(-1)).reshape(r, r), enumerated)
+
+
+@pytest.mark.parametrize("lr", [0.2, 0.6])
+def test_second_moment_over_steps_equals_enumerated_batch_sequences(lr):
+    hs = random_psd_hessians(n=4, r=3, seed=3)
+    x0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    steps, b = 3, 2
+    batches = list(itertools.combinations(range(4), b))
+    total = 0.0
+    for sequence in itertools.product(batches, repeat=steps):  # 6^3 equally likely sequences
+        x = x0.clone()
+        for batch in sequence:
+            x = x - lr * hs[list(batch)].mean(0) @ x
+        total += float(x @ x)
+    enumerated = total / len(batches) ** steps / float(x0 @ x0)
+    exact = stability.sgd_second_moment(hs, lr, b, steps, s0=torch.outer(x0, x0))
+    assert exact[-1].item() == pytest.approx(enumerated, rel=1e-12)
+    assert exact[0].item() == 1.0
+    reference = exact_second_moments(hs, lr, b, steps, torch.outer(x0, x0))
+    torch.testing.assert_close(exact, reference, rtol=1e-12, atol=0)
+
+
+def test_full_batch_second_moment_is_gd():
+    hs = random_psd_hessians(n=4, r=3, seed=5)
+    eig = torch.linalg.eigvalsh(hs.mean(0))
+    for lr in (0.1, 0.9 * 2 / float(eig[-1])):
+        rate = stability.mean_square_rate(hs, lr, batch_size=4)
+        assert rate == pytest.approx(float(((1 - lr * eig) ** 2).max()), rel=1e-10)
+    threshold = stability.mean_square_threshold(hs, batch_size=4, rel_tol=1e-9)
+    assert threshold == pytest.approx(2 / float(eig[-1]), rel=1e-8)
+
+
+def wu_ma_e_rate(hs, lr, b):
+    """lambda_max of the explicit Wu-Ma-E matrix (I - lr H)^2 + lr^2 c_B Sigma."""
+    n, r = hs.shape[:2]
+    h = hs.mean(0)
+    sigma = (hs @ hs).mean(0) - h @ h
+    step = torch.eye(r, dtype=torch.float64) - lr * h
+    return float(
+        torch.linalg.eigvalsh(step @ step + lr**2 * stability.sgd_noise_factor(b, n) * sigma)[-1]
+    )
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mean_square_threshold_lies_between_wu_ma_e_and_gd(seed):
+    hs = random_psd_hessians(n=6, r=4, rank_one=seed % 2 == 0, seed=seed)
+    b = 2
+    top = float(torch.linalg.eigvalsh(hs.mean(0))[-1])
+    grid = torch.linspace(1e-3, 2 / top, 4000, dtype=torch.float64).tolist()
+    wme = max(lr for lr in grid if wu_ma_e_rate(hs, lr, b) <= 1 + 1e-12)
+    threshold = stability.mean_square_threshold(hs, b, rel_tol=1e-9)
+    assert wme <= threshold * (1 + 1e-6) and threshold <= 2 / top * (1 + 1e-9)
+    # on either side of it, the exact second moment decays or grows over a long run
+    below = stability.sgd_second_moment(hs, 0.98 * threshold, b, 3000)
+    above = stability.sgd_second_moment(hs, 1.02 * threshold, b, 3000)
+    assert below[-1] < below[1] and above[-1] > 1e3
+
+
+def test_mean_square_threshold_against_wu_ma_e_by_hand_and_on_correlated_examples():
+    # two orthogonal examples, H_i = 2 e_i e_i^T, n = 2, B = 1: one SGD step multiplies x_i by
+    # (1 - 2 lr) or 1, w.p. 1/2 each, so A = ((1 - 2 lr)^2 + 1) / 2 I and both the Wu-Ma-E lr
+    # and the mean-square threshold are 1 (by hand), half of GD's 2 / lambda_max(H) = 2
+    hs = torch.stack([torch.diag(torch.tensor([2.0, 0.0])), torch.diag(torch.tensor([0.0, 2.0]))])
+    hs = hs.double()
+    assert wu_ma_e_rate(hs, 1.0, 1) == pytest.approx(1.0)
+    assert stability.mean_square_threshold(hs, 1, rel_tol=1e-10) == pytest.approx(1.0, rel=1e-8)
+    # correlated rank-one examples: the one-step bound is strictly conservative (a gap of about
+    # 22% in float64 arithmetic, the same on any machine; asked: more than 10%)
+    hs = random_psd_hessians(n=6, r=4, rank_one=True, seed=0)
+    top = float(torch.linalg.eigvalsh(hs.mean(0))[-1])
+    grid = torch.linspace(1e-3, 2 / top, 4000, dtype=torch.float64).tolist()
+    wme = max(lr for lr in grid if wu_ma_e_rate(hs, lr, 1) <= 1 + 1e-12)
+    assert stability.mean_square_threshold(hs, 1, rel_tol=1e-9) > 1.1 * wme
+
+
+def test_per_example_matrices_restrict_the_explicit_hessians(tiny):
+    model, x, y, hs = tiny
+    pe = stability.PerExampleCurvature(model, "mse", (x, y))
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(hs.shape[1], 4, generator=g, dtype=torch.float64))
+    restricted = stability.per_example_matrices(pe, q)
+    torch.testing.assert_close(restricted, q.T @ hs @ q, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="basis"):
+        stability.per_example_matrices(pe, q[:5])
+
+
+def test_second_moment_arguments_are_checked():
+    hs = random_psd_hessians()
+    with pytest.raises(ValueError, match="hessians"):
+        stability.second_moment_map(hs[0], 0.1, 2)
+    with pytest.raises(ValueError, match="symmetric"):
+        stability.second_moment_map(hs + torch.triu(torch.ones(3, 3), 1), 0.1, 2)
+    with pytest.raises(ValueError, match="batch_size"):
+        stability.second_moment_map(hs, 0.1, 6)
+    with pytest.raises(ValueError, match="lr"):
+        stability.mean_square_rate(hs, 0.0, 2)
+    with pytest.raises(ValueError, match="singular"):
+        stability.mean_square_threshold(random_psd_hessians(n=2, r=3, rank_one=True), 1)
