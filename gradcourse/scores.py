@@ -390,6 +390,7 @@ def prune(
     mode: str = "hardest",
     offset: float = 0.0,
     seed: int = 0,
+    labels: Tensor | np.ndarray | Sequence[int] | None = None,
 ) -> Tensor:
     """Indices of the examples kept, sorted ascending: a (k,) int64 CPU tensor, with
     k = max(1, round(keep_fraction * n)).
@@ -400,6 +401,11 @@ def prune(
       (the scores only give n);
     - ``"window"``: skip the round(offset * n) highest scores, keep the next k (Paul et al.
       2021, section 4 / fig. 4, the offset experiment); offset + kept must fit in n.
+
+    ``labels`` (n,) makes the pruning class-balanced: each class keeps the same fraction of
+    its own examples, chosen by ``mode`` among that class only (the quotas k_c ~ keep_fraction
+    n_c are rounded by largest remainder so that they add up to k). Without it a score can
+    keep almost nothing of a class whose examples are all easy (class collapse).
 
     Ties are broken by index (the lower index counts as harder, in every mode), so the result is
     deterministic and, on ties too, the k hardest and the n - k easiest are complements.
@@ -421,25 +427,49 @@ def prune(
         )
     _check_int("seed", seed, 0)
     k = max(1, round(keep_fraction * n))
+    gen = torch.Generator().manual_seed(seed)
+    if labels is None:
+        return _select(s, k, mode, round(offset * n), gen, offset, keep_fraction).sort().values
+    y = torch.as_tensor(np.asarray(labels)).reshape(-1)
+    if y.dtype.is_floating_point or len(y) != n:
+        raise ValueError(
+            f"labels must hold one integer class per score ({n}), got {tuple(y.shape)}"
+        )
+    classes = torch.unique(y)
+    members = [torch.nonzero(y == c).flatten() for c in classes]
+    quota = torch.tensor([keep_fraction * len(m) for m in members], dtype=torch.float64)
+    counts = quota.floor().long()
+    left = k - int(counts.sum())  # largest remainders first, ties by class order
+    order = torch.sort(-(quota - counts), stable=True).indices
+    counts[order[:left]] += 1
+    kept = [
+        m[_select(s[m], int(c), mode, round(offset * len(m)), gen, offset, keep_fraction)]
+        for m, c in zip(members, counts.tolist(), strict=True)
+        if c > 0
+    ]
+    return torch.cat(kept).sort().values
+
+
+def _select(
+    s: Tensor, k: int, mode: str, skip: int, gen: torch.Generator, offset: float, fraction: float
+) -> Tensor:
+    """Positions of the k examples of ``s`` that ``mode`` keeps (see :func:`prune`)."""
+    n = len(s)
     if mode == "random":
-        kept = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
-        return kept.sort().values
+        return torch.randperm(n, generator=gen)[:k]
     # stable sort of -s: descending scores, ties in index order; "easiest" reads the same
     # total order from the other end, so on ties it keeps the complement of "hardest"
     hardest_first = torch.sort(-s, stable=True).indices
     if mode == "hardest":
-        kept = hardest_first[:k]
-    elif mode == "easiest":
-        kept = hardest_first.flip(0)[:k]
-    else:
-        skip = round(offset * n)
-        if skip + k > n:
-            raise ValueError(
-                f"offset + keep_fraction must be <= 1: skipping {skip} and keeping {k} of n={n} "
-                f"examples (offset={offset}, keep_fraction={keep_fraction})"
-            )
-        kept = hardest_first[skip : skip + k]
-    return kept.sort().values
+        return hardest_first[:k]
+    if mode == "easiest":
+        return hardest_first.flip(0)[:k]
+    if skip + k > n:
+        raise ValueError(
+            f"offset + keep_fraction must be <= 1: skipping {skip} and keeping {k} of n={n} "
+            f"examples (offset={offset}, keep_fraction={fraction})"
+        )
+    return hardest_first[skip : skip + k]
 
 
 # ----------------------------------------------------------------------------- rank correlation

@@ -319,3 +319,52 @@ def test_label_checks():
         S.el2n_scores(model, x, y + K)
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         S.el2n_scores(model, x, y, batch_size=0)
+
+
+def brute_force_balanced(scores, labels, fraction, mode):
+    """Per class, by sorting a Python list: the highest (or lowest) scores of that class."""
+    n, k = len(scores), max(1, round(fraction * len(scores)))
+    classes = sorted(set(labels))
+    members = {c: [i for i in range(n) if labels[i] == c] for c in classes}
+    quota = {c: fraction * len(members[c]) for c in classes}
+    counts = {c: math.floor(quota[c]) for c in classes}
+    by_remainder = sorted(classes, key=lambda c: (-(quota[c] - counts[c]), classes.index(c)))
+    for c in by_remainder[: k - sum(counts.values())]:
+        counts[c] += 1
+    kept = []
+    for c in classes:
+        ranked = sorted(members[c], key=lambda i: (-scores[i], i))  # hardest first, ties by index
+        kept += ranked[: counts[c]] if mode == "hardest" else ranked[::-1][: counts[c]]
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("mode", ["hardest", "easiest"])
+@pytest.mark.parametrize("fraction", [0.1, 0.33, 0.5, 0.9])
+def test_class_balanced_prune_matches_a_per_class_sort(mode, fraction):
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 4, (53,), generator=gen)
+    scores = torch.randint(0, 6, (53,), generator=gen).double()  # many ties
+    kept = S.prune(scores, fraction, mode=mode, labels=labels)
+    expected = brute_force_balanced(scores.tolist(), labels.tolist(), fraction, mode)
+    assert kept.tolist() == expected
+    assert len(kept) == max(1, round(fraction * 53))
+
+
+def test_class_balanced_prune_prevents_class_collapse():
+    # class 0 is all easy (low scores): global "hardest" at 50% keeps none of it
+    labels = torch.tensor([0] * 10 + [1] * 10)
+    scores = torch.cat([torch.linspace(0, 1, 10), torch.linspace(2, 3, 10)])
+    collapsed = S.prune(scores, 0.5)
+    assert torch.bincount(labels[collapsed], minlength=2).tolist() == [0, 10]
+    kept = S.prune(scores, 0.5, labels=labels)
+    assert torch.bincount(labels[kept], minlength=2).tolist() == [5, 5]
+    assert kept.tolist() == [5, 6, 7, 8, 9, 15, 16, 17, 18, 19]  # the top half of each class
+    rand = S.prune(scores, 0.5, mode="random", labels=labels, seed=3)
+    assert torch.bincount(labels[rand], minlength=2).tolist() == [5, 5]
+    assert rand.tolist() == S.prune(scores, 0.5, mode="random", labels=labels, seed=3).tolist()
+    window = S.prune(scores, 0.3, mode="window", offset=0.2, labels=labels)
+    assert window.tolist() == [5, 6, 7, 15, 16, 17]  # skip the top 2 of each class, keep 3
+    with pytest.raises(ValueError, match="labels must hold one integer class per score"):
+        S.prune(scores, 0.5, labels=labels[:5])
+    with pytest.raises(ValueError, match="labels"):
+        S.prune(scores, 0.5, labels=labels.double())
