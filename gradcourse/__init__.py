@@ -39,6 +39,7 @@ _SUBMODULES = (
     "results",
     "scores",
     "stability",
+    "stats",
     "train",
     "widgets",
 )
