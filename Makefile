@@ -7,7 +7,7 @@ LAB_ARGS ?=
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 PROFILE ?= auto
 
-.PHONY: lab test test-unit test-notebooks test-browser test-sweep chromium data lint format reproduce scorecard site clean help
+.PHONY: lab test test-unit test-notebooks test-browser test-sweep chromium data data-or-warn lint format reproduce scorecard site clean help
 
 help:
 	@echo "make lab        create .venv, install, open the course in JupyterLab (LAB_ARGS=--no-browser on a headless machine)"
@@ -52,8 +52,12 @@ data: $(VENV)/.installed
 	@$(DATA_CHECK) || { echo "Get it with: sudo apt-get install dataset-fashion-mnist"; \
 		echo "         or: $(BIN)/python -m gradcourse data --download   (online; torchvision)"; exit 1; }
 
-lab: $(VENV)/.installed
-	@$(MAKE) --no-print-directory data || echo "(continuing: notebooks on Fashion-MNIST will say what is missing)"
+# Targets that run notebooks check for it too, but go on without it (with the hints above):
+# a notebook that needs it stops with the same message.
+data-or-warn: $(VENV)/.installed
+	@$(MAKE) --no-print-directory data || echo "(continuing: a notebook that needs Fashion-MNIST will say what is missing)"
+
+lab: data-or-warn
 	$(BIN)/jupyter lab notebooks/ $(ROOT_FLAG) $(LAB_ARGS)
 
 lint: $(VENV)/.installed-test
@@ -74,7 +78,7 @@ test-notebooks: $(VENV)/.installed-test
 		$(BIN)/python -m pytest --nbval-lax notebooks/ -q --durations=0 -p no:cacheprovider
 	$(BIN)/python -m gradcourse compare build/nbval-ci --profile ci
 
-test: data lint test-unit test-notebooks
+test: data-or-warn lint test-unit test-notebooks
 
 # Results must not depend on the CPU's vector unit or the thread count: the unit tests and the
 # notebooks under each ATEN_CPU_CAPABILITY (default, avx2, and the machine's own) with 1 and 2
@@ -82,7 +86,7 @@ test: data lint test-unit test-notebooks
 # empty results cache, its verdicts compared with results/ci/. About 6x `make test`.
 SWEEP_CAPS ?= default avx2 native
 SWEEP_THREADS ?= 1 2
-test-sweep: $(VENV)/.installed-test data
+test-sweep: $(VENV)/.installed-test data-or-warn
 	@set -e; for cap in $(SWEEP_CAPS); do for t in $(SWEEP_THREADS); do \
 		echo "== ATEN_CPU_CAPABILITY=$$cap, $$t thread(s) =="; \
 		if [ "$$cap" = native ]; then unset ATEN_CPU_CAPABILITY; else export ATEN_CPU_CAPABILITY=$$cap; fi; \
@@ -96,7 +100,7 @@ test-sweep: $(VENV)/.installed-test data
 	done; done
 
 # Playwright drives the system Chromium (it never downloads a browser of its own).
-test-browser: $(VENV)/.installed-browser data
+test-browser: $(VENV)/.installed-browser data-or-warn
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
 		|| [ -n "$$GRADCOURSE_CHROMIUM" ] || $(MAKE) --no-print-directory chromium
 	GRADCOURSE_PROFILE=ci $(BIN)/python -m pytest tests/browser -q -s -p no:cacheprovider
@@ -113,7 +117,7 @@ chromium:
 
 # Run every notebook at PROFILE and record its verdicts in results/<profile>/ (committed), then
 # refresh the README's scorecard. `make reproduce PROFILE=ci` after changing a notebook.
-reproduce: $(VENV)/.installed data
+reproduce: $(VENV)/.installed data-or-warn
 	$(BIN)/python -m gradcourse run --profile $(PROFILE) --record
 	$(BIN)/python -m gradcourse report --results --update-readme README.md
 
@@ -122,7 +126,7 @@ scorecard: $(VENV)/.installed
 
 # The course as a static site in build/site/<profile>/ (notebooks executed when stale).
 SITE_PROFILE ?= $(if $(filter auto,$(PROFILE)),cpu,$(PROFILE))
-site: $(VENV)/.installed-site data
+site: $(VENV)/.installed-site data-or-warn
 	$(BIN)/python -m gradcourse site --profile $(SITE_PROFILE)
 
 clean:

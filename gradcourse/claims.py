@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import warnings
 from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
@@ -138,7 +139,7 @@ def evaluate(measured: Any, expected: Any, compare: str, tol: float, rtol: float
         return _finite(measured) and lo <= measured <= hi
     if not _finite(measured):
         return False
-    slack = tol + rtol * abs(expected)
+    slack = tol + (rtol * abs(expected) if rtol else 0.0)  # 0 * inf would be nan
     if compare == "close":
         return abs(measured - expected) <= slack
     if compare == "<=":
@@ -166,6 +167,8 @@ class Claims:
             ``$GRADCOURSE_BUILD`` or ``<repo>/build``, where ``python -m gradcourse run`` puts
             the executed notebooks.
         verbose: print one line per check.
+        write: keep the JSON record on disk (rewritten at every check, finished by
+            :meth:`report`); False writes nothing.
     """
 
     def __init__(
@@ -176,6 +179,7 @@ class Claims:
         profile: Profile | str | None = None,
         out_dir: str | os.PathLike[str] | None = None,
         verbose: bool = True,
+        write: bool = True,
     ) -> None:
         self.paper = paper
         self.notebook = notebook
@@ -186,6 +190,7 @@ class Claims:
         self.verbose = verbose
         self.verdicts: list[Verdict] = []
         self.finished = False
+        self.write, self._warned = bool(write), False
         self._save()  # a new run: the previous run's record must not survive as if current
 
     @property
@@ -196,8 +201,21 @@ class Claims:
         return (self.out_dir or build_root()) / f"{self.notebook}.claims.json"
 
     def _save(self) -> None:
-        if self.path is not None:
+        """Rewrite the record; a failure to write (a read-only or full disk, the folder gone)
+        is warned about once and never hides a verdict."""
+        if self.path is None or not self.write:
+            return
+        try:
             write_json_atomic(self.path, self.record())
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"could not write the claims record {self.path} ({type(exc).__name__}: "
+                    f"{exc}); the verdicts are still printed and checked",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
 
     def check(
         self,
@@ -280,13 +298,13 @@ class Claims:
             "verdicts": [asdict(v) | {"status": v.status} for v in self.verdicts],
         }
 
-    def report(self, write: bool = True) -> list[Verdict]:
-        """Print the verdict table and mark the run finished; when ``write``, save the JSON
-        record ``<out_dir>/<notebook>.claims.json`` (atomically)."""
+    def report(self) -> list[Verdict]:
+        """Print the verdict table and mark the run finished in the JSON record
+        ``<out_dir>/<notebook>.claims.json``."""
         print(self.table())
         self.finished = True
-        if write and self.path is not None:
-            self._save()
+        self._save()
+        if self.path is not None and self.write and not self._warned:
             print(f"verdicts written to {self.path}")
         return list(self.verdicts)
 

@@ -49,6 +49,7 @@ __all__ = [
     "default_data_root",
     "digits",
     "fashion_mnist",
+    "fashion_mnist_files",
     "full_batch",
     "gaussian_mixture",
     "label_noise",
@@ -635,6 +636,8 @@ def _image_dataset(
     ``Dataset.subset`` of the full set, and Cohen et al.'s order: standardise, then subset)."""
     _check_standardize(standardize)
     _check_int("seed", seed, 0, 2**32 - 1)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
     mean, std = _pixel_stats(images[0], standardize)
     xs, ys = [], []
     for im, y, n, arg in zip(images, labels, (n_train, n_test), ("n_train", "n_test"), strict=True):
@@ -648,34 +651,43 @@ def _image_dataset(
                 idx = torch.randperm(len(y), generator=gen)[:n].sort().values
             im, y = im[idx.numpy()], y[idx]
         work = torch.float64 if dtype == torch.float64 else torch.float32
-        x = torch.from_numpy(im.astype(np.float64 if work == torch.float64 else np.float32))
-        x = (x.div_(255) - mean.to(work)) / std.to(work)
-        x = x.to(dtype)
+        numpy_work = np.float64 if work == torch.float64 else np.float32
+        x = torch.from_numpy(np.ascontiguousarray(im, dtype=numpy_work))  # (n, C, H, W), C-order
+        x = x.div_(255).sub_(mean.to(work)).div_(std.to(work)).to(dtype)
         xs.append((x.flatten(1) if flatten else x).to(device))
         ys.append(y.to(device))
     return Dataset(xs[0], ys[0], xs[1], ys[1], num_classes=num_classes, name=name, classes=classes)
 
 
-def _idx_dataset(
+def _remedy(
+    bad: Path, folders: Sequence[Path], download_into: Path, install_hint: str, download_hint: str
+) -> str:
+    """What to do about a damaged file in ``bad``, which depends on whose folder it is."""
+    later = [f for f in folders[folders.index(bad) + 1 :] if _has_idx_files(f)]
+    if bad == download_into:
+        then = f"the copy in {later[0]}{os.sep} is then used" if later else download_hint
+        return f"Delete {bad}{os.sep} ({then})."
+    if install_hint and "apt-get" in install_hint:
+        return "Reinstall the package: `sudo apt-get install --reinstall dataset-fashion-mnist`."
+    return f"Replace the file, or {download_hint}."
+
+
+def _load_idx(
     display: str,
     folders: Sequence[Path],
     download_into: Path,
     torchvision_class: str,
     function: str,
     install_hint: str,
-    *,
     download: bool,
-    classes: tuple[str, ...] | None,
-    **options: Any,
-) -> Dataset:
-    """An MNIST-format dataset read from the first of ``folders`` holding all four IDX files
-    (plain or gzipped), downloaded by torchvision into ``download_into`` when asked."""
+) -> tuple[Path, dict[str, np.ndarray]]:
+    """The folder of an MNIST-format dataset, the first of ``folders`` holding all four IDX
+    files (plain or gzipped; downloaded by torchvision into ``download_into`` when asked), and
+    its four validated uint8 arrays."""
     download_hint = (
         f"call gradcourse.data.{function}(download=True) on a machine that is online "
         f"(torchvision puts the files into {download_into}{os.sep})"
     )
-    remedy = "Replace the file: " + (f"{install_hint}, or " if install_hint else "")
-    remedy += f"delete it and {download_hint}."
     found = next((f for f in folders if _has_idx_files(f)), None)
     if found is None and download:
         import torchvision.datasets
@@ -698,11 +710,43 @@ def _idx_dataset(
             + (f"{install_hint[:1].upper()}{install_hint[1:]}. Or " if install_hint else "Or ")
             + f"{download_hint}, or copy the files there."
         )
-    arrays = _read_idx_folder(found, (28, 28), 10, remedy)
+    remedy = _remedy(found, folders, download_into, install_hint, download_hint)
+    return found, _read_idx_folder(found, (28, 28), 10, remedy)
+
+
+def _idx_dataset(
+    source: tuple[Any, ...],
+    *,
+    download: bool,
+    classes: tuple[str, ...] | None,
+    **options: Any,
+) -> Dataset:
+    """A :class:`Dataset` from the IDX files :func:`_load_idx` finds for ``source``."""
+    found, arrays = _load_idx(*source, download)
     images = (arrays["images_train"][:, None], arrays["images_test"][:, None])
     labels = (arrays["labels_train"], arrays["labels_test"])
     ds = _image_dataset(images, labels, num_classes=10, classes=classes, **options)
     return replace(ds, source=str(found))
+
+
+def _fashion_source(root: str | Path | None) -> tuple[Any, ...]:
+    root = default_data_root() if root is None else Path(root).expanduser()
+    folder = root / "FashionMNIST" / "raw"
+    return (
+        "Fashion-MNIST",
+        [folder, SYSTEM_FASHION_MNIST],
+        folder,
+        "FashionMNIST",
+        "fashion_mnist",
+        "install Debian's package: `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu; "
+        f"it puts the files into {SYSTEM_FASHION_MNIST}{os.sep})",
+    )
+
+
+def fashion_mnist_files(root: str | Path | None = None, *, download: bool = False) -> Path:
+    """The folder :func:`fashion_mnist` reads, after validating its four files (no tensors are
+    built: what ``python -m gradcourse data`` runs). Raises :class:`DatasetUnavailable`."""
+    return _load_idx(*_fashion_source(root), download)[0]
 
 
 def fashion_mnist(
@@ -734,16 +778,8 @@ def fashion_mnist(
     2021) or ``"none"`` (pixels / 255, as Wu, Ma & E 2018 and Jacot et al. 2018).
     ``n_train``/``n_test`` take subsets under ``seed``, class-balanced unless
     ``balanced=False`` (then uniformly at random)."""
-    root = default_data_root() if root is None else Path(root).expanduser()
-    folder = root / "FashionMNIST" / "raw"
     return _idx_dataset(
-        "Fashion-MNIST",
-        [folder, SYSTEM_FASHION_MNIST],
-        folder,
-        "FashionMNIST",
-        "fashion_mnist",
-        "install Debian's package: `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu; "
-        f"it puts the files into {SYSTEM_FASHION_MNIST}{os.sep})",
+        _fashion_source(root),
         download=download,
         classes=FASHION_MNIST_CLASSES,
         name="fashion_mnist",
@@ -778,12 +814,7 @@ def mnist(
     root = default_data_root() if root is None else Path(root).expanduser()
     folder = root / "MNIST" / "raw"
     return _idx_dataset(
-        "MNIST",
-        [folder],
-        folder,
-        "MNIST",
-        "mnist",
-        "",
+        ("MNIST", [folder], folder, "MNIST", "mnist", ""),
         download=download,
         classes=None,
         name="mnist",

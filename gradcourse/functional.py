@@ -3,12 +3,15 @@ per-example code share when they call ``torch.func.functional_call``."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
+from torch.overrides import TorchFunctionMode
 
 Params = dict[str, Tensor]
 
@@ -64,3 +67,57 @@ def shared_parameters(model: nn.Module) -> dict[int, list[str]]:
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
     return {key: found for key, found in names.items() if len(found) > 1}
+
+
+class _UseTracker(TorchFunctionMode):
+    """Records the layers whose watched tensors enter an operation outside that layer's own
+    forward call (see :func:`layers_used_elsewhere`)."""
+
+    def __init__(self, watched: dict[int, str]) -> None:
+        super().__init__()
+        self.watched, self.stack, self.foreign = watched, [], set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        for leaf in pytree.tree_leaves((args, kwargs)):
+            owner = self.watched.get(id(leaf)) if isinstance(leaf, Tensor) else None
+            if owner is not None and (not self.stack or self.stack[-1] != owner):
+                self.foreign.add(owner)
+        return func(*args, **kwargs)
+
+
+def layers_used_elsewhere(
+    layers: Mapping[str, nn.Module], tensors: Mapping[str, Tensor], forward: Callable[[], Any]
+) -> set[str]:
+    """The names of ``layers`` whose parameters are used by an operation outside the layer's
+    own forward call while ``forward()`` runs: a tied weight reused by a function call
+    (``F.linear(h, self.enc.weight.t())``), which :func:`shared_parameters` cannot see since the
+    weight is registered once. ``tensors`` maps parameter names (``"enc.weight"``) to the tensor
+    objects the forward pass uses (those given to ``functional_call``). A per-layer rule sees
+    only the uses inside the layer's call, so these layers must go to a whole-model route."""
+    watched = {}
+    for name in layers:
+        prefix = f"{name}." if name else ""
+        for pname, tensor in tensors.items():
+            local = pname[len(prefix) :] if pname.startswith(prefix) else None
+            if local is not None and "." not in local:
+                watched[id(tensor)] = name
+    tracker = _UseTracker(watched)
+
+    def enter(name: str):
+        return lambda module, args: tracker.stack.append(name)
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        tracker.stack.pop()
+
+    handles = []
+    for name, module in layers.items():
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        with tracker:
+            forward()
+    finally:
+        for h in handles:
+            h.remove()
+    return tracker.foreign

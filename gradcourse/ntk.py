@@ -65,7 +65,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vmap
 from torch.utils.flop_counter import FlopCounterMode
 
-from .functional import refuse_random_train_mode, select_params, shared_parameters
+from .functional import (
+    layers_used_elsewhere,
+    refuse_random_train_mode,
+    select_params,
+    shared_parameters,
+)
 from .models import NTKLinear
 
 Params = dict[str, Tensor]
@@ -244,16 +249,22 @@ def _find_dense(
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, (m, _, _) in candidates.items()]
-    try:
+    tensors, result = {**frozen, **params}, {}
+
+    def forward() -> None:
         with torch.no_grad():
-            out = functional_call(model, {**frozen, **params}, (x_one,))
+            result["out"] = functional_call(model, tensors, (x_one,))
+
+    try:  # a weight also used outside its layer (tied by a function call) is left out too
+        foreign = layers_used_elsewhere({n: c[0] for n, c in candidates.items()}, tensors, forward)
     finally:
         for h in handles:
             h.remove()
+    out = result["out"]
     dense = {
         name: _Dense(m, w, b, *_dense_scales(m))
         for name, (m, w, b) in candidates.items()
-        if calls[name] == [2]
+        if calls[name] == [2] and name not in foreign
     }
     return dense, out.reshape(len(x_one), -1).shape[1]
 

@@ -55,7 +55,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
-from .functional import shared_parameters
+from .functional import layers_used_elsewhere, shared_parameters
 from .losses import LossFn, get_loss, targets_for
 from .models import NTKLinear
 
@@ -365,6 +365,16 @@ def _trick_sq_norms(
     layers = _trick_layers(model)
     mean_loss = get_loss(loss)
     records: dict[str, list[tuple[Tensor, Tensor]]] = {}
+    tensors = {**frozen, **params}
+    with torch.no_grad():
+        foreign = layers_used_elsewhere(
+            layers, tensors, lambda: functional_call(model, tensors, (x[:1],))
+        )
+    if foreign:
+        raise _Unsupported(
+            f"the parameters of {sorted(foreign)} are also used outside their layer (a tied "
+            "weight reused by a function call): a per-layer rule would miss those uses"
+        )
 
     def hook(name: str):
         def capture(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:

@@ -159,7 +159,13 @@ def load(profile: str, notebook: str, root: Path | None = None) -> dict[str, Any
     path = (root or results_root()) / profile / f"{notebook}.json"
     if not path.is_file():
         return None
-    return check_record(json.loads(path.read_text(encoding="utf-8")))
+    try:
+        return check_record(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(
+            f"{path} is not a results record ({err}); record it again with `python -m "
+            f"gradcourse run {notebook} --profile {profile} --record`"
+        ) from err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,11 +200,14 @@ class VerdictTable:
 
 
 def verdict_table(notebook: str, current: Any = None, *, root: Path | None = None) -> VerdictTable:
-    """The verdicts of ``notebook``: this run (``current``, a :class:`gradcourse.claims.Claims`,
-    optional) beside the recorded ``ci`` / ``cpu`` / ``gpu`` runs under ``results/``."""
+    """The verdicts of ``notebook``: this run (``current``: a :class:`gradcourse.claims.Claims`
+    or its record, optional) beside the recorded ``ci`` / ``cpu`` / ``gpu`` runs under
+    ``results/``."""
     recorded = {p: load(p, notebook, root) for p in PROFILES}
     columns: dict[str, dict[str, Verdict]] = {}
-    if current is not None:
+    if isinstance(current, dict):
+        columns["this run"] = {v["name"]: verdict_from_dict(v) for v in current["verdicts"]}
+    elif current is not None:
         columns["this run"] = {v.name: v for v in current.verdicts}
     for p, rec in recorded.items():
         columns[p] = (
@@ -310,7 +319,7 @@ def _close(a: Any, b: Any, rtol: float, atol: float) -> bool:
     if len(na) != len(nb):
         return False
     for x, y in zip(na, nb, strict=True):
-        if math.isnan(x) and math.isnan(y):
+        if (math.isnan(x) and math.isnan(y)) or x == y:  # x == y: equal infinities too
             continue
         if not abs(x - y) <= atol + rtol * max(abs(x), abs(y)):
             return False
@@ -335,15 +344,19 @@ def compare(
     if not fresh.get("finished", True):
         problems.append(f"{label}: the fresh run did not finish")
     for a, b in zip(fv, rv, strict=True):
-        for field in ("kind", "holds_at", "status", "expected", "compare"):
+        for field in ("kind", "holds_at", "status", "compare"):
             if getattr(a, field) != getattr(b, field):
                 problems.append(
                     f"{label}: {a.name!r}: {field} {getattr(a, field)!r} now, "
                     f"{getattr(b, field)!r} recorded"
                 )
-        if not _close(a.measured, b.measured, rtol, atol):
-            problems.append(
-                f"{label}: {a.name!r}: measured {_fmt(a.measured)} now, {_fmt(b.measured)} "
-                f"recorded (beyond rtol {rtol:g}, atol {atol:g})"
-            )
+        # an expected value can be measured too (a standard error, an exact trace): both are
+        # compared within the tolerance
+        for field in ("measured", "expected"):
+            now, then = getattr(a, field), getattr(b, field)
+            if not _close(now, then, rtol, atol):
+                problems.append(
+                    f"{label}: {a.name!r}: {field} {_fmt(now)} now, {_fmt(then)} recorded "
+                    f"(beyond rtol {rtol:g}, atol {atol:g})"
+                )
     return problems

@@ -7,7 +7,9 @@ Built with Sphinx, MyST-NB and the Sphinx Book Theme, the Sphinx flavour of Jupy
 three install from the package registry and build without fetching anything, whereas Jupyter
 Book 2 (mystmd) downloads its theme when it builds. Notebooks are executed by
 ``gradcourse run`` (MyST-NB only renders them), and only when the executed copy in
-``build/executed/<profile>/`` is missing, failed, or older than its source.
+``build/executed/<profile>/`` is missing, failed, or made from another version of the notebook
+or of the library. Each page's verdict table is rendered again when the site is built, from the
+run's own claims record and the current ``results/``, so pages and front page agree.
 
 A widget needs a live kernel; the site shows instead what its panel displayed last (the figure
 or message in its ``Output``), taken from the widget state that execution stores in the
@@ -43,8 +45,14 @@ suppress_warnings = ["mystnb.unknown_mime_type"]
 
 
 def source_digest(path: Path) -> str:
-    """sha256 of a notebook's source: an executed copy records it, to tell when it is stale."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """sha256 of what an executed notebook depends on: its source and the library's code (an
+    executed copy records it, to tell when it is stale)."""
+    digest = hashlib.sha256(path.read_bytes())
+    package = Path(__file__).resolve().parent
+    for module in sorted(package.rglob("*.py")):
+        digest.update(str(module.relative_to(package)).encode())
+        digest.update(module.read_bytes())
+    return digest.hexdigest()
 
 
 def is_current(source: Path, executed: Path, profile: str) -> bool:
@@ -157,11 +165,38 @@ def _front_page(titles: list[tuple[str, str]], scorecard: str, profile: str) -> 
     )
 
 
-def prepare(executed: list[Path], src: Path, profile: str) -> Path:
-    """Write the Sphinx source folder ``src``: the executed notebooks with frozen widgets, the
-    front page (the README's introduction and the scorecard) and ``conf.py``."""
+def refresh_verdict_tables(nb: Any, notebook: str, run_record: dict[str, Any] | None) -> int:
+    """Render again the output of each ``gc.results.verdict_table(...)`` cell of ``nb`` from
+    ``run_record`` (the run's claims record, for the "this run" column) and the current
+    ``results/``; returns how many cells were rendered."""
     import nbformat
 
+    from .results import verdict_table
+
+    done = 0
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "gc.results.verdict_table(" in cell.source:
+            table = verdict_table(notebook, run_record)
+            cell.outputs = [
+                nbformat.v4.new_output(
+                    "execute_result",
+                    data={"text/markdown": table._repr_markdown_(), "text/plain": str(table)},
+                    execution_count=cell.get("execution_count"),
+                )
+            ]
+            done += 1
+    return done
+
+
+def prepare(executed: list[Path], src: Path, profile: str) -> Path:
+    """Write the Sphinx source folder ``src``: the executed notebooks with frozen widgets and
+    freshly rendered verdict tables, the front page (the README's introduction and the
+    scorecard) and ``conf.py``."""
+    import json
+
+    import nbformat
+
+    from .claims import check_record
     from .results import scorecard
 
     if src.exists():
@@ -171,6 +206,13 @@ def prepare(executed: list[Path], src: Path, profile: str) -> Path:
     for path in executed:
         nb = nbformat.read(path, as_version=4)
         freeze_widgets(nb)
+        record_path = path.with_name(f"{path.stem}.claims.json")
+        run_record = (
+            check_record(json.loads(record_path.read_text(encoding="utf-8")))
+            if record_path.is_file()
+            else None
+        )
+        refresh_verdict_tables(nb, path.stem, run_record)
         nbformat.write(nb, src / path.name)
         first = next((c.source for c in nb.cells if c.cell_type == "markdown"), "")
         title = re.search(r"^#\s+(.+)$", first, flags=re.MULTILINE)

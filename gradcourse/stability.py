@@ -412,6 +412,8 @@ def linearized_sgd_second_moment(
 
 
 def _check_hessians(hessians: Tensor) -> Tensor:
+    """The per-example matrices as float64 on the CPU (they are small and explicit), checked
+    symmetric up to the rounding of their own dtype, then symmetrised exactly."""
     if not isinstance(hessians, Tensor) or hessians.ndim != 3:
         raise ValueError("hessians must be a tensor (n, r, r) of per-example curvature matrices")
     n, r, r2 = hessians.shape
@@ -419,10 +421,20 @@ def _check_hessians(hessians: Tensor) -> Tensor:
         raise ValueError(
             f"hessians must have shape (n, r, r) with n, r >= 1, got {tuple(hessians.shape)}"
         )
-    h = hessians.double()
-    if not torch.allclose(h, h.transpose(1, 2), rtol=1e-10, atol=1e-12 * float(h.abs().max())):
-        raise ValueError("hessians must be symmetric matrices")
-    return h
+    if not hessians.dtype.is_floating_point:
+        raise ValueError(f"hessians must be floating point, got {hessians.dtype}")
+    h = hessians.detach().to("cpu", torch.float64)
+    scale = float(h.abs().max())
+    if not math.isfinite(scale):
+        raise ValueError("hessians must be finite")
+    asymmetry = float((h - h.transpose(1, 2)).abs().max())
+    allowed = 1000 * torch.finfo(hessians.dtype).eps * scale
+    if asymmetry > allowed:
+        raise ValueError(
+            f"hessians must be symmetric: max |H_i - H_i^T| = {asymmetry:.3g}, more than the "
+            f"{allowed:.3g} that {hessians.dtype} rounding explains"
+        )
+    return 0.5 * (h + h.transpose(1, 2))
 
 
 def batch_noise_factor(batch_size: int, n: int, *, replacement: bool = False) -> float:
@@ -451,7 +463,7 @@ def second_moment_map(
     step = torch.eye(h.shape[1], dtype=h.dtype) - lr * mean
 
     def apply(s: Tensor) -> Tensor:
-        s = s.double()
+        s = s.detach().to("cpu", torch.float64)
         spread = torch.einsum("iab,bc,icd->ad", h, s, h) / len(h) - mean @ s @ mean
         return step @ s @ step + (lr**2 * c) * spread
 
@@ -500,9 +512,11 @@ def sgd_second_moment(
     check_int("steps", steps, 0)
     apply = second_moment_map(hessians, lr, batch_size, replacement=replacement)
     r = hessians.shape[1]
-    s = torch.eye(r, dtype=torch.float64) if s0 is None else s0.double()
+    s = torch.eye(r, dtype=torch.float64) if s0 is None else s0.detach().to("cpu", torch.float64)
     if s.shape != (r, r):
         raise ValueError(f"s0 must have shape ({r}, {r}), got {tuple(s.shape)}")
+    if not (torch.allclose(s, s.T) and float(torch.trace(s)) > 0):
+        raise ValueError("s0 must be a second moment E[x0 x0^T]: symmetric, with a positive trace")
     traces = [torch.trace(s)]
     for _ in range(steps):
         s = apply(s)
@@ -562,15 +576,15 @@ def mean_square_threshold(
 
 def per_example_matrices(curvature: PerExampleCurvature, basis: Tensor) -> Tensor:
     """The per-example curvatures restricted to the span of ``basis`` (P, r) with orthonormal
-    columns: Q^T H_i Q for every example i, (n, r, r) float64, from n r products H_i q."""
+    columns: Q^T H_i Q for every example i, (n, r, r) float64, from n r products H_i q, one
+    basis vector at a time (memory: n vectors of length P)."""
     if basis.ndim != 2 or basis.shape[0] != curvature.size:
         raise ValueError(f"basis must have shape ({curvature.size}, r), got {tuple(basis.shape)}")
     q = basis.to(device=curvature.device, dtype=curvature.dtype)
-    n, r = curvature.n, q.shape[1]
-    index = torch.arange(n, device=curvature.device).repeat_interleave(r)
-    vectors = q.T.repeat(n, 1)  # (n r, P): example i with each basis vector
-    products = curvature.products(vectors, index).view(n, r, -1)  # H_i q_j
-    out = torch.einsum("pa,ijp->iaj", q, products).double().cpu()
+    columns = []
+    for j in range(q.shape[1]):  # (n, P) at a time: H_i q_j for every example i
+        columns.append((curvature.products(q[:, j]) @ q).double().cpu())  # (n, r): q_a^T H_i q_j
+    out = torch.stack(columns, dim=2)
     return 0.5 * (out + out.transpose(1, 2))
 
 

@@ -30,6 +30,8 @@ from gradcourse.claims import ClaimFailed, Claims, evaluate, format_table
         (math.nan, 1.0, "close", 1e9, 0, False),
         (math.inf, 1.0, ">=", 0, 0, False),
         (math.nan, (0.0, 1.0), "in", 0, 0, False),
+        (0.01, math.inf, "<=", 0, 0, True),  # an infinite bound holds every finite value
+        (0.01, -math.inf, ">=", 0, 0, True),
     ],
 )
 def test_evaluate(measured, expected, compare, tol, rtol, holds):
@@ -167,3 +169,27 @@ def test_paper_value_is_kept_and_shown():
     claims = Claims("Wu, Ma & E 2018", profile="ci", verbose=False)
     claims.check("sharpness x eta / 2", 0.98, 1.0, rtol=0.05, kind="paper", paper_value=0.98)
     assert claims.record()["verdicts"][0]["paper_value"] == 0.98
+
+
+def test_a_record_that_cannot_be_written_warns_once_and_keeps_the_verdicts(tmp_path, capsys):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    with pytest.warns(RuntimeWarning, match="could not write the claims record"):
+        claims = Claims("P", notebook="nb", profile="ci", out_dir=blocked / "sub")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        claims.check("a", 1.0, 1.0, kind="paper")
+        with pytest.raises(ClaimFailed):  # the verdict, not an OSError
+            claims.check("b", 2.0, 1.0, kind="paper", holds_at=("ci",))
+        claims.report()
+    out = capsys.readouterr().out
+    assert "[✗] b" in out and "verdicts written" not in out
+
+
+def test_write_false_writes_nothing(tmp_path):
+    claims = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path, write=False, verbose=False)
+    claims.check("a", 1.0, 1.0, kind="paper")
+    claims.report()
+    assert list(tmp_path.iterdir()) == []

@@ -340,6 +340,8 @@ def test_cifar10_from_fake_files(tmp_path, write_fake_cifar10):
     test_pixels = written["test_batch"][0].reshape(-1, 3, 32, 32) / 255.0
     assert np.allclose(ds.x_test.numpy(), (test_pixels - mean) / std, atol=1e-5)
 
+    assert ds.x_train.is_contiguous()  # NHWC pixels come out as ordinary (n, C, H, W) tensors
+    ds.x_train.view(len(ds.x_train), -1)
     sub = D.cifar10(root=tmp_path, n_train=50, n_test=10, seed=0)
     assert_dataset(sub, 50, 10, (3, 32, 32), 10)
     assert torch.bincount(sub.y_train).tolist() == [5] * 10

@@ -180,8 +180,42 @@ def test_bad_file_names_folder_file_and_remedy(tmp_path, name, content, message)
         D.fashion_mnist(root=tmp_path)
     text = str(info.value)
     assert name in text and str(folder) in text and message in text
-    assert "apt-get install dataset-fashion-mnist" in text and "download=True" in text
+    assert f"Delete {folder}" in text and "download=True" in text  # no other copy to fall to
     assert isinstance(info.value.__cause__, D.InvalidIDXFile)
+
+
+def test_the_remedy_depends_on_whose_folder_holds_the_bad_file(tmp_path, monkeypatch):
+    system = tmp_path / "system"
+    _write_fake_idx_folder(system, n_train=20, n_test=10, gz=True)
+    monkeypatch.setattr(D, "SYSTEM_FASHION_MNIST", system)
+    user = fashion_folder(tmp_path / "root")
+    _write_fake_idx_folder(user, n_train=20, n_test=10)
+    (user / "train-labels-idx1-ubyte").write_bytes(b"")
+    with pytest.raises(D.DatasetUnavailable) as info:
+        D.fashion_mnist(root=tmp_path / "root")
+    assert f"Delete {user}" in str(info.value) and f"the copy in {system}" in str(info.value)
+    (user / "train-labels-idx1-ubyte").unlink()  # the user's copy is incomplete: Debian's is used
+    bad = system / "t10k-images-idx3-ubyte.gz"
+    bad.write_bytes(bad.read_bytes()[:-20])
+    with pytest.raises(D.DatasetUnavailable, match="apt-get install --reinstall dataset-fashion"):
+        D.fashion_mnist(root=tmp_path / "root")
+
+
+def test_fashion_mnist_files_validates_without_building_tensors(tmp_path):
+    _write_fake_idx_folder(fashion_folder(tmp_path), n_train=20, n_test=10)
+    assert D.fashion_mnist_files(tmp_path) == fashion_folder(tmp_path)
+    (fashion_folder(tmp_path) / "t10k-labels-idx1-ubyte").write_bytes(b"\x00")
+    with pytest.raises(D.DatasetUnavailable, match="t10k-labels-idx1-ubyte"):
+        D.fashion_mnist_files(tmp_path)
+
+
+def test_only_floating_dtypes_and_contiguous_tensors(tmp_path):
+    _write_fake_idx_folder(fashion_folder(tmp_path), n_train=20, n_test=10)
+    for bad in (torch.int64, torch.bool, "float32"):
+        with pytest.raises(ValueError, match="dtype must be a floating torch dtype"):
+            D.fashion_mnist(root=tmp_path, dtype=bad)
+    ds = D.fashion_mnist(root=tmp_path)
+    assert ds.x_train.is_contiguous() and ds.x_test.is_contiguous()
 
 
 def test_bad_gzip_and_mismatched_counts(tmp_path):

@@ -3,8 +3,10 @@
 The rule (also in the README, "Adding a notebook"): in a notebook's markdown, a number with a
 decimal point (0.88, .5, 1e-3 written as 0.001) or a percentage (57%) may appear only
 - inside an inline code span (configuration: `lr = 0.05`, `tol=1e-4`), or
-- inside the parentheses of a citation, i.e. parentheses holding a year or an arXiv id
-  ("(Wu, Ma & E 2018, Table 2: 19.6 at η = 0.1)"): that is the paper's number, with its source.
+- inside the parentheses of a citation, i.e. parentheses holding an author and year ("Kirsch
+  2023", "Sagun et al. 2017") or an arXiv id ("(Wu, Ma & E 2018, Table 2: 19.6 at η = 0.1)"),
+  or opening with the year right after the authors ("Lee et al. (2019, Theorem 2.1)"): that is
+  the paper's number, with its source.
 Measured numbers reach the reader through code output: the verdict tables, printed values and
 figures. Integers (widths, steps, seeds, class counts) are configuration and are not checked.
 """
@@ -22,7 +24,11 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 CODE_SPAN = re.compile(r"`[^`]*`")
 ARXIV_ID = re.compile(r"arXiv:?\s*\d{4}\.\d{4,5}")
-CITATION = re.compile(r"\([^()]*(?:\b(?:19|20)\d\d\b|arXiv)[^()]*\)")
+# a citation: a capitalised name (or "et al.") right before a year, or an arXiv id
+AUTHOR_YEAR = r"[A-Z][\w\-]*\.?(?: et al\.)?,? (?:19|20)\d\d\b"
+CITATION = re.compile(rf"\([^()]*(?:{AUTHOR_YEAR}|arXiv)[^()]*\)")
+# or the parenthesis after a name: "Lee et al. (2019, Theorem 2.1)", "Kirsch (2023: ...)"
+NAME_THEN_YEAR = re.compile(r"((?:[A-Z][\w\-]*|et al\.) )\((?:19|20)\d\d\b[^()]*\)")
 NUMBER = re.compile(r"(?<![\w.])[-−]?\d+(?:\.\d+)?\s*%|(?<![\w.])[-−]?\d*\.\d+")
 
 
@@ -33,7 +39,7 @@ def measured_numbers(markdown: str) -> list[tuple[str, str]]:
         text = ARXIV_ID.sub("", CODE_SPAN.sub("", line))
         previous = None
         while previous != text:  # nested parentheses: strip citations inside out
-            previous, text = text, CITATION.sub("", text)
+            previous, text = text, NAME_THEN_YEAR.sub(r"\1", CITATION.sub("", text))
         found += [(m.group(0), line.strip()) for m in NUMBER.finditer(text)]
     return found
 
@@ -47,6 +53,10 @@ def test_the_rule_itself():
     assert measured_numbers("their table (Wu, Ma & E 2018: 19.6 vs 20 at η = 0.1)") == []
     assert measured_numbers("as in arXiv 1706.04454, section 4") == []
     assert [n for n, _ in measured_numbers("(a slope of -0.96) is steeper")] == ["-0.96"]
+    # a year alone does not make a citation
+    assert [n for n, _ in measured_numbers("it holds (2000 steps, 0.78) here")] == ["0.78"]
+    assert measured_numbers("(Sagun et al. 2017: 0.5 of the spectrum)") == []
+    assert measured_numbers("as Lee et al. (2019, Theorem 2.1) prove") == []
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

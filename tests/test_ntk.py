@@ -501,3 +501,22 @@ def test_tied_weights_are_exact_on_every_route(method):
     reference = torch.einsum("iap,jbp->ijab", jac, jac)
     ntk = N.EmpiricalNTK(model, method=method)
     torch.testing.assert_close(ntk(x), reference)
+
+
+@pytest.mark.parametrize("method", ["auto", "layerwise"])
+def test_a_weight_tied_by_a_function_call_is_exact(method):
+    torch.manual_seed(0)
+
+    class TiedByCall(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(4, 3, bias=False)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = torch.nn.functional.linear(torch.tanh(self.enc(x)), self.enc.weight.t())
+            return self.head(h)
+
+    model = TiedByCall().double()
+    x = randn(5, 4, seed=3)
+    torch.testing.assert_close(N.EmpiricalNTK(model, method=method)(x), explicit_ntk(model, x, x))

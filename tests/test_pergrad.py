@@ -346,3 +346,26 @@ def test_tied_weights_take_the_exact_route(loss):
     assert not PG.supports_linear_trick(model)
     with pytest.raises(ValueError, match=r"0\.weight = 2\.weight is shared"):
         PG.per_example_grad_norms(model, loss, x, y, method="linear_trick")
+
+
+class TiedByCall(nn.Module):
+    """An autoencoder whose decoder reuses the encoder's weight through a function call: the
+    weight is registered once, so only the forward pass shows the tie."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.enc = nn.Linear(6, 3, bias=False)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(torch.nn.functional.linear(torch.tanh(self.enc(x)), self.enc.weight.t()))
+
+
+def test_a_weight_tied_by_a_function_call_takes_the_exact_route():
+    model = TiedByCall().double()
+    x, y = torch.randn(9, 6, dtype=torch.float64), torch.randn(9, 2, dtype=torch.float64)
+    reference = loop_norms(model, "mse", x, y)
+    torch.testing.assert_close(PG.per_example_grad_norms(model, "mse", x, y), reference)
+    with pytest.raises(ValueError, match=r"\['enc'\] are also used outside their layer"):
+        PG.per_example_grad_norms(model, "mse", x, y, method="linear_trick")

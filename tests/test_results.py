@@ -20,7 +20,7 @@ def run(profile, out_dir, measured=(1.0, 0.4, 0.0), finish=True):
     claims.check("gpu only", measured[1], 1.0, rtol=0.1, kind="paper", holds_at=("gpu",))
     claims.check("identity", measured[2], 0.0, tol=1e-9, kind="sanity")
     if finish:
-        claims.report(write=True)
+        claims.report()
     return claims
 
 
@@ -133,3 +133,27 @@ def test_compare_finds_what_changed(tmp_path):
     renamed.check("other", 1.0, 1.0, kind="paper")
     (problem,) = results.compare(renamed.record(), recorded, rtol=1, atol=1)
     assert "the claims differ" in problem
+
+
+def test_compare_allows_measured_expectations_and_equal_infinities(tmp_path):
+    def record(expected, measured, out):
+        claims = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path / out, verbose=False)
+        claims.check("vs a measured bound", measured, expected, compare="<=", kind="paper")
+        claims.report()
+        return claims.record()
+
+    recorded = record(0.041381563974662944, 0.01, "a")
+    fresh = record(0.04138156401604451, 0.01, "b")  # the bound moved at rounding level
+    assert results.compare(fresh, recorded, rtol=1e-6, atol=0) == []
+    moved = record(0.05, 0.01, "c")
+    (problem,) = results.compare(moved, recorded, rtol=1e-6, atol=0)
+    assert "expected 0.05 now" in problem
+    inf = record(float("inf"), 0.01, "d")
+    assert results.compare(inf, record(float("inf"), 0.01, "e"), rtol=1e-6, atol=0) == []
+
+
+def test_a_broken_results_file_is_named(tmp_path):
+    (tmp_path / "ci").mkdir()
+    (tmp_path / "ci" / "nb.json").write_text("<<<<<<< HEAD\n{")
+    with pytest.raises(ValueError, match=r"nb.json is not a results record .*--record"):
+        results.load("ci", "nb", tmp_path)

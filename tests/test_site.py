@@ -83,3 +83,34 @@ def test_an_executed_copy_is_current_only_for_its_source_profile_and_success(tmp
     assert not site.is_current(source, executed, "ci")  # a failed run is re-executed
     executed.write_text("not a notebook")
     assert not site.is_current(source, executed, "ci")
+
+
+def test_verdict_tables_are_rendered_again_from_the_run_and_current_results(tmp_path, monkeypatch):
+    from gradcourse import results
+    from gradcourse.claims import Claims
+
+    monkeypatch.setenv("GRADCOURSE_RESULTS", str(tmp_path / "results"))
+    claims = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path, verbose=False)
+    claims.check("c", 1.0, 1.0, kind="paper")
+    claims.report()
+    results.record_run(claims.record(), notebook="nb", profile="cpu", seconds=1.0)
+    nb = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell('gc.results.verdict_table("nb", claims)')]
+    )
+    nb.cells[0].outputs = [nbformat.v4.new_output("stream", name="stdout", text="stale\n")]
+    assert site.refresh_verdict_tables(nb, "nb", claims.record()) == 1
+    (out,) = nb.cells[0].outputs
+    markdown = out["data"]["text/markdown"]
+    assert "| c | paper |" in markdown and "| 1 **✓** | not run | 1 **✓** | not run |" in markdown
+
+
+def test_the_digest_follows_the_library_too(tmp_path, monkeypatch):
+    source = tmp_path / "nb.ipynb"
+    source.write_text("{}")
+    first = site.source_digest(source)
+    assert site.source_digest(source) == first
+    fake = tmp_path / "pkg"
+    fake.mkdir()
+    (fake / "site.py").write_text("# a library")
+    monkeypatch.setattr(site, "__file__", str(fake / "site.py"))
+    assert site.source_digest(source) != first

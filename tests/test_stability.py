@@ -435,6 +435,16 @@ def test_second_moment_arguments_are_checked():
         stability.second_moment_map(hs[0], 0.1, 2)
     with pytest.raises(ValueError, match="symmetric"):
         stability.second_moment_map(hs + torch.triu(torch.ones(3, 3), 1), 0.1, 2)
+    # float32 matrices asymmetric at their rounding level are accepted (and symmetrised)
+    noisy = hs.float() + 1e-7 * torch.triu(torch.ones(3, 3), 1)
+    torch.testing.assert_close(
+        stability.second_moment_map(noisy, 0.1, 2)(torch.eye(3)),
+        stability.second_moment_map(hs, 0.1, 2)(torch.eye(3)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    with pytest.raises(ValueError, match="s0 must be a second moment"):
+        stability.sgd_second_moment(hs, 0.1, 2, 3, s0=torch.zeros(3, 3))
     with pytest.raises(ValueError, match="batch_size"):
         stability.second_moment_map(hs, 0.1, 6)
     with pytest.raises(ValueError, match="lr"):
