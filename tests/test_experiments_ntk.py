@@ -325,3 +325,46 @@ def test_explore_kernel_extremes_and_cache(tmp_path, width, depth, beta):
     assert set(r["stats"]) >= {"spread", "deviation", "change"}
     again = nx.explore_kernel(width, depth, beta, 2, **kw)
     assert torch.equal(again["curveT"], r["curveT"])
+
+
+# ----------------------------------------------------------------------------- scaling statistics
+
+
+def test_init_grams_are_the_kernel_runs_initial_grams():
+    grams = nx.init_grams(32, [0, 3], depth=2, n_train=5)
+    for i, seed in enumerate((0, 3)):
+        run = nx.kernel_run(32, depth=2, seed=seed, steps=1, n_train=5, n_angles=3)
+        torch.testing.assert_close(grams[i], run["gram0"])
+    with pytest.raises(ValueError, match="seeds"):
+        nx.init_grams(32, [])
+
+
+def test_relative_deviations_change_and_inflation_by_hand():
+    limit = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    grams = torch.stack([limit, 2 * limit])
+    # RMS(G - limit) / RMS(limit): 0 for the first, 1 for the second
+    torch.testing.assert_close(
+        nx.relative_deviations(grams, limit), torch.tensor([0.0, 1.0]).double()
+    )
+    runs = {"gram0": grams, "gramT": torch.stack([3 * limit, 2 * limit])}
+    torch.testing.assert_close(nx.per_seed_change(runs), torch.tensor([2.0, 0.0]).double())
+    torch.testing.assert_close(nx.per_seed_inflation(runs), torch.tensor([2.0, 0.0]).double())
+
+
+def test_slope_with_band_recovers_a_planted_power_law():
+    gen = torch.Generator().manual_seed(0)
+    widths = [64, 128, 256, 512, 1024]
+    # per-initialisation values c w^-1/2 times lognormal noise: the rms over many is ~ w^-1/2
+    values = [
+        w**-0.5 * torch.exp(0.3 * torch.randn(200, generator=gen, dtype=torch.float64))
+        for w in widths
+    ]
+    band = nx.slope_with_band(widths, values, summary="rms")
+    assert band.low < -0.5 < band.high and band.high - band.low < 0.1
+    assert band.estimate == pytest.approx(-0.5, abs=0.05)
+    mean_band = nx.slope_with_band(widths, values, summary="mean")
+    assert mean_band.low < -0.5 < mean_band.high
+    with pytest.raises(ValueError, match="summary"):
+        nx.slope_with_band(widths, values, summary="median")
+    with pytest.raises(ValueError, match="one array of values per width"):
+        nx.slope_with_band(widths[:1], values[:1])

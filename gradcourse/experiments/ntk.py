@@ -237,6 +237,77 @@ def kernel_runs(
     return out
 
 
+def init_grams(
+    width: int,
+    seeds: Sequence[int],
+    *,
+    depth: int = PAPER_DEPTH,
+    beta: float = PAPER_BETA,
+    n_train: int = 16,
+    data_seed: int = 0,
+    device: str | torch.device | None = None,
+) -> Tensor:
+    """The empirical NTK Gram matrix Theta_0(X, X) on the training inputs of
+    :func:`gaussian_task` at initialisation, for every seed: (S, n, n), float64, CPU. No
+    training, so many initialisations are cheap (the statistics of Fig. 1 need them)."""
+    check_int("width", width, 1)
+    if not seeds:
+        raise ValueError("seeds must not be empty")
+    x, _ = gaussian_task(n_train, seed=data_seed)
+    grams = []
+    for seed in seeds:
+        model = make_net(2, width, depth, beta=beta, seed=int(seed), device=device)
+        grams.append(ntk.empirical_ntk(model, x.to(model.layers[0].weight.device)).cpu())
+    return torch.stack(grams)
+
+
+def relative_deviations(grams: Tensor, limit: Tensor) -> Tensor:
+    """Per initialisation, RMS(Gram_0 - Gram_inf) / RMS(Gram_inf): the relative distance of
+    each initial kernel from the limit, (S,) float64."""
+    return ((grams - limit).pow(2).flatten(1).mean(1) / limit.pow(2).mean()).sqrt()
+
+
+def slope_with_band(
+    widths: Sequence[int],
+    values: Sequence[Tensor],
+    *,
+    summary: str = "rms",
+    level: float = 0.9,
+    num_resamples: int = 2000,
+    seed: int = 0,
+) -> Any:
+    """The log-log slope against width of a per-width summary of per-initialisation values
+    (``"rms"``: sqrt of the mean square, for deviations; ``"mean"``), with a percentile
+    bootstrap interval that resamples the initialisations within each width
+    (:func:`gradcourse.stats.bootstrap`): a :class:`gradcourse.stats.Interval`."""
+    from .. import stats
+    from ..plotting import loglog_slope
+
+    if summary not in ("rms", "mean"):
+        raise ValueError(f"summary must be 'rms' or 'mean', got {summary!r}")
+    if len(widths) != len(values) or len(widths) < 2:
+        raise ValueError("need one array of values per width, for at least 2 widths")
+
+    def slope(groups: list) -> float:
+        if summary == "rms":
+            return loglog_slope(widths, [float((g * g).mean()) ** 0.5 for g in groups])
+        return loglog_slope(widths, [float(g.mean()) for g in groups])
+
+    groups = [torch.as_tensor(v, dtype=torch.float64).numpy() for v in values]
+    return stats.bootstrap(slope, groups, level=level, num_resamples=num_resamples, seed=seed)
+
+
+def per_seed_change(runs: Mapping[str, Tensor]) -> Tensor:
+    """||Gram_T - Gram_0||_F / ||Gram_0||_F for each seed of one width's runs, (S,)."""
+    g0, gt = runs["gram0"], runs["gramT"]
+    return (gt - g0).flatten(1).norm(dim=1) / g0.flatten(1).norm(dim=1)
+
+
+def per_seed_inflation(runs: Mapping[str, Tensor]) -> Tensor:
+    """||Gram_T||_F / ||Gram_0||_F - 1 for each seed: how much the kernel grew in training."""
+    return runs["gramT"].flatten(1).norm(dim=1) / runs["gram0"].flatten(1).norm(dim=1) - 1
+
+
 def analytic_kernels(
     *,
     depth: int = PAPER_DEPTH,
