@@ -78,7 +78,7 @@ test-notebooks: $(VENV)/.installed-test
 		$(BIN)/python -m pytest --nbval-lax notebooks/ -q --durations=0 -p no:cacheprovider
 	$(BIN)/python -m gradcourse compare build/nbval-ci --profile ci
 
-test: data-or-warn lint test-unit test-notebooks
+test: data lint test-unit test-notebooks
 
 # Results must not depend on the CPU's vector unit or the thread count: the unit tests and the
 # notebooks under each ATEN_CPU_CAPABILITY (default, avx2, and the machine's own) with 1 and 2
@@ -86,7 +86,7 @@ test: data-or-warn lint test-unit test-notebooks
 # empty results cache, its verdicts compared with results/ci/. About 6x `make test`.
 SWEEP_CAPS ?= default avx2 native
 SWEEP_THREADS ?= 1 2
-test-sweep: $(VENV)/.installed-test data-or-warn
+test-sweep: $(VENV)/.installed-test data
 	@set -e; for cap in $(SWEEP_CAPS); do for t in $(SWEEP_THREADS); do \
 		echo "== ATEN_CPU_CAPABILITY=$$cap, $$t thread(s) =="; \
 		if [ "$$cap" = native ]; then unset ATEN_CPU_CAPABILITY; else export ATEN_CPU_CAPABILITY=$$cap; fi; \
@@ -100,7 +100,7 @@ test-sweep: $(VENV)/.installed-test data-or-warn
 	done; done
 
 # Playwright drives the system Chromium (it never downloads a browser of its own).
-test-browser: $(VENV)/.installed-browser data-or-warn
+test-browser: $(VENV)/.installed-browser data
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
 		|| [ -n "$$GRADCOURSE_CHROMIUM" ] || $(MAKE) --no-print-directory chromium
 	GRADCOURSE_PROFILE=ci $(BIN)/python -m pytest tests/browser -q -s -p no:cacheprovider
@@ -117,7 +117,7 @@ chromium:
 
 # Run every notebook at PROFILE and record its verdicts in results/<profile>/ (committed), then
 # refresh the README's scorecard. `make reproduce PROFILE=ci` after changing a notebook.
-reproduce: $(VENV)/.installed data-or-warn
+reproduce: $(VENV)/.installed data
 	$(BIN)/python -m gradcourse run --profile $(PROFILE) --record
 	$(BIN)/python -m gradcourse report --results --update-readme README.md
 
@@ -126,7 +126,7 @@ scorecard: $(VENV)/.installed
 
 # The course as a static site in build/site/<profile>/ (notebooks executed when stale).
 SITE_PROFILE ?= $(if $(filter auto,$(PROFILE)),cpu,$(PROFILE))
-site: $(VENV)/.installed-site data-or-warn
+site: $(VENV)/.installed-site data
 	$(BIN)/python -m gradcourse site --profile $(SITE_PROFILE)
 
 clean:

@@ -117,7 +117,7 @@ def test_blob_spectrum_is_deterministic_and_cached(tmp_path):
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        ((1, 4, 1.0, 10), r"num_classes \(K\) must be an int in \[2, 20\]"),
+        ((1, 4, 1.0, 10), r"num_classes \(K\) must be an int in \[2, 10\]"),
         ((2, 0, 1.0, 10), r"width must be an int in \[1, 32\]"),
         ((2, 4, 0.0, 10), "spread must be a finite number > 0"),
         ((2, 4, 1.0, 0), r"steps must be an int in \[1, 5000\]"),
@@ -209,3 +209,110 @@ def test_hessian_ggn_and_residual_match_autograd_on_the_blob_problem():
     torch.testing.assert_close(curvature.GGNOperator(model, "ce", (x, y)).dense(), g_ref, **tol)
     residual = curvature.ResidualOperator(model, "ce", (x, y)).dense()
     torch.testing.assert_close(residual, h_ref - g_ref, **tol)
+
+
+# ----------------------------------------------------------------------------- the two regimes
+
+
+def test_gradient_alignment_finds_a_planted_eigenvector():
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(12, 12, generator=gen, dtype=torch.float64)).Q
+    values = torch.tensor([9.0, 7.0, 5.0, 3.0] + [0.01] * 8, dtype=torch.float64)
+    hess = basis @ torch.diag(values) @ basis.T
+    align = hx.gradient_alignment(hess, -2.5 * basis[:, 2], top=5)
+    torch.testing.assert_close(align, torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0], dtype=torch.float64),
+                               atol=1e-12, rtol=0)  # fmt: skip
+    mixed = hx.gradient_alignment(hess, basis[:, 0] + basis[:, 3], top=4)
+    torch.testing.assert_close(mixed, torch.tensor([0.5, 0.0, 0.0, 0.5], dtype=torch.float64),
+                               atol=1e-12, rtol=0)  # fmt: skip
+    with pytest.raises(ValueError, match="non-zero"):
+        hx.gradient_alignment(hess, torch.zeros(12, dtype=torch.float64))
+    with pytest.raises(ValueError, match="shape"):
+        hx.gradient_alignment(hess, torch.ones(11, dtype=torch.float64))
+
+
+def test_project_out_matches_the_explicit_projector_and_drops_one_outlier():
+    gen = torch.Generator().manual_seed(1)
+    basis = torch.linalg.qr(torch.randn(10, 10, generator=gen, dtype=torch.float64)).Q
+    values = torch.tensor([50.0, 40.0, 30.0] + [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    hess = basis @ torch.diag(values.double()) @ basis.T
+    u = basis[:, 1] + 1e-3 * basis[:, 5]
+    proj = torch.eye(10, dtype=torch.float64) - torch.outer(u, u) / (u @ u)
+    torch.testing.assert_close(hx.project_out(hess, u), proj @ hess @ proj)
+    assert hx.count_outliers(torch.linalg.eigvalsh(hess)) == 3
+    assert hx.count_outliers(torch.linalg.eigvalsh(hx.project_out(hess, u))) == 2
+
+
+def test_simplex_classes_are_balanced_equidistant_and_seeded():
+    x, y = hx.simplex_classes(4, n_train=4_000, dim=6, separation=3.0, noise=1.5, seed=2)
+    assert x.dtype == torch.float64 and x.shape == (4_000, 6)
+    assert torch.bincount(y).tolist() == [1_000] * 4
+    means = torch.stack([x[y == c].mean(0) for c in range(4)])
+    expected = 3.0 * torch.eye(4, 6, dtype=torch.float64)
+    assert (means - expected).abs().max() < 0.2  # 5 standard errors of a mean of 1000 draws
+    spread = torch.stack([(x[y == c] - means[c]).std(0) for c in range(4)])
+    assert (spread - 1.5).abs().max() < 0.1
+    x2, _ = hx.simplex_classes(4, n_train=4_000, dim=6, seed=2)
+    assert torch.equal(x, x2)
+    with pytest.raises(ValueError, match="dim"):
+        hx.simplex_classes(5, dim=4)
+
+
+def test_spectrum_run_separable_blobs_gradient_is_the_kth_outlier():
+    """Sagun's regime, small: on separable blobs the gradient is the K-th eigenvector and the
+    count drops by one once it is projected out; the result is consistent with itself."""
+    r = hx.spectrum_run(
+        "blobs", 3, widths=(16, 16), max_steps=2_000, decompose=True,
+        data_options=dict(n_train=200, dim=10),
+    )  # fmt: skip
+    assert r["count"] == hx.count_outliers(r["eig_final"])
+    assert int(torch.argmax(r["alignment"])) == 2 and r["alignment"].max() > 0.9
+    assert r["count"] == 3 and r["count_projected"] == 2
+    # G + R = H, so their traces add up (a sanity check of the bookkeeping)
+    total = r["eig_ggn"].sum() + r["eig_residual"].sum()
+    assert abs(float(total - r["eig_final"].sum())) < 1e-9 * float(r["eig_final"].abs().sum())
+    assert r["eig_within"].min() > -1e-12 * r["eig_ggn"].max()
+
+
+def test_spectrum_run_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="data must be"):
+        hx.spectrum_run("cifar", 3)
+    with pytest.raises(ValueError, match="init"):
+        hx.spectrum_run("blobs", 3, init="xavier")
+    with pytest.raises(ValueError, match="10 classes"):
+        hx.spectrum_run("fashion", 3)
+
+
+def test_sagun_init_draws_every_parameter_from_n0_01():
+    model = models.MLP(50, (200,), 10, dtype=torch.float64)
+    hx._init_sagun_(model, seed=0)
+    flat = flat_params(model)
+    assert abs(float(flat.std()) - 0.1) < 0.005 and abs(float(flat.mean())) < 0.005
+    biases = torch.cat([layer.bias.detach() for layer in model.layers])
+    assert float(biases.abs().min()) > 0
+
+
+def test_batch_switch_experiment_is_consistent():
+    r = hx.batch_switch_experiment(
+        data="blobs", num_classes=3, widths=(6,), large_batch=60, small_batch=5,
+        steps_first=40, steps_second=30, data_options=dict(n_train=60, dim=4),
+    )  # fmt: skip
+    for name in ("large_small", "small_large"):
+        line = r[f"{name}_loss"]
+        assert r[f"{name}_barrier"] == pytest.approx(hx.barrier(r["alphas"], line))
+        ends = line[torch.isclose(r["alphas"], torch.tensor(0.0, dtype=torch.float64))]
+        assert float(ends[0]) == pytest.approx(r[f"{name}_end_loss"][0], rel=1e-12)
+        assert r[f"{name}_distance"] > 0
+        assert all(t > 0 for t in r[f"{name}_top"])
+    with pytest.raises(ValueError, match="batch sizes"):
+        hx.batch_switch_experiment(data="blobs", num_classes=3, large_batch=1_000,
+                                   data_options=dict(n_train=60, dim=4))  # fmt: skip
+
+
+@pytest.mark.parametrize("data", ["blobs", "simplex"])
+def test_explore_spectrum_at_the_slider_extremes(data):
+    for k, width, spread, steps in ((2, 1, 0.5, 1), (10, 2, 4.0, 5)):
+        r = hx.explore_spectrum(k, width, spread, steps, data=data)
+        assert r["eig_final"].numel() == r["num_params"] and 1 <= r["count"] <= 20
+    with pytest.raises(ValueError, match="data must be"):
+        hx.explore_spectrum(3, 4, 1.0, 5, data="fashion")

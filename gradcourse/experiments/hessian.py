@@ -8,6 +8,14 @@ Lanczos quadrature) and :mod:`gradcourse.train`; this module adds what is specif
 - :func:`count_outliers`  the outlier-counting rule (largest multiplicative gap at the top);
 - :func:`near_zero_fraction`  the size of the bulk (eigenvalues small relative to the top one);
 - :func:`blob_spectrum`  train a small ReLU net on K Gaussian blobs and take its full spectrum;
+- :func:`simplex_classes`, :func:`fashion_pca`  the other two data sets of the notebook:
+  equidistant overlapping classes (Papyan's regime, a known ground truth) and Fashion-MNIST
+  reduced by PCA (real images, small enough for the exact Hessian);
+- :func:`gradient_alignment`, :func:`project_out`  where the gradient sits in the spectrum;
+- :func:`spectrum_run`  one run of any of the three: spectra, counts, the gradient diagnostic
+  and, on request, Papyan's class decomposition of the Gauss-Newton part;
+- :func:`batch_switch_experiment`  large batch then small batch (and the reverse), as in
+  Sagun et al.'s section 4;
 - :func:`interpolate`, :func:`barrier`, :func:`batch_size_experiment`  small- vs large-batch
   solutions on one straight line (Sagun et al. 2017, section 4);
 - :func:`slq_experiment`  the spectral density of a larger net, checked against exact moments.
@@ -184,6 +192,192 @@ def blob_spectrum(
     return out
 
 
+def simplex_classes(
+    num_classes: int,
+    *,
+    n_train: int = 500,
+    dim: int = 10,
+    separation: float = 3.0,
+    noise: float = 1.5,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> tuple[Tensor, Tensor]:
+    """K equidistant, overlapping classes in float64: x = separation e_y + noise N(0, I).
+
+    The class means are the first K unit vectors scaled by ``separation`` (all pairwise
+    distances separation * sqrt(2)), so no class is closer to another than the rest; with
+    noise / separation = 1/2 the classes overlap and cross-entropy stays finite. Labels cycle
+    through 0 .. K - 1 (balanced). Synthetic on purpose: Papyan's K - 1 needs classes that are
+    alike, a ground truth real data do not give.
+    """
+    check_int("num_classes", num_classes, 2)
+    check_int("n_train", n_train, num_classes)
+    check_int("dim", dim, num_classes)
+    check_positive("separation", separation)
+    check_positive("noise", noise)
+    check_int("seed", seed, 0)
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n_train) % num_classes
+    x = separation * nn.functional.one_hot(y, dim).to(DTYPE)
+    x = x + noise * torch.randn(n_train, dim, generator=g, dtype=DTYPE)
+    return x.to(device), y.to(device)
+
+
+def fashion_pca(
+    n_train: int = 3_000,
+    *,
+    dim: int = 20,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> tuple[Tensor, Tensor]:
+    """A class-balanced Fashion-MNIST training subset projected on its top ``dim`` principal
+    components (fitted on that subset), each standardised: (x, y) in float64. Small inputs
+    keep P in the hundreds, so the exact Hessian is affordable on a laptop."""
+    check_int("n_train", n_train, 10, 60_000)
+    check_int("dim", dim, 1, 784)
+    ds = data.fashion_mnist(
+        n_train=n_train, n_test=10, standardize="none", flatten=True, seed=seed, dtype=DTYPE
+    )
+    x = ds.x_train - ds.x_train.mean(dim=0)
+    basis = torch.linalg.svd(x, full_matrices=False).Vh[:dim]
+    z = x @ basis.T
+    z = z / z.std(dim=0)
+    return z.to(device), ds.y_train.to(device)
+
+
+def _dataset(kind: str, num_classes: int, seed: int, device, **options: Any):
+    if kind == "blobs":
+        return blobs(num_classes, seed=seed, device=device, **options)
+    if kind == "simplex":
+        return simplex_classes(num_classes, seed=seed, device=device, **options)
+    if kind == "fashion":
+        if num_classes != 10:
+            raise ValueError(f"Fashion-MNIST has 10 classes, got num_classes={num_classes}")
+        return fashion_pca(seed=seed, device=device, **options)
+    raise ValueError(f"data must be 'blobs', 'simplex' or 'fashion', got {kind!r}")
+
+
+def gradient_alignment(hessian: Tensor, gradient: Tensor, top: int = 20) -> Tensor:
+    """cos^2 between ``gradient`` and each of the ``top`` leading eigenvectors of the symmetric
+    ``hessian`` (largest eigenvalue first). They sum to at most 1; a value near 1 at position i
+    says the gradient *is* the i-th eigenvector."""
+    check_int("top", top, 1)
+    if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"hessian must be a square matrix, got shape {tuple(hessian.shape)}")
+    if gradient.shape != (hessian.shape[0],):
+        raise ValueError(
+            f"gradient must have shape ({hessian.shape[0]},), got {tuple(gradient.shape)}"
+        )
+    norm = gradient.norm()
+    if not norm > 0:
+        raise ValueError("gradient must be non-zero")
+    vecs = torch.linalg.eigh(hessian).eigenvectors.flip(1)[:, :top]
+    return ((vecs.T @ (gradient / norm)) ** 2).cpu()
+
+
+def project_out(matrix: Tensor, direction: Tensor) -> Tensor:
+    """(I - u u^T) M (I - u u^T) with u = direction / |direction|: M with one direction removed
+    (its eigenvalue becomes 0, the rest of the spectrum interlaces with M's)."""
+    norm = direction.norm()
+    if not norm > 0:
+        raise ValueError("direction must be non-zero")
+    u = direction / norm
+    mu = matrix @ u
+    # (I - uu^T) M (I - uu^T) = M - u (Mu)^T - (Mu) u^T + (u^T M u) u u^T
+    return matrix - torch.outer(u, mu) - torch.outer(mu, u) + (u @ mu) * torch.outer(u, u)
+
+
+def _init_sagun_(model: nn.Module, seed: int) -> None:
+    """Sagun et al.'s initialisation (their code): every weight and bias ~ 0.1 N(0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device))
+
+
+def spectrum_run(
+    data: str = "blobs",
+    num_classes: int = 4,
+    *,
+    seed: int = 0,
+    widths: Sequence[int] = (16, 16),
+    lr: float = 0.1,
+    max_steps: int = 2_000,
+    grad_tol: float = 1e-4,
+    init: str = "lecun",
+    loss: str = "ce",
+    decompose: bool = False,
+    data_options: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Train a ReLU MLP with full-batch GD on one of the notebook's data sets and take the exact
+    Hessian at initialisation and at the end.
+
+    ``data``: "blobs" (Sagun et al.'s separable blobs, :func:`blobs`), "simplex"
+    (:func:`simplex_classes`) or "fashion" (:func:`fashion_pca`, K = 10); ``data_options`` go
+    to that function. ``init``: "lecun" (the library's, zero biases) or "sagun" (every weight
+    and bias 0.1 N(0, 1), as in the authors' code). Training stops at ``max_steps`` or when
+    |grad L| <= ``grad_tol``. Returns the spectra (ascending), the outlier count by
+    :func:`count_outliers`, the gradient diagnostic (alignment with the top K + 2 eigenvectors,
+    the count once the gradient direction is projected out) and, with ``decompose``, the spectra
+    of G, R = H - G and of the between and within parts of G (:func:`curvature.class_decomposition`).
+    """
+    check_int("num_classes", num_classes, 2)
+    check_int("max_steps", max_steps, 1)
+    if init not in ("lecun", "sagun"):
+        raise ValueError(f"init must be 'lecun' or 'sagun', got {init!r}")
+    if loss not in ("ce", "mse"):
+        raise ValueError(f"loss must be 'ce' or 'mse', got {loss!r}")
+    widths = tuple(widths)
+    for i, w in enumerate(widths):
+        check_int(f"widths[{i}]", w, 1)
+    x, y = _dataset(data, num_classes, seed, device, **dict(data_options or {}))
+    model = models.MLP(x.shape[1], widths, num_classes, seed=seed, dtype=DTYPE, device=x.device)
+    if init == "sagun":
+        _init_sagun_(model, seed)
+    batch = (x, y)
+
+    def eigvals(matrix: Tensor) -> Tensor:
+        return torch.linalg.eigvalsh(matrix).cpu()
+
+    eig_init = eigvals(curvature.exact_hessian(model, loss, batch))
+    history = train.train(
+        model, x, y, loss=loss, lr=lr, steps=max_steps, log_every=50, progress=False,
+        stop_when=lambda h: train.grad_norm(model, x, y, loss=loss) <= grad_tol,
+    )  # fmt: skip
+    hess = curvature.exact_hessian(model, loss, batch)
+    eig = eigvals(hess)
+    params = [p for p in model.parameters()]
+    targets = x.new_zeros(0)  # unused for ce
+    if loss == "mse":
+        targets = nn.functional.one_hot(y, num_classes).to(DTYPE)
+    out_loss = curvature.GGNOperator(model, loss, batch).batch_loss(
+        {n: p for n, p in model.named_parameters()}, x, targets if loss == "mse" else y
+    )
+    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(out_loss, params)]).detach()
+    top = min(num_classes + 2, eig.numel())
+    alignment = gradient_alignment(hess, grad, top=top)
+    out: dict[str, Any] = {
+        "eig_init": eig_init,
+        "eig_final": eig,
+        "num_params": int(eig.numel()),
+        "count": count_outliers(eig),
+        "count_projected": count_outliers(eigvals(project_out(hess, grad))),
+        "alignment": alignment,
+        "steps": int(history.step[-1]),
+        "final_loss": float(history.loss[-1]),
+        "accuracy": float(history.accuracy[-1]),
+        "grad_norm": float(grad.norm()),
+    }
+    if decompose:
+        parts = curvature.class_decomposition(model, loss, batch)
+        out["eig_ggn"] = eigvals(parts.ggn)
+        out["eig_residual"] = eigvals(hess - parts.ggn)
+        out["eig_between"] = eigvals(parts.between)
+        out["eig_within"] = eigvals(parts.within)
+    return out
+
+
 def cached(cache: Cache | None, name: str, fn: Any, **config: Any) -> dict[str, Any]:
     """``fn(**config)`` through ``cache`` (None: no cache); the device is not part of the key."""
     if cache is None:
@@ -192,33 +386,81 @@ def cached(cache: Cache | None, name: str, fn: Any, **config: Any) -> dict[str, 
     return cache.get_or_compute(name, key, lambda: fn(**config))
 
 
+def regime_table(
+    data: str,
+    ks: Sequence[int],
+    seeds: Sequence[int],
+    *,
+    cache: Cache | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    **config: Any,
+) -> dict[str, Any]:
+    """:func:`spectrum_run` for every K in ``ks`` and seed in ``seeds`` (each run cached), as
+    arrays of shape (len(ks), len(seeds)): ``count``, ``count_projected``, ``align_at_k`` (cos^2
+    of the gradient with the K-th eigenvector), ``align_position`` (1-based position of the
+    eigenvector the gradient is closest to), ``frac_init`` / ``frac_final``
+    (:func:`near_zero_fraction`), ``final_loss``, ``accuracy``, ``grad_norm``, ``steps``; and
+    the per-K medians over seeds of the two counts (``median_count``, ``median_projected``; the
+    lower median for an even number of seeds)."""
+    from tqdm.auto import tqdm
+
+    ks, seeds = [int(k) for k in ks], [int(s) for s in seeds]
+    if not ks or not seeds:
+        raise ValueError("ks and seeds must not be empty")
+    keys = ("count", "count_projected", "align_at_k", "align_position", "frac_init",
+            "frac_final", "final_loss", "accuracy", "grad_norm", "steps")  # fmt: skip
+    table = {key: torch.zeros(len(ks), len(seeds), dtype=torch.float64) for key in keys}
+    bar = tqdm(total=len(ks) * len(seeds), desc=f"{data} runs", disable=not progress, leave=False)
+    for i, k in enumerate(ks):
+        for j, seed in enumerate(seeds):
+            r = cached(cache, f"hessian-{data}", spectrum_run, data=data, num_classes=k,
+                       seed=seed, device=device, **config)  # fmt: skip
+            align = r["alignment"]
+            values = (r["count"], r["count_projected"], float(align[k - 1]),
+                      int(torch.argmax(align)) + 1, near_zero_fraction(r["eig_init"]),
+                      near_zero_fraction(r["eig_final"]), r["final_loss"], r["accuracy"],
+                      r["grad_norm"], r["steps"])  # fmt: skip
+            for key, value in zip(keys, values, strict=True):
+                table[key][i, j] = float(value)
+            bar.update()
+    bar.close()
+    out: dict[str, Any] = {"ks": torch.tensor(ks), "seeds": torch.tensor(seeds), **table}
+    out["median_count"] = table["count"].median(dim=1).values
+    out["median_projected"] = table["count_projected"].median(dim=1).values
+    return out
+
+
 def explore_spectrum(
     num_classes: int,
     width: int,
     spread: float,
     steps: int,
     *,
-    dim: int = 10,
+    data: str = "blobs",
     cache: Cache | None = None,
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
-    """The spectrum for the notebook's sliders: K blobs in ``dim`` dimensions (200 points),
-    two hidden layers of ``width``, GD with lr 0.1 for at most ``steps``; validated with
-    messages a reader can act on, and cached per slider setting."""
-    check_int("num_classes (K)", num_classes, 2, 20)
+    """The spectrum for the notebook's sliders, validated with messages a reader can act on and
+    cached per setting. ``data="blobs"``: K separable blobs in 10 dimensions (200 points, GD lr
+    0.1), ``spread`` their standard deviation; ``data="simplex"``: K equidistant classes
+    (500 points, GD lr 0.05), ``spread`` the noise around each class mean (separation 3). Two
+    hidden layers of ``width``; at most ``steps`` GD steps."""
+    check_int("num_classes (K)", num_classes, 2, 10)
     check_int("width", width, 1, 32)
     check_positive("spread", spread)
     check_int("steps", steps, 1, 5_000)
-    check_int("dim", dim, 1, 64)
+    if data == "blobs":
+        options, lr = dict(n_train=200, dim=10, spread=spread), 0.1
+    elif data == "simplex":
+        options, lr = dict(n_train=500, dim=10, noise=spread), 0.05
+    else:
+        raise ValueError(f"data must be 'blobs' or 'simplex', got {data!r}")
     config = dict(
-        num_classes=num_classes,
-        widths=(width, width),
-        spread=spread,
-        max_steps=steps,
-        dim=dim,
-        n_train=200,
-    )
-    return cached(cache, "hessian-explore", blob_spectrum, device=device, **config)
+        data=data, num_classes=num_classes, widths=(width, width), lr=lr, max_steps=steps,
+        data_options=options,
+    )  # fmt: skip
+    return cached(cache, "hessian-explore", spectrum_run, device=device, **config)
 
 
 # ----------------------------------------------------------------------------- small vs large batch
@@ -332,6 +574,72 @@ def batch_size_experiment(
     }
 
 
+def _top_eigenvalue(model: nn.Module, x: Tensor, y: Tensor, seed: int) -> float:
+    op = curvature.HessianOperator(model, "ce", (x, y))
+    return float(curvature.lanczos(op, k=1, seed=seed).eigenvalues[0])
+
+
+def batch_switch_experiment(
+    *,
+    data: str = "fashion",
+    num_classes: int = 10,
+    widths: Sequence[int] = (16, 16),
+    lr: float = 0.1,
+    large_batch: int = 1_000,
+    small_batch: int = 10,
+    steps_first: int = 1_500,
+    steps_second: int = 1_500,
+    num_alphas: int = 41,
+    data_options: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Sagun et al.'s section 4 protocol: train one initialisation with SGD at ``large_batch``
+    for ``steps_first`` updates, then continue from there with ``small_batch`` for
+    ``steps_second``; and the reverse (small first, then large), with the same lr throughout. For each switch: the distance the second phase
+    moved relative to the norm of the parameters at the switch, the training loss on the line
+    between the two ends (alpha in [-0.5, 1.5]), its :func:`barrier`, the barrier relative to
+    the mean loss of the two ends, and the top Hessian eigenvalue (Lanczos) at each end.
+    Keys are prefixed ``large_small_`` and ``small_large_``."""
+    check_int("large_batch", large_batch, 1)
+    check_int("small_batch", small_batch, 1)
+    check_int("steps_first", steps_first, 1)
+    check_int("steps_second", steps_second, 1)
+    check_int("num_alphas", num_alphas, 5)
+    x, y = _dataset(data, num_classes, seed, device, **dict(data_options or {}))
+    if large_batch > len(x) or small_batch > len(x):
+        raise ValueError(f"batch sizes must be <= the {len(x)} training examples")
+    alphas = torch.linspace(-0.5, 1.5, num_alphas, dtype=torch.float64)
+    alphas = torch.unique(torch.cat([alphas, torch.tensor([0.0, 1.0], dtype=torch.float64)]))
+    out: dict[str, Any] = {"alphas": alphas, "n_train": len(x)}
+    for name, (first, second) in (
+        ("large_small", (large_batch, small_batch)),
+        ("small_large", (small_batch, large_batch)),
+    ):
+        model = models.MLP(x.shape[1], tuple(widths), num_classes, seed=seed, dtype=DTYPE,
+                           device=x.device)  # fmt: skip
+        ends, tops, losses = [], [], []
+        for phase, (batch, steps) in enumerate(((first, steps_first), (second, steps_second))):
+            train.train(
+                model, x, y, loss="ce", lr=lr, optimizer="sgd", batch_size=batch, steps=steps,
+                seed=seed + phase, log_every=10**9, progress=False,
+            )  # fmt: skip
+            ends.append(_flat_params(model))
+            tops.append(_top_eigenvalue(model, x, y, seed))
+            losses.append(train.evaluate(model, x, y, loss="ce")["loss"])
+        line = interpolate(model, ends[0], ends[1], x, y, alphas)
+        bump = barrier(alphas, line)
+        out.update({
+            f"{name}_loss": line,
+            f"{name}_barrier": bump,
+            f"{name}_relative_barrier": bump / (0.5 * (losses[0] + losses[1])),
+            f"{name}_distance": float((ends[1] - ends[0]).norm() / ends[0].norm()),
+            f"{name}_top": tops,
+            f"{name}_end_loss": losses,
+        })  # fmt: skip
+    return out
+
+
 # ----------------------------------------------------------------------------- SLQ at scale
 
 
@@ -340,6 +648,7 @@ def slq_experiment(
     dataset: str = "mnist1d",
     model: str = "mlp",
     n_train: int = 200,
+    pca_dim: int | None = None,
     hidden: int = 16,
     channels: Sequence[int] = (16, 32),
     epochs: int = 20,
@@ -355,27 +664,39 @@ def slq_experiment(
     """Spectral density of a trained net by stochastic Lanczos quadrature (Ghorbani et al.
     2019), with the exact moments tr(H)/P and tr(H^2)/P when ``exact`` (then in float64).
 
-    ``dataset``: "mnist1d" (offline) or "cifar10" (needs the files on disk);
+    ``dataset``: "fashion_mnist" (offline once installed; ``pca_dim`` projects it on that many
+    principal components, :func:`fashion_pca`, for a net small enough for exact moments),
+    "mnist1d" (offline) or "cifar10" (needs the files on disk);
     ``model``: "mlp" (one hidden layer of ``hidden``) or "cnn" (gc.models.SmallCNN).
     Trained with SGD (``batch_size``, ``lr``) for ``epochs``; the Hessian operator averages over
     the training set in chunks of ``eval_batch``. Returns the quadrature nodes and weights.
     """
-    if dataset not in ("mnist1d", "cifar10"):
-        raise ValueError(f"dataset must be 'mnist1d' or 'cifar10', got {dataset!r}")
+    if dataset not in ("fashion_mnist", "mnist1d", "cifar10"):
+        raise ValueError(
+            f"dataset must be 'fashion_mnist', 'mnist1d' or 'cifar10', got {dataset!r}"
+        )
+    if pca_dim is not None and (dataset != "fashion_mnist" or model != "mlp"):
+        raise ValueError("pca_dim applies to dataset='fashion_mnist' with model='mlp' only")
     if model not in ("mlp", "cnn"):
         raise ValueError(f"model must be 'mlp' or 'cnn', got {model!r}")
     dtype = DTYPE if exact else torch.float32
-    if dataset == "mnist1d":
-        ds = data.mnist1d(seed=42)
-        ds = ds.subset(n_train, seed=seed) if n_train < ds.n_train else ds
+    if dataset == "fashion_mnist" and pca_dim is not None:
+        x, y = fashion_pca(n_train, dim=pca_dim, seed=seed)
+        x, y = x.to(device, dtype), y.to(device)
     else:
-        ds = data.cifar10(n_train=n_train, n_test=100, seed=seed)
-    ds = ds.to(device, dtype)
-    x, y = ds.x_train, ds.y_train
-    in_channels = 1 if dataset == "mnist1d" else 3
+        if dataset == "mnist1d":
+            ds = data.mnist1d(seed=42)
+            ds = ds.subset(n_train, seed=seed) if n_train < ds.n_train else ds
+        elif dataset == "fashion_mnist":
+            ds = data.fashion_mnist(n_train=n_train, n_test=10, seed=seed)
+        else:
+            ds = data.cifar10(n_train=n_train, n_test=100, seed=seed)
+        ds = ds.to(device, dtype)
+        x, y = ds.x_train, ds.y_train
+    in_channels = 3 if dataset == "cifar10" else 1
     if model == "mlp":
         net: nn.Module = models.MLP(
-            math.prod(ds.input_shape), (hidden,), 10, seed=seed, dtype=dtype, device=x.device
+            math.prod(x.shape[1:]), (hidden,), 10, seed=seed, dtype=dtype, device=x.device
         )
     else:
         net = models.SmallCNN(
