@@ -287,6 +287,11 @@ def project_out(matrix: Tensor, direction: Tensor) -> Tensor:
     return matrix - torch.outer(u, mu) - torch.outer(mu, u) + (u @ mu) * torch.outer(u, u)
 
 
+def _count_or_zero(eigenvalues: Tensor) -> int:
+    """:func:`count_outliers`, or 0 for a spectrum without a positive eigenvalue."""
+    return count_outliers(eigenvalues) if float(eigenvalues.max()) > 0 else 0
+
+
 def _init_sagun_(model: nn.Module, seed: int) -> None:
     """Sagun et al.'s initialisation (their code): every weight and bias ~ 0.1 N(0, 1)."""
     g = torch.Generator().manual_seed(seed)
@@ -356,13 +361,18 @@ def spectrum_run(
     )
     grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(out_loss, params)]).detach()
     top = min(num_classes + 2, eig.numel())
-    alignment = gradient_alignment(hess, grad, top=top)
+    count = _count_or_zero(eig)
+    if grad.norm() > 0:  # a net whose units are all dead has no gradient (and no outliers)
+        alignment = gradient_alignment(hess, grad, top=top)
+        projected = _count_or_zero(eigvals(project_out(hess, grad)))
+    else:
+        alignment, projected = torch.zeros(top, dtype=DTYPE), count
     out: dict[str, Any] = {
         "eig_init": eig_init,
         "eig_final": eig,
         "num_params": int(eig.numel()),
-        "count": count_outliers(eig),
-        "count_projected": count_outliers(eigvals(project_out(hess, grad))),
+        "count": count,
+        "count_projected": projected,
         "alignment": alignment,
         "steps": int(history.step[-1]),
         "final_loss": float(history.loss[-1]),
