@@ -1,4 +1,5 @@
-"""Notebook 01, the Hessian's bulk and outliers (Sagun et al. 2017, arXiv 1706.04454).
+"""Notebook 01, the Hessian's bulk and outliers (Sagun et al. 2017, arXiv 1706.04454; Papyan
+2019, 2020).
 
 The experiment functions of the notebook: configuration in, a dict of tensors and numbers out
 (so :class:`gradcourse.cache.Cache` can store them). The algorithms they call live in
@@ -7,7 +8,6 @@ Lanczos quadrature) and :mod:`gradcourse.train`; this module adds what is specif
 
 - :func:`count_outliers`  the outlier-counting rule (largest multiplicative gap at the top);
 - :func:`near_zero_fraction`  the size of the bulk (eigenvalues small relative to the top one);
-- :func:`blob_spectrum`  train a small ReLU net on K Gaussian blobs and take its full spectrum;
 - :func:`simplex_classes`, :func:`fashion_pca`  the other two data sets of the notebook:
   equidistant overlapping classes (Papyan's regime, a known ground truth) and Fashion-MNIST
   reduced by PCA (real images, small enough for the exact Hessian);
@@ -16,8 +16,7 @@ Lanczos quadrature) and :mod:`gradcourse.train`; this module adds what is specif
   and, on request, Papyan's class decomposition of the Gauss-Newton part;
 - :func:`batch_switch_experiment`  large batch then small batch (and the reverse), as in
   Sagun et al.'s section 4;
-- :func:`interpolate`, :func:`barrier`, :func:`batch_size_experiment`  small- vs large-batch
-  solutions on one straight line (Sagun et al. 2017, section 4);
+- :func:`interpolate`, :func:`barrier`  the loss on the straight line between two solutions;
 - :func:`slq_experiment`  the spectral density of a larger net, checked against exact moments.
 """
 
@@ -100,96 +99,6 @@ def blobs(
         n_train, 0, num_classes=num_classes, dim=dim, spread=spread, seed=seed, dtype=DTYPE
     )
     return ds.x_train.to(device), ds.y_train.to(device)
-
-
-def train_to_flat(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    lr: float,
-    max_steps: int,
-    grad_tol: float = 1e-4,
-    check_every: int = 50,
-    optimizer: str = "gd",
-    batch_size: int | None = None,
-    seed: int = 0,
-) -> train.History:
-    """Train with cross-entropy until ||grad L|| <= ``grad_tol`` (Sagun et al.'s rule, checked
-    every ``check_every`` steps on the full batch) or ``max_steps`` updates."""
-    check_positive("grad_tol", grad_tol)
-
-    def flat_enough(history: train.History) -> bool:
-        return train.grad_norm(model, x, y, loss="ce") <= grad_tol
-
-    return train.train(
-        model,
-        x,
-        y,
-        loss="ce",
-        lr=lr,
-        steps=max_steps,
-        optimizer=optimizer,
-        batch_size=batch_size,
-        seed=seed,
-        log_every=check_every,
-        stop_when=flat_enough,
-        progress=False,
-    )
-
-
-def blob_spectrum(
-    num_classes: int = 2,
-    *,
-    widths: Sequence[int] = (10, 5),
-    spread: float = 1.0,
-    n_train: int = 100,
-    dim: int = 2,
-    lr: float = 0.1,
-    max_steps: int = 2_000,
-    grad_tol: float = 1e-4,
-    decompose: bool = False,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-) -> dict[str, Any]:
-    """The full Hessian spectrum of a ReLU MLP on K blobs, at initialisation and after GD.
-
-    Sagun et al. 2017, section 3: softmax cross-entropy, full-batch GD (lr 0.1) until the
-    gradient norm is <= 1e-4 or ``max_steps``; the exact Hessian (float64,
-    :func:`gradcourse.curvature.exact_hessian`) and ``torch.linalg.eigvalsh``. With
-    ``decompose`` also the spectra of the Gauss-Newton part G and the residual R = H - G at
-    the end (Papyan 2020, eq. 3). Eigenvalues are ascending, on the CPU.
-    """
-    check_int("num_classes", num_classes, 2)
-    widths = tuple(widths)
-    for i, w in enumerate(widths):
-        check_int(f"widths[{i}]", w, 1)
-    check_int("max_steps", max_steps, 1)
-    x, y = blobs(num_classes, n_train=n_train, dim=dim, spread=spread, seed=seed, device=device)
-    model = models.MLP(dim, widths, num_classes, seed=seed, dtype=DTYPE, device=x.device)
-
-    def eigvals(matrix: Tensor) -> Tensor:
-        return torch.linalg.eigvalsh(matrix).cpu()
-
-    batch = (x, y)
-    init = eigvals(curvature.exact_hessian(model, "ce", batch))
-    history = train_to_flat(model, x, y, lr=lr, max_steps=max_steps, grad_tol=grad_tol)
-    final = eigvals(curvature.exact_hessian(model, "ce", batch))
-    out: dict[str, Any] = {
-        "eig_init": init,
-        "eig_final": final,
-        "num_params": int(final.numel()),
-        "steps": int(history.step[-1]),
-        "loss_steps": torch.tensor(history.step),
-        "loss": torch.tensor(history.loss, dtype=DTYPE),
-        "final_loss": float(history.loss[-1]),
-        "accuracy": float(history.accuracy[-1]),
-        "grad_norm": train.grad_norm(model, x, y, loss="ce"),
-    }
-    if decompose:
-        out["eig_ggn"] = eigvals(curvature.GGNOperator(model, "ce", batch).dense())
-        out["eig_residual"] = eigvals(curvature.ResidualOperator(model, "ce", batch).dense())
-    return out
 
 
 def simplex_classes(
@@ -312,11 +221,12 @@ def spectrum_run(
     init: str = "lecun",
     loss: str = "ce",
     decompose: bool = False,
+    initial: bool = True,
     data_options: Mapping[str, Any] | None = None,
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Train a ReLU MLP with full-batch GD on one of the notebook's data sets and take the exact
-    Hessian at initialisation and at the end.
+    Hessian at the end, and at initialisation too when ``initial`` (key ``eig_init``).
 
     ``data``: "blobs" (Sagun et al.'s separable blobs, :func:`blobs`), "simplex"
     (:func:`simplex_classes`) or "fashion" (:func:`fashion_pca`, K = 10); ``data_options`` go
@@ -345,7 +255,7 @@ def spectrum_run(
     def eigvals(matrix: Tensor) -> Tensor:
         return torch.linalg.eigvalsh(matrix).cpu()
 
-    eig_init = eigvals(curvature.exact_hessian(model, loss, batch))
+    eig_init = eigvals(curvature.exact_hessian(model, loss, batch)) if initial else None
     history = train.train(
         model, x, y, loss=loss, lr=lr, steps=max_steps, log_every=50, progress=False,
         stop_when=lambda h: train.grad_norm(model, x, y, loss=loss) <= grad_tol,
@@ -368,7 +278,6 @@ def spectrum_run(
     else:
         alignment, projected = torch.zeros(top, dtype=DTYPE), count
     out: dict[str, Any] = {
-        "eig_init": eig_init,
         "eig_final": eig,
         "num_params": int(eig.numel()),
         "count": count,
@@ -379,6 +288,8 @@ def spectrum_run(
         "accuracy": float(history.accuracy[-1]),
         "grad_norm": float(grad.norm()),
     }
+    if eig_init is not None:
+        out["eig_init"] = eig_init
     if decompose:
         parts = curvature.class_decomposition(model, loss, batch)
         out["eig_ggn"] = eigvals(parts.ggn)
@@ -406,20 +317,24 @@ def regime_table(
     device: str | torch.device | None = None,
     **config: Any,
 ) -> dict[str, Any]:
-    """:func:`spectrum_run` for every K in ``ks`` and seed in ``seeds`` (each run cached), as
-    arrays of shape (len(ks), len(seeds)): ``count``, ``count_projected``, ``align_at_k`` (cos^2
-    of the gradient with the K-th eigenvector), ``align_position`` (1-based position of the
-    eigenvector the gradient is closest to), ``frac_init`` / ``frac_final``
-    (:func:`near_zero_fraction`), ``final_loss``, ``accuracy``, ``grad_norm``, ``steps``; and
-    the per-K medians over seeds of the two counts (``median_count``, ``median_projected``; the
-    lower median for an even number of seeds)."""
+    """:func:`spectrum_run` for every K in ``ks`` and seed in ``seeds`` (each run cached).
+
+    Arrays of shape (len(ks), len(seeds)): ``count``, ``count_projected``, ``align_at_k``
+    (cos^2 of the gradient with the K-th eigenvector), ``align_position`` (1-based position of
+    the eigenvector the gradient is closest to), ``frac_init`` (NaN for runs without the initial
+    spectrum), ``frac_final`` (:func:`near_zero_fraction`), ``final_loss``, ``accuracy``,
+    ``grad_norm``, ``steps``, ``top`` (the largest eigenvalue) and ``num_params``; and the
+    per-K medians over seeds of the two counts (``median_count``, ``median_projected``; the
+    lower median for an even number of seeds).
+    """
     from tqdm.auto import tqdm
 
     ks, seeds = [int(k) for k in ks], [int(s) for s in seeds]
     if not ks or not seeds:
         raise ValueError("ks and seeds must not be empty")
     keys = ("count", "count_projected", "align_at_k", "align_position", "frac_init",
-            "frac_final", "final_loss", "accuracy", "grad_norm", "steps")  # fmt: skip
+            "frac_final", "final_loss", "accuracy", "grad_norm", "steps", "top",
+            "num_params")  # fmt: skip
     table = {key: torch.zeros(len(ks), len(seeds), dtype=torch.float64) for key in keys}
     bar = tqdm(total=len(ks) * len(seeds), desc=f"{data} runs", disable=not progress, leave=False)
     for i, k in enumerate(ks):
@@ -428,9 +343,11 @@ def regime_table(
                        seed=seed, device=device, **config)  # fmt: skip
             align = r["alignment"]
             values = (r["count"], r["count_projected"], float(align[k - 1]),
-                      int(torch.argmax(align)) + 1, near_zero_fraction(r["eig_init"]),
+                      int(torch.argmax(align)) + 1,
+                      near_zero_fraction(r["eig_init"]) if "eig_init" in r else math.nan,
                       near_zero_fraction(r["eig_final"]), r["final_loss"], r["accuracy"],
-                      r["grad_norm"], r["steps"])  # fmt: skip
+                      r["grad_norm"], r["steps"], float(r["eig_final"].max()),
+                      r["num_params"])  # fmt: skip
             for key, value in zip(keys, values, strict=True):
                 table[key][i, j] = float(value)
             bar.update()
@@ -532,56 +449,6 @@ def barrier(alphas: Tensor | Sequence[float], losses: Tensor | Sequence[float]) 
     inside = (a >= 0) & (a <= 1)
     chord = (1 - a[inside]) * l0 + a[inside] * l1
     return float((losses[inside] - chord).max())
-
-
-def batch_size_experiment(
-    *,
-    num_classes: int = 4,
-    widths: Sequence[int] = (20, 20),
-    spread: float = 1.0,
-    n_train: int = 200,
-    dim: int = 2,
-    lr: float = 0.1,
-    small_batch: int = 10,
-    epochs: int = 200,
-    num_alphas: int = 41,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-) -> dict[str, Any]:
-    """Train one initialisation twice, SGD with ``small_batch`` for ``epochs`` and full-batch
-    GD for the same number of updates, with the same lr; the loss on the line between the two solutions,
-    alpha in [-0.5, 1.5], and the top Hessian eigenvalue (Lanczos) at each end."""
-    check_int("small_batch", small_batch, 1, n_train)
-    check_int("epochs", epochs, 1)
-    check_int("num_alphas", num_alphas, 5)
-    x, y = blobs(num_classes, n_train=n_train, dim=dim, spread=spread, seed=seed, device=device)
-    solutions, top, losses = [], [], []
-    steps = epochs * math.ceil(n_train / small_batch)  # the same number of updates for both
-    for optimizer, batch in (("sgd", small_batch), ("gd", None)):
-        model = models.MLP(dim, tuple(widths), num_classes, seed=seed, dtype=DTYPE, device=x.device)
-        hist = train.train(
-            model, x, y, loss="ce", lr=lr, optimizer=optimizer, batch_size=batch,
-            steps=steps, seed=seed, log_every=10**9, progress=False,
-        )  # fmt: skip
-        solutions.append(_flat_params(model))
-        op = curvature.HessianOperator(model, "ce", (x, y))
-        top.append(float(curvature.lanczos(op, k=1, seed=seed).eigenvalues[0]))
-        losses.append(train.evaluate(model, x, y, loss="ce")["loss"])
-        del hist
-    # a 1/8 grid, so alpha = 0 and 1 are exact grid points whatever num_alphas
-    alphas = torch.linspace(-0.5, 1.5, num_alphas, dtype=torch.float64)
-    alphas = torch.unique(torch.cat([alphas, torch.tensor([0.0, 1.0], dtype=torch.float64)]))
-    line = interpolate(model, solutions[0], solutions[1], x, y, alphas)
-    return {
-        "alphas": alphas,
-        "loss": line,
-        "barrier": barrier(alphas, line),
-        "loss_small": losses[0],
-        "loss_large": losses[1],
-        "top_small": top[0],
-        "top_large": top[1],
-        "distance": float((solutions[0] - solutions[1]).norm()),
-    }
 
 
 def _top_eigenvalue(model: nn.Module, x: Tensor, y: Tensor, seed: int) -> float:
