@@ -78,6 +78,7 @@ __all__ = [
     "second_moment_matrix",
     "mean_square_rate",
     "sgd_second_moment",
+    "sgd_run_norms",
     "mean_square_threshold",
     "per_example_matrices",
     "SharpnessTracker",
@@ -523,6 +524,43 @@ def sgd_second_moment(
         traces.append(torch.trace(s))
     out = torch.stack(traces)
     return out / out[0]
+
+
+def sgd_run_norms(
+    hessians: Tensor,
+    lr: float,
+    batch_size: int,
+    steps: int,
+    *,
+    x0: Tensor,
+    num_runs: int = 64,
+    seed: int = 0,
+) -> Tensor:
+    """||x_t||^2 / ||x_0||^2 of ``num_runs`` sampled runs of the linearised SGD x_{t+1} =
+    (I - lr H_B) x_t on explicit per-example matrices (n, r, r), each B drawn afresh every step
+    uniformly without replacement, all runs from ``x0`` (r,). Returns (num_runs, steps + 1)
+    float64. Their mean estimates :func:`sgd_second_moment` (with s0 = x0 x0^T); their median
+    is the typical run, which can decay while the mean grows (a multiplicative process's mean
+    is carried by rare runs)."""
+    h = _check_hessians(hessians)
+    lr = check_positive("lr", lr)
+    n, r = h.shape[0], h.shape[1]
+    check_int("batch_size", batch_size, 1, n)
+    check_int("steps", steps, 0)
+    check_int("num_runs", num_runs, 1)
+    x = x0.detach().to("cpu", torch.float64).reshape(-1)
+    if x.shape != (r,) or not float(x.norm()) > 0:
+        raise ValueError(f"x0 must be a non-zero vector of length {r}")
+    gen = torch.Generator().manual_seed(seed)
+    xs = x.expand(num_runs, r).clone()
+    norms = [xs.pow(2).sum(1)]
+    for _ in range(steps):
+        idx = torch.stack([torch.randperm(n, generator=gen)[:batch_size] for _ in range(num_runs)])
+        h_batch = h[idx].mean(1)  # (num_runs, r, r)
+        xs = xs - lr * torch.einsum("kab,kb->ka", h_batch, xs)
+        norms.append(xs.pow(2).sum(1))
+    out = torch.stack(norms, dim=1)
+    return out / out[:, :1]
 
 
 def mean_square_threshold(

@@ -141,14 +141,28 @@ class _mode:
             m.training = training
 
 
-def minibatches(n: int, batch_size: int, *, seed: int = 0) -> Iterator[Tensor]:
-    """Endless minibatch indices: each epoch a fresh permutation of range(n) (drawn from
-    ``torch.Generator().manual_seed(seed)``) cut into batches of ``batch_size`` (the last one
-    smaller when batch_size does not divide n). Sampling without replacement within an epoch."""
+SAMPLINGS: tuple[str, ...] = ("epoch", "fresh")
+
+
+def minibatches(
+    n: int, batch_size: int, *, seed: int = 0, sampling: str = "epoch"
+) -> Iterator[Tensor]:
+    """Endless minibatch indices from ``torch.Generator().manual_seed(seed)``.
+
+    ``sampling="epoch"``: each epoch a fresh permutation of range(n) cut into batches of
+    ``batch_size`` (the last one smaller when batch_size does not divide n), the usual
+    reshuffling loader. ``sampling="fresh"``: every batch drawn anew, ``batch_size`` distinct
+    examples uniformly at random, independently of the previous batches: the sampling that
+    Wu, Ma & E's (2018) stability analysis assumes."""
     check_int("n", n, 1)
     check_int("batch_size", batch_size, 1, n)
     check_int("seed", seed, 0)
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
     g = torch.Generator().manual_seed(seed)
+    if sampling == "fresh":
+        while True:
+            yield torch.randperm(n, generator=g)[:batch_size]
     while True:
         yield from torch.randperm(n, generator=g).split(batch_size)
 
@@ -177,12 +191,14 @@ def train(
     progress: bool = True,
     stop_when: Callable[[History], bool] | None = None,
     raise_on_divergence: bool = True,
+    sampling: str = "epoch",
     device: str | torch.device | None = None,
 ) -> History:
     """Train ``model`` in place on (x, y) with GD or SGD (see the module docstring for the update).
 
     - ``optimizer="gd"`` is full batch; ``"sgd"`` samples batches of ``batch_size`` without
-      replacement, reshuffling every epoch (:func:`minibatches` with ``seed``).
+      replacement, reshuffling every epoch, or with ``sampling="fresh"`` drawing every batch
+      anew (:func:`minibatches` with ``seed``).
     - Exactly one of ``steps`` (updates) and ``epochs`` (passes over the data) is given.
     - ``callback(step, model)`` runs at steps 0, every, 2*every, ... and at the last step, before
       that step's forward pass and update (so it sees the model, BatchNorm statistics included,
@@ -231,7 +247,9 @@ def train(
     opt = torch.optim.SGD(
         params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
     )
-    batches = minibatches(n, batch_size, seed=seed) if batch_size < n else None
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    batches = minibatches(n, batch_size, seed=seed, sampling=sampling) if batch_size < n else None
 
     history = History()
     start = time.perf_counter()

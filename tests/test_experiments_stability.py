@@ -89,24 +89,79 @@ def test_relu_sweep_sgd_sits_below_gd(tmp_path):
     assert r["wme_lambda"][gd] == pytest.approx(expected, rel=1e-6)
 
 
-def test_linear_stability_one_step_growth_is_lambda_max(tmp_path):
+def test_linear_stability_thresholds_and_second_moments(tmp_path):
     r = sx.linear_stability(
-        batch_size=2,
-        factors=[0.5, 1.5],
-        n=8,
-        width=8,
-        train_steps=300,
-        sim_steps=10,
-        num_runs=64,
-        cache=Cache(tmp_path),
-    )
+        batch_size=2, factors=[0.5, 3.0], n=8, width=8, train_steps=300, sim_steps=10,
+        num_runs=2_000, cache=Cache(tmp_path),
+    )  # fmt: skip
+    # eta* (Wu-Ma-E, sufficient) <= the exact mean-square threshold <= GD's 2 / lambda_max
+    assert r["lr_star"] <= r["lr_ms"] * (1 + 1e-6) and r["lr_ms"] <= r["lr_gd"] * (1 + 1e-6)
+    assert r["rank"] == 8  # the span of the 8 per-example gradients
     assert r["lambda_max_a"][0] <= 1 + 1e-6 < r["lambda_max_a"][1]
-    assert r["lr_star"] <= r["lr_gd"] * (1 + 1e-2)
-    # From A's top eigenvector v, E_B ||x_1||^2 = v^T A v = lambda_max(A). At factor 0.5 v is a
-    # flat direction of every H_i (A v = v), so only the unstable factor tests the simulation:
-    # 256 runs are 1.2% off; drawing batches with replacement would be 12% off.
-    assert r["one_step"][0] == pytest.approx(1.0, abs=1e-9)
-    assert r["one_step"][1] == pytest.approx(r["lambda_max_a"][1], rel=0.05)
+    # the rate decides the long run: below 1 the exact second moment decays, above 1 it grows
+    assert (r["rate"][0] < 1) == (r["exact"][0, -1] < 1)
+    assert r["exact"][:, 0].tolist() == [1.0, 1.0]
+    # the sampled mean estimates the exact second moment at the stable factor (2,000 runs)
+    rel = abs(r["mc_mean"][0, -1] - r["exact"][0, -1]) / r["exact"][0, -1]
+    assert rel < 0.1
+    assert r["mc_median"].shape == r["exact"].shape
+
+
+def test_gradient_basis_spans_every_per_example_gradient():
+    x, _, _, _ = sx.teacher_regression(6, 1, 3, seed=0)
+    model = models.two_layer_relu(3, 5, seed=0, dtype=torch.float64)
+    basis = sx._gradient_basis(model, x)
+    assert basis.shape[1] == 6
+    torch.testing.assert_close(basis.T @ basis, torch.eye(6, dtype=torch.float64))
+    j = _jacobian_rows(model, x)
+    torch.testing.assert_close(basis @ (basis.T @ j.T), j.T)  # each g_i lies in the span
+
+
+def test_torch_default_init_matches_pytorch_and_leaves_the_global_rng_alone():
+    model = models.MLP(400, (300,), 10, seed=0)
+    state = torch.random.get_rng_state()
+    sx.torch_default_init_(model, seed=3)
+    assert torch.equal(state, torch.random.get_rng_state())
+    first = model.layers[0]
+    bound = 1 / 400**0.5
+    weight, bias = first.weight.detach(), first.bias.detach()
+    assert float(weight.abs().max()) <= bound and float(bias.abs().max()) <= bound
+    # U(-b, b): std b / sqrt(3), like nn.Linear's own reset_parameters
+    reference = torch.nn.Linear(400, 300)
+    assert float(weight.std()) == pytest.approx(float(reference.weight.detach().std()), rel=0.02)
+    again = sx.torch_default_init_(models.MLP(400, (300,), 10, seed=9), seed=3)
+    assert torch.equal(again.layers[0].weight, first.weight)
+
+
+def test_converged_sharpness_matches_the_dense_hessian(tmp_path):
+    from gradcourse import curvature, train
+
+    # a tolerance it cannot reach: the run stops at max_steps and says it did not converge
+    kw = dict(lr=0.005, n=20, widths=(4,), loss_tol=1e-9, max_steps=200)
+    r = sx.converged_sharpness(cache=Cache(tmp_path), **kw)
+    assert r["steps"] == 200 and not r["converged"] and r["final_loss"] > 1e-9
+    # the same run by hand: PyTorch's default initialisation, GD, dense float64 Hessians
+    (x, y), _ = sx.load_classification("fashion_mnist", 20, standardize="none")
+    model = sx.torch_default_init_(models.MLP(784, (4,), 10, activation="relu", seed=0), 0)
+    top0 = torch.linalg.eigvalsh(curvature.exact_hessian(model.double(), "mse", (x.double(), y)))
+    assert r["sharpness_init"] == pytest.approx(float(top0[-1]), rel=1e-3)
+    model = sx.torch_default_init_(models.MLP(784, (4,), 10, activation="relu", seed=0), 0)
+    hist = train.train(model, x, y, loss="mse", lr=0.005, steps=200, progress=False)
+    assert r["final_loss"] == pytest.approx(hist.loss[-1], rel=1e-5)
+    top = torch.linalg.eigvalsh(curvature.exact_hessian(model.double(), "mse", (x.double(), y)))
+    assert r["sharpness"] == pytest.approx(float(top[-1]), rel=1e-3)  # float32 run, Lanczos
+
+
+def test_signed_sparse_regression_and_random_diagonal_init(tmp_path):
+    x, y, _, _ = sx.sparse_regression(200, 1, 30, 6, seed=3, signed=True)
+    beta = torch.linalg.lstsq(x, y).solution.flatten()
+    support = beta.abs() > 0.5
+    assert int(support.sum()) == 6 and {round(v) for v in beta[support].tolist()} == {-1, 1}
+    r = sx.diagonal_sweep(lrs=[0.05], batch_sizes=[4], n=10, dim=12, steps=300, init="random",
+                          init_scale=0.5, signed=True, cache=Cache(tmp_path))  # fmt: skip
+    assert not r["diverged"].any()
+    assert np.all(r["trace"] >= r["weighted_l1"] - 1e-12)  # AM-GM, equality only when |u| = |v|
+    assert np.any(r["trace"] > r["weighted_l1"] * 1.01)
 
 
 def test_diagonal_measures_match_the_explicit_gauss_newton_trace():
@@ -174,23 +229,13 @@ def notebook_config(profile: str) -> dict:
     raise AssertionError("no cfg = P.pick(...) in notebook 02")
 
 
-def test_gpu_profile_picks_learning_rates_for_the_dataset_loaded():
-    """At gpu, Cohen et al.'s CIFAR-10 rates when CIFAR-10 is on disk; on the MNIST-1D fallback,
-    the cpu profile's MNIST-1D rates rescaled by one factor (the same 2 / (eta lambda_0), for the
-    wider net's larger sharpness at initialisation), never Cohen's CIFAR rates."""
-    gpu, cpu = notebook_config("gpu"), notebook_config("cpu")
-    assert gpu["eos"]["dataset"] == "cifar10" and cpu["eos"]["dataset"] == "mnist1d"
-    assert sx.for_dataset(gpu["eos_lrs"], "cifar10") == [0.01, 0.02, 0.04]
-    assert sx.for_dataset(gpu["sweep_lrs"], "cifar10") == [0.01, 0.015, 0.02, 0.03, 0.04, 0.06]
-    factors = set()
-    for key in ("eos_lrs", "sweep_lrs"):
-        fallback = np.array(sx.for_dataset(gpu[key], "mnist1d"))
-        factors |= set(np.round(fallback / np.array(cpu[key]), 6))
-        assert fallback.tolist() != sx.for_dataset(gpu[key], "cifar10")
-    assert len(factors) == 1 and 0 < factors.pop() <= 1
-    assert sx.for_dataset([0.1, 0.2], "cifar10") == [0.1, 0.2]
-    with pytest.raises(ValueError, match="no setting"):
-        sx.for_dataset({"cifar10": [0.01]}, "mnist1d")
+def test_profiles_use_fashion_mnist_with_rates_below_the_initial_sharpness_edge():
+    """Every profile's edge-of-stability rates start below 2/eta (Fashion-MNIST's fc-tanh starts
+    near 25, so 2/eta must exceed that: eta < 0.08), and its catapult rate above it."""
+    for profile in ("ci", "cpu", "gpu"):
+        cfg = notebook_config(profile)
+        assert cfg["eos"]["dataset"] == "fashion_mnist" and cfg["eos"]["init"] == "torch"
+        assert all(2 / lr > 30 for lr in cfg["eos_lrs"]) and 2 / cfg["catapult"]["lr"] < 25
 
 
 def test_sharpness_run_reports_divergence_near_overflow(tmp_path):

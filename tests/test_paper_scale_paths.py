@@ -255,17 +255,30 @@ def test_data_diet_gpu_fallback_small_cnn_on_mnist1d(data_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Notebook 02: the edge-of-stability runs on CIFAR-10
+# Notebook 02: the gpu profile (Fashion-MNIST at the papers' scale), and the CIFAR-10 loader
 
 
-def test_stability_gpu_profile_on_cifar10(data_dir, write_fake_cifar10, tmp_path):
+def test_stability_gpu_profile_runs_its_paths_at_toy_scale(tmp_path):
     gpu = notebook_config("02_sgd_stability.ipynb", "gpu")
-    assert gpu["eos"]["dataset"] == "cifar10"
+    assert gpu["eos"]["dataset"] == "fashion_mnist" and gpu["wme"]["n"] == 1000
+    assert gpu["wme_lrs"] == [0.5, 0.1, 0.05]  # all three of Wu, Ma & E's learning rates
+    cache = Cache(tmp_path / "cache")
+    eos = dict(gpu["eos"], n=20, widths=(16,), steps=8, every=2, every_early=4)
+    run = sx.sharpness_run(lr=gpu["eos_lrs"][0], device="cpu", cache=cache, **eos)
+    assert run["diverged_at"] == -1 and list(run["sharp_step"]) == [0, 4, 6, 8]
+    assert np.isfinite(run["sharpness"]).all() and (run["sharpness"] > 0).all()
+    wme = sx.converged_sharpness(lr=gpu["wme_lrs"][0], n=20, widths=(16,), max_steps=20,
+                                 loss_tol=1e-9, device="cpu", cache=cache)  # fmt: skip
+    assert wme["steps"] == 20 and not wme["converged"] and wme["sharpness"] > 0
+
+
+def test_cifar10_classification_loader(data_dir, write_fake_cifar10, tmp_path):
     assert sx.eos_dataset("cifar10")[0] == "mnist1d"  # no files yet: the fallback
     written = write_fake_cifar10(data_dir, per_batch=20, n_test=100)
-    dataset, note = sx.eos_dataset(gpu["eos"]["dataset"])
+    dataset, note = sx.eos_dataset("cifar10")
     assert (dataset, note) == ("cifar10", "CIFAR-10")
-    assert sx.for_dataset(gpu["eos_lrs"], dataset) == [0.01, 0.02, 0.04]
+    lrs = {"cifar10": [0.01, 0.02, 0.04], "mnist1d": [0.05]}
+    assert sx.for_dataset(lrs, dataset) == [0.01, 0.02, 0.04]
 
     # load_classification: the balanced subset, flattened, every pixel feature standardised
     # over the subset (Cohen et al.'s cifar10-5k preparation)
@@ -281,9 +294,9 @@ def test_stability_gpu_profile_on_cifar10(data_dir, write_fake_cifar10, tmp_path
     torch.testing.assert_close(x.mean(0), torch.zeros(3072), rtol=0, atol=1e-5)
     torch.testing.assert_close(x.std(0), torch.ones(3072), rtol=0, atol=1e-4)
 
-    # a short sharpness run at the gpu's learning rate, on the 3072-dim inputs
-    lr = sx.for_dataset(gpu["eos_lrs"], dataset)[0]
-    eos = dict(gpu["eos"], dataset=dataset, n=20, widths=(16,), steps=8, every=2, every_early=4)
+    # a short sharpness run on the 3072-dim inputs
+    lr = sx.for_dataset(lrs, dataset)[0]
+    eos = dict(dataset=dataset, n=20, widths=(16,), steps=8, every=2, every_early=4)
     run = sx.sharpness_run(lr=lr, device="cpu", cache=Cache(tmp_path / "cache"), **eos)
     assert run["note"] == "CIFAR-10, 20 examples" and run["diverged_at"] == -1
     assert list(run["sharp_step"]) == [0, 4, 6, 8]  # every_early before 3/4 of the run

@@ -451,3 +451,24 @@ def test_second_moment_arguments_are_checked():
         stability.mean_square_rate(hs, 0.0, 2)
     with pytest.raises(ValueError, match="singular"):
         stability.mean_square_threshold(random_psd_hessians(n=2, r=3, rank_one=True), 1)
+
+
+def test_sampled_runs_average_to_the_exact_second_moment_and_gd_runs_are_gd():
+    hs = random_psd_hessians(n=6, r=3, seed=11)
+    x0 = torch.tensor([1.0, 0.5, -1.0], dtype=torch.float64)
+    lr = 0.5 / float(torch.linalg.eigvalsh(hs.mean(0))[-1])
+    runs = stability.sgd_run_norms(hs, lr, 2, 5, x0=x0, num_runs=4_000, seed=0)
+    assert runs.shape == (4_000, 6) and torch.all(runs[:, 0] == 1)
+    exact = stability.sgd_second_moment(hs, lr, 2, 5, s0=torch.outer(x0, x0))
+    stderr = runs.std(0) / 4_000**0.5
+    assert torch.all((runs.mean(0) - exact).abs() <= 5 * stderr + 1e-12)
+    # the full batch has no randomness: every run is GD, norm for norm
+    gd = stability.sgd_run_norms(hs, lr, 6, 5, x0=x0, num_runs=3, seed=1)
+    step = torch.eye(3, dtype=torch.float64) - lr * hs.mean(0)
+    x, expected = x0.clone(), [1.0]
+    for _ in range(5):
+        x = step @ x
+        expected.append(float(x @ x / (x0 @ x0)))
+    torch.testing.assert_close(gd, torch.tensor([expected] * 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x0"):
+        stability.sgd_run_norms(hs, lr, 2, 5, x0=torch.zeros(3, dtype=torch.float64))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import pickle
 
@@ -411,3 +412,35 @@ def test_callback_sees_batchnorm_statistics_before_the_steps_forward_pass():
     train(model, x, y, loss="ce", lr=0.1, steps=1, progress=False, callback=callback)
     assert torch.equal(seen[0], torch.zeros(4))  # untouched at step 0
     assert not torch.equal(seen[1], torch.zeros(4))  # moved by step 0's forward pass
+
+
+def test_fresh_sampling_draws_each_batch_anew_uniformly():
+    draws = minibatches(6, 2, seed=0, sampling="fresh")
+    batches = [next(draws) for _ in range(6_000)]
+    assert all(len(b) == 2 and b[0] != b[1] for b in batches)
+    # every example is in a batch with probability B/n = 1/3, independently of the epoch
+    counts = torch.bincount(torch.cat(batches), minlength=6).double() / 6_000
+    assert torch.all((counts - 1 / 3).abs() < 0.03)  # about 5 standard errors
+    # unlike epoch sampling, the first three batches need not cover all six examples
+    covers = [len(set(torch.cat(batches[i : i + 3]).tolist())) == 6 for i in range(0, 3_000, 3)]
+    # a triple covers all six with probability (6/15)(1/15) = 2/75 (epoch sampling: always)
+    assert 0.01 < sum(covers) / len(covers) < 0.05  # 2/75 +- 4.5 standard errors
+    again = minibatches(6, 2, seed=0, sampling="fresh")
+    assert all(torch.equal(next(again), b) for b in batches[:10])
+    with pytest.raises(ValueError, match="sampling"):
+        next(minibatches(6, 2, sampling="bootstrap"))
+
+
+def test_train_with_fresh_sampling_uses_those_batches():
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(6, 1, generator=torch.Generator().manual_seed(1))
+    model = torch.nn.Linear(3, 1, bias=False)
+    start = model.weight.detach().clone()
+    train(model, x, y, lr=0.1, optimizer="sgd", batch_size=2, steps=3, sampling="fresh",
+                progress=False)  # fmt: skip
+    w = start.clone()
+    for idx in list(itertools.islice(minibatches(6, 2, seed=0, sampling="fresh"), 3)):
+        xb, yb = x[idx], y[idx]
+        grad = ((xb @ w.T - yb) * xb).mean(0, keepdim=True)  # 1/2 mean squared error
+        w = w - 0.1 * grad
+    torch.testing.assert_close(model.weight.detach(), w)

@@ -17,6 +17,7 @@ import torch
 from .. import data as gdata
 from .. import models, stability, train
 from ..cache import Cache
+from ..checks import check_positive
 from ..curvature import lanczos
 from ..scores import spearman  # re-exported for the notebook (ties averaged)
 
@@ -26,6 +27,8 @@ __all__ = [
     "eos_dataset",
     "for_dataset",
     "sharpness_run",
+    "converged_sharpness",
+    "torch_default_init_",
     "teacher_regression",
     "relu_sweep",
     "linear_stability",
@@ -44,12 +47,23 @@ def _cache(cache: Cache | None) -> Cache:
     return Cache() if cache is None else cache
 
 
-def load_classification(dataset: str, n: int, device: str = "cpu") -> tuple[Any, str]:
+def load_classification(
+    dataset: str, n: int, device: str = "cpu", *, standardize: str = "feature"
+) -> tuple[Any, str]:
     """(x, y) of ``n`` training examples and a note. ``dataset="cifar10"`` is Cohen et al.
     2021's ``cifar10-5k`` set-up: pixels / 255, flattened, each of the 3072 features centred and
     scaled to unit variance (their code standardises per feature; we do it over the subset, a
     class-balanced random one where they take the first 5,000 images). When its files are
-    missing (no download here) it falls back to MNIST-1D and says so in the note."""
+    missing (no download here) it falls back to MNIST-1D and says so in the note.
+    ``dataset="fashion_mnist"``: a class-balanced subset of Fashion-MNIST's training set,
+    flattened, pixels / 255 then ``standardize`` ("feature": each pixel centred and scaled over
+    the training set, Cohen et al.'s preprocessing; "none": pixels / 255, Wu, Ma & E's)."""
+    if dataset == "fashion_mnist":
+        ds = gdata.fashion_mnist(
+            n_train=n, n_test=10, standardize=standardize, flatten=True, seed=0
+        )
+        note = f"Fashion-MNIST, {n} examples, standardize={standardize!r}"
+        return (ds.x_train.to(device), ds.y_train.to(device)), note
     if dataset == "cifar10":
         try:
             ds = gdata.cifar10(n_train=n, n_test=100, seed=0)
@@ -63,7 +77,9 @@ def load_classification(dataset: str, n: int, device: str = "cpu") -> tuple[Any,
     else:
         note = ""
     if dataset != "mnist1d":
-        raise ValueError(f"dataset must be 'mnist1d' or 'cifar10', got {dataset!r}")
+        raise ValueError(
+            f"dataset must be 'fashion_mnist', 'mnist1d' or 'cifar10', got {dataset!r}"
+        )
     pool = max(4000, 2 * n)  # the generator balances classes over train + test, not train alone
     ds = gdata.mnist1d(n_train=pool, n_test=1000).subset(n, seed=0)
     return (ds.x_train.to(device), ds.y_train.to(device)), note or f"MNIST-1D, {n} examples"
@@ -77,6 +93,8 @@ def eos_dataset(dataset: str) -> tuple[str, str]:
     another's 2/eta."""
     if dataset == "mnist1d":
         return "mnist1d", "MNIST-1D"
+    if dataset == "fashion_mnist":
+        return "fashion_mnist", "Fashion-MNIST"
     if dataset != "cifar10":
         raise ValueError(f"dataset must be 'mnist1d' or 'cifar10', got {dataset!r}")
     try:
@@ -97,6 +115,33 @@ def for_dataset(setting: Any, dataset: str) -> Any:
     return setting[dataset]
 
 
+def torch_default_init_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Re-draw every ``nn.Linear`` of ``model`` the way PyTorch's ``reset_parameters`` does,
+    from a seeded generator: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (Kaiming
+    uniform with a = sqrt(5)). The initialisation Cohen et al. 2021 and Wu, Ma & E 2018 used
+    (their code builds plain ``nn.Linear`` layers); the global RNG is untouched."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.Linear):
+                bound = 1.0 / math.sqrt(layer.in_features)
+                for p in (layer.weight, layer.bias):
+                    if p is not None:
+                        u = torch.rand(p.shape, generator=g, dtype=torch.float64)
+                        p.copy_(((2 * u - 1) * bound).to(p.dtype))
+    return model
+
+
+def _mlp(in_dim: int, widths, activation: str, init: str, seed: int, device, dtype=None):
+    if init not in ("lecun", "torch"):
+        raise ValueError(f"init must be 'lecun' or 'torch', got {init!r}")
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    model = models.MLP(in_dim, list(widths), 10, activation=activation, seed=seed, **kwargs)
+    if init == "torch":
+        torch_default_init_(model, seed)
+    return model.to(device)
+
+
 def sharpness_run(
     *,
     lr: float,
@@ -108,11 +153,15 @@ def sharpness_run(
     every: int = 25,
     every_early: int | None = None,
     dataset: str = "mnist1d",
+    activation: str = "tanh",
+    init: str = "lecun",
+    standardize: str = "feature",
     seed: int = 0,
     device: str = "cpu",
     cache: Cache | None = None,
 ) -> dict[str, Any]:
-    """Train a tanh MLP (Cohen et al. 2021's ``fc-tanh``) with MSE by GD or SGD, tracking
+    """Train an MLP (default: tanh, Cohen et al. 2021's ``fc-tanh``; ``init="torch"`` for
+    PyTorch's default initialisation, :func:`torch_default_init_`) with MSE by GD or SGD, tracking
     lambda_max(H) of the full-batch loss every ``every`` steps (warm-started Lanczos,
     :class:`gradcourse.stability.SharpnessTracker`). With ``every_early`` (a multiple of
     ``every``), the first three quarters of the run are tracked only every ``every_early``
@@ -139,14 +188,17 @@ def sharpness_run(
         dataset=dataset,
         seed=seed,
     )
+    if (activation, init) != ("tanh", "lecun"):  # keeps the cache keys of earlier runs
+        config.update(activation=activation, init=init)
+    if dataset == "fashion_mnist":
+        config.update(standardize=standardize)
 
     def measure_at(step: int) -> bool:
         return every_early is None or step >= TAIL_START * steps or step % every_early == 0
 
     def compute() -> dict[str, Any]:
-        (x, y), note = load_classification(dataset, n, device)
-        model = models.MLP(x.shape[1], list(widths), 10, activation="tanh", seed=seed)
-        model = model.to(device)
+        (x, y), note = load_classification(dataset, n, device, standardize=standardize)
+        model = _mlp(x.shape[1], widths, activation, init, seed, device)
         tracker = stability.SharpnessTracker(x, y, seed=seed, measure_at=measure_at)
         hist = train.train(
             model,
@@ -176,6 +228,65 @@ def sharpness_run(
         }
 
     return _cache(cache).get_or_compute("stability-sharpness", config, compute)
+
+
+def converged_sharpness(
+    *,
+    lr: float,
+    n: int = 1_000,
+    widths: tuple[int, ...] = (500, 500, 500),
+    activation: str = "relu",
+    init: str = "torch",
+    dataset: str = "fashion_mnist",
+    standardize: str = "none",
+    loss_tol: float = 1e-4,
+    max_steps: int = 20_000,
+    check_every: int = 50,
+    seed: int = 0,
+    device: str = "cpu",
+    cache: Cache | None = None,
+) -> dict[str, Any]:
+    """Wu, Ma & E 2018's GD table: full-batch GD with MSE (0.5 ||f - onehot(y)||^2, averaged)
+    from PyTorch's default initialisation until the training loss is <= ``loss_tol`` (checked
+    every ``check_every`` steps) or ``max_steps``; then lambda_max(H) of the full-batch loss by
+    Lanczos (relative residual 1e-6). Also the sharpness at initialisation, to show the run
+    started below 2/eta. ``converged`` says whether the loss tolerance was reached."""
+    config = dict(lr=float(lr), n=n, widths=list(widths), activation=activation, init=init,
+                  dataset=dataset, standardize=standardize, loss_tol=float(loss_tol),
+                  max_steps=max_steps, check_every=check_every, seed=seed)  # fmt: skip
+    check_positive("loss_tol", loss_tol)
+
+    def top(model, x, y) -> float:
+        from ..curvature import HessianOperator
+
+        op = HessianOperator(model, "mse", (x, y))
+        return float(lanczos(op, k=1, tol=1e-6, seed=seed).eigenvalues[0])
+
+    def compute() -> dict[str, Any]:
+        (x, y), note = load_classification(dataset, n, device, standardize=standardize)
+        model = _mlp(x.shape[1], widths, activation, init, seed, device)
+        start = top(model, x, y)
+        hist = train.train(
+            model, x, y, loss="mse", lr=lr, steps=max_steps, log_every=check_every, seed=seed,
+            progress=False, raise_on_divergence=False,
+            stop_when=lambda h: h.loss[-1] <= loss_tol,
+        )  # fmt: skip
+        final_loss = float(hist.loss[-1])
+        diverged = hist.diverged is not None
+        return {
+            "step": np.asarray(hist.step),
+            "loss": np.asarray(hist.loss),
+            "steps": int(hist.step[-1]),
+            "final_loss": final_loss,
+            "converged": bool(not diverged and final_loss <= loss_tol),
+            "diverged": diverged,
+            "sharpness_init": start,
+            "sharpness": math.nan if diverged else top(model, x, y),
+            "wall_time": hist.wall_time,
+            "note": note,
+        }
+
+    return _cache(cache).get_or_compute("stability-converged", config, compute)
 
 
 # ----------------------------------------------------------------------------- scalar regression
@@ -233,7 +344,7 @@ def _train_once(
     hist = train.train(
         model, x, y, lr=lr, optimizer="gd" if batch_size == n else "sgd",
         batch_size=None if batch_size == n else batch_size, steps=steps, seed=seed,
-        progress=False, raise_on_divergence=False, log_every=10,
+        progress=False, raise_on_divergence=False, log_every=10, sampling="fresh",
         stop_when=lambda h: full_loss() < loss_tol * 0.1,
     )  # fmt: skip
     full = train.evaluate(model, x, y)["loss"]
@@ -262,7 +373,7 @@ def relu_sweep(
     curvature (<= 1: the endpoint is linearly stable for it in mean square).
     ``converged``: the training loss ended at or below ``loss_tol``."""
     config = dict(
-        version=2,  # bumped when the returned fields change, so old cache entries are not used
+        version=3,  # bumped when the runs or the returned fields change (3: fresh batches)
         lrs=[float(v) for v in lrs],
         batch_sizes=list(batch_sizes),
         n=n,
@@ -335,6 +446,24 @@ def _wme_lambda(
     return check.lambda_max
 
 
+def _gradient_basis(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis (P, r) of the span of the per-example gradients of a scalar-output
+    model: where every Gauss-Newton H_i = g_i g_i^T acts (QR of the Jacobian's transpose; columns
+    whose R diagonal falls below 1e-10 of the largest are dropped)."""
+    from torch.func import functional_call, jacrev
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def f(p):
+        return functional_call(model, p, (x,)).reshape(len(x))
+
+    jac = jacrev(f)(params)
+    rows = torch.cat([jac[k].reshape(len(x), -1) for k in params], dim=1).double()
+    q, r = torch.linalg.qr(rows.T)
+    diag = r.diagonal().abs()
+    return q[:, diag > 1e-10 * diag.max()]
+
+
 def linear_stability(
     *,
     batch_size: int,
@@ -349,11 +478,18 @@ def linear_stability(
     seed: int = 0,
     cache: Cache | None = None,
 ) -> dict[str, Any]:
-    """At a minimum found by GD (a float64 two-layer ReLU net interpolating teacher data):
-    the critical lr* of the Wu-Ma-E condition for SGD with ``batch_size`` (Gauss-Newton
-    curvature, PSD per-example H_i), then the linearised SGD simulated at lr = factor * lr*
-    from the top eigenvector of H (the sharpest direction), ``num_runs`` batch sequences."""
+    """At a minimum found by GD (a float64 two-layer ReLU net interpolating teacher data), with
+    Gauss-Newton per-example curvatures H_i = g_i g_i^T restricted to the span of the g_i
+    (:func:`gradcourse.stability.per_example_matrices`):
+
+    - three learning rates: Wu-Ma-E's lr* (lambda_max(A) = 1, :func:`critical_learning_rate`),
+      the exact mean-square threshold (:func:`mean_square_threshold`) and GD's 2 / lambda_max;
+    - at lr = factor * lr*, for each factor: lambda_max(A), the exact mean-square rate
+      (:func:`mean_square_rate`), E||x_t||^2 / ||x_0||^2 from the top eigenvector of H by the
+      exact recursion (:func:`sgd_second_moment`), and ``num_runs`` sampled runs
+      (:func:`sgd_run_norms`): their mean and their median (the typical run)."""
     config = dict(
+        version=2,
         batch_size=batch_size,
         factors=[float(f) for f in factors],
         n=n,
@@ -376,42 +512,38 @@ def linear_stability(
         top = lanczos(h, k=1, seed=seed)
         lam_h = float(top.eigenvalues[0])
         lr_star = stability.critical_learning_rate(h, sigma, batch_size, n, seed=seed)
-        x0 = top.eigenvectors[:, 0]
-        curves, lams, one_step = [], [], []
+        basis = _gradient_basis(model, x)
+        hs = stability.per_example_matrices(sigma.per_example, basis)
+        lr_ms = stability.mean_square_threshold(hs, batch_size)
+        start = basis.T @ top.eigenvectors[:, 0].double().cpu()
+        lams, rates, exact, mean, median = [], [], [], [], []
         for f in factors:
             lr = f * lr_star
-            check = stability.wu_ma_e_stable(h, sigma, lr, batch_size, n, seed=seed)
-            lams.append(check.lambda_max)
-            curves.append(
-                stability.linearized_sgd_second_moment(
-                    sigma.per_example,
-                    lr,
-                    batch_size,
-                    sim_steps,
-                    x0=x0,
-                    num_runs=num_runs,
-                    seed=seed,
+            lams.append(stability.wu_ma_e_stable(h, sigma, lr, batch_size, n, seed=seed).lambda_max)
+            rates.append(stability.mean_square_rate(hs, lr, batch_size))
+            exact.append(
+                stability.sgd_second_moment(
+                    hs, lr, batch_size, sim_steps, s0=torch.outer(start, start)
                 ).numpy()
             )
-            first = stability.linearized_sgd_second_moment(
-                sigma.per_example,
-                lr,
-                batch_size,
-                1,
-                x0=check.eigenvector,
-                num_runs=num_runs * 4,
-                seed=seed + 1,
+            runs = stability.sgd_run_norms(
+                hs, lr, batch_size, sim_steps, x0=start, num_runs=num_runs, seed=seed
             )
-            one_step.append(float(first[1]))
+            mean.append(runs.mean(0).numpy())
+            median.append(runs.median(0).values.numpy())
         return {
             "final_loss": final_loss,
             "lambda_max_h": lam_h,
+            "rank": int(basis.shape[1]),
             "lr_star": lr_star,
+            "lr_ms": lr_ms,
             "lr_gd": 2.0 / lam_h,
             "factors": np.asarray(factors),
             "lambda_max_a": np.asarray(lams),
-            "one_step": np.asarray(one_step),
-            "curves": np.stack(curves),
+            "rate": np.asarray(rates),
+            "exact": np.stack(exact),
+            "mc_mean": np.stack(mean),
+            "mc_median": np.stack(median),
         }
 
     return _cache(cache).get_or_compute("stability-linear", config, compute)
@@ -420,13 +552,19 @@ def linear_stability(
 # ----------------------------------------------------------------------------- diagonal linear
 
 
-def sparse_regression(n: int, n_test: int, dim: int, sparsity: int, *, seed: int = 0):
-    """x ~ N(0, I_dim), y = <beta*, x> with beta* = 1 on ``sparsity`` coordinates (>= 0, as
-    u * v with u = v stays >= 0), noiseless."""
+def sparse_regression(
+    n: int, n_test: int, dim: int, sparsity: int, *, seed: int = 0, signed: bool = False
+):
+    """x ~ N(0, I_dim), y = <beta*, x>, noiseless, with beta* = 1 on ``sparsity`` coordinates,
+    or, with ``signed``, +1 or -1 (a fair coin each) there: a teacher that a model with
+    u * v >= 0 (u = v) could not represent."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n + n_test, dim, generator=g, dtype=torch.float64)
     beta = torch.zeros(dim, dtype=torch.float64)
-    beta[torch.randperm(dim, generator=g)[:sparsity]] = 1.0
+    support = torch.randperm(dim, generator=g)[:sparsity]
+    beta[support] = 1.0
+    if signed:
+        beta[support] = torch.where(torch.rand(sparsity, generator=g) < 0.5, -1.0, 1.0).double()
     y = (x @ beta).unsqueeze(1)
     return x[:n], y[:n], x[n:], y[n:]
 
@@ -440,6 +578,8 @@ def diagonal_sweep(
     dim: int = 40,
     sparsity: int = 3,
     init_scale: float = 1.0,
+    init: str = "constant",
+    signed: bool = False,
     steps: int = 5000,
     loss_tol: float = 1e-6,
     seed: int = 0,
@@ -450,9 +590,11 @@ def diagonal_sweep(
     tr(G) = 1/n sum_i sum_j (u_j^2 + v_j^2) x_ij^2, the weighted l1 norm
     2 sum_j m_j |u_j v_j| (m_j = 1/n sum_i x_ij^2) that it bounds (AM-GM, equality when |u| = |v|),
     ||beta||_1 and the test error. ``converged``: the training loss ended at or below
-    ``loss_tol``."""
+    ``loss_tol``. ``init="random"`` draws u and v independently (u != v, so beta = u * v has
+    both signs and the trace only bounds the weighted l1 norm); ``signed`` gives the teacher
+    both signs (:func:`sparse_regression`)."""
     config = dict(
-        version=2,  # bumped when the returned fields change, so old cache entries are not used
+        version=3,  # bumped when the runs or the returned fields change (3: fresh batches)
         lrs=[float(v) for v in lrs],
         batch_sizes=list(batch_sizes),
         n=n,
@@ -460,13 +602,15 @@ def diagonal_sweep(
         dim=dim,
         sparsity=sparsity,
         init_scale=init_scale,
+        init=init,
+        signed=signed,
         steps=steps,
         loss_tol=loss_tol,
         seed=seed,
     )
 
     def compute() -> dict[str, Any]:
-        x, y, xt, yt = sparse_regression(n, n_test, dim, sparsity, seed=seed)
+        x, y, xt, yt = sparse_regression(n, n_test, dim, sparsity, seed=seed, signed=signed)
         rows: dict[str, list] = {
             k: []
             for k in (
@@ -483,7 +627,9 @@ def diagonal_sweep(
         }
         for b in [n, *batch_sizes]:
             for lr in lrs:
-                model = models.DiagonalLinear(dim, init_scale=init_scale, dtype=torch.float64)
+                model = models.DiagonalLinear(
+                    dim, init_scale=init_scale, init=init, seed=seed, dtype=torch.float64
+                )
                 full, diverged, taken = _train_once(
                     model, x, y, lr=lr, batch_size=b, steps=steps, loss_tol=loss_tol, seed=seed
                 )
