@@ -368,3 +368,23 @@ def test_slope_with_band_recovers_a_planted_power_law():
         nx.slope_with_band(widths, values, summary="median")
     with pytest.raises(ValueError, match="one array of values per width"):
         nx.slope_with_band(widths[:1], values[:1])
+
+
+def test_steps_to_learn_is_kernel_gd_closed_form():
+    lam = 0.0063
+    t = nx.steps_to_learn(lam, 0.9)
+    assert 1 - (1 - lam) ** t >= 0.9 > 1 - (1 - lam) ** (t - 1)
+    half = nx.steps_to_learn(lam, 0.5, lr=2.0)
+    assert abs(half - math.log(2) / (2.0 * lam)) < 2  # the ln 2 / (lr lambda) rule
+    with pytest.raises(ValueError, match="lr \\* eigval"):
+        nx.steps_to_learn(2.0, 0.5)
+    with pytest.raises(ValueError, match="strictly"):
+        nx.steps_to_learn(0.1, 1.0)
+
+
+def test_fashion_pc_inputs_are_pixels_over_255_with_balanced_labels():
+    x, y = nx.pc_inputs(40, dataset="fashion_mnist", labels=True)
+    assert x.shape == (40, 784) and x.dtype == torch.float64
+    assert float(x.min()) >= 0 and float(x.max()) <= 1 and float(x.max()) > 0.9
+    assert torch.bincount(y, minlength=10).tolist() == [4] * 10
+    assert torch.equal(nx.pc_inputs(40, dataset="fashion_mnist"), x)

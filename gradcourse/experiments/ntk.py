@@ -470,20 +470,48 @@ def circle_fit_run(
 
 
 def pc_inputs(
-    n: int, *, dataset: str = "mnist1d", seed: int = 0, device: str | torch.device | None = None
-) -> Tensor:
-    """A class-balanced batch of ``n`` training inputs, flattened, float64: ``"mnist1d"``
-    (generated offline) or ``"mnist"`` (raises gradcourse.data.DatasetUnavailable when its files
-    are not on disk)."""
+    n: int,
+    *,
+    dataset: str = "mnist1d",
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    labels: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """A class-balanced batch of ``n`` training inputs, flattened, float64: ``"fashion_mnist"``
+    (offline once installed) or ``"mnist"`` (raises gradcourse.data.DatasetUnavailable when its
+    files are not on disk), pixels / 255 and nothing else, as in the paper; or ``"mnist1d"``
+    (generated offline). With ``labels``, also their classes: (x, y)."""
     check_int("n", n, 2)
     if dataset == "mnist1d":
         ds = data.mnist1d(seed=42, dtype=DTYPE)
     elif dataset == "mnist":
-        ds = data.mnist(n_train=n, n_test=10, seed=seed, dtype=DTYPE)
+        ds = data.mnist(n_train=n, n_test=10, standardize="none", seed=seed, dtype=DTYPE)
+    elif dataset == "fashion_mnist":
+        ds = data.fashion_mnist(n_train=n, n_test=10, standardize="none", seed=seed, dtype=DTYPE)
     else:
-        raise ValueError(f"dataset must be 'mnist1d' or 'mnist', got {dataset!r}")
+        raise ValueError(
+            f"dataset must be 'fashion_mnist', 'mnist' or 'mnist1d', got {dataset!r}"
+        )
     idx = data.balanced_subset_indices(ds.y_train, n, seed=seed)
-    return ds.x_train[idx].flatten(1).to(device)
+    x = ds.x_train[idx].flatten(1).to(device)
+    return (x, ds.y_train[idx].to(device)) if labels else x
+
+
+#: The top eigenvalues of Theta / N that Jacot et al. 2018 report for Fig. 3 (MNIST, N = 512,
+#: depth 4, beta = 0.1), for comparison with ours.
+PAPER_FIG3_EIGVALS = (0.0457, 0.00108, 0.00078)
+
+
+def steps_to_learn(eigval: float, fraction: float = 0.9, *, lr: float = 1.0) -> int:
+    """Kernel GD's number of steps to learn ``fraction`` of a component with eigenvalue
+    ``eigval`` of Theta / N: the smallest t with 1 - (1 - lr eigval)^t >= fraction, about
+    ln(1 / (1 - fraction)) / (lr eigval) (ln 2 / (lr eigval) for half of it)."""
+    _check_number("fraction", fraction, 0.0, 1.0)
+    if not 0 < lr * eigval < 1:
+        raise ValueError(f"lr * eigval must lie in (0, 1), got {lr * eigval!r}")
+    if fraction in (0.0, 1.0):
+        raise ValueError("fraction must lie strictly between 0 and 1")
+    return math.ceil(math.log(1 - fraction) / math.log(1 - lr * eigval))
 
 
 def kernel_pcs(
@@ -613,7 +641,7 @@ def pc_experiment(
 ) -> dict[str, Tensor]:
     """Fig. 3 from its configuration alone (so it can be cached): the batch of :func:`pc_inputs`,
     its top ``len(coeffs)`` limiting-kernel PCs (:func:`kernel_pcs`), and :func:`pc_run`."""
-    x = pc_inputs(n, dataset=dataset, seed=0)
+    x, y = pc_inputs(n, dataset=dataset, seed=0, labels=True)
     pc = kernel_pcs(x, depth=depth, beta=beta, k=len(coeffs))
     run = pc_run(
         width,
@@ -627,4 +655,4 @@ def pc_experiment(
         lr=lr,
         device=device,
     )
-    return {**run, **pc}
+    return {**run, **pc, "labels": y.cpu()}
