@@ -388,3 +388,25 @@ def test_fashion_pc_inputs_are_pixels_over_255_with_balanced_labels():
     assert float(x.min()) >= 0 and float(x.max()) <= 1 and float(x.max()) > 0.9
     assert torch.bincount(y, minlength=10).tolist() == [4] * 10
     assert torch.equal(nx.pc_inputs(40, dataset="fashion_mnist"), x)
+
+
+def test_circle_fit_linearized_prediction_is_gd_on_the_linearised_net():
+    """flin_grid against GD run by hand on gc.ntk.linearize's model (Lee et al. 2019, eq. 5)."""
+    from gradcourse import ntk
+
+    angles, steps, lr = [-2.5, -0.8, 0.6, 2.2], 15, 1.0
+    r = nx.circle_fit_run(8, angles, steps=steps, lr=lr, n_grid=9, linearized=True)
+    task = nx.circle_task(angles, 9)
+    model = nx.make_net(2, 8, nx.PAPER_DEPTH, beta=nx.PAPER_BETA, seed=0)
+    f_lin = ntk.linearize(model)
+    params = {k: v.clone() for k, v in f_lin.params0.items()}
+
+    def cost(p):
+        return 0.5 * (f_lin(p, task["x"])[:, 0] - task["y"][:, 0]).pow(2).mean()
+
+    for _ in range(steps):
+        grads = torch.func.grad(cost)(params)
+        params = {k: v - lr * grads[k] for k, v in params.items()}
+    by_hand = f_lin(params, task["x_grid"])[:, 0].detach()
+    torch.testing.assert_close(r["flin_grid"], by_hand, rtol=1e-8, atol=1e-10)
+    assert "flin_grid" not in nx.circle_fit_run(8, angles, steps=2, n_grid=9)

@@ -449,21 +449,34 @@ def circle_fit_run(
     steps: int = 1000,
     lr: float = 1.0,
     n_grid: int = 121,
+    linearized: bool = False,
     device: str | torch.device | None = None,
 ) -> dict[str, Tensor]:
     """One network of Fig. 2: trained by GD on the points of :func:`circle_task`; its function
     on the grid at initialisation (``f0_grid``) and after training (``fT_grid``), and its outputs
-    on the training points at initialisation (``f0_train``) and the final loss."""
+    on the training points at initialisation (``f0_train``) and the final loss.
+
+    With ``linearized``, also ``flin_grid``: the same ``steps`` of GD on the network linearised
+    at its initialisation (Lee et al. 2019), i.e. kernel GD with the net's own empirical NTK at
+    initialisation (:func:`gradcourse.ntk.kernel_gradient_descent`), on the grid."""
     task = circle_task(train_angles, n_grid)
     model = make_net(2, width, depth, beta=beta, seed=seed, device=device)
     dev = model.layers[0].weight.device
     x, y, xg = task["x"].to(dev), task["y"].to(dev), task["x_grid"].to(dev)
     with torch.no_grad():
         f0_grid, f0_train = model(xg)[:, 0].cpu(), model(x)[:, 0].cpu()
+    out: dict[str, Tensor] = {}
+    if linearized:
+        theta_xx = ntk.empirical_ntk(model, x).cpu()
+        theta_gx = ntk.empirical_ntk(model, xg, x).cpu()
+        pred = ntk.kernel_gradient_descent(
+            theta_xx, theta_gx, f0_train, f0_grid, task["y"][:, 0].cpu(), lr, steps
+        )
+        out["flin_grid"] = pred.test
     loss = gradient_descent(model, x, y, lr=lr, steps=steps)
     with torch.no_grad():
         ft_grid = model(xg)[:, 0].cpu()
-    return {"f0_grid": f0_grid, "f0_train": f0_train, "fT_grid": ft_grid, "loss": loss[-1:]}
+    return {"f0_grid": f0_grid, "f0_train": f0_train, "fT_grid": ft_grid, "loss": loss[-1:], **out}
 
 
 # ----------------------------------------------------------------------------- Fig. 3
@@ -489,9 +502,7 @@ def pc_inputs(
     elif dataset == "fashion_mnist":
         ds = data.fashion_mnist(n_train=n, n_test=10, standardize="none", seed=seed, dtype=DTYPE)
     else:
-        raise ValueError(
-            f"dataset must be 'fashion_mnist', 'mnist' or 'mnist1d', got {dataset!r}"
-        )
+        raise ValueError(f"dataset must be 'fashion_mnist', 'mnist' or 'mnist1d', got {dataset!r}")
     idx = data.balanced_subset_indices(ds.y_train, n, seed=seed)
     x = ds.x_train[idx].flatten(1).to(device)
     return (x, ds.y_train[idx].to(device)) if labels else x
