@@ -86,6 +86,9 @@ class Verdict:
     note: str = ""
     kind: str = "paper"
     paper_value: Any = None  # the paper's own number or statement, where it gives one
+    # how far (relative) the measurement may move between machines: a chaotic run (GD at the
+    # edge of stability) amplifies rounding; results.compare allows it when comparing records
+    spread: float = 0.0
 
     @property
     def status(self) -> str:
@@ -230,6 +233,7 @@ class Claims:
         holds_at: Sequence[str] = PROFILES,
         note: str = "",
         paper_value: Any = None,
+        spread: float = 0.0,
     ) -> Verdict:
         """Check one claim; print its verdict; raise :class:`ClaimFailed` if it fails at a
         profile listed in ``holds_at``.
@@ -243,6 +247,8 @@ class Claims:
             raise ValueError(f"compare must be one of {COMPARISONS}, got {compare!r}")
         if tol < 0 or rtol < 0:
             raise ValueError(f"tol and rtol must be >= 0, got tol={tol}, rtol={rtol}")
+        if not 0 <= spread < 1:
+            raise ValueError(f"spread must be in [0, 1), got {spread!r}")
         if isinstance(holds_at, str):
             holds_at = (holds_at,)
         unknown = [p for p in holds_at if p not in PROFILES]
@@ -270,6 +276,7 @@ class Claims:
             note=note,
             kind=kind,
             paper_value=_plain(paper_value),
+            spread=float(spread),
         )
         self.verdicts = [v for v in self.verdicts if v.name != name] + [verdict]
         self._save()

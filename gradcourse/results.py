@@ -331,7 +331,8 @@ def compare(
 ) -> list[str]:
     """What differs between a fresh claims record and the recorded one: claim names and their
     order, kinds, where each is required, verdicts, and measured numbers beyond
-    ``atol + rtol * max(|a|, |b|)``. Empty when they agree."""
+    ``atol + rtol * max(|a|, |b|)`` (rtol raised to a claim's declared ``spread``, for the
+    measurements of a chaotic run). Empty when they agree."""
     label = recorded.get("notebook") or fresh.get("notebook") or "?"
     fv = [verdict_from_dict(v) for v in fresh["verdicts"]]
     rv = [verdict_from_dict(v) for v in recorded["verdicts"]]
@@ -352,11 +353,13 @@ def compare(
                 )
         # an expected value can be measured too (a standard error, an exact trace): both are
         # compared within the tolerance
+        # a claim that declares a spread (a chaotic run) is allowed that much, relative
+        allowed = max(rtol, a.spread, b.spread)
         for field in ("measured", "expected"):
             now, then = getattr(a, field), getattr(b, field)
-            if not _close(now, then, rtol, atol):
+            if not _close(now, then, allowed, atol):
                 problems.append(
                     f"{label}: {a.name!r}: {field} {_fmt(now)} now, {_fmt(then)} recorded "
-                    f"(beyond rtol {rtol:g}, atol {atol:g})"
+                    f"(beyond rtol {allowed:g}, atol {atol:g})"
                 )
     return problems

@@ -157,3 +157,23 @@ def test_a_broken_results_file_is_named(tmp_path):
     (tmp_path / "ci" / "nb.json").write_text("<<<<<<< HEAD\n{")
     with pytest.raises(ValueError, match=r"nb.json is not a results record .*--record"):
         results.load("ci", "nb", tmp_path)
+
+
+def test_compare_allows_a_claims_declared_spread_and_no_more(tmp_path):
+    def record(measured, out, spread):
+        claims = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path / out, verbose=False)
+        claims.check("edge of stability", measured, [0.9, 1.1], compare="in", kind="paper",
+                     spread=spread)  # fmt: skip
+        claims.report()
+        return claims.record()
+
+    recorded = record(1.002, "a", 0.05)
+    assert results.compare(record(0.982, "b", 0.05), recorded, rtol=1e-2, atol=0) == []
+    (problem,) = results.compare(record(0.93, "c", 0.05), recorded, rtol=1e-2, atol=0)
+    assert "beyond rtol 0.05" in problem
+    plain = record(1.002, "d", 0.0)  # without a declared spread, the global tolerance holds
+    assert len(results.compare(record(0.982, "e", 0.0), plain, rtol=1e-2, atol=0)) == 1
+    with pytest.raises(ValueError, match="spread"):
+        Claims("P", notebook="nb", profile="ci", write=False, verbose=False).check(
+            "x", 1.0, 1.0, kind="paper", spread=1.5
+        )
