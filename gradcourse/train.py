@@ -30,6 +30,26 @@ from .checks import check_int
 from .losses import LossFn, get_loss, targets_for
 
 OPTIMIZERS: tuple[str, ...] = ("gd", "sgd")
+# lr multipliers over a run of T updates; "step" is Paul et al.'s (2021) CIFAR-10 schedule
+# (x 0.2 at epochs 60, 120 and 160 of 200), placed at the same fractions of the run
+SCHEDULES: tuple[str, ...] = ("constant", "step", "cosine")
+STEP_MILESTONES: tuple[float, ...] = (0.3, 0.6, 0.8)
+STEP_FACTOR = 0.2
+
+
+def lr_factor(schedule: str, t: int, total: int) -> float:
+    """The learning-rate multiplier of update ``t`` (0-based) of ``total`` under ``schedule``:
+    ``"constant"`` 1; ``"step"`` 0.2^m, m = the number of :data:`STEP_MILESTONES` fractions of the
+    run that t / total has reached; ``"cosine"`` (1 + cos(pi t / total)) / 2."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    check_int("total", total, 1)
+    check_int("t", t, 0, total)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "step":
+        return STEP_FACTOR ** sum(t >= m * total for m in STEP_MILESTONES)
+    return 0.5 * (1.0 + math.cos(math.pi * t / total))
 
 
 class Diverged(RuntimeError):
@@ -192,6 +212,7 @@ def train(
     stop_when: Callable[[History], bool] | None = None,
     raise_on_divergence: bool = True,
     sampling: str = "epoch",
+    schedule: str = "constant",
     device: str | torch.device | None = None,
 ) -> History:
     """Train ``model`` in place on (x, y) with GD or SGD (see the module docstring for the update).
@@ -206,6 +227,8 @@ def train(
       :class:`gradcourse.stability.SharpnessTracker` does); a returned dict is stored in
       ``history.records`` with its step.
     - ``stop_when(history)`` is asked after each logged step; True ends the run there.
+    - ``schedule``: update t uses ``lr * lr_factor(schedule, t, T)`` over the run's T updates
+      (:func:`lr_factor`; ``"step"`` is Paul et al.'s step decay, ``"cosine"`` a cosine decay).
     - ``loss="mse"`` on integer labels trains on one-hot targets (:func:`losses.targets_for`).
     - ``device``: move the model there first (default: where the model is); x and y follow the
       model. The model is in train mode during the run, then its previous modes are restored.
@@ -239,6 +262,7 @@ def train(
     check_int("log_every", log_every, 1)
     check_int("seed", seed, 0)
     get_loss(loss)  # validates the name
+    lr_factor(schedule, 0, total)  # validates the name
 
     if device is not None:
         model.to(device)
@@ -291,6 +315,9 @@ def train(
                     break
                 opt.zero_grad(set_to_none=True)
                 value.backward()
+                if schedule != "constant":
+                    for group in opt.param_groups:
+                        group["lr"] = lr * lr_factor(schedule, t, total)
                 opt.step()
                 bar.update(1)
     finally:

@@ -188,11 +188,7 @@ def test_curve_key():
     assert dd.curve_key("random", mode="easiest") == "random"
 
 
-def test_difference_and_top_k_precision():
-    diff, se = dd.difference(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 0.0, 0.0]))
-    assert diff == pytest.approx(2.0)
-    assert se == pytest.approx(math.sqrt(2.0 / 2))  # var([1, 3]) = 2, over n = 2
-    assert dd.difference(torch.tensor([1.0]), torch.tensor([0.5])) == (0.5, 0.0)
+def test_top_k_precision():
     flipped = torch.tensor([True, False, True, False, False])
     perfect = torch.tensor([5.0, 1.0, 4.0, 2.0, 3.0])
     assert dd.top_k_precision(perfect, flipped) == 1.0
@@ -200,3 +196,123 @@ def test_difference_and_top_k_precision():
     assert dd.top_k_precision(perfect, flipped, k=4) == 0.5
     with pytest.raises(ValueError, match="same length"):
         dd.top_k_precision(perfect[:3], flipped)
+
+
+def test_balanced_kept_indices_keep_each_class_its_share(tiny_scores):
+    r = tiny_scores
+    labels = r["labels"]
+    share = torch.bincount(labels, minlength=10).double() / len(labels)
+    for method, epoch in (("el2n", 2), ("random", None)):
+        kept = dd.kept_indices(r, method, epoch, 0.5, balanced=True)
+        counts = dd.class_counts(r, kept)
+        # largest-remainder quotas: each class within one example of half its size
+        assert ((counts.double() - 0.5 * torch.bincount(labels, minlength=10)).abs() < 1).all()
+        assert int(counts.sum()) == 30 and torch.equal(
+            counts, torch.bincount(labels[kept], minlength=10)
+        )
+    # within a class, the balanced hardest rule keeps that class's highest scores
+    s = dd.method_scores(r, "el2n", 2)
+    kept = set(dd.kept_indices(r, "el2n", 2, 0.5, balanced=True).tolist())
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().flatten().tolist()
+        mine = [i for i in members if i in kept]
+        dropped = [i for i in members if i not in kept]
+        if mine and dropped:
+            assert min(s[mine]) >= max(s[dropped])
+    assert share.sum().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="balanced must be True or False"):
+        dd.kept_indices(r, "el2n", 2, 0.5, balanced="yes")
+    with pytest.raises(ValueError, match="num_classes must exceed"):
+        dd.class_counts(r, torch.arange(60), num_classes=3)
+
+
+def test_prune_curve_balanced_and_class_accuracy(tmp_path, monkeypatch):
+    cache = Cache(tmp_path)
+    cfg = dd.config(**{**TINY, "score_seeds": (0,)})
+    seen = []
+    real = dd.kept_indices
+    monkeypatch.setattr(
+        dd, "kept_indices", lambda *a, **k: seen.append(k["balanced"]) or real(*a, **k)
+    )
+    plain = dd.prune_curve(cfg, "el2n", 2, (0.5,), (0,), cache=cache)
+    bal = dd.prune_curve(cfg, "el2n", 2, (0.5,), (0,), balanced=True, cache=cache)
+    assert seen == [False, True]  # its own cache entry
+    assert bal["class_accuracy"].shape == plain["class_accuracy"].shape == (1, 1, 10)
+    # the overall accuracy is the per-class accuracies weighted by the test class counts
+    ds, _ = dd.load_data(cfg)
+    weights = torch.bincount(ds.y_test, minlength=10).double()
+    ca = plain["class_accuracy"][0, 0]
+    present = weights > 0
+    overall = float((ca[present] * weights[present]).sum() / weights.sum())
+    assert overall == pytest.approx(plain["accuracy"][0, 0].item(), abs=1e-6)  # float32 mean
+    assert dd.curve_key("el2n", 2, balanced=True) == "el2n@2 balanced"
+
+
+def test_class_accuracy_against_a_loop():
+    cfg = dd.config(**TINY)
+    ds, _ = dd.load_data(cfg)
+    model = dd.make_model(cfg, ds.input_shape, ds.num_classes, seed=3)
+    got = dd.class_accuracy(model, ds)
+    with torch.no_grad():
+        pred = model(ds.x_test).argmax(1)
+    for c in range(10):
+        mask = ds.y_test == c
+        if mask.any():
+            assert got[c].item() == pytest.approx((pred[mask] == c).double().mean().item())
+        else:
+            assert math.isnan(got[c].item())
+
+
+def test_torch_init_has_biases_and_breaks_homogeneity():
+    cfg = dd.config(**{**TINY, "init": "torch"})
+    ds, _ = dd.load_data(cfg)
+    net = dd.make_model(cfg, ds.input_shape, ds.num_classes, seed=0)
+    plain = dd.make_model(dd.config(**TINY), ds.input_shape, ds.num_classes, seed=0)
+    biases = [m.bias for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(b.abs().max() > 0 for b in biases)
+    assert all(m.bias.abs().max() == 0 for m in plain.modules() if isinstance(m, torch.nn.Linear))
+    x = ds.x_train[:5]
+    with torch.no_grad():  # f(2x) = 2 f(x) for the zero-bias ReLU net only
+        torch.testing.assert_close(plain(2 * x), 2 * plain(x))
+        assert not torch.allclose(net(2 * x), 2 * net(x))
+    with pytest.raises(ValueError, match="init='torch' is only used with arch='mlp'"):
+        dd.config(**{**TINY, "init": "torch", "arch": "small_cnn"})
+    with pytest.raises(ValueError, match="init must be one of"):
+        dd.config(**{**TINY, "init": "xavier"})
+
+
+def test_grand_at_init_matches_a_per_example_loop():
+    cfg = dd.config(**{**TINY, "init": "torch"})
+    g = dd.grand_at_init(cfg, (0, 4))
+    ds, _ = dd.load_data(cfg)
+    assert g.shape == (2, 60)
+    model = dd.make_model(cfg, ds.input_shape, ds.num_classes, seed=4)
+    for i in (0, 17, 59):
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(
+            model(ds.x_train[i : i + 1]), ds.y_train[i : i + 1]
+        )
+        loss.backward()
+        norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()))
+        assert g[1, i].item() == pytest.approx(norm.item(), rel=1e-4)
+
+
+def test_bands_contain_their_estimates_and_shrink_with_n():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(2000, generator=gen)
+    b = a + 0.5 * torch.randn(2000, generator=gen)
+    band = dd.spearman_band(a, b, num_resamples=200)
+    assert band.estimate == pytest.approx(scores.spearman(a, b))
+    assert band.low < band.estimate < band.high and band.high - band.low < 0.05
+    small = dd.spearman_band(a[:100], b[:100], num_resamples=200)
+    assert small.high - small.low > band.high - band.low
+    flipped = torch.zeros(2000, dtype=torch.bool)
+    flipped[:200] = True
+    score = flipped.double() + torch.randn(2000, generator=gen)  # a noisy detector
+    top = dd.top_k_band(score, flipped, num_resamples=200)
+    assert top.estimate == pytest.approx(dd.top_k_precision(score, flipped))
+    assert top.low <= top.estimate <= top.high and 0.1 < top.estimate < 1.0
+    with pytest.raises(ValueError, match="same length >= 3"):
+        dd.spearman_band(a[:2], b[:2])
+    with pytest.raises(ValueError, match=">= 1 flipped"):
+        dd.top_k_band(score, torch.zeros(2000, dtype=torch.bool))

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from gradcourse.losses import mse
 from gradcourse.models import MLP
-from gradcourse.train import Diverged, History, evaluate, grad_norm, minibatches, train
+from gradcourse.train import Diverged, History, evaluate, grad_norm, lr_factor, minibatches, train
 
 F64 = torch.float64
 
@@ -77,6 +77,42 @@ def test_momentum_matches_heavy_ball_recursion(nesterov, weight_decay):
         progress=False,
     )
     torch.testing.assert_close(weights(model), w, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("schedule", ["step", "cosine"])
+def test_schedule_scales_each_update(schedule):
+    """Update t of T uses lr * factor(t): checked against the recursion run by hand with the
+    schedule's factors written out (Paul et al.'s x0.2 at 30/60/80% of the run; cosine)."""
+    model, X, y = least_squares(seed=2)
+    w, v = weights(model), torch.zeros(X.shape[1], dtype=F64)
+    lr, mu, steps, n = 0.1, 0.9, 20, len(X)
+    for t in range(steps):
+        if schedule == "step":
+            factor = 1.0 if t < 6 else 0.2 if t < 12 else 0.04 if t < 16 else 0.008
+        else:
+            factor = (1 + math.cos(math.pi * t / steps)) / 2
+        g = X.T @ (X @ w - y) / n
+        v = mu * v + g
+        w = w - lr * factor * (g + mu * v)
+    train(
+        model,
+        X,
+        y,
+        lr=lr,
+        momentum=mu,
+        nesterov=True,
+        steps=steps,
+        schedule=schedule,
+        progress=False,
+    )
+    torch.testing.assert_close(weights(model), w, rtol=1e-12, atol=1e-14)
+
+
+def test_schedule_is_checked():
+    model, X, y = least_squares()
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        train(model, X, y, lr=0.1, steps=2, schedule="linear", progress=False)
+    assert lr_factor("constant", 5, 10) == 1.0 and lr_factor("cosine", 10, 10) == 0.0
 
 
 def test_epochs_for_gd_are_steps():

@@ -7,15 +7,22 @@ the pruning rule live in :mod:`gradcourse.scores` (EL2N, GraNd, forgetting event
 ``prune``, ``spearman``) and :mod:`gradcourse.pergrad`; training in :mod:`gradcourse.train`.
 This module adds what is specific to the paper's protocol:
 
-- :func:`load_data`, :func:`make_model`  the data set (optionally with flipped labels) and net;
+- :func:`load_data`, :func:`make_model`  the data set (Fashion-MNIST, MNIST-1D, scikit-learn's
+  digits or CIFAR-10, optionally with flipped labels) and net (``init="torch"``: PyTorch's
+  default draw, non-zero biases);
 - :func:`score_experiment`  train ``len(score_seeds)`` networks once each on all the data and
   take EL2N and GraNd at every epoch of ``score_epochs`` (0 = initialisation), forgetting
   events over the whole run, the input norm, and the full-data test accuracy;
-- :func:`method_scores`, :func:`kept_indices`  the ranking of one method and the subset it keeps
-  (the highest scores, as in the paper, or the lowest with ``mode="easiest"``);
+- :func:`method_scores`, :func:`kept_indices`, :func:`class_counts`  the ranking of one method,
+  the subset it keeps (the highest scores, as in the paper, or the lowest with
+  ``mode="easiest"``; within each class with ``balanced=True``) and its classes;
 - :func:`prune_curve`  retrain from scratch on the kept subsets, with the same number of
-  optimisation steps as the full-data run (Paul et al. 2021, section 3), over seeds;
-- :func:`difference`, :func:`top_k_precision`, :func:`find_curve`  the statistics the claims use.
+  optimisation steps as the full-data run (Paul et al. 2021, section 3), over seeds, with the
+  test accuracy of every class (:func:`class_accuracy`);
+- :func:`grand_at_init`  GraNd of untrained networks (Kirsch's check on a net with biases);
+- :func:`top_k_precision`, :func:`top_k_band`, :func:`spearman_band`, :func:`find_curve`  the
+  statistics the claims use (accuracy differences are paired over seeds with
+  :func:`gradcourse.stats.paired_interval`).
 
 Every random choice is keyed by a seed (network init, batch order, random subsets, label noise),
 so running a configuration twice gives identical numbers on the same machine.
@@ -27,24 +34,28 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import data, models, scores, train
+from .. import data, models, scores, stats, train
 from ..cache import Cache
 from ..checks import check_int
 
-DATASETS: tuple[str, ...] = ("mnist1d", "digits", "cifar10")
+DATASETS: tuple[str, ...] = ("fashion_mnist", "mnist1d", "digits", "cifar10")
 ARCHS: tuple[str, ...] = ("mlp", "small_cnn", "resnet18")
 METHODS: tuple[str, ...] = ("el2n", "grand", "forgetting", "input_norm", "random")
 EPOCH_METHODS: tuple[str, ...] = ("el2n", "grand")  # scores taken at a chosen epoch
 KEEP_MODES: tuple[str, ...] = ("hardest", "easiest")  # which end of a ranking is kept
+# "standard": gc.models.MLP (LeCun-normal weights, zero biases: positively homogeneous in x with
+# ReLU); "torch": PyTorch's default nn.Linear draw (uniform weights and biases, not homogeneous)
+INITS: tuple[str, ...] = ("standard", "torch")
 
 # The MNIST-1D pool the data module caches (the package's standard 4,000 / 1,000 split).
 _MNIST1D_TRAIN, _MNIST1D_TEST = 4000, 1000
 
 DEFAULTS: dict[str, Any] = dict(
-    dataset="mnist1d",
+    dataset="mnist1d",  # the tests' small default; notebook 04 runs Fashion-MNIST
     n_train=1000,
     n_test=1000,
     data_seed=0,
@@ -58,8 +69,10 @@ DEFAULTS: dict[str, Any] = dict(
     lr=0.05,
     momentum=0.9,
     weight_decay=5e-4,
+    schedule="constant",
     score_seeds=(0, 1),
     score_epochs=(0, 2),
+    init="standard",
 )
 
 
@@ -94,6 +107,12 @@ def config(**overrides: Any) -> dict[str, Any]:
     check_int("data_seed", cfg["data_seed"], 0)
     _check_fraction("noise", cfg["noise"], low_open=False)
     check_int("epochs", cfg["epochs"], 1)
+    if cfg["init"] not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {cfg['init']!r}")
+    if cfg["init"] == "torch" and cfg["arch"] != "mlp":
+        raise ValueError(f"init='torch' is only used with arch='mlp', got arch={cfg['arch']!r}")
+    if cfg["schedule"] not in train.SCHEDULES:
+        raise ValueError(f"schedule must be one of {train.SCHEDULES}, got {cfg['schedule']!r}")
     check_int("batch_size", cfg["batch_size"], 1, cfg["n_train"])
     if not cfg["score_seeds"]:
         raise ValueError("score_seeds must hold at least one seed (an int >= 0), got ()")
@@ -145,6 +164,8 @@ def load_data(cfg: Mapping[str, Any], device: str | torch.device | None = None):
             ds = data.mnist1d()
         else:
             ds = data.mnist1d(n_train=n_train, n_test=n_test)
+    elif cfg["dataset"] == "fashion_mnist":
+        ds = data.fashion_mnist(n_train=n_train, n_test=n_test, seed=seed)
     elif cfg["dataset"] == "digits":
         ds = data.digits(seed=seed)
     else:
@@ -175,13 +196,17 @@ def make_model(
     device: str | torch.device | None = None,
 ) -> nn.Module:
     """The network of ``cfg["arch"]``, initialised from ``seed``: an MLP with hidden ``widths``
-    (ReLU), a :class:`gradcourse.models.SmallCNN` (1-D for signals, 2-D for images) with
+    (ReLU; ``init="torch"`` re-draws it as PyTorch's default, biases included), a
+    :class:`gradcourse.models.SmallCNN` (1-D for signals, 2-D for images) with
     ``channels`` and ``hidden``, or the CIFAR ResNet-18 of the paper."""
     cfg = config(**cfg)
     check_int("seed", seed, 0)
     shape = tuple(input_shape)
     if cfg["arch"] == "mlp":
-        return models.MLP(math.prod(shape), cfg["widths"], num_classes, seed=seed, device=device)
+        net = models.MLP(math.prod(shape), cfg["widths"], num_classes, seed=seed)
+        if cfg["init"] == "torch":
+            models.torch_default_init_(net, seed)
+        return net.to(device)
     if cfg["arch"] == "small_cnn":
         conv_dim = 1 if len(shape) == 1 else 2
         in_channels = 1 if len(shape) == 1 else shape[0]
@@ -216,8 +241,9 @@ def _train(
     callback: Any = None,
     every: int = 1,
 ) -> train.History:
-    """SGD with Nesterov momentum and weight decay at a constant learning rate, batches drawn
-    without replacement under ``seed``, for ``steps`` updates."""
+    """SGD with Nesterov momentum and weight decay, the learning rate following
+    ``cfg["schedule"]`` over the ``steps`` updates, batches drawn without replacement under
+    ``seed``."""
     return train.train(
         model,
         x,
@@ -229,6 +255,7 @@ def _train(
         momentum=cfg["momentum"],
         nesterov=cfg["momentum"] > 0,
         weight_decay=cfg["weight_decay"],
+        schedule=cfg["schedule"],
         steps=steps,
         callback=callback,
         every=every,
@@ -241,6 +268,23 @@ def _test_accuracy(model: nn.Module, ds: data.Dataset) -> float:
     """Accuracy on the (clean) test split, in eval mode, in batches of at most 1,024."""
     batch = min(1024, ds.n_test)
     return train.evaluate(model, ds.x_test, ds.y_test, loss="ce", batch_size=batch)["accuracy"]
+
+
+def class_accuracy(model: nn.Module, ds: data.Dataset) -> Tensor:
+    """(num_classes,) float64 CPU: the accuracy on the test examples of each class (eval mode,
+    no grad, batches of at most 1,024; NaN for a class absent from the test split)."""
+    was_training = model.training
+    model.eval()
+    preds = []
+    with torch.no_grad():
+        for i in range(0, ds.n_test, 1024):
+            preds.append(model(ds.x_test[i : i + 1024]).argmax(1).cpu())
+    model.train(was_training)
+    y = ds.y_test.cpu()
+    correct = (torch.cat(preds) == y).double()
+    total = torch.bincount(y, minlength=ds.num_classes).double()
+    hits = torch.bincount(y, weights=correct, minlength=ds.num_classes)
+    return torch.where(total > 0, hits / total.clamp(min=1), torch.nan)
 
 
 # ----------------------------------------------------------------------------- scores
@@ -354,24 +398,39 @@ def kept_indices(
     offset: float = 0.0,
     seed: int = 0,
     mode: str = "hardest",
+    balanced: bool = False,
 ) -> Tensor:
     """Indices kept when keeping ``fraction`` of the examples by ``method``: the highest scores
     (:func:`gradcourse.scores.prune`, ``"hardest"``), or after skipping the ``offset`` fraction of
     highest scores (``"window"``), or the lowest scores with ``mode="easiest"`` (Sorscher et al.
     2022: the better choice when data are scarce), or a random subset drawn from ``seed`` for
-    ``"random"`` (which ignores ``mode``)."""
+    ``"random"`` (which ignores ``mode``). ``balanced=True`` applies the rule within each class,
+    every class keeping ``fraction`` of its own examples (``prune(..., labels=...)``)."""
     fraction = _check_fraction("fraction", fraction)
     _check_mode(mode, offset)
+    if not isinstance(balanced, bool):
+        raise ValueError(f"balanced must be True or False, got {balanced!r}")
     s = method_scores(result, method, epoch)
     n = len(result["labels"])
+    labels = result["labels"] if balanced else None
     if s is None:
         if offset:
             raise ValueError(f"offset is not used by method 'random', got offset={offset}")
-        return scores.prune(torch.zeros(n), fraction, mode="random", seed=seed)
+        return scores.prune(torch.zeros(n), fraction, mode="random", seed=seed, labels=labels)
     if mode == "easiest":
-        return scores.prune(s, fraction, mode="easiest")
+        return scores.prune(s, fraction, mode="easiest", labels=labels)
     mode = "window" if offset else "hardest"
-    return scores.prune(s, fraction, mode=mode, offset=offset)
+    return scores.prune(s, fraction, mode=mode, offset=offset, labels=labels)
+
+
+def class_counts(result: Mapping[str, Tensor], kept: Tensor, num_classes: int = 10) -> Tensor:
+    """(num_classes,) int64: how many of the ``kept`` indices fall in each class (the labels of
+    a :func:`score_experiment` result, flipped ones included)."""
+    check_int("num_classes", num_classes, 1)
+    labels = result["labels"].cpu()[torch.as_tensor(kept).cpu().long()]
+    if len(labels) and int(labels.max()) >= num_classes:
+        raise ValueError(f"num_classes must exceed the largest label {int(labels.max())}")
+    return torch.bincount(labels, minlength=num_classes)
 
 
 def _check_mode(mode: object, offset: float) -> None:
@@ -396,13 +455,15 @@ def prune_curve(
     *,
     offset: float = 0.0,
     mode: str = "hardest",
+    balanced: bool = False,
     cache: Cache | None = None,
     device: str | torch.device | None = None,
 ) -> dict[str, Tensor]:
     """Final test accuracy after training from scratch on the subset ``method`` keeps, for each
-    fraction kept and seed: ``{"fractions": (F,), "accuracy": (F, S), "seeds": (S,)}``.
-    The subset is that of :func:`kept_indices` with ``offset`` and ``mode`` (``"hardest"``, the
-    paper's rule, or ``"easiest"``).
+    fraction kept and seed: ``{"fractions": (F,), "accuracy": (F, S), "class_accuracy":
+    (F, S, K), "seeds": (S,)}``, K the number of classes. The subset is that of
+    :func:`kept_indices` with ``offset``, ``mode`` (``"hardest"``, the paper's rule, or
+    ``"easiest"``) and ``balanced``.
 
     The scores come from :func:`cached_scores` of ``cfg`` (averaged over ``score_seeds``). Each
     run initialises the network from ``seed`` (also the batch order, and the subset for
@@ -421,6 +482,8 @@ def prune_curve(
     if offset >= 1.0:
         raise ValueError(f"offset must be a number in [0, 1), got {offset!r}")
     _check_mode(mode, offset)
+    if not isinstance(balanced, bool):
+        raise ValueError(f"balanced must be True or False, got {balanced!r}")
     mode = "hardest" if method == "random" else mode  # random ignores it: one cached curve
 
     def compute() -> dict[str, Tensor]:
@@ -428,19 +491,28 @@ def prune_curve(
         ds, _ = load_data(cfg, device)
         steps = steps_for(cfg)
         accuracy = torch.zeros(len(fractions), len(seeds), dtype=torch.float64)
+        per_class = torch.zeros(len(fractions), len(seeds), ds.num_classes, dtype=torch.float64)
         for i, fraction in enumerate(fractions):
             for j, seed in enumerate(seeds):
                 kept = kept_indices(
-                    result, method, epoch, fraction, offset=offset, seed=seed, mode=mode
+                    result,
+                    method,
+                    epoch,
+                    fraction,
+                    offset=offset,
+                    seed=seed,
+                    mode=mode,
+                    balanced=balanced,
                 )
                 kept = kept.to(ds.x_train.device)
                 model = make_model(cfg, ds.input_shape, ds.num_classes, seed=seed, device=device)
                 _train(model, ds.x_train[kept], ds.y_train[kept], cfg, steps=steps, seed=seed)
-                test = _test_accuracy(model, ds)
-                accuracy[i, j] = test
+                accuracy[i, j] = _test_accuracy(model, ds)
+                per_class[i, j] = class_accuracy(model, ds)
         return {
             "fractions": torch.tensor(fractions, dtype=torch.float64),
             "accuracy": accuracy,
+            "class_accuracy": per_class,
             "seeds": torch.tensor(seeds, dtype=torch.int64),
         }
 
@@ -451,20 +523,27 @@ def prune_curve(
     )
     if mode != "hardest":  # the default stays out of the key, so earlier cached curves still match
         key["mode"] = mode
+    if balanced:
+        key["balanced"] = True
     return cache.get_or_compute("datadiet-prune", key, compute)
 
 
 def curve_key(
-    method: str, epoch: int | None = None, offset: float = 0.0, mode: str = "hardest"
+    method: str,
+    epoch: int | None = None,
+    offset: float = 0.0,
+    mode: str = "hardest",
+    balanced: bool = False,
 ) -> str:
     """A short label for a curve: ``"el2n@5"``, ``"grand@0"``, ``"random"``, ``"el2n@5+skip0.1"``,
-    ``"el2n@5 easiest"``."""
+    ``"el2n@5 easiest"``, ``"el2n@5 balanced"``."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     _check_mode(mode, offset)
     label = f"{method}@{epoch}" if method in EPOCH_METHODS else method
     label += f"+skip{offset:g}" if offset else ""
-    return label + (" easiest" if mode == "easiest" and method != "random" else "")
+    label += " easiest" if mode == "easiest" and method != "random" else ""
+    return label + (" balanced" if balanced else "")
 
 
 def find_curve(
@@ -494,19 +573,6 @@ def accuracy_at(curve: Mapping[str, Tensor], fraction: float) -> Tensor:
     )
 
 
-def difference(a: Tensor, b: Tensor) -> tuple[float, float]:
-    """mean(a) - mean(b) and its standard error sqrt(var_a / n_a + var_b / n_b) (unpaired; the
-    sample variances with n - 1; 0 for a single value)."""
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    if a.numel() == 0 or b.numel() == 0:
-        raise ValueError("a and b must each hold at least one value")
-
-    def var_of_mean(t: Tensor) -> float:
-        return float(t.var(correction=1) / t.numel()) if t.numel() > 1 else 0.0
-
-    return float(a.mean() - b.mean()), math.sqrt(var_of_mean(a) + var_of_mean(b))
-
-
 def top_k_precision(score: Tensor, flipped: Tensor, k: int | None = None) -> float:
     """Fraction of flipped examples among the ``k`` highest scores (default: k = the number of
     flipped examples, so a perfect detector gives 1 and a random ranking the noise rate)."""
@@ -520,3 +586,63 @@ def top_k_precision(score: Tensor, flipped: Tensor, k: int | None = None) -> flo
     check_int("k", k, 1, len(score))
     top = scores.prune(score, k / len(score), mode="hardest")
     return float(flipped[top].double().mean())
+
+
+def top_k_band(
+    score: Tensor, flipped: Tensor, *, level: float = 0.95, num_resamples: int = 1000, seed: int = 0
+) -> stats.Interval:
+    """:func:`top_k_precision` with a percentile bootstrap band over the training examples
+    (each resample draws n examples with replacement, k = the flipped ones it holds)."""
+    score = torch.as_tensor(score, dtype=torch.float64).flatten()
+    flipped = torch.as_tensor(flipped).flatten().bool()
+    if len(score) != len(flipped) or int(flipped.sum()) == 0:
+        raise ValueError("score and flipped must have the same length, with >= 1 flipped example")
+    s, f = score.numpy(), flipped.numpy()
+
+    def statistic(groups: list[np.ndarray]) -> float:
+        idx = groups[0].astype(np.int64)
+        if not f[idx].any():
+            return 0.0
+        return top_k_precision(torch.from_numpy(s[idx]), torch.from_numpy(f[idx]))
+
+    return stats.bootstrap(
+        statistic, [np.arange(len(s))], level=level, num_resamples=num_resamples, seed=seed
+    )
+
+
+def spearman_band(
+    a: Tensor, b: Tensor, *, level: float = 0.95, num_resamples: int = 1000, seed: int = 0
+) -> stats.Interval:
+    """Spearman's rank correlation of ``a`` and ``b`` (:func:`gradcourse.scores.spearman`) with
+    a percentile bootstrap band over the examples (pairs (a_i, b_i) resampled together)."""
+    a = torch.as_tensor(a, dtype=torch.float64).flatten()
+    b = torch.as_tensor(b, dtype=torch.float64).flatten()
+    if len(a) != len(b) or len(a) < 3:
+        raise ValueError(f"a and b must have the same length >= 3, got {len(a)}, {len(b)}")
+
+    def statistic(groups: list[np.ndarray]) -> float:
+        idx = torch.from_numpy(groups[0].astype(np.int64))
+        return scores.spearman(a[idx], b[idx])
+
+    return stats.bootstrap(
+        statistic, [np.arange(len(a))], level=level, num_resamples=num_resamples, seed=seed
+    )
+
+
+def grand_at_init(
+    cfg: Mapping[str, Any], seeds: Sequence[int], *, device: str | torch.device | None = None
+) -> Tensor:
+    """(len(seeds), n) GraNd at initialisation of the networks ``cfg`` builds from each seed
+    (no training: Paul et al.'s GraNd at epoch 0), on ``cfg``'s training data; CPU float64.
+    With ``init="torch"`` the MLP has non-zero biases, so its output is not positively
+    homogeneous in the input (Kirsch's input-norm argument no longer holds by construction)."""
+    cfg = config(**cfg)
+    seeds = tuple(check_int(f"seeds[{i}]", s, 0) for i, s in enumerate(seeds))
+    if not seeds:
+        raise ValueError("seeds must hold at least one seed")
+    ds, _ = load_data(cfg, device)
+    out = torch.zeros(len(seeds), ds.n_train, dtype=torch.float64)
+    for r, seed in enumerate(seeds):
+        model = make_model(cfg, ds.input_shape, ds.num_classes, seed=seed, device=device)
+        out[r] = scores.grand_scores(model, ds.x_train, ds.y_train).double().cpu()
+    return out

@@ -19,6 +19,7 @@ from .. import models, stability, train
 from ..cache import Cache
 from ..checks import check_positive
 from ..curvature import lanczos
+from ..models import torch_default_init_  # re-exported (notebook 02 uses sx.torch_default_init_)
 from ..scores import spearman  # re-exported for the notebook (ties averaged)
 
 __all__ = [
@@ -113,23 +114,6 @@ def for_dataset(setting: Any, dataset: str) -> Any:
     if dataset not in setting:
         raise ValueError(f"no setting for dataset {dataset!r}; have {sorted(setting)}")
     return setting[dataset]
-
-
-def torch_default_init_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Re-draw every ``nn.Linear`` of ``model`` the way PyTorch's ``reset_parameters`` does,
-    from a seeded generator: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (Kaiming
-    uniform with a = sqrt(5)). The initialisation Cohen et al. 2021 and Wu, Ma & E 2018 used
-    (their code builds plain ``nn.Linear`` layers); the global RNG is untouched."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, torch.nn.Linear):
-                bound = 1.0 / math.sqrt(layer.in_features)
-                for p in (layer.weight, layer.bias):
-                    if p is not None:
-                        u = torch.rand(p.shape, generator=g, dtype=torch.float64)
-                        p.copy_(((2 * u - 1) * bound).to(p.dtype))
-    return model
 
 
 def _mlp(in_dim: int, widths, activation: str, init: str, seed: int, device, dtype=None):
