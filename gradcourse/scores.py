@@ -404,7 +404,8 @@ def prune(
 
     ``labels`` (n,) makes the pruning class-balanced: each class keeps the same fraction of
     its own examples, chosen by ``mode`` among that class only (the quotas k_c ~ keep_fraction
-    n_c are rounded by largest remainder so that they add up to k). Without it a score can
+    n_c are rounded by largest remainder so that they add up to k; a window skips
+    min(round(offset n_c), n_c - k_c) of each class, so a rounded-up quota always fits). Without it a score can
     keep almost nothing of a class whose examples are all easy (class collapse).
 
     Ties are broken by index (the lower index counts as harder, in every mode), so the result is
@@ -442,8 +443,14 @@ def prune(
     left = k - int(counts.sum())  # largest remainders first, ties by class order
     order = torch.sort(-(quota - counts), stable=True).indices
     counts[order[:left]] += 1
+    # a window skips round(offset * n_c) of each class, fewer where the class's quota (rounded
+    # up by largest remainder) would not fit after it: the skip gives way, the quota does not
     kept = [
-        m[_select(s[m], int(c), mode, round(offset * len(m)), gen, offset, keep_fraction)]
+        m[
+            _select(
+                s[m], c, mode, min(round(offset * len(m)), len(m) - c), gen, offset, keep_fraction
+            )
+        ]
         for m, c in zip(members, counts.tolist(), strict=True)
         if c > 0
     ]

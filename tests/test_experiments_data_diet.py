@@ -180,6 +180,21 @@ def test_prune_curve_easiest_is_its_own_cached_curve(tmp_path, monkeypatch):
         dd.prune_curve(cfg, "el2n", 2, (0.5,), (0,), mode="middle")
 
 
+def test_prune_curve_is_cached_per_fraction(tmp_path, monkeypatch):
+    cache = Cache(tmp_path)
+    cfg = dd.config(**{**TINY, "score_seeds": (0,)})
+    both = dd.prune_curve(cfg, "el2n", 2, (0.3, 0.5), (0, 1), cache=cache)
+    calls = []
+    real = dd.kept_indices
+    monkeypatch.setattr(dd, "kept_indices", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    half = dd.prune_curve(cfg, "el2n", 2, (0.5,), (0, 1), cache=cache)
+    assert calls == [] and torch.equal(half["accuracy"][0], both["accuracy"][1])
+    assert torch.equal(half["class_accuracy"][0], both["class_accuracy"][1])
+    more = dd.prune_curve(cfg, "el2n", 2, (0.5, 0.7), (0, 1), cache=cache)
+    assert calls == [0.7, 0.7]  # only the new fraction is trained, once per seed
+    assert torch.equal(more["accuracy"][0], both["accuracy"][1])
+
+
 def test_curve_key():
     assert dd.curve_key("el2n", 5) == "el2n@5"
     assert dd.curve_key("random", 5) == "random"
@@ -295,6 +310,34 @@ def test_grand_at_init_matches_a_per_example_loop():
         loss.backward()
         norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()))
         assert g[1, i].item() == pytest.approx(norm.item(), rel=1e-4)
+
+
+def test_grand_at_init_bias_std_redraws_the_biases():
+    cfg = dd.config(**TINY)
+    ds, _ = dd.load_data(cfg)
+    plain = dd.grand_at_init(cfg, (2,))
+    assert torch.equal(dd.grand_at_init(cfg, (2,), bias_std=0.0), plain)  # zero biases again
+    biased = dd.grand_at_init(cfg, (2,), bias_std=3.0)
+    assert not torch.allclose(biased, plain)
+    # the same net by hand: biases N(0, 9) from a generator seeded by the run's seed
+    model = dd.make_model(cfg, ds.input_shape, ds.num_classes, seed=2)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.bias.copy_(
+                    torch.randn(layer.bias.shape, generator=g, dtype=torch.float64) * 3
+                )
+    for i in (0, 31):
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(
+            model(ds.x_train[i : i + 1]), ds.y_train[i : i + 1]
+        )
+        loss.backward()
+        norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()))
+        assert biased[0, i].item() == pytest.approx(norm.item(), rel=1e-4)
+    with pytest.raises(ValueError, match="bias_std must be a finite number >= 0"):
+        dd.grand_at_init(cfg, (0,), bias_std=-1.0)
 
 
 def test_bands_contain_their_estimates_and_shrink_with_n():

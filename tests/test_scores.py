@@ -364,6 +364,18 @@ def test_class_balanced_prune_prevents_class_collapse():
     assert rand.tolist() == S.prune(scores, 0.5, mode="random", labels=labels, seed=3).tolist()
     window = S.prune(scores, 0.3, mode="window", offset=0.2, labels=labels)
     assert window.tolist() == [5, 6, 7, 15, 16, 17]  # skip the top 2 of each class, keep 3
+
+
+def test_balanced_window_fits_a_rounded_up_quota():
+    """Classes of 7 and 9 at offset = fraction = 0.5: quotas 4 and 4 (3.5 rounded up first by
+    class order, 4.5 down), skips round(3.5) = 4 and round(4.5) = 4; the class of 7 cannot skip 4
+    and keep 4, so its skip gives way to 3 and it keeps its 4 lowest scores."""
+    labels = torch.tensor([0] * 7 + [1] * 9)
+    scores = torch.cat([torch.arange(7, 0, -1), torch.arange(9, 0, -1)]).double()  # descending
+    kept = S.prune(scores, 0.5, mode="window", offset=0.5, labels=labels)
+    assert kept.tolist() == [3, 4, 5, 6, 11, 12, 13, 14]  # class 0: skip 3; class 1: skip 4
+    unbalanced = S.prune(scores, 0.5, mode="window", offset=0.5)
+    assert len(unbalanced) == len(kept) == 8
     with pytest.raises(ValueError, match="labels must hold one integer class per score"):
         S.prune(scores, 0.5, labels=labels[:5])
     with pytest.raises(ValueError, match="labels"):

@@ -468,7 +468,8 @@ def prune_curve(
     The scores come from :func:`cached_scores` of ``cfg`` (averaged over ``score_seeds``). Each
     run initialises the network from ``seed`` (also the batch order, and the subset for
     ``"random"``) and takes :func:`steps_for` ``cfg`` optimisation steps, however small the
-    subset: the same number as the full-data run. Cached per curve when ``cache`` is given.
+    subset: the same number as the full-data run. Cached per fraction when ``cache`` is given,
+    so a curve over (0.3, 0.5) and a later one at 0.3 alone share the runs at 0.3.
     """
     cfg = config(**cfg)
     if method not in METHODS:
@@ -486,46 +487,48 @@ def prune_curve(
         raise ValueError(f"balanced must be True or False, got {balanced!r}")
     mode = "hardest" if method == "random" else mode  # random ignores it: one cached curve
 
-    def compute() -> dict[str, Tensor]:
+    def compute(fraction: float) -> dict[str, Tensor]:
         result = cached_scores(cfg, cache=cache, device=device)
         ds, _ = load_data(cfg, device)
         steps = steps_for(cfg)
-        accuracy = torch.zeros(len(fractions), len(seeds), dtype=torch.float64)
-        per_class = torch.zeros(len(fractions), len(seeds), ds.num_classes, dtype=torch.float64)
-        for i, fraction in enumerate(fractions):
-            for j, seed in enumerate(seeds):
-                kept = kept_indices(
-                    result,
-                    method,
-                    epoch,
-                    fraction,
-                    offset=offset,
-                    seed=seed,
-                    mode=mode,
-                    balanced=balanced,
-                )
-                kept = kept.to(ds.x_train.device)
-                model = make_model(cfg, ds.input_shape, ds.num_classes, seed=seed, device=device)
-                _train(model, ds.x_train[kept], ds.y_train[kept], cfg, steps=steps, seed=seed)
-                accuracy[i, j] = _test_accuracy(model, ds)
-                per_class[i, j] = class_accuracy(model, ds)
-        return {
-            "fractions": torch.tensor(fractions, dtype=torch.float64),
-            "accuracy": accuracy,
-            "class_accuracy": per_class,
-            "seeds": torch.tensor(seeds, dtype=torch.int64),
-        }
+        accuracy = torch.zeros(len(seeds), dtype=torch.float64)
+        per_class = torch.zeros(len(seeds), ds.num_classes, dtype=torch.float64)
+        for j, seed in enumerate(seeds):
+            kept = kept_indices(
+                result,
+                method,
+                epoch,
+                fraction,
+                offset=offset,
+                seed=seed,
+                mode=mode,
+                balanced=balanced,
+            )
+            kept = kept.to(ds.x_train.device)
+            model = make_model(cfg, ds.input_shape, ds.num_classes, seed=seed, device=device)
+            _train(model, ds.x_train[kept], ds.y_train[kept], cfg, steps=steps, seed=seed)
+            accuracy[j] = _test_accuracy(model, ds)
+            per_class[j] = class_accuracy(model, ds)
+        return {"accuracy": accuracy, "class_accuracy": per_class}
 
-    if cache is None:
-        return compute()
-    key = dict(
-        cfg=_key(cfg), method=method, epoch=epoch, fractions=fractions, seeds=seeds, offset=offset
-    )
-    if mode != "hardest":  # the default stays out of the key, so earlier cached curves still match
+    # cached per fraction, so curves that share a fraction share its runs
+    key = dict(cfg=_key(cfg), method=method, epoch=epoch, seeds=seeds, offset=offset)
+    if mode != "hardest":  # defaults stay out of the key
         key["mode"] = mode
     if balanced:
         key["balanced"] = True
-    return cache.get_or_compute("datadiet-prune", key, compute)
+    parts = [
+        compute(f)
+        if cache is None
+        else cache.get_or_compute("datadiet-prune", {**key, "fraction": f}, lambda f=f: compute(f))
+        for f in fractions
+    ]
+    return {
+        "fractions": torch.tensor(fractions, dtype=torch.float64),
+        "accuracy": torch.stack([p["accuracy"] for p in parts]),
+        "class_accuracy": torch.stack([p["class_accuracy"] for p in parts]),
+        "seeds": torch.tensor(seeds, dtype=torch.int64),
+    }
 
 
 def curve_key(
@@ -630,19 +633,43 @@ def spearman_band(
 
 
 def grand_at_init(
-    cfg: Mapping[str, Any], seeds: Sequence[int], *, device: str | torch.device | None = None
+    cfg: Mapping[str, Any],
+    seeds: Sequence[int],
+    *,
+    bias_std: float | None = None,
+    device: str | torch.device | None = None,
 ) -> Tensor:
     """(len(seeds), n) GraNd at initialisation of the networks ``cfg`` builds from each seed
     (no training: Paul et al.'s GraNd at epoch 0), on ``cfg``'s training data; CPU float64.
-    With ``init="torch"`` the MLP has non-zero biases, so its output is not positively
-    homogeneous in the input (Kirsch's input-norm argument no longer holds by construction)."""
+
+    A ReLU MLP with zero biases is positively homogeneous, f(c x) = c f(x) for c > 0, which
+    ties its activations to the input norm; non-zero biases break that. ``init="torch"`` gives
+    PyTorch's default biases, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), which are small next to
+    the pre-activations of standardised inputs; ``bias_std`` redraws every bias of every
+    ``nn.Linear`` and convolution as N(0, bias_std^2) (a generator seeded by the run's seed),
+    to see how far the input-norm ranking survives larger ones."""
     cfg = config(**cfg)
     seeds = tuple(check_int(f"seeds[{i}]", s, 0) for i, s in enumerate(seeds))
     if not seeds:
         raise ValueError("seeds must hold at least one seed")
+    if bias_std is not None:
+        ok = isinstance(bias_std, (int, float)) and not isinstance(bias_std, bool)
+        if not ok or not math.isfinite(bias_std) or bias_std < 0:
+            raise ValueError(f"bias_std must be a finite number >= 0 or None, got {bias_std!r}")
     ds, _ = load_data(cfg, device)
     out = torch.zeros(len(seeds), ds.n_train, dtype=torch.float64)
     for r, seed in enumerate(seeds):
         model = make_model(cfg, ds.input_shape, ds.num_classes, seed=seed, device=device)
+        if bias_std is not None:
+            _redraw_biases_(model, bias_std, seed)
         out[r] = scores.grand_scores(model, ds.x_train, ds.y_train).double().cpu()
     return out
+
+
+def _redraw_biases_(model: nn.Module, std: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)) and layer.bias is not None:
+                draw = torch.randn(layer.bias.shape, generator=g, dtype=torch.float64) * std
+                layer.bias.copy_(draw.to(layer.bias))
