@@ -36,6 +36,7 @@ _SUBMODULES = (
     "paths",
     "pergrad",
     "plotting",
+    "privacy",
     "results",
     "scores",
     "stability",

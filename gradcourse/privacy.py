@@ -1,0 +1,371 @@
+"""Differentially private SGD: per-example clipping, Gaussian noise, and clipping's bias.
+
+DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy", arXiv 1607.00133,
+Algorithm 1; DPSGD-GC in Zhang et al.) takes, at every step, a batch B_t, the per-example
+gradients g_i (:mod:`gradcourse.pergrad`), clips each to norm C,
+
+    clip(g, C) = g * min(1, C / ||g||),
+
+adds Gaussian noise of standard deviation sigma * C to their sum, and divides by the batch size b:
+
+    theta <- theta - lr * (sum_{i in B_t} clip(g_i, C) + N(0, sigma^2 C^2 I)) / b.
+
+With Poisson sampling (each example joins the batch independently with rate q; the batch size
+varies, b = q n is its expectation, as Opacus divides) the privacy of the released iterates is
+that of the subsampled Gaussian mechanism, accounted by :func:`epsilon` with a well-kept library
+(Opacus's RDP accountant; :func:`epsilon` can also ask Google's ``dp_accounting``, and a test
+checks that the two agree). With ``sampling="shuffle"`` (fixed-size batches from a reshuffled
+epoch, b the actual size) that accounting does not apply; it is there to compare with plain SGD.
+
+Clipping is biased: clipped gradient descent converges to a zero of the *clipped* mean gradient,
+which is not a stationary point of the loss unless C exceeds the per-example gradient norms.
+For mean estimation in one dimension, l_i(theta) = (theta - y_i)^2 / 2, that point has a closed
+form (:func:`clipped_mean`).
+
+DiceSGD (Zhang, Bu, Wu & Hong, "Differentially Private SGD Without Clipping Bias: An
+Error-Feedback Approach", ICLR 2024, arXiv 2311.14632, Algorithm 1) feeds back the error between
+the unclipped and the clipped update, itself clipped at C2 >= C1, in a hidden state e_t:
+
+    v_t = (1/b) sum_i clip(g_i, C1) + clip(e_t, C2)
+    theta <- theta - lr * (v_t + w_t),                  w_t ~ N(0, s^2 I)
+    e_{t+1} = e_t + (1/b) sum_i g_i - v_t,               e_0 = 0
+
+so that the clipping error is eventually applied and the constant bias disappears. Here
+s = sigma * C1 / b, DP-SGD's noise, so that the two methods run with the same noise. **What this
+does not give**: the privacy of DiceSGD. The hidden state carries unclipped information forward,
+and Zhang et al. prove a Renyi-DP bound of their own, which needs a larger noise than DP-SGD at
+the same (C1, q, T); :func:`epsilon` accounts DP-SGD only. Use DiceSGD here to study its
+optimisation (the bias), not to claim a privacy level.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+from tqdm.auto import tqdm
+
+from . import pergrad
+from .checks import check_int
+from .losses import LossFn, get_loss
+
+__all__ = [
+    "ACCOUNTANTS",
+    "METHODS",
+    "SAMPLINGS",
+    "clip",
+    "clipped_mean",
+    "clipped_sum",
+    "dp_train",
+    "epsilon",
+    "noise_multiplier",
+    "poisson_batches",
+]
+
+METHODS: tuple[str, ...] = ("sgd", "dpsgd", "dice")
+SAMPLINGS: tuple[str, ...] = ("poisson", "shuffle")
+ACCOUNTANTS: tuple[str, ...] = ("opacus", "dp_accounting")
+
+
+def _check_number(
+    name: str, value: object, low: float, *, open_low: bool, inf: bool = False
+) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and not math.isnan(value) and (inf or math.isfinite(value))
+    ok = ok and (value > low if open_low else value >= low)
+    if not ok:
+        bound = f"> {low:g}" if open_low else f">= {low:g}"
+        extra = " (inf allowed)" if inf else ""
+        raise ValueError(f"{name} must be a number {bound}{extra}, got {value!r}")
+    return float(value)
+
+
+# ----------------------------------------------------------------------------- clipping
+
+
+def clip(g: Tensor, threshold: float) -> Tensor:
+    """Each row of ``g`` (n, P) scaled to norm at most ``threshold``: g_i * min(1, C / ||g_i||)
+    (a zero row stays zero; ``threshold=inf`` returns ``g`` unchanged). A 1-D ``g`` is one row."""
+    threshold = _check_number("threshold", threshold, 0.0, open_low=True, inf=True)
+    if threshold == math.inf:
+        return g
+    rows = g.reshape(1, -1) if g.ndim == 1 else g
+    norms = rows.norm(dim=1, keepdim=True)
+    factor = torch.where(
+        norms > threshold, threshold / norms.clamp_min(1e-300), torch.ones_like(norms)
+    )
+    return (rows * factor).reshape(g.shape)
+
+
+def clipped_mean(y: Tensor | np.ndarray, threshold: float) -> float:
+    """The fixed point of clipped gradient descent for mean estimation in one dimension: the
+    theta with sum_i clip(theta - y_i, C) = 0 (per-example losses (theta - y_i)^2 / 2).
+
+    h(theta) = sum_i clamp(theta - y_i, -C, C) is continuous, non-decreasing and piecewise
+    linear with kinks at y_i +- C, so its zero is found exactly between two consecutive kinks
+    (the midpoint of the flat piece if h vanishes on an interval). For C >= max |y_i - mean|
+    it is the mean; as C -> 0 it tends to the median."""
+    y = torch.as_tensor(np.asarray(y, dtype=np.float64)).flatten()
+    if len(y) == 0 or not torch.isfinite(y).all():
+        raise ValueError("y must hold at least one finite number")
+    threshold = _check_number("threshold", threshold, 0.0, open_low=True, inf=True)
+    if threshold == math.inf:
+        return float(y.mean())
+
+    def h(theta: Tensor) -> Tensor:
+        return (theta.reshape(-1, 1) - y).clamp(-threshold, threshold).sum(1)
+
+    kinks = torch.cat([y - threshold, y + threshold]).unique()  # sorted
+    values = h(kinks)  # h(kinks[0]) = -n C < 0 < n C = h(kinks[-1])
+    zero = (values == 0).nonzero().flatten()
+    if len(zero):  # h vanishes on [kinks[zero[0]], kinks[zero[-1]]]
+        return float((kinks[zero[0]] + kinks[zero[-1]]) / 2)
+    j = int((values > 0).nonzero()[0])  # first kink where h > 0: the zero is in (j-1, j)
+    a, b, ha, hb = kinks[j - 1], kinks[j], values[j - 1], values[j]
+    return float(a - ha * (b - a) / (hb - ha))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def poisson_batches(n: int, rate: float, *, seed: int = 0) -> Iterator[Tensor]:
+    """Endless batches of indices: each example joins each batch independently with
+    probability ``rate`` (a batch may be empty), from ``torch.Generator(seed)``."""
+    check_int("n", n, 1)
+    rate = _check_number("rate", rate, 0.0, open_low=True)
+    if rate > 1:
+        raise ValueError(f"rate must be a number in (0, 1], got {rate!r}")
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        yield torch.nonzero(torch.rand(n, generator=gen) < rate).flatten()
+
+
+def _shuffle_batches(n: int, size: int, *, seed: int) -> Iterator[Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        yield from perm.split(size)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _flat_grads(model: nn.Module, loss: str | LossFn, x: Tensor, y: Tensor) -> Tensor:
+    """(n, P): every example's gradient, flattened (``pergrad.per_example_grads``)."""
+    grads = pergrad.per_example_grads(model, loss, x, y)
+    return torch.cat([g.reshape(len(x), -1) for g in grads.values()], dim=1)
+
+
+def _weighted_grad(
+    model: nn.Module, loss: str | LossFn, x: Tensor, y: Tensor, weights: Tensor
+) -> Tensor:
+    """(P,): the gradient of sum_i weights_i l_i, flattened, in eval mode (one backward pass)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    named, frozen, x, y = pergrad._prepare(model, x, y, None)
+    y = pergrad._targets(model, loss, named, frozen, x, y)
+    mean_loss = get_loss(loss)
+    one = vmap(lambda o, t: mean_loss(o.unsqueeze(0), t.unsqueeze(0)))
+    with pergrad.eval_mode(model), torch.enable_grad():
+        total = (one(model(x), y) * weights.to(x.device, params[0].dtype)).sum()
+        grads = torch.autograd.grad(total, params)
+    return torch.cat([g.flatten() for g in grads])
+
+
+def clipped_sum(
+    model: nn.Module, loss: str | LossFn, x: Tensor, y: Tensor, threshold: float
+) -> Tensor:
+    """sum_i clip(g_i, C) as one flat (P,) vector, without forming the per-example gradients:
+    their norms come from :func:`gradcourse.pergrad.per_example_grad_norms` (the linear trick
+    where it applies), then sum_i min(1, C / ||g_i||) g_i is the gradient of the reweighted
+    loss sum_i min(1, C / ||g_i||) l_i, one more backward pass ("ghost clipping": Goodfellow
+    2015; Lee & Kifer 2021). Eval mode, as the norms. ``threshold=inf``: the plain sum."""
+    threshold = _check_number("threshold", threshold, 0.0, open_low=True, inf=True)
+    if threshold == math.inf:
+        weights = torch.ones(len(x))
+    else:
+        norms = pergrad.per_example_grad_norms(model, loss, x, y).detach().double().cpu()
+        weights = torch.where(norms > threshold, threshold / norms.clamp_min(1e-300), 1.0)
+    return _weighted_grad(model, loss, x, y, weights)
+
+
+def dp_train(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    method: str = "dpsgd",
+    loss: str | LossFn = "ce",
+    lr: float,
+    steps: int,
+    batch_size: int,
+    clip_norm: float = 1.0,
+    feedback_clip: float | None = None,
+    noise_multiplier: float = 0.0,
+    sampling: str = "poisson",
+    seed: int = 0,
+    callback: Callable[[int, nn.Module], dict[str, Any] | None] | None = None,
+    every: int = 1,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Train ``model`` in place for ``steps`` updates with ``method``:
+
+    - ``"sgd"``: theta <- theta - lr * (1/b) sum_i g_i (no clipping, no noise);
+    - ``"dpsgd"``: DP-SGD, per-example clipping at ``clip_norm`` and noise of standard deviation
+      ``noise_multiplier * clip_norm`` on the sum (module docstring);
+    - ``"dice"``: DiceSGD with C1 = ``clip_norm``, C2 = ``feedback_clip`` (default C1; must be
+      >= C1) and the same noise as DP-SGD (its privacy is *not* DP-SGD's: module docstring).
+
+    Batches: ``sampling="poisson"`` with rate q = batch_size / n, the sums divided by the expected
+    size b = q n; ``"shuffle"``, reshuffled epochs cut into batches of ``batch_size`` (the last
+    one of an epoch may be smaller), divided by the actual size. The clipped sums come from
+    :func:`clipped_sum` (per-example norms, then one reweighted backward pass; eval mode: no
+    BatchNorm statistics, no dropout in the gradient). All randomness (batches, noise) is drawn from generators seeded by
+    ``seed``; the global RNG is untouched.
+
+    ``callback(step, model)`` runs at steps 0, every, 2 every, ... and after the last update;
+    the dicts it returns (with their step) are returned as a list.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    get_loss(loss)
+    n = len(x)
+    check_int("steps", steps, 1)
+    check_int("batch_size", batch_size, 1, n)
+    check_int("every", every, 1)
+    check_int("seed", seed, 0)
+    lr = _check_number("lr", lr, 0.0, open_low=True)
+    c1 = _check_number("clip_norm", clip_norm, 0.0, open_low=True, inf=True)
+    c2 = (
+        c1
+        if feedback_clip is None
+        else _check_number("feedback_clip", feedback_clip, 0.0, open_low=True, inf=True)
+    )
+    if c2 < c1:
+        raise ValueError(f"feedback_clip must be >= clip_norm ({c1:g}), got {c2!r}")
+    sigma = _check_number("noise_multiplier", noise_multiplier, 0.0, open_low=False)
+    if sigma > 0 and (method == "sgd" or c1 == math.inf):
+        raise ValueError(
+            "noise_multiplier > 0 needs clipping: method 'dpsgd' or 'dice' with a finite clip_norm"
+        )
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    theta = nn.utils.parameters_to_vector(params).detach()
+    error = torch.zeros_like(theta)
+    noise_gen = torch.Generator(device=theta.device).manual_seed(seed + 1)
+    if sampling == "poisson":
+        batches = poisson_batches(n, batch_size / n, seed=seed)
+    else:
+        batches = _shuffle_batches(n, batch_size, seed=seed)
+    records: list[dict[str, Any]] = []
+
+    def record(step: int) -> None:
+        if callback is not None:
+            out = callback(step, model)
+            if out is not None:
+                records.append({"step": step, **out})
+
+    for t in tqdm(range(steps), desc=method, disable=not progress, leave=False):
+        if t % every == 0:
+            record(t)
+        idx = next(batches).to(x.device)
+        b = batch_size if sampling == "poisson" else max(len(idx), 1)
+        empty = len(idx) == 0
+        if method == "sgd" or method == "dice":
+            plain = (
+                theta.new_zeros(len(theta))
+                if empty
+                else clipped_sum(model, loss, x[idx], y[idx], math.inf)
+            )
+        if method == "sgd":
+            update = plain.to(theta) / b
+        else:
+            clipped = (
+                theta.new_zeros(len(theta))
+                if empty
+                else clipped_sum(model, loss, x[idx], y[idx], c1)
+            )
+            update = clipped.to(theta) / b
+            if sigma > 0:
+                noise = torch.randn(theta.shape, generator=noise_gen, device=theta.device)
+                noise = noise.to(theta) * (sigma * c1 / b)
+            else:
+                noise = torch.zeros_like(theta)
+            if method == "dice":
+                v = update + clip(error, c2)
+                error = error + plain.to(theta) / b - v
+                update = v
+            update = update + noise
+        theta = theta - lr * update
+        nn.utils.vector_to_parameters(theta, params)
+    record(steps)
+    return records
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+def epsilon(
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    *,
+    accountant: str = "opacus",
+) -> float:
+    """epsilon of DP-SGD with Poisson sampling at ``sample_rate`` after ``steps`` steps at
+    ``delta``, by Renyi-DP accounting of the subsampled Gaussian mechanism (Mironov 2017;
+    Mironov, Talwar & Zhang 2019), from Opacus's ``RDPAccountant`` or Google's
+    ``dp_accounting`` (``RdpAccountant``). Both are well-kept libraries; neither is
+    re-implemented here. DP-SGD only: see the module docstring for DiceSGD."""
+    sigma = _check_number("noise_multiplier", noise_multiplier, 0.0, open_low=True)
+    q = _check_number("sample_rate", sample_rate, 0.0, open_low=True)
+    if q > 1:
+        raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
+    check_int("steps", steps, 1)
+    delta = _check_number("delta", delta, 0.0, open_low=True)
+    if delta >= 1:
+        raise ValueError(f"delta must be a number in (0, 1), got {delta!r}")
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    if accountant == "opacus":
+        from opacus.accountants import RDPAccountant
+
+        acc = RDPAccountant()
+        acc.history = [(sigma, q, steps)]
+        return float(acc.get_epsilon(delta))
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    acc = rdp_privacy_accountant.RdpAccountant()
+    acc.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
+    return float(acc.get_epsilon(delta))
+
+
+def noise_multiplier(target_epsilon: float, sample_rate: float, steps: int, delta: float) -> float:
+    """The smallest noise multiplier sigma (to Opacus's search precision, 0.01 in epsilon)
+    whose DP-SGD run reaches at most ``target_epsilon`` (Opacus's ``get_noise_multiplier``
+    with its RDP accountant)."""
+    eps = _check_number("target_epsilon", target_epsilon, 0.0, open_low=True)
+    q = _check_number("sample_rate", sample_rate, 0.0, open_low=True)
+    if q > 1:
+        raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
+    check_int("steps", steps, 1)
+    delta = _check_number("delta", delta, 0.0, open_low=True)
+    import warnings
+
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():  # the search visits tiny sigmas whose best order is the largest
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(
+            get_noise_multiplier(
+                target_epsilon=eps, target_delta=delta, sample_rate=q, steps=steps, accountant="rdp"
+            )
+        )

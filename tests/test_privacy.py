@@ -1,0 +1,241 @@
+"""gradcourse.privacy: clipping, DP-SGD and DiceSGD steps against hand computations and
+per-sample loops; the clipped fixed point against bisection; the accountants against each other."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gradcourse import privacy as pv
+from gradcourse.models import MLP
+
+F64 = torch.float64
+
+
+def mean_model(theta0: float = 0.0) -> nn.Module:
+    """f(x) = theta for every input: with loss 'mse', l_i = (theta - y_i)^2 / 2, g_i = theta - y_i."""
+    m = nn.Linear(1, 1, dtype=F64)
+    with torch.no_grad():
+        m.weight.zero_()
+        m.bias.fill_(theta0)
+    m.weight.requires_grad_(False)
+    return m
+
+
+def heavy_tailed(n: int = 41, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(n, generator=g, dtype=F64)
+    y[:4] += torch.tensor([8.0, 10.0, 12.0, 15.0], dtype=F64)  # a few heavy examples
+    return y
+
+
+def test_clip_scales_only_long_rows():
+    g = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]], dtype=F64)
+    out = pv.clip(g, 1.0)
+    torch.testing.assert_close(out[0], torch.tensor([0.6, 0.8], dtype=F64))
+    torch.testing.assert_close(out[1:], g[1:])
+    assert pv.clip(g, math.inf) is g
+    torch.testing.assert_close(
+        pv.clip(torch.tensor([3.0, 4.0], dtype=F64), 2.5), torch.tensor([1.5, 2.0], dtype=F64)
+    )
+    with pytest.raises(ValueError, match="threshold must be a number > 0"):
+        pv.clip(g, 0.0)
+
+
+def test_clipped_mean_is_the_zero_of_the_clipped_gradient():
+    y = heavy_tailed()
+    for c in (0.05, 0.5, 1.0, 3.0):
+        theta = pv.clipped_mean(y, c)
+        # an independent reference: bisection on h(theta) = sum_i clamp(theta - y_i, -C, C)
+        lo, hi = float(y.min()), float(y.max())
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            if float((mid - y).clamp(-c, c).sum()) < 0:
+                lo = mid
+            else:
+                hi = mid
+        assert theta == pytest.approx((lo + hi) / 2, abs=1e-9)
+        assert abs(float((theta - y).clamp(-c, c).sum())) < 1e-9
+    big = float((y - y.mean()).abs().max())
+    assert pv.clipped_mean(y, big) == pytest.approx(float(y.mean()), abs=1e-12)
+    assert pv.clipped_mean(y, math.inf) == pytest.approx(float(y.mean()))
+    # small C: the median (odd n), far from the mean the heavy examples pull up
+    assert pv.clipped_mean(y, 1e-6) == pytest.approx(float(y.median()), abs=1e-5)
+    assert pv.clipped_mean(y, 0.5) < float(y.mean()) - 0.5
+    # h flat at zero on an interval: the midpoint of that interval
+    assert pv.clipped_mean(np.array([0.0, 10.0]), 1.0) == pytest.approx(5.0)
+
+
+def test_poisson_batches_rate_and_determinism():
+    it, again = pv.poisson_batches(1000, 0.05, seed=3), pv.poisson_batches(1000, 0.05, seed=3)
+    sizes = []
+    for _ in range(200):
+        b = next(it)
+        assert torch.equal(b, next(again))
+        assert (b[1:] > b[:-1]).all()  # distinct, sorted
+        sizes.append(len(b))
+    assert np.mean(sizes) == pytest.approx(50, rel=0.05)  # sd of the mean ~ 0.2
+    with pytest.raises(ValueError, match=r"rate must be a number in \(0, 1\]"):
+        next(pv.poisson_batches(10, 1.5))
+
+
+def test_dpsgd_without_clipping_or_noise_is_sgd_and_matches_autograd():
+    x = torch.randn(24, 5, generator=torch.Generator().manual_seed(0), dtype=F64)
+    y = torch.arange(24) % 3
+    nets = [MLP(5, (7,), 3, seed=1, dtype=F64) for _ in range(3)]
+    for net, method in zip(nets, ("sgd", "dpsgd", "dice"), strict=True):
+        pv.dp_train(net, x, y, method=method, lr=0.3, steps=7, batch_size=8, clip_norm=math.inf,
+                    sampling="shuffle", seed=5)  # fmt: skip
+    ref = MLP(5, (7,), 3, seed=1, dtype=F64)
+    order = pv._shuffle_batches(24, 8, seed=5)
+    for _ in range(7):  # plain SGD on the mean cross-entropy of each batch, by autograd
+        idx = next(order)
+        ref.zero_grad()
+        nn.functional.cross_entropy(ref(x[idx]), y[idx]).backward()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p -= 0.3 * p.grad
+    for net in nets:
+        for p, q in zip(net.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_one_dpsgd_step_clips_each_example_like_a_loop():
+    x = torch.randn(10, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
+    y = torch.arange(10) % 2
+    net, ref = MLP(4, (6,), 2, seed=2, dtype=F64), MLP(4, (6,), 2, seed=2, dtype=F64)
+    pv.dp_train(net, x, y, method="dpsgd", lr=0.5, steps=1, batch_size=10, clip_norm=0.2,
+                sampling="shuffle")  # fmt: skip
+    total = [torch.zeros_like(p) for p in ref.parameters()]
+    clipped_any = False
+    for i in range(10):
+        ref.zero_grad()
+        nn.functional.cross_entropy(ref(x[i : i + 1]), y[i : i + 1]).backward()
+        grads = [p.grad.clone() for p in ref.parameters()]
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        factor = min(1.0, 0.2 / float(norm))
+        clipped_any |= factor < 1
+        total = [t + factor * g for t, g in zip(total, grads, strict=True)]
+    assert clipped_any
+    for p, q, t in zip(net.parameters(), ref.parameters(), total, strict=True):
+        torch.testing.assert_close(p, q.detach() - 0.5 * t / 10, rtol=1e-10, atol=1e-12)
+
+
+def test_dice_recursion_by_hand():
+    y = torch.tensor([0.0, 1.0, 9.0], dtype=F64)
+    x = torch.zeros(3, 1, dtype=F64)
+    model = mean_model(0.5)
+    thetas = pv.dp_train(model, x, y.reshape(-1, 1), method="dice", loss="mse", lr=0.2, steps=4,
+                         batch_size=3, clip_norm=1.0, feedback_clip=2.0, sampling="shuffle",
+                         callback=lambda t, m: {"theta": m.bias.item()})  # fmt: skip
+    theta, e = 0.5, 0.0
+    expected = [theta]
+    for _ in range(4):
+        g = [theta - yi for yi in y.tolist()]
+        clipped = sum(max(-1.0, min(1.0, gi)) for gi in g) / 3
+        v = clipped + max(-2.0, min(2.0, e))
+        e = e + sum(g) / 3 - v
+        theta = theta - 0.2 * v
+        expected.append(theta)
+    assert [r["theta"] for r in thetas] == pytest.approx(expected, abs=1e-12)
+
+
+def test_dpsgd_stops_at_the_clipped_mean_and_dice_at_the_mean():
+    y = heavy_tailed()
+    x = torch.zeros(len(y), 1, dtype=F64)
+    kw = dict(loss="mse", lr=0.5, steps=3000, batch_size=len(y), clip_norm=0.5, sampling="shuffle")
+    dp, dice = mean_model(), mean_model()
+    pv.dp_train(dp, x, y.reshape(-1, 1), method="dpsgd", **kw)
+    pv.dp_train(dice, x, y.reshape(-1, 1), method="dice", feedback_clip=5.0, **kw)
+    assert dp.bias.item() == pytest.approx(pv.clipped_mean(y, 0.5), abs=1e-6)
+    assert dice.bias.item() == pytest.approx(float(y.mean()), abs=1e-6)
+    assert abs(float(y.mean()) - pv.clipped_mean(y, 0.5)) > 0.5  # the bias is real
+
+
+def test_noise_has_the_stated_scale_and_is_seeded():
+    x = torch.zeros(4, 200, dtype=F64)
+    y = torch.zeros(4, 50, dtype=F64)
+    net = nn.Linear(200, 50, dtype=F64)
+    with torch.no_grad():
+        net.weight.zero_()
+        net.bias.zero_()  # every gradient is zero: the update is the noise alone
+    kw = dict(method="dpsgd", loss="mse", lr=1.0, steps=1, batch_size=4, clip_norm=0.5,
+              noise_multiplier=2.0, sampling="shuffle", seed=7)  # fmt: skip
+    pv.dp_train(net, x, y, **kw)
+    moved = torch.cat([p.detach().flatten() for p in net.parameters()])
+    assert moved.std().item() == pytest.approx(2.0 * 0.5 / 4, rel=0.05)  # 10,050 draws
+    again = nn.Linear(200, 50, dtype=F64)
+    with torch.no_grad():
+        again.weight.zero_()
+        again.bias.zero_()
+    pv.dp_train(again, x, y, **kw)
+    assert torch.equal(torch.cat([p.detach().flatten() for p in again.parameters()]), moved)
+
+
+def test_dp_train_refuses_bad_arguments():
+    x, y = torch.zeros(4, 1, dtype=F64), torch.zeros(4, 1, dtype=F64)
+    kw = dict(loss="mse", lr=0.1, steps=1, batch_size=2)
+    with pytest.raises(ValueError, match="method must be one of"):
+        pv.dp_train(mean_model(), x, y, method="adam", **kw)
+    with pytest.raises(ValueError, match="feedback_clip must be >= clip_norm"):
+        pv.dp_train(mean_model(), x, y, method="dice", clip_norm=1.0, feedback_clip=0.5, **kw)
+    with pytest.raises(ValueError, match="noise_multiplier > 0 needs clipping"):
+        pv.dp_train(mean_model(), x, y, method="sgd", noise_multiplier=1.0, **kw)
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        pv.dp_train(mean_model(), x, y, sampling="fixed", **kw)
+    with pytest.raises(ValueError, match="batch_size must be an int"):
+        pv.dp_train(mean_model(), x, y, method="dpsgd", loss="mse", lr=0.1, steps=1, batch_size=9)
+
+
+@pytest.mark.parametrize(
+    ("sigma", "q", "steps"), [(1.1, 256 / 60000, 2000), (0.8, 0.01, 500), (3.0, 0.1, 100)]
+)
+def test_the_two_accountants_agree(sigma, q, steps):
+    a = pv.epsilon(sigma, q, steps, 1e-5, accountant="opacus")
+    b = pv.epsilon(sigma, q, steps, 1e-5, accountant="dp_accounting")
+    # the same RDP bound of the subsampled Gaussian, minimised over slightly different grids of
+    # Renyi orders: measured differences up to 3e-6 relative
+    assert a == pytest.approx(b, rel=1e-4)
+    assert pv.epsilon(sigma * 1.5, q, steps, 1e-5) < a < pv.epsilon(sigma, q, steps * 2, 1e-5)
+
+
+def test_noise_multiplier_reaches_the_target_epsilon():
+    sigma = pv.noise_multiplier(2.0, 0.01, 1000, 1e-5)
+    eps = pv.epsilon(sigma, 0.01, 1000, 1e-5)
+    assert eps <= 2.0 and eps == pytest.approx(2.0, abs=0.05)
+    with pytest.raises(ValueError, match=r"delta must be a number in \(0, 1\)"):
+        pv.epsilon(1.0, 0.01, 10, 1.5)
+    with pytest.raises(ValueError, match="accountant must be one of"):
+        pv.epsilon(1.0, 0.01, 10, 1e-5, accountant="moments")
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_clipped_sum_without_per_example_gradients_matches_a_loop(arch):
+    from gradcourse.models import SmallCNN
+
+    gen = torch.Generator().manual_seed(4)
+    if arch == "mlp":
+        net, x = MLP(6, (5, 4), 3, seed=0, dtype=F64), torch.randn(9, 6, generator=gen, dtype=F64)
+    else:
+        net = SmallCNN(1, 3, conv_dim=2, channels=(2, 3), hidden=5, seed=0).double()
+        x = torch.randn(9, 1, 12, 12, generator=gen, dtype=F64)
+    y = torch.arange(9) % 3
+    params = list(net.parameters())
+    rows = []
+    for i in range(9):
+        g = torch.autograd.grad(
+            nn.functional.cross_entropy(net(x[i : i + 1]), y[i : i + 1]), params
+        )
+        rows.append(torch.cat([t.flatten() for t in g]))
+    rows = torch.stack(rows)
+    c = float(rows.norm(dim=1).median())  # about half the examples are clipped
+    expected = (rows * (c / rows.norm(dim=1, keepdim=True)).clamp(max=1.0)).sum(0)
+    torch.testing.assert_close(pv.clipped_sum(net, "ce", x, y, c), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        pv.clipped_sum(net, "ce", x, y, math.inf), rows.sum(0), rtol=1e-10, atol=1e-12
+    )
+    torch.testing.assert_close(pv.clip(rows, c).sum(0), expected, rtol=1e-10, atol=1e-12)
