@@ -311,6 +311,17 @@ def dp_train(
 # ----------------------------------------------------------------------------- accounting
 
 
+def _check_accounting(sample_rate: float, steps: int, delta: float) -> tuple[float, float]:
+    q = _check_number("sample_rate", sample_rate, 0.0, open_low=True)
+    if q > 1:
+        raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
+    check_int("steps", steps, 1)
+    delta = _check_number("delta", delta, 0.0, open_low=True)
+    if delta >= 1:
+        raise ValueError(f"delta must be a number in (0, 1), got {delta!r}")
+    return q, delta
+
+
 def epsilon(
     noise_multiplier: float,
     sample_rate: float,
@@ -325,13 +336,7 @@ def epsilon(
     ``dp_accounting`` (``RdpAccountant``). Both are well-kept libraries; neither is
     re-implemented here. DP-SGD only: see the module docstring for DiceSGD."""
     sigma = _check_number("noise_multiplier", noise_multiplier, 0.0, open_low=True)
-    q = _check_number("sample_rate", sample_rate, 0.0, open_low=True)
-    if q > 1:
-        raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
-    check_int("steps", steps, 1)
-    delta = _check_number("delta", delta, 0.0, open_low=True)
-    if delta >= 1:
-        raise ValueError(f"delta must be a number in (0, 1), got {delta!r}")
+    q, delta = _check_accounting(sample_rate, steps, delta)
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
     if accountant == "opacus":
@@ -353,11 +358,7 @@ def noise_multiplier(target_epsilon: float, sample_rate: float, steps: int, delt
     whose DP-SGD run reaches at most ``target_epsilon`` (Opacus's ``get_noise_multiplier``
     with its RDP accountant)."""
     eps = _check_number("target_epsilon", target_epsilon, 0.0, open_low=True)
-    q = _check_number("sample_rate", sample_rate, 0.0, open_low=True)
-    if q > 1:
-        raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
-    check_int("steps", steps, 1)
-    delta = _check_number("delta", delta, 0.0, open_low=True)
+    q, delta = _check_accounting(sample_rate, steps, delta)
     import warnings
 
     from opacus.accountants.utils import get_noise_multiplier

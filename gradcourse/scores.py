@@ -405,8 +405,9 @@ def prune(
     ``labels`` (n,) makes the pruning class-balanced: each class keeps the same fraction of
     its own examples, chosen by ``mode`` among that class only (the quotas k_c ~ keep_fraction
     n_c are rounded by largest remainder so that they add up to k; a window skips
-    min(round(offset n_c), n_c - k_c) of each class, so a rounded-up quota always fits). Without it a score can
-    keep almost nothing of a class whose examples are all easy (class collapse).
+    min(round(offset n_c), n_c - k_c) of each class, so a rounded-up quota always fits).
+    Without it a score can keep almost nothing of a class whose examples are all easy (class
+    collapse).
 
     Ties are broken by index (the lower index counts as harder, in every mode), so the result is
     deterministic and, on ties too, the k hardest and the n - k easiest are complements.
