@@ -229,3 +229,12 @@ class Cache:
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+def cached(cache: Cache | None, name: str, fn: Callable[..., Any], **config: Any) -> Any:
+    """``fn(**config)`` through ``cache`` (None: computed every time); the ``device`` is not
+    part of the key, so a result computed on one device is found from another."""
+    if cache is None:
+        return fn(**config)
+    key = {k: v for k, v in config.items() if k != "device"}
+    return cache.get_or_compute(name, key, lambda: fn(**config))

@@ -121,3 +121,28 @@ def layers_used_elsewhere(
         for h in handles:
             h.remove()
     return tracker.foreign
+
+
+def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of ``model``'s first parameter (CPU and the default dtype for a
+    model without parameters)."""
+    for p in model.parameters():
+        return p.device, p.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+class module_mode:  # noqa: N801 (used as a context manager, like torch.no_grad)
+    """Put every submodule in train (``training=True``) or eval mode, and restore each one's
+    own ``training`` flag afterwards."""
+
+    def __init__(self, model: nn.Module, training: bool) -> None:
+        self.model, self.training = model, training
+
+    def __enter__(self) -> nn.Module:
+        self.saved = [(m, m.training) for m in self.model.modules()]
+        self.model.train(self.training)
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        for m, training in self.saved:
+            m.training = training

@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checks import check_int
+
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
     "tanh": torch.tanh,
@@ -36,12 +38,6 @@ PARAMETERIZATIONS: tuple[str, ...] = ("standard", "ntk")
 # ----------------------------------------------------------------------------- checks and init
 
 
-def _check_int(name: str, value: object, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
-
-
 def _check_scale(name: str, value: object, *, allow_zero: bool) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
@@ -51,7 +47,7 @@ def _check_scale(name: str, value: object, *, allow_zero: bool) -> float:
 
 
 def _generator(seed: int) -> torch.Generator:
-    _check_int("seed", seed, low=0)
+    check_int("seed", seed, low=0)
     return torch.Generator().manual_seed(seed)
 
 
@@ -87,8 +83,8 @@ class NTKLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        self.in_features = _check_int("in_features", in_features)
-        self.out_features = _check_int("out_features", out_features)
+        self.in_features = check_int("in_features", in_features, 1)
+        self.out_features = check_int("out_features", out_features, 1)
         self.weight_scale = _check_scale("weight_scale", weight_scale, allow_zero=False)
         self.bias_scale = _check_scale("bias_scale", bias_scale, allow_zero=True)
         shape = (out_features, in_features)
@@ -153,11 +149,11 @@ class MLP(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        _check_int("in_dim", in_dim)
-        _check_int("out_dim", out_dim)
+        check_int("in_dim", in_dim, 1)
+        check_int("out_dim", out_dim, 1)
         widths = tuple(widths)
         for i, w in enumerate(widths):
-            _check_int(f"widths[{i}]", w)
+            check_int(f"widths[{i}]", w, 1)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
         if parameterization not in PARAMETERIZATIONS:
@@ -251,7 +247,7 @@ class DiagonalLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        self.dim = _check_int("dim", dim)
+        self.dim = check_int("dim", dim, 1)
         alpha = _check_scale("init_scale", init_scale, allow_zero=True)
         if init == "constant":
             u = torch.full((dim,), alpha, dtype=dtype)
@@ -303,20 +299,20 @@ class SmallCNN(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        _check_int("in_channels", in_channels)
-        _check_int("num_classes", num_classes)
+        check_int("in_channels", in_channels, 1)
+        check_int("num_classes", num_classes, 1)
         if conv_dim not in (1, 2):
             raise ValueError(f"conv_dim must be 1 or 2, got {conv_dim!r}")
         channels = tuple(channels)
         if not channels:
             raise ValueError("channels must hold at least one int >= 1, got ()")
         for i, c in enumerate(channels):
-            _check_int(f"channels[{i}]", c)
-        _check_int("hidden", hidden)
-        _check_int("kernel_size", kernel_size)
+            check_int(f"channels[{i}]", c, 1)
+        check_int("hidden", hidden, 1)
+        check_int("kernel_size", kernel_size, 1)
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (same padding), got {kernel_size}")
-        _check_int("pool_size", pool_size)
+        check_int("pool_size", pool_size, 1)
         g = _generator(seed)
 
         self.in_channels, self.num_classes, self.conv_dim = in_channels, num_classes, conv_dim
@@ -389,8 +385,8 @@ class ResNet18(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        _check_int("num_classes", num_classes)
-        _check_int("in_channels", in_channels)
+        check_int("num_classes", num_classes, 1)
+        check_int("in_channels", in_channels, 1)
         g = _generator(seed)
         skip = torch.nn.utils.skip_init
         self.conv1 = skip(nn.Conv2d, in_channels, 64, 3, 1, 1, bias=False, dtype=dtype)

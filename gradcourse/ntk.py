@@ -65,6 +65,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vmap
 from torch.utils.flop_counter import FlopCounterMode
 
+from .checks import check_int
 from .functional import (
     layers_used_elsewhere,
     refuse_random_train_mode,
@@ -107,12 +108,6 @@ DEFAULT_CHUNK_BYTES = 2**28
 # --------------------------------------------------------------------------------------------
 # checks
 # --------------------------------------------------------------------------------------------
-
-
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 def _check_number(name: str, value: object, *, allow_zero: bool, allow_inf: bool = False) -> float:
@@ -400,7 +395,7 @@ class EmpiricalNTK:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if chunk_size is not None:
-            _check_int("chunk_size", chunk_size, 1)
+            check_int("chunk_size", chunk_size, 1)
         _check_deterministic(model)
         self.model = model
         self.params = None if params is None else dict(params)
@@ -657,7 +652,7 @@ def analytic_ntk(
     Sigma is the covariance of each output at initialisation; Theta is the limit of the empirical
     NTK w.r.t. all weights and biases (each output; the O x O block is Theta I_O).
     """
-    _check_int("depth", depth, 0)
+    check_int("depth", depth, 0)
     if activation not in ANALYTIC_ACTIVATIONS:
         raise ValueError(
             f"activation must be one of {tuple(ANALYTIC_ACTIVATIONS)}, got {activation!r}"

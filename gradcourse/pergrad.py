@@ -45,8 +45,6 @@ the vmap route to ~1e-5 (seen on an H100 for SmallCNN; the linear trick stayed a
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +53,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
-from .functional import layers_used_elsewhere, shared_parameters
+from .functional import layers_used_elsewhere, module_mode, shared_parameters
 from .losses import LossFn, get_loss, targets_for
 from .models import NTKLinear
 
@@ -93,16 +91,10 @@ def _check_method(method: object) -> str:
     return method  # type: ignore[return-value]
 
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode; afterwards restore each one's own ``training`` flag."""
-    saved = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in saved:
-            m.training = training
+def eval_mode(model: nn.Module) -> module_mode:
+    """Put every submodule in eval mode; afterwards restore each one's own ``training`` flag
+    (:class:`gradcourse.functional.module_mode` with ``training=False``)."""
+    return module_mode(model, False)
 
 
 def _check_batchnorm(model: nn.Module) -> None:

@@ -37,6 +37,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .checks import check_int
+from .functional import model_device_dtype
 from .losses import LossFn
 from .pergrad import _check_batchnorm, eval_mode, per_example_grad_norms
 
@@ -64,12 +66,6 @@ SCORES: tuple[str, ...] = ("el2n", "grand", "forgetting")
 # ----------------------------------------------------------------------------- checks
 
 
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
-
-
 def _check_labels(x: Tensor, y: Tensor) -> None:
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
         raise ValueError("x and y must be tensors")
@@ -81,12 +77,6 @@ def _check_labels(x: Tensor, y: Tensor) -> None:
         raise ValueError(
             f"x and y must hold the same number (>= 1) of examples, got {len(x)} and {len(y)}"
         )
-
-
-def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for p in model.parameters():
-        return p.device, p.dtype
-    return torch.device("cpu"), torch.get_default_dtype()
 
 
 def _scores_1d(name: str, scores: Tensor | np.ndarray | Sequence[float]) -> Tensor:
@@ -122,9 +112,9 @@ def el2n_scores(
     the model's dtype on ``device``. A BatchNorm without running statistics is refused.
     """
     _check_labels(x, y)
-    _check_int("batch_size", batch_size, 1)
+    check_int("batch_size", batch_size, 1)
     _check_batchnorm(model)
-    model_device, dtype = _model_device_dtype(model)
+    model_device, dtype = model_device_dtype(model)
     device = model_device if device is None else torch.device(device)
     if device != model_device:
         raise ValueError(
@@ -275,13 +265,13 @@ class ForgettingRecorder:
     def __init__(self, x: Tensor, y: Tensor, *, batch_size: int = 1024) -> None:
         _check_labels(x, y)
         self.x, self.y = x, y
-        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.batch_size = check_int("batch_size", batch_size, 1)
         self.rows: list[Tensor] = []
         self.steps: list[int] = []
 
     def __call__(self, step: int, model: nn.Module) -> dict[str, Any]:
         _check_batchnorm(model)
-        device, dtype = _model_device_dtype(model)
+        device, dtype = model_device_dtype(model)
         hits = []
         with eval_mode(model), torch.no_grad():
             for start in range(0, len(self.x), self.batch_size):
@@ -341,8 +331,8 @@ def score_runs(
     if not seeds:
         raise ValueError("seeds must hold at least one int >= 0, got none")
     for i, s in enumerate(seeds):
-        _check_int(f"seeds[{i}]", s, 0)
-    _check_int("epoch", epoch, 0)
+        check_int(f"seeds[{i}]", s, 0)
+    check_int("epoch", epoch, 0)
     scores = tuple(scores)
     unknown = [s for s in scores if s not in SCORES]
     if unknown or not scores:
@@ -427,7 +417,7 @@ def prune(
         raise ValueError(
             f"offset is only used by mode='window', got offset={offset} with mode={mode!r}"
         )
-    _check_int("seed", seed, 0)
+    check_int("seed", seed, 0)
     k = max(1, round(keep_fraction * n))
     gen = torch.Generator().manual_seed(seed)
     if labels is None:
@@ -484,31 +474,31 @@ def _select(
 
 
 def rank(values: Tensor | np.ndarray | Sequence[float]) -> Tensor:
-    """Ranks 1..n of ``values`` (ascending), ties given the average of the ranks they span
-    (the convention of scipy.stats.rankdata's "average"). float64 CPU tensor."""
+    """Ranks 1..n of ``values`` (ascending), ties given the average of the ranks they span:
+    ``scipy.stats.rankdata(method="average")`` as a float64 CPU tensor."""
+    from scipy.stats import rankdata
+
     v = _scores_1d("values", values)
-    sorted_v, order = torch.sort(v, stable=True)
-    _, inverse, counts = torch.unique_consecutive(sorted_v, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).to(torch.float64)  # rank of the last member of each tie group
-    average = ends - (counts.to(torch.float64) - 1) / 2
-    ranks = torch.empty_like(v)
-    ranks[order] = average[inverse]
-    return ranks
+    return torch.from_numpy(rankdata(v.numpy(), method="average").astype(np.float64))
 
 
 def spearman(
     a: Tensor | np.ndarray | Sequence[float], b: Tensor | np.ndarray | Sequence[float]
 ) -> float:
-    """Spearman's rank correlation: the Pearson correlation of the ranks (ties averaged). nan
-    when either input is constant, as scipy.stats.spearmanr."""
-    ra, rb = rank(a), rank(b)
-    if len(ra) != len(rb):
-        raise ValueError(f"a and b must have the same length, got {len(ra)} and {len(rb)}")
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = torch.sqrt((ra * ra).sum() * (rb * rb).sum())
-    if denom == 0:
+    """Spearman's rank correlation (ties averaged): ``scipy.stats.spearmanr``. nan, without a
+    warning, when either input is constant."""
+    import warnings
+
+    from scipy.stats import spearmanr
+
+    va, vb = _scores_1d("a", a), _scores_1d("b", b)
+    if len(va) != len(vb):
+        raise ValueError(f"a and b must have the same length, got {len(va)} and {len(vb)}")
+    if len(va) < 2 or bool((va == va[0]).all()) or bool((vb == vb[0]).all()):
         return math.nan
-    return float((ra * rb).sum() / denom)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(spearmanr(va.numpy(), vb.numpy()).statistic)
 
 
 def spearman_matrix(scores: Mapping[str, Tensor | np.ndarray]) -> tuple[list[str], Tensor]:

@@ -27,6 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .checks import check_int
+from .functional import model_device_dtype, module_mode
 from .losses import LossFn, get_loss, targets_for
 
 OPTIMIZERS: tuple[str, ...] = ("gd", "sgd")
@@ -115,19 +116,13 @@ def _check_float(name: str, value: object, low: float, high: float, *, low_open:
     return float(value)
 
 
-def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for p in model.parameters():
-        return p.device, p.dtype
-    return torch.device("cpu"), torch.get_default_dtype()
-
-
 def _prepare(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """x, y on the model's device; floating tensors in the model's dtype."""
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must have the same number of examples, got {len(x)}, {len(y)}")
     if x.shape[0] == 0:
         raise ValueError("x must hold at least one example")
-    device, dtype = _model_device_dtype(model)
+    device, dtype = model_device_dtype(model)
     x = x.to(device, dtype) if x.dtype.is_floating_point else x.to(device)
     y = y.to(device, dtype) if y.dtype.is_floating_point else y.to(device)
     return x, y
@@ -144,21 +139,6 @@ def _loss_and_accuracy(
     if not yb.dtype.is_floating_point and num_outputs > 1 and yb.dim() == 1:
         acc = (out.argmax(dim=1) == yb).to(out.dtype).mean()
     return value, acc
-
-
-class _mode:
-    """Put every submodule in train / eval mode, and restore each one's own mode afterwards."""
-
-    def __init__(self, model: nn.Module, training: bool) -> None:
-        self.model, self.training = model, training
-
-    def __enter__(self) -> None:
-        self.saved = [(m, m.training) for m in self.model.modules()]
-        self.model.train(self.training)
-
-    def __exit__(self, *exc: object) -> None:
-        for m, training in self.saved:
-            m.training = training
 
 
 SAMPLINGS: tuple[str, ...] = ("epoch", "fresh")
@@ -279,7 +259,7 @@ def train(
     start = time.perf_counter()
     bar = tqdm(total=total, desc="train", disable=not progress, leave=False)
     try:
-        with _mode(model, True):
+        with module_mode(model, True):
             for t in range(total + 1):
                 last = t == total
                 # before the step's forward pass, which moves BatchNorm's running statistics
@@ -355,7 +335,7 @@ def evaluate(
     n = len(x)
     batch_size = n if batch_size is None else check_int("batch_size", batch_size, 1, n)
     total_loss, total_correct, has_acc = 0.0, 0.0, False
-    with _mode(model, False), torch.no_grad():
+    with module_mode(model, False), torch.no_grad():
         for start in range(0, n, batch_size):
             xb, yb = x[start : start + batch_size], y[start : start + batch_size]
             value, acc = _loss_and_accuracy(model, loss, xb, yb)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .. import curvature, data, models, train
-from ..cache import Cache
+from ..cache import Cache, cached  # cached: re-exported for the notebooks
 from ..checks import check_int, check_positive
 
 DTYPE = torch.float64
@@ -297,14 +297,6 @@ def spectrum_run(
         out["eig_between"] = eigvals(parts.between)
         out["eig_within"] = eigvals(parts.within)
     return out
-
-
-def cached(cache: Cache | None, name: str, fn: Any, **config: Any) -> dict[str, Any]:
-    """``fn(**config)`` through ``cache`` (None: no cache); the device is not part of the key."""
-    if cache is None:
-        return fn(**config)
-    key = {k: v for k, v in config.items() if k != "device"}
-    return cache.get_or_compute(name, key, lambda: fn(**config))
 
 
 def regime_table(

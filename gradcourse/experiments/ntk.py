@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import data, losses, models, ntk
-from ..cache import Cache
+from ..cache import Cache, cached  # cached: re-exported for the notebooks
 from ..checks import check_int
 from ..train import Diverged
 
@@ -55,14 +55,6 @@ def _check_number(
         rng = lo if high is None else f"{lo} and <= {high:g}"
         raise ValueError(f"{name} must be a finite number {rng}, got {value!r}")
     return float(value)
-
-
-def cached(cache: Cache | None, name: str, fn: Callable[..., Any], **config: Any) -> Any:
-    """``fn(**config)`` through ``cache`` (None: no cache); the device is not part of the key."""
-    if cache is None:
-        return fn(**config)
-    key = {k: v for k, v in config.items() if k != "device"}
-    return cache.get_or_compute(name, key, lambda: fn(**config))
 
 
 # ----------------------------------------------------------------------------- nets and data
