@@ -30,12 +30,22 @@ the unclipped and the clipped update, itself clipped at C2 >= C1, in a hidden st
     theta <- theta - lr * (v_t + w_t),                  w_t ~ N(0, s^2 I)
     e_{t+1} = e_t + (1/b) sum_i g_i - v_t,               e_0 = 0
 
-so that the clipping error is eventually applied and the constant bias disappears. Here
-s = sigma * C1 / b, DP-SGD's noise, so that the two methods run with the same noise. **What this
-does not give**: the privacy of DiceSGD. The hidden state carries unclipped information forward,
-and Zhang et al. prove a Renyi-DP bound of their own, which needs a larger noise than DP-SGD at
-the same (C1, q, T); :func:`epsilon` accounts DP-SGD only. Use DiceSGD here to study its
-optimisation (the bias), not to claim a privacy level.
+so that the clipping error is eventually applied and the constant bias disappears. In
+:func:`dp_train` the noise is s = sigma * C1 / b, with sigma the ``noise_multiplier`` passed.
+
+**DiceSGD's privacy.** The hidden state carries unclipped information forward, so DiceSGD at
+DP-SGD's noise is *not* DP-SGD's privacy; Zhang et al. prove a Renyi-DP bound of their own (an
+algorithm-specific analysis of the released iterates with the hidden state, section 3 of the
+paper) that needs more noise. This module does not re-derive that bound. :func:`dice_noise_multiplier`
+applies the calibration of the authors' released code: DP-SGD's noise multiplier for the target
+(epsilon, delta) at the same (q, T), times sqrt(1 + 2 C2 / C1). That code clips the error of
+the *summed* update at C2 (``feedback_scale="sum"`` in :func:`dp_train`: C2 / b on the mean
+update), so the fed-back term adds at most C2 to the sum, and the calibration is in those units.
+An epsilon quoted for a DiceSGD run made that way is the authors' claim, through DP-SGD's
+accountant (:func:`epsilon`); no library checks it. With the error clipped on the mean update
+(``feedback_scale="mean"``, the update as the paper writes it), one example can move the fed-back
+term by up to 2 C2 against C1 / b for its clipped gradient, and that calibration has no argument
+we can check.
 """
 
 from __future__ import annotations
@@ -53,14 +63,18 @@ from tqdm.auto import tqdm
 from . import pergrad
 from .checks import check_int
 from .losses import LossFn, get_loss
+from .train import SCHEDULES, lr_factor
 
 __all__ = [
     "ACCOUNTANTS",
+    "FEEDBACK_SCALES",
     "METHODS",
     "SAMPLINGS",
     "clip",
     "clipped_mean",
     "clipped_sum",
+    "dice_noise_multiplier",
+    "feedback_noise_ratio",
     "dp_train",
     "epsilon",
     "noise_multiplier",
@@ -69,6 +83,7 @@ __all__ = [
 
 METHODS: tuple[str, ...] = ("sgd", "dpsgd", "dice")
 SAMPLINGS: tuple[str, ...] = ("poisson", "shuffle")
+FEEDBACK_SCALES: tuple[str, ...] = ("mean", "sum")
 ACCOUNTANTS: tuple[str, ...] = ("opacus", "dp_accounting")
 
 
@@ -161,19 +176,32 @@ def _flat_grads(model: nn.Module, loss: str | LossFn, x: Tensor, y: Tensor) -> T
     return torch.cat([g.reshape(len(x), -1) for g in grads.values()], dim=1)
 
 
-def _weighted_grad(
+def _weighted_grads(
     model: nn.Module, loss: str | LossFn, x: Tensor, y: Tensor, weights: Tensor
 ) -> Tensor:
-    """(P,): the gradient of sum_i weights_i l_i, flattened, in eval mode (one backward pass)."""
+    """(K, P): row k is the gradient of sum_i weights[k, i] l_i, flattened, in eval mode (one
+    forward pass, K backward passes through it)."""
     params = [p for p in model.parameters() if p.requires_grad]
     named, frozen, x, y = pergrad._prepare(model, x, y, None)
     y = pergrad._targets(model, loss, named, frozen, x, y)
     mean_loss = get_loss(loss)
     one = vmap(lambda o, t: mean_loss(o.unsqueeze(0), t.unsqueeze(0)))
+    rows = []
     with pergrad.eval_mode(model), torch.enable_grad():
-        total = (one(model(x), y) * weights.to(x.device, params[0].dtype)).sum()
-        grads = torch.autograd.grad(total, params)
-    return torch.cat([g.flatten() for g in grads])
+        losses = one(model(x), y)
+        for k, w in enumerate(weights):
+            total = (losses * w.to(x.device, params[0].dtype)).sum()
+            grads = torch.autograd.grad(total, params, retain_graph=k < len(weights) - 1)
+            rows.append(torch.cat([g.flatten() for g in grads]))
+    return torch.stack(rows)
+
+
+def _clip_weights(model: nn.Module, loss: str | LossFn, x: Tensor, y: Tensor, threshold: float):
+    """min(1, C / ||g_i||) for every example (ones when C is infinite)."""
+    if threshold == math.inf:
+        return torch.ones(len(x), dtype=torch.float64)
+    norms = pergrad.per_example_grad_norms(model, loss, x, y).detach().double().cpu()
+    return torch.where(norms > threshold, threshold / norms.clamp_min(1e-300), 1.0)
 
 
 def clipped_sum(
@@ -185,12 +213,7 @@ def clipped_sum(
     loss sum_i min(1, C / ||g_i||) l_i, one more backward pass ("ghost clipping": Goodfellow
     2015; Lee & Kifer 2021). Eval mode, as the norms. ``threshold=inf``: the plain sum."""
     threshold = _check_number("threshold", threshold, 0.0, open_low=True, inf=True)
-    if threshold == math.inf:
-        weights = torch.ones(len(x))
-    else:
-        norms = pergrad.per_example_grad_norms(model, loss, x, y).detach().double().cpu()
-        weights = torch.where(norms > threshold, threshold / norms.clamp_min(1e-300), 1.0)
-    return _weighted_grad(model, loss, x, y, weights)
+    return _weighted_grads(model, loss, x, y, _clip_weights(model, loss, x, y, threshold)[None])[0]
 
 
 def dp_train(
@@ -205,11 +228,13 @@ def dp_train(
     batch_size: int,
     clip_norm: float = 1.0,
     feedback_clip: float | None = None,
+    feedback_scale: str = "mean",
     noise_multiplier: float = 0.0,
     sampling: str = "poisson",
     seed: int = 0,
     callback: Callable[[int, nn.Module], dict[str, Any] | None] | None = None,
     every: int = 1,
+    schedule: str = "constant",
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place for ``steps`` updates with ``method``:
@@ -218,7 +243,11 @@ def dp_train(
     - ``"dpsgd"``: DP-SGD, per-example clipping at ``clip_norm`` and noise of standard deviation
       ``noise_multiplier * clip_norm`` on the sum (module docstring);
     - ``"dice"``: DiceSGD with C1 = ``clip_norm``, C2 = ``feedback_clip`` (default C1; must be
-      >= C1) and the same noise as DP-SGD (its privacy is *not* DP-SGD's: module docstring).
+      >= C1) and noise of standard deviation ``noise_multiplier * clip_norm`` on the sum, as
+      DP-SGD: for the authors' privacy calibration pass :func:`dice_noise_multiplier`'s value
+      (module docstring). ``feedback_scale="mean"`` clips the error of the mean update at C2
+      (Algorithm 1 as written); ``"sum"`` clips the error of the *summed* update at C2, as the
+      authors' released code does, which is the mean update's error clipped at C2 / b.
 
     Batches: ``sampling="poisson"`` with rate q = batch_size / n, the sums divided by the expected
     size b = q n; ``"shuffle"``, reshuffled epochs cut into batches of ``batch_size`` (the last
@@ -227,11 +256,16 @@ def dp_train(
     BatchNorm statistics, no dropout in the gradient). All randomness (batches, noise) is drawn from generators seeded by
     ``seed``; the global RNG is untouched.
 
+    The step size of update t is ``lr`` times :func:`gradcourse.train.lr_factor` of ``schedule``
+    (``"constant"``, ``"step"`` or ``"cosine"`` over ``steps``).
+
     ``callback(step, model)`` runs at steps 0, every, 2 every, ... and after the last update;
     the dicts it returns (with their step) are returned as a list.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
     get_loss(loss)
@@ -249,6 +283,8 @@ def dp_train(
     )
     if c2 < c1:
         raise ValueError(f"feedback_clip must be >= clip_norm ({c1:g}), got {c2!r}")
+    if feedback_scale not in FEEDBACK_SCALES:
+        raise ValueError(f"feedback_scale must be one of {FEEDBACK_SCALES}, got {feedback_scale!r}")
     sigma = _check_number("noise_multiplier", noise_multiplier, 0.0, open_low=False)
     if sigma > 0 and (method == "sgd" or c1 == math.inf):
         raise ValueError(
@@ -277,20 +313,21 @@ def dp_train(
         idx = next(batches).to(x.device)
         b = batch_size if sampling == "poisson" else max(len(idx), 1)
         empty = len(idx) == 0
-        if method == "sgd" or method == "dice":
-            plain = (
-                theta.new_zeros(len(theta))
-                if empty
-                else clipped_sum(model, loss, x[idx], y[idx], math.inf)
+        if empty:
+            plain = clipped = theta.new_zeros(len(theta))
+        elif method == "sgd":
+            plain = clipped_sum(model, loss, x[idx], y[idx], math.inf)
+        elif method == "dpsgd":
+            clipped = clipped_sum(model, loss, x[idx], y[idx], c1)
+        else:  # DiceSGD: both sums from one forward pass
+            xb, yb = x[idx], y[idx]
+            w = _clip_weights(model, loss, xb, yb, c1)
+            clipped, plain = _weighted_grads(
+                model, loss, xb, yb, torch.stack([w, torch.ones_like(w)])
             )
         if method == "sgd":
             update = plain.to(theta) / b
         else:
-            clipped = (
-                theta.new_zeros(len(theta))
-                if empty
-                else clipped_sum(model, loss, x[idx], y[idx], c1)
-            )
             update = clipped.to(theta) / b
             if sigma > 0:
                 noise = torch.randn(theta.shape, generator=noise_gen, device=theta.device)
@@ -298,11 +335,11 @@ def dp_train(
             else:
                 noise = torch.zeros_like(theta)
             if method == "dice":
-                v = update + clip(error, c2)
+                v = update + clip(error, c2 if feedback_scale == "mean" else c2 / b)
                 error = error + plain.to(theta) / b - v
                 update = v
             update = update + noise
-        theta = theta - lr * update
+        theta = theta - lr * lr_factor(schedule, t, steps) * update
         nn.utils.vector_to_parameters(theta, params)
     record(steps)
     return records
@@ -365,8 +402,51 @@ def noise_multiplier(target_epsilon: float, sample_rate: float, steps: int, delt
 
     with warnings.catch_warnings():  # the search visits tiny sigmas whose best order is the largest
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return float(
-            get_noise_multiplier(
+        try:
+            sigma = get_noise_multiplier(
                 target_epsilon=eps, target_delta=delta, sample_rate=q, steps=steps, accountant="rdp"
             )
-        )
+        except ValueError as err:  # Opacus: "The privacy budget is too low."
+            raise ValueError(
+                f"target_epsilon = {eps:g} is out of reach for sample_rate = {q:g}, steps = {steps}, "
+                f"delta = {delta:g}: Opacus's search found no noise multiplier ({err})"
+            ) from err
+        return float(sigma)
+
+
+def dice_noise_multiplier(noise_multiplier: float, clip_norm: float, feedback_clip: float) -> float:
+    """DiceSGD's noise multiplier as the authors' released code calibrates it (module
+    docstring): ``noise_multiplier`` (DP-SGD's, e.g. from :func:`noise_multiplier` for the target
+    epsilon) times sqrt(1 + 2 C2 / C1), C1 = ``clip_norm``, C2 = ``feedback_clip`` >= C1. Pass the
+    result to :func:`dp_train` with ``method="dice"``. Not an accountant: this rescales, it does
+    not prove."""
+    sigma = _check_number("noise_multiplier", noise_multiplier, 0.0, open_low=False)
+    c1 = _check_number("clip_norm", clip_norm, 0.0, open_low=True)
+    c2 = _check_number("feedback_clip", feedback_clip, 0.0, open_low=True)
+    if c2 < c1:
+        raise ValueError(f"feedback_clip must be >= clip_norm ({c1:g}), got {feedback_clip!r}")
+    return sigma * math.sqrt(1.0 + 2.0 * c2 / c1)
+
+
+def feedback_noise_ratio(
+    noise_multiplier: float,
+    clip_norm: float,
+    feedback_clip: float,
+    batch_size: int,
+    feedback_scale: str = "mean",
+) -> float:
+    """A worst-case check of DiceSGD's fed-back term alone: the noise's standard deviation on the
+    mean update, ``noise_multiplier * clip_norm / b``, divided by the largest change one example
+    can make to clip(e_t, C2) in one step when nothing is assumed about how e_t was built
+    (2 C2 on the mean update; 2 C2 / b with ``feedback_scale="sum"``). That is the noise
+    multiplier the term would have as a Gaussian mechanism of its own; since e_t carries every
+    past batch, no subsampling amplification applies to it. A small value means this simple
+    argument gives no useful privacy; the paper's theorem uses the structure of e_t instead."""
+    sigma = _check_number("noise_multiplier", noise_multiplier, 0.0, open_low=False)
+    c1 = _check_number("clip_norm", clip_norm, 0.0, open_low=True)
+    c2 = _check_number("feedback_clip", feedback_clip, 0.0, open_low=True)
+    check_int("batch_size", batch_size, 1)
+    if feedback_scale not in FEEDBACK_SCALES:
+        raise ValueError(f"feedback_scale must be one of {FEEDBACK_SCALES}, got {feedback_scale!r}")
+    change = 2 * c2 if feedback_scale == "mean" else 2 * c2 / batch_size
+    return sigma * c1 / batch_size / change

@@ -342,3 +342,23 @@ def test_ntk_fig3_gpu_profile_on_mnist(data_dir, write_fake_mnist, tmp_path):
     )
     t_half = nx.half_times(multi["proj"], all4)
     assert t_half.shape == (4,) and t_half[0] < math.inf  # PC1 (the largest) is half-learnt
+
+
+def test_dp_clipping_gpu_profile_tanh_cnn(tmp_path):
+    """Notebook 05's gpu profile: Papernot et al.'s tanh CNN on Fashion-MNIST images (not
+    flattened), at toy size, for DP-SGD and DiceSGD at the notebook's budget; the clipped sums
+    of the CNN go through the per-example norms of pergrad (checked against a loop in
+    test_privacy)."""
+    from gradcourse.experiments import privacy as px
+
+    gpu = notebook_config("05_dp_clipping_bias.ipynb", "gpu")
+    paper = gpu["fashion"]
+    assert (paper["arch"], paper["n_train"]) == ("tanh_cnn", 60_000)
+    cfg = px.config(**{**paper, "n_train": 64, "n_test": 32, "epochs": 1, "batch_size": 16})
+    ds = px.load_data(cfg)
+    assert ds.x_train.shape[1:] == (1, 28, 28)
+    cache = Cache(tmp_path / "cache")
+    for method in ("dpsgd", "dice"):
+        r = px.cached_run(cfg, method, 0.1, 3.0, gpu["seeds"][0], cache=cache, device=CPU)
+        assert r["steps"] == 4 and np.isfinite(r["curve"]).all()
+        assert r["sigma"] == pytest.approx(px.sigma_for(cfg, method, 0.1, 3.0))

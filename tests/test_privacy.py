@@ -211,6 +211,8 @@ def test_noise_multiplier_reaches_the_target_epsilon():
         pv.epsilon(1.0, 0.01, 10, 1.5)
     with pytest.raises(ValueError, match="accountant must be one of"):
         pv.epsilon(1.0, 0.01, 10, 1e-5, accountant="moments")
+    with pytest.raises(ValueError, match=r"target_epsilon = 0.01 is out of reach"):
+        pv.noise_multiplier(0.01, 0.04, 69, 1e-5)
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
@@ -239,3 +241,43 @@ def test_clipped_sum_without_per_example_gradients_matches_a_loop(arch):
         pv.clipped_sum(net, "ce", x, y, math.inf), rows.sum(0), rtol=1e-10, atol=1e-12
     )
     torch.testing.assert_close(pv.clip(rows, c).sum(0), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_dice_noise_multiplier_is_the_authors_rescaling():
+    # sqrt(1 + 2 C2 / C1): sqrt(3) at C2 = C1, by hand
+    assert pv.dice_noise_multiplier(0.7, 0.1, 0.1) == pytest.approx(0.7 * math.sqrt(3.0))
+    assert pv.dice_noise_multiplier(1.0, 1.0, 4.0) == pytest.approx(3.0)
+    assert pv.dice_noise_multiplier(0.0, 1.0, 1.0) == 0.0
+    with pytest.raises(ValueError, match="feedback_clip must be >= clip_norm"):
+        pv.dice_noise_multiplier(1.0, 1.0, 0.5)
+    with pytest.raises(ValueError, match="clip_norm must be"):
+        pv.dice_noise_multiplier(1.0, 0.0, 1.0)
+
+
+def test_dice_feedback_on_the_summed_update_is_clipped_at_c2_over_b():
+    """feedback_scale='sum' (the authors' code): the error of the summed update clipped at C2,
+    i.e. the mean update's error at C2 / b; by hand on three examples, two steps."""
+    y = torch.tensor([[0.0], [1.0], [9.0]], dtype=F64)
+    x = torch.zeros(3, 1, dtype=F64)
+    model = mean_model(0.0)
+    kw = dict(method="dice", loss="mse", lr=0.5, batch_size=3, clip_norm=1.0, sampling="shuffle")
+    out = pv.dp_train(model, x, y, steps=2, feedback_scale="sum", **kw,
+                      callback=lambda s, m: {"theta": m.bias.item()})  # fmt: skip
+    theta, e, expected = 0.0, 0.0, [0.0]
+    for _ in range(2):
+        g = [theta - v for v in (0.0, 1.0, 9.0)]
+        v = sum(max(-1.0, min(1.0, gi)) for gi in g) / 3 + max(-1 / 3, min(1 / 3, e))
+        e = e + sum(g) / 3 - v
+        theta = theta - 0.5 * v
+        expected.append(theta)
+    assert [r["theta"] for r in out] == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="feedback_scale must be one of"):
+        pv.dp_train(mean_model(), x, y, steps=1, feedback_scale="batch", **kw)
+
+
+def test_feedback_noise_ratio_by_hand():
+    # mean scale: (sigma C1 / b) / (2 C2); sum scale: (sigma C1 / b) / (2 C2 / b)
+    assert pv.feedback_noise_ratio(1.2, 0.1, 0.1, 256) == pytest.approx(1.2 * 0.1 / 256 / 0.2)
+    assert pv.feedback_noise_ratio(1.2, 0.1, 0.1, 256, "sum") == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="feedback_scale must be one of"):
+        pv.feedback_noise_ratio(1.0, 1.0, 1.0, 4, "batch")

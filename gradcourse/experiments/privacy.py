@@ -1,0 +1,348 @@
+"""Notebook 05, clipping's bias in DP-SGD and DiceSGD's error feedback (Zhang, Bu, Wu & Hong,
+ICLR 2024, arXiv 2311.14632; DP-SGD: Abadi et al. 2016, arXiv 1607.00133).
+
+Two experiments:
+
+- **Mean estimation in one dimension** (:func:`mean_data`, :func:`mean_trajectories`): the loss
+  l_i(theta) = (theta - y_i)^2 / 2 on generated data with a few heavy examples, where the
+  optimum (the mean) and the fixed point of clipped gradient descent
+  (:func:`gradcourse.privacy.clipped_mean`) are known in closed form. Generated on purpose: the
+  paper's point is a distance to a known optimum.
+- **Fashion-MNIST** (:func:`fashion_run`, :func:`cached_run`): test accuracy of SGD, DP-SGD and
+  DiceSGD at a target epsilon (delta from the configuration), Poisson sampling, the noise
+  multiplier from Opacus's RDP accountant; DiceSGD's noise as the authors' code calibrates it
+  (:func:`gradcourse.privacy.dice_noise_multiplier`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import data, models, pergrad, train
+from .. import privacy as pv
+from ..cache import Cache
+from ..checks import check_int
+
+__all__ = [
+    "ARCHS",
+    "DEFAULTS",
+    "cached_run",
+    "config",
+    "fashion_run",
+    "load_data",
+    "make_model",
+    "mean_data",
+    "mean_trajectories",
+    "sample_rate",
+    "sigma_for",
+    "steps_for",
+]
+
+ARCHS: tuple[str, ...] = ("mlp", "tanh_cnn")
+
+DEFAULTS: dict[str, Any] = dict(
+    n_train=60_000,
+    n_test=10_000,
+    data_seed=0,
+    arch="mlp",
+    widths=(128,),
+    epochs=5,
+    batch_size=256,  # the expected Poisson batch, q = batch_size / n_train
+    lr=0.5,
+    schedule="constant",  # or "cosine", "step": gradcourse.train.lr_factor
+    delta=1e-5,
+    feedback_ratio=1.0,  # DiceSGD's C2 / C1, as in the authors' default
+    feedback_scale="sum",  # DiceSGD's error clipped on the summed update, as the authors' code
+    noise_factor=1.0,  # a control: the calibrated noise multiplier times this (1: as calibrated)
+    records=5,  # test accuracy and the clipped share recorded this many times per run (+ start)
+)
+
+
+def _positive(name: str, value: object, *, high: float = math.inf) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and 0 < value <= high
+    if not ok:
+        bound = "" if high == math.inf else f", at most {high:g}"
+        raise ValueError(f"{name} must be a finite number > 0{bound}, got {value!r}")
+    return float(value)
+
+
+def config(**overrides: Any) -> dict[str, Any]:
+    """:data:`DEFAULTS` updated with ``overrides`` (unknown keys refused) and checked."""
+    unknown = sorted(set(overrides) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown configuration keys {unknown}; known: {sorted(DEFAULTS)}")
+    cfg = {**DEFAULTS, **overrides}
+    cfg["widths"] = tuple(cfg["widths"])
+    check_int("n_train", cfg["n_train"], 10, 60_000)
+    check_int("n_test", cfg["n_test"], 1, 10_000)
+    check_int("data_seed", cfg["data_seed"], 0)
+    if cfg["arch"] not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {cfg['arch']!r}")
+    for i, w in enumerate(cfg["widths"]):
+        check_int(f"widths[{i}]", w, 1)
+    check_int("epochs", cfg["epochs"], 1)
+    check_int("batch_size", cfg["batch_size"], 1, cfg["n_train"])
+    check_int("records", cfg["records"], 1)
+    _positive("lr", cfg["lr"])
+    if cfg["schedule"] not in train.SCHEDULES:
+        raise ValueError(f"schedule must be one of {train.SCHEDULES}, got {cfg['schedule']!r}")
+    _positive("delta", cfg["delta"], high=0.5)
+    ratio = cfg["feedback_ratio"]
+    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio >= 1):
+        raise ValueError(f"feedback_ratio (C2 / C1) must be a finite number >= 1, got {ratio!r}")
+    _positive("noise_factor", cfg["noise_factor"])
+    if cfg["feedback_scale"] not in pv.FEEDBACK_SCALES:
+        raise ValueError(
+            f"feedback_scale must be one of {pv.FEEDBACK_SCALES}, got {cfg['feedback_scale']!r}"
+        )
+    return cfg
+
+
+# ----------------------------------------------------------------------------- 1-D mean estimation
+
+
+def mean_data(
+    n: int = 41, heavy: tuple[float, ...] = (8.0, 10.0, 12.0, 15.0), *, seed: int = 0
+) -> Tensor:
+    """``n`` standard normal values (float64, seeded) of which the first ``len(heavy)`` are
+    shifted by ``heavy``: a few examples whose gradients clipping cuts short."""
+    check_int("n", n, max(len(heavy), 2))
+    check_int("seed", seed, 0)
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(n, generator=g, dtype=torch.float64)
+    y[: len(heavy)] += torch.tensor(heavy, dtype=torch.float64)
+    return y
+
+
+def mean_trajectories(
+    y: Tensor | np.ndarray,
+    method: str,
+    clip: float,
+    *,
+    lr: float,
+    steps: int,
+    noise_multiplier: float = 0.0,
+    feedback_ratio: float = 1.0,
+    feedback_scale: str = "mean",
+    theta0: float = 0.0,
+    seeds: tuple[int, ...] = (0,),
+) -> np.ndarray:
+    """theta_0, ..., theta_steps, one row per seed, of full-batch ``method`` (``"dpsgd"`` or
+    ``"dice"``, C1 = ``clip``, C2 = ``feedback_ratio * clip``, the error clipped on the mean
+    update or on the summed one as ``feedback_scale`` says) on l_i = (theta - y_i)^2 / 2:
+    the updates of :func:`gradcourse.privacy.dp_train` with every example in every batch,
+    written out for a scalar (g_i = theta - y_i) and vectorised over seeds, with noise of
+    standard deviation ``noise_multiplier * clip / n`` on the mean update drawn from
+    ``numpy.random.default_rng(seed)``. A test checks it against ``dp_train``. Full batches, so
+    no sampling and no privacy accounting: this is the optimisation, not the privacy."""
+    if method not in ("dpsgd", "dice"):
+        raise ValueError(f"method must be 'dpsgd' or 'dice', got {method!r}")
+    y = np.asarray(y, dtype=np.float64).ravel()
+    check_int("steps", steps, 1)
+    lr, clip = _positive("lr", lr), _positive("clip", clip)
+    if not (isinstance(feedback_ratio, (int, float)) and feedback_ratio >= 1):
+        raise ValueError(f"feedback_ratio (C2 / C1) must be a number >= 1, got {feedback_ratio!r}")
+    if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
+        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+    if feedback_scale not in pv.FEEDBACK_SCALES:
+        raise ValueError(
+            f"feedback_scale must be one of {pv.FEEDBACK_SCALES}, got {feedback_scale!r}"
+        )
+    if not seeds:
+        raise ValueError("seeds must hold at least one seed")
+    for i, s in enumerate(seeds):
+        check_int(f"seeds[{i}]", s, 0)
+    n = len(y)
+    c2 = feedback_ratio * clip / (1 if feedback_scale == "mean" else n)
+    noise = np.stack([np.random.default_rng(s).standard_normal(steps) for s in seeds])
+    noise *= noise_multiplier * clip / n
+    theta = np.full(len(seeds), float(theta0))
+    error = np.zeros(len(seeds))
+    out = np.empty((len(seeds), steps + 1))
+    out[:, 0] = theta
+    for t in range(steps):
+        g = theta[:, None] - y[None, :]
+        v = np.clip(g, -clip, clip).mean(axis=1)
+        if method == "dice":
+            v = v + np.clip(error, -c2, c2)
+            error = error + g.mean(axis=1) - v
+        theta = theta - lr * (v + noise[:, t])
+        out[:, t + 1] = theta
+    return out
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+
+
+def sample_rate(cfg: Mapping[str, Any]) -> float:
+    """q = batch_size / n_train, the Poisson sampling rate."""
+    cfg = config(**cfg)
+    return cfg["batch_size"] / cfg["n_train"]
+
+
+def steps_for(cfg: Mapping[str, Any]) -> int:
+    """epochs * round(1 / q): the expected number of examples seen is epochs * n_train."""
+    cfg = config(**cfg)
+    return cfg["epochs"] * round(cfg["n_train"] / cfg["batch_size"])
+
+
+def sigma_for(cfg: Mapping[str, Any], method: str, clip: float, epsilon: float) -> float:
+    """The noise multiplier of ``method`` at ``epsilon`` (delta of ``cfg``) for ``cfg``'s
+    q and steps: 0 for ``"sgd"``; DP-SGD's from Opacus's RDP accountant
+    (:func:`gradcourse.privacy.noise_multiplier`); for ``"dice"`` that times
+    sqrt(1 + 2 C2 / C1) (:func:`gradcourse.privacy.dice_noise_multiplier`, the authors'
+    calibration, not an independent accountant); times ``noise_factor`` (1 unless a control
+    asks for more noise: the privacy then only improves)."""
+    cfg = config(**cfg)
+    if method not in pv.METHODS:
+        raise ValueError(f"method must be one of {pv.METHODS}, got {method!r}")
+    if method == "sgd":
+        return 0.0
+    epsilon = _positive("epsilon", epsilon)
+    clip = _positive("clip", clip)
+    sigma = pv.noise_multiplier(epsilon, sample_rate(cfg), steps_for(cfg), cfg["delta"])
+    if method == "dice":
+        sigma = pv.dice_noise_multiplier(sigma, clip, cfg["feedback_ratio"] * clip)
+    return sigma * cfg["noise_factor"]
+
+
+def load_data(cfg: Mapping[str, Any], device: str | torch.device | None = None) -> data.Dataset:
+    """Fashion-MNIST: ``n_train`` training images (class-balanced subset under ``data_seed``,
+    all 60,000 by default), the first ``n_test`` test images; flattened for the MLP."""
+    cfg = config(**cfg)
+    ds = data.fashion_mnist(
+        n_train=cfg["n_train"],
+        n_test=cfg["n_test"],
+        seed=cfg["data_seed"],
+        flatten=cfg["arch"] == "mlp",
+    )
+    return ds.to(device)
+
+
+class TanhCNN(nn.Module):
+    """The tanh CNN of Papernot et al. (AAAI 2021, "Tempered Sigmoid Activations for Deep
+    Learning with Differential Privacy", Table 1, MNIST/Fashion-MNIST): conv 16 8x8 stride 2
+    padding 2, max-pool 2 stride 1, conv 32 4x4 stride 2, max-pool 2 stride 1, dense 32, dense
+    10, tanh after every hidden layer."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 8, stride=2, padding=2)
+        self.conv2 = nn.Conv2d(16, 32, 4, stride=2)
+        self.fc1 = nn.Linear(32 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = nn.functional.max_pool2d(torch.tanh(self.conv1(x)), 2, 1)
+        h = nn.functional.max_pool2d(torch.tanh(self.conv2(h)), 2, 1)
+        return self.fc2(torch.tanh(self.fc1(h.flatten(1))))
+
+
+def make_model(
+    cfg: Mapping[str, Any], *, seed: int, device: str | torch.device | None = None
+) -> nn.Module:
+    """``cfg["arch"]``, with PyTorch's default initialisation drawn from ``seed``: a tanh MLP
+    784 -> ``widths`` -> 10, or :class:`TanhCNN`."""
+    cfg = config(**cfg)
+    check_int("seed", seed, 0)
+    if cfg["arch"] == "mlp":
+        net: nn.Module = models.MLP(784, cfg["widths"], 10, activation="tanh", seed=seed)
+    else:
+        net = TanhCNN()
+    return models.torch_default_init_(net, seed).to(device)
+
+
+def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).double().mean().item()
+
+
+def fashion_run(
+    cfg: Mapping[str, Any],
+    method: str,
+    clip: float,
+    epsilon: float,
+    seed: int,
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train ``method`` (``"sgd"``, ``"dpsgd"`` or ``"dice"``) at clipping threshold ``clip``
+    (C1; ignored by SGD) and target ``epsilon`` (ignored by SGD) from seed ``seed`` (weights,
+    batches, noise). Returns the final test ``accuracy``, the noise multiplier ``sigma``,
+    ``steps``, and at ``records`` + 1 evenly spaced steps (``step``) the test accuracy
+    (``curve``) and the share of per-example gradient norms above ``clip`` on a fixed probe of
+    512 training images (``clipped``)."""
+    cfg = config(**cfg)
+    sigma = sigma_for(cfg, method, clip, epsilon)
+    ds = load_data(cfg, device)
+    model = make_model(cfg, seed=seed, device=device)
+    steps = steps_for(cfg)
+    probe = torch.arange(min(512, ds.n_train), device=ds.x_train.device)
+    c1 = math.inf if method == "sgd" else float(clip)
+
+    def callback(step: int, net: nn.Module) -> dict[str, float]:
+        norms = pergrad.per_example_grad_norms(net, "ce", ds.x_train[probe], ds.y_train[probe])
+        return {
+            "accuracy": _accuracy(net, ds.x_test, ds.y_test),
+            "clipped": (norms > float(clip)).double().mean().item(),
+        }
+
+    rec = pv.dp_train(
+        model,
+        ds.x_train,
+        ds.y_train,
+        method=method,
+        lr=cfg["lr"],
+        steps=steps,
+        batch_size=cfg["batch_size"],
+        clip_norm=c1,
+        feedback_clip=None if method != "dice" else cfg["feedback_ratio"] * c1,
+        feedback_scale=cfg["feedback_scale"],
+        noise_multiplier=sigma,
+        sampling="poisson",
+        seed=seed,
+        callback=callback,
+        every=max(1, steps // cfg["records"]),
+        schedule=cfg["schedule"],
+        progress=progress,
+    )
+    return {
+        "accuracy": rec[-1]["accuracy"],
+        "sigma": sigma,
+        "steps": steps,
+        "step": np.array([r["step"] for r in rec]),
+        "curve": np.array([r["accuracy"] for r in rec]),
+        "clipped": np.array([r["clipped"] for r in rec]),
+    }
+
+
+def cached_run(
+    cfg: Mapping[str, Any],
+    method: str,
+    clip: float,
+    epsilon: float,
+    seed: int,
+    *,
+    cache: Cache | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """:func:`fashion_run` through ``cache`` (None: computed every time). SGD's runs are keyed
+    without clip and epsilon, which it ignores."""
+    cfg = config(**cfg)
+    if method == "sgd":
+        clip, epsilon = 1.0, 1.0
+    key = {**cfg, "method": method, "clip": float(clip), "epsilon": float(epsilon), "seed": seed}
+
+    def compute() -> dict[str, Any]:
+        return fashion_run(cfg, method, clip, epsilon, seed, device=device, progress=progress)
+
+    return compute() if cache is None else cache.get_or_compute("privacy-fashion", key, compute)
