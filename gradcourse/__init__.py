@@ -23,6 +23,7 @@ warnings.filterwarnings(
 )
 
 _SUBMODULES = (
+    "attribution",
     "cache",
     "claims",
     "cli",

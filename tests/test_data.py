@@ -400,3 +400,34 @@ def test_failed_download_is_chained(tmp_path, monkeypatch):
     with pytest.raises(D.DatasetUnavailable, match="downloading MNIST") as info:
         D.mnist(root=tmp_path, download=True)
     assert info.value.__cause__ is not None
+
+
+def test_null_patch_is_a_square_outline():
+    p = D.null_patch(28, side=12, width=2)
+    assert p.shape == (28, 28) and set(p.unique().tolist()) == {0.0, 1.0}
+    # the outline: 12^2 - 8^2 pixels, centred; its inside and the border of the block are 0
+    assert int(p.sum()) == 12 * 12 - 8 * 8
+    assert p[8, 8] == 1 and p[14, 14] == 0 and p[0].sum() == 0 and p[:, 0].sum() == 0
+    with pytest.raises(ValueError, match="side must be an int"):
+        D.null_patch(28, side=40)
+
+
+def test_block_images_stack_signal_and_null_blocks_balanced_by_class():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(21, 1, 28, 28, generator=g)
+    labels = torch.tensor([0] * 11 + [1] * 10)
+    x, top = D.block_images(images, labels, seed=3)
+    assert x.shape == (21, 1, 56, 28) and top.dtype == torch.bool
+    null = D.null_patch(28)
+    for i in range(21):
+        signal, other = (x[i, 0, :28], x[i, 0, 28:]) if top[i] else (x[i, 0, 28:], x[i, 0, :28])
+        assert torch.equal(signal, images[i, 0]) and torch.equal(other, null)
+    # exactly half of each class on top (the odd class rounds up), and seeded
+    assert int(top[labels == 0].sum()) == 6 and int(top[labels == 1].sum()) == 5
+    assert torch.equal(D.block_images(images, labels, seed=3)[1], top)
+    assert not torch.equal(D.block_images(images, labels, seed=4)[1], top)
+    mask = D.block_mask(top)
+    assert mask.shape == x.shape and int(mask[0].sum()) == 28 * 28
+    torch.testing.assert_close(x[mask].view(21, 28, 28), images[:, 0])
+    with pytest.raises(ValueError, match=r"images must be \(n, 1, H, W\)"):
+        D.block_images(images[:, 0], labels)

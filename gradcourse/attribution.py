@@ -1,0 +1,258 @@
+"""Attributions from gradients, and the adversarial examples that make a model robust.
+
+- :func:`input_gradients`: d f_c(x) / d x for every example, the saliency map (Simonyan,
+  Vedaldi & Zisserman 2014), with ``torch.func`` (``vmap`` over examples of ``grad``).
+- :func:`smoothgrad`: the same averaged over Gaussian perturbations of the input (Smilkov et
+  al. 2017, arXiv 1706.03825).
+- :func:`grad_cam`: Grad-CAM (Selvaraju et al., ICCV 2017, arXiv 1610.02391): the activations
+  A_k of a named convolutional layer weighted by the spatial mean of d f_c / d A_k, summed over
+  channels k, through a ReLU, and resized to the input's spatial size.
+- :func:`pgd`: projected gradient ascent on the loss within an l_inf or l_2 ball (Madry et al.
+  2018, arXiv 1706.06083); :func:`adversarial_step` trains on its output.
+- :func:`mass_on`: the share of an attribution's absolute mass inside a mask (the BlockMNIST
+  measure of Shah, Jain & Netrapalli 2021, arXiv 2102.12781).
+
+All run the model in eval mode (no BatchNorm statistics or dropout in a gradient) and leave its
+parameters' gradients untouched.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from .checks import check_int
+from .functional import module_mode
+
+__all__ = [
+    "NORMS",
+    "adversarial_step",
+    "grad_cam",
+    "input_gradients",
+    "mass_on",
+    "pgd",
+    "smoothgrad",
+]
+
+NORMS: tuple[str, ...] = ("linf", "l2")
+
+
+def _positive(name: str, value: object, *, allow_zero: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+def _targets(model: nn.Module, x: Tensor, target: Tensor | int | None) -> Tensor:
+    """The class whose logit is explained, per example: given, one int for all, or (None) the
+    model's prediction."""
+    if target is None:
+        with torch.no_grad(), module_mode(model, False):
+            return model(x).argmax(dim=1)
+    if isinstance(target, int):
+        return torch.full((len(x),), target, dtype=torch.long, device=x.device)
+    target = torch.as_tensor(target, device=x.device).long()
+    if target.shape != (len(x),):
+        raise ValueError(f"target must have shape ({len(x)},), got {tuple(target.shape)}")
+    return target
+
+
+def input_gradients(model: nn.Module, x: Tensor, target: Tensor | int | None = None) -> Tensor:
+    """d f_c(x_i) / d x_i for every example i (same shape as ``x``), f_c the logit of class
+    ``target`` (default: the predicted class). One ``vmap`` of ``grad`` over the examples."""
+    if x.ndim < 2 or len(x) == 0:
+        raise ValueError(f"x must be a batch (n, ...) with n >= 1, got shape {tuple(x.shape)}")
+    c = _targets(model, x, target)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def logit(xi: Tensor, ci: Tensor) -> Tensor:
+        out = functional_call(model, (params, buffers), (xi.unsqueeze(0),))
+        return out[0].gather(0, ci.unsqueeze(0)).squeeze(0)
+
+    with module_mode(model, False):
+        return vmap(grad(logit))(x.detach(), c)
+
+
+def smoothgrad(
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor | int | None = None,
+    *,
+    noise_std: float = 0.15,
+    samples: int = 25,
+    seed: int = 0,
+) -> Tensor:
+    """SmoothGrad: the mean of :func:`input_gradients` at x + N(0, s^2 I) over ``samples``
+    draws, s = ``noise_std`` times each example's range (max - min), as Smilkov et al. scale it.
+    The class explained is fixed once, at the clean input. Noise from a generator seeded by
+    ``seed``."""
+    noise_std = _positive("noise_std", noise_std, allow_zero=True)
+    check_int("samples", samples, 1)
+    check_int("seed", seed, 0)
+    c = _targets(model, x, target)
+    flat = x.detach().flatten(1)
+    spread = (flat.max(dim=1).values - flat.min(dim=1).values).view(-1, *([1] * (x.ndim - 1)))
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    total = torch.zeros_like(x)
+    for _ in range(samples):
+        eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        total += input_gradients(model, x + noise_std * spread * eps, c)
+    return total / samples
+
+
+def grad_cam(
+    model: nn.Module,
+    x: Tensor,
+    layer: str,
+    target: Tensor | int | None = None,
+    *,
+    resize: bool = True,
+) -> Tensor:
+    """Grad-CAM maps (n, H, W): ReLU(sum_k alpha_k A_k), A = the output (n, K, h, w) of the
+    submodule named ``layer`` (a name from ``model.named_modules()``), alpha_k = the mean over
+    the h x w positions of d f_c / d A_k, f_c the logit of ``target`` (default: the predicted
+    class). With ``resize``, bilinearly resized to the input's (H, W); else (n, h, w)."""
+    modules = dict(model.named_modules())
+    if layer not in modules or layer == "":
+        conv = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
+        raise ValueError(f"layer must name a submodule, e.g. one of {conv}, got {layer!r}")
+    if x.ndim != 4:
+        raise ValueError(f"x must be images (n, C, H, W), got shape {tuple(x.shape)}")
+    c = _targets(model, x, target)
+    saved: list[Tensor] = []
+
+    def keep(_module: nn.Module, _inputs: object, output: Tensor) -> None:
+        saved.append(output)
+
+    handle = modules[layer].register_forward_hook(keep)
+    try:
+        with module_mode(model, False), torch.enable_grad():
+            out = model(x.detach())
+            if not saved or saved[0].ndim != 4:
+                shape = None if not saved else tuple(saved[0].shape)
+                raise ValueError(f"layer {layer!r} must output (n, K, h, w), got {shape}")
+            acts = saved[0]
+            chosen = out.gather(1, c.view(-1, 1)).sum()
+            (dacts,) = torch.autograd.grad(chosen, acts)
+    finally:
+        handle.remove()
+    alpha = dacts.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((alpha * acts).sum(dim=1)).detach()
+    if resize:
+        cam = F.interpolate(
+            cam.unsqueeze(1), size=x.shape[-2:], mode="bilinear", align_corners=False
+        )
+        cam = cam.squeeze(1)
+    return cam
+
+
+def _project(delta: Tensor, eps: float, norm: str) -> Tensor:
+    if norm == "linf":
+        return delta.clamp(-eps, eps)
+    n = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (delta.ndim - 1)))
+    return delta * torch.clamp(eps / n, max=1.0)
+
+
+def pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    norm: str = "linf",
+    steps: int = 10,
+    step_size: float | None = None,
+    random_start: bool = True,
+    clamp: tuple[float, float] | None = None,
+    seed: int = 0,
+) -> Tensor:
+    """Adversarial examples x + delta, ||delta|| <= ``eps`` in ``norm`` ("linf" or "l2"), by
+    ``steps`` of projected gradient ascent on the cross-entropy of labels ``y`` (Madry et al.
+    2018): delta <- project(delta + step * d), d = sign(g) for l_inf, g / ||g|| for l_2, from a
+    uniform random start in the ball (``random_start``, seeded) or from 0. ``step_size`` default
+    2.5 eps / steps. ``clamp`` = (low, high) keeps x + delta in a value range. Eval mode; the
+    model's parameter gradients are untouched."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    eps = _positive("eps", eps, allow_zero=True)
+    check_int("steps", steps, 0)
+    step = 2.5 * eps / max(steps, 1) if step_size is None else _positive("step_size", step_size)
+    x, y = x.detach(), y.to(x.device)
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    if random_start and eps > 0:
+        if norm == "linf":
+            u = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+            delta = (2 * u - 1) * eps
+        else:
+            g = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+            r = torch.rand(len(x), generator=gen, device=x.device, dtype=x.dtype)
+            delta = _project(g, 1.0, "l2") * eps * r.view(-1, *([1] * (x.ndim - 1)))
+    else:
+        delta = torch.zeros_like(x)
+    with module_mode(model, False), torch.enable_grad():
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            adv = x + delta if clamp is None else (x + delta).clamp(*clamp)
+            loss = F.cross_entropy(model(adv), y, reduction="sum")
+            (g,) = torch.autograd.grad(loss, delta)
+            with torch.no_grad():
+                if norm == "linf":
+                    d = g.sign()
+                else:
+                    d = g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(
+                        -1, *([1] * (x.ndim - 1))
+                    )
+                delta = _project(delta + step * d, eps, norm)
+    adv = x + delta.detach()
+    return adv if clamp is None else adv.clamp(*clamp)
+
+
+def adversarial_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    norm: str = "linf",
+    steps: int = 10,
+    step_size: float | None = None,
+    clamp: tuple[float, float] | None = None,
+    seed: int = 0,
+) -> float:
+    """One step of adversarial training (Madry et al. 2018): :func:`pgd` examples at ``eps``
+    (``eps = 0``: the clean batch, plain training), then one ``optimizer`` step on their mean
+    cross-entropy, in the model's current mode. Returns that loss."""
+    adv = pgd(model, x, y, eps=eps, norm=norm, steps=steps if eps > 0 else 0,
+              step_size=step_size, clamp=clamp, seed=seed)  # fmt: skip
+    optimizer.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(adv), y.to(x.device))
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def mass_on(attribution: Tensor, mask: Tensor) -> Tensor:
+    """Per example, the share of sum |attribution| that falls where ``mask`` is true:
+    sum_{mask} |a| / sum |a| (nan when an attribution is all zero). ``mask`` broadcasts to the
+    attribution's shape, e.g. (n, 1, H, W) masks for (n, C, H, W) gradients, or (n, H, W) for
+    Grad-CAM maps."""
+    a = attribution.detach().abs()
+    m = torch.as_tensor(mask, device=a.device).bool()
+    try:
+        m = torch.broadcast_to(m, a.shape)
+    except RuntimeError as err:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to {tuple(a.shape)}"
+        ) from err
+    total = a.flatten(1).sum(dim=1)
+    inside = (a * m).flatten(1).sum(dim=1)
+    return inside / total
