@@ -1,0 +1,81 @@
+"""Fast tests of notebook 06's experiment functions (gradcourse.experiments.attribution)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradcourse import attribution as at
+from gradcourse import data as D
+from gradcourse.cache import Cache
+from gradcourse.experiments import attribution as ax
+
+TINY = dict(n_train=120, n_test=40, epochs=1, batch_size=40, pgd_steps=2, widths=(16,))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (dict(colour="red"), "unknown configuration keys"),
+        (dict(classes=(3, 3)), "two different classes"),
+        (dict(arch="vit"), "arch must be one of"),
+        (dict(eps=2.0), r"eps must be a number in \[0, 1\]"),
+        (dict(n_train=50_000), "n_train must be an int"),
+    ],
+)
+def test_config_refuses_bad_values(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        ax.config(**overrides)
+
+
+def test_load_blocks_two_classes_in_two_blocks():
+    ds, top_tr, top_te = ax.load_blocks(ax.config(**TINY, classes=(7, 2)))
+    assert ds.x_train.shape == (120, 1, 56, 28) and ds.x_test.shape == (40, 1, 56, 28)
+    assert set(ds.y_train.tolist()) == {0, 1} and ds.classes == ("Sneaker", "Pullover")
+    assert 0.0 <= float(ds.x_train.min()) and float(ds.x_train.max()) <= 1.0
+    null = D.null_patch(28)
+    for i in range(5):  # the block that is not the signal is the null patch
+        other = ds.x_train[i, 0, 28:] if top_tr[i] else ds.x_train[i, 0, :28]
+        assert torch.equal(other, null)
+    for c in (0, 1):  # half of each class on top (the odd class rounds up)
+        n = int((ds.y_train == c).sum())
+        assert int(top_tr[ds.y_train == c].sum()) == (n + 1) // 2
+
+
+@pytest.mark.parametrize("arch", ["mlp", "small_cnn"])
+def test_cached_model_trains_caches_and_measures(tmp_path, arch):
+    cfg = ax.config(**TINY, arch=arch, eps=0.1)
+    cache = Cache(tmp_path)
+    model, rec = ax.cached_model(cfg, 0, cache=cache)
+    assert 0.0 <= rec["accuracy"] <= 1.0 and 0.0 <= rec["robust_accuracy"] <= 1.0
+    again, rec2 = ax.cached_model(cfg, 0, cache=cache)
+    ds, _, top = ax.load_blocks(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ds.x_test), again(ds.x_test))
+    assert rec2["accuracy"] == rec["accuracy"]
+    methods = ax.METHODS if arch == "small_cnn" else ("gradient", "smoothgrad")
+    for method in methods:
+        mass = ax.attribution_mass(model, ds.x_test, ds.y_test, top, method, samples=2)
+        assert mass.shape == (40,)
+        finite = mass[~mass.isnan()]  # Grad-CAM: nan where the ReLU leaves an all-zero map
+        assert len(finite) > 0 and ((finite >= 0) & (finite <= 1)).all()
+        if method != "gradcam":
+            assert len(finite) == 40
+    # the input-gradient share by hand: |gradient| summed over the signal block / over all
+    g = at.input_gradients(model, ds.x_test[:3], ds.y_test[:3]).abs()
+    by_hand = [
+        float((g[i, 0, :28] if top[i] else g[i, 0, 28:]).sum() / g[i].sum()) for i in range(3)
+    ]
+    got = ax.attribution_mass(model, ds.x_test[:3], ds.y_test[:3], top[:3], "gradient")
+    assert got.tolist() == pytest.approx(by_hand)
+    if arch == "mlp":
+        with pytest.raises(ValueError, match="needs a convolutional layer"):
+            ax.attribution_mass(model, ds.x_test, ds.y_test, top, "gradcam")
+
+
+def test_standard_and_robust_training_differ():
+    std = ax.train_model(ax.config(**TINY), 0)
+    rob = ax.train_model(ax.config(**TINY, eps=0.1), 0)
+    assert std["attack_eps"] == 0.1 and rob["attack_eps"] == 0.1
+    diff = [not torch.equal(std["state"][k], rob["state"][k]) for k in std["state"]]
+    assert any(diff)
