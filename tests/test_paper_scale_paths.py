@@ -362,3 +362,21 @@ def test_dp_clipping_gpu_profile_tanh_cnn(tmp_path):
         r = px.cached_run(cfg, method, 0.1, 3.0, gpu["seeds"][0], cache=cache, device=CPU)
         assert r["steps"] == 4 and np.isfinite(r["curve"]).all()
         assert r["sigma"] == pytest.approx(px.sigma_for(cfg, method, 0.1, 3.0))
+
+
+def test_input_gradients_gpu_profile_configs(tmp_path):
+    """Notebook 06's gpu profile: its configurations are accepted (all 12,000 training images of
+    the two classes) and its CNN trains adversarially and is attributed, at toy size."""
+    from gradcourse.experiments import attribution as ax
+
+    gpu = notebook_config("06_input_gradients.ipynb", "gpu")
+    for arch, key in (("mlp", "mlp"), ("small_cnn", "cnn")):
+        full = ax.config(**gpu["data"], **gpu[key], arch=arch, eps=0.1)
+        assert full["n_train"] == 12_000 and full["epochs"] == 10
+    toy = ax.config(**{**gpu["data"], "n_train": 60, "n_test": 20}, **{**gpu["cnn"], "epochs": 1, "pgd_steps": 2},
+                    arch="small_cnn", eps=0.1, batch_size=20)  # fmt: skip
+    model, rec = ax.cached_model(toy, gpu["seeds"][0], cache=Cache(tmp_path / "cache"), device=CPU)
+    ds, _, top = ax.load_blocks(toy)
+    for method in ax.METHODS:
+        mass = ax.attribution_mass(model, ds.x_test, ds.y_test, top, method, samples=2)
+        assert mass.shape == (20,)

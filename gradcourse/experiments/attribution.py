@@ -29,6 +29,7 @@ __all__ = [
     "attribution_mass",
     "cached_model",
     "config",
+    "last_conv",
     "load_blocks",
     "make_model",
     "train_model",
@@ -177,7 +178,8 @@ def cached_model(
     return model.eval(), rec
 
 
-def _last_conv(model: nn.Module) -> str:
+def last_conv(model: nn.Module) -> str:
+    """The name of the model's last ``nn.Conv2d``, where Grad-CAM is usually taken."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if not names:
         raise ValueError("Grad-CAM needs a convolutional layer; this model has none")
@@ -206,5 +208,5 @@ def attribution_mass(
         return at.mass_on(at.input_gradients(model, x, y), mask)
     if method == "smoothgrad":
         return at.mass_on(at.smoothgrad(model, x, y, samples=samples, seed=seed), mask)
-    cam = at.grad_cam(model, x, _last_conv(model), y)
+    cam = at.grad_cam(model, x, last_conv(model), y)
     return at.mass_on(cam, mask[:, 0])
