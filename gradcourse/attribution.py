@@ -18,14 +18,12 @@ parameters' gradients untouched.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from .checks import check_int
+from .checks import check_int, check_nonnegative, check_positive
 from .functional import module_mode
 
 __all__ = [
@@ -39,15 +37,6 @@ __all__ = [
 ]
 
 NORMS: tuple[str, ...] = ("linf", "l2")
-
-
-def _positive(name: str, value: object, *, allow_zero: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-    return float(value)
 
 
 def _targets(model: nn.Module, x: Tensor, target: Tensor | int | None) -> Tensor:
@@ -94,7 +83,7 @@ def smoothgrad(
     draws, s = ``noise_std`` times each example's range (max - min), as Smilkov et al. scale it.
     The class explained is fixed once, at the clean input. Noise from a generator seeded by
     ``seed``."""
-    noise_std = _positive("noise_std", noise_std, allow_zero=True)
+    noise_std = check_nonnegative("noise_std", noise_std)
     check_int("samples", samples, 1)
     check_int("seed", seed, 0)
     c = _targets(model, x, target)
@@ -182,9 +171,11 @@ def pgd(
     model's parameter gradients are untouched."""
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    eps = _positive("eps", eps, allow_zero=True)
+    eps = check_nonnegative("eps", eps)
     check_int("steps", steps, 0)
-    step = 2.5 * eps / max(steps, 1) if step_size is None else _positive("step_size", step_size)
+    step = (
+        2.5 * eps / max(steps, 1) if step_size is None else check_positive("step_size", step_size)
+    )
     x, y = x.detach(), y.to(x.device)
     gen = torch.Generator(device=x.device).manual_seed(seed)
     if random_start and eps > 0:

@@ -21,3 +21,11 @@ def check_positive(name: str, value: object) -> float:
     if not ok or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
+
+
+def check_nonnegative(name: str, value: object) -> float:
+    """``value`` as a float if it is a finite number >= 0."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from gradcourse.checks import check_int, check_positive
+from gradcourse.checks import check_int, check_nonnegative, check_positive
 
 
 def test_check_int_accepts_ints_in_range_and_names_the_argument():
@@ -22,3 +22,10 @@ def test_check_positive_refuses_zero_negative_and_non_finite():
     for bad in (0, -1.0, math.inf, math.nan, False, "1"):
         with pytest.raises(ValueError, match="lr must be a finite number > 0"):
             check_positive("lr", bad)
+
+
+def test_check_nonnegative_accepts_zero_and_refuses_negative_and_non_finite():
+    assert check_nonnegative("eps", 0) == 0.0 and check_nonnegative("eps", 0.5) == 0.5
+    for bad in (-1e-9, math.inf, math.nan, True, "1"):
+        with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+            check_nonnegative("eps", bad)

@@ -10,7 +10,6 @@ seed, cached (:func:`cached_model`); the share of each attribution's mass on the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 from .. import attribution as at
 from .. import data, models
 from ..cache import Cache
-from ..checks import check_int
+from ..checks import check_int, check_positive
 
 __all__ = [
     "ARCHS",
@@ -75,10 +74,7 @@ def config(**overrides: Any) -> dict[str, Any]:
     check_int("epochs", cfg["epochs"], 1)
     check_int("batch_size", cfg["batch_size"], 1, cfg["n_train"])
     check_int("pgd_steps", cfg["pgd_steps"], 1)
-    for key in ("lr",):
-        v = cfg[key]
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-            raise ValueError(f"{key} must be a finite number > 0, got {v!r}")
+    check_positive("lr", cfg["lr"])
     eps = cfg["eps"]
     if not (isinstance(eps, (int, float)) and 0 <= eps <= 1):
         raise ValueError(f"eps must be a number in [0, 1] (pixels are in [0, 1]), got {eps!r}")

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .. import data, models, pergrad, train
 from .. import privacy as pv
 from ..cache import Cache
-from ..checks import check_int
+from ..checks import check_int, check_positive
 
 __all__ = [
     "ARCHS",
@@ -64,15 +64,6 @@ DEFAULTS: dict[str, Any] = dict(
 )
 
 
-def _positive(name: str, value: object, *, high: float = math.inf) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value) and 0 < value <= high
-    if not ok:
-        bound = "" if high == math.inf else f", at most {high:g}"
-        raise ValueError(f"{name} must be a finite number > 0{bound}, got {value!r}")
-    return float(value)
-
-
 def config(**overrides: Any) -> dict[str, Any]:
     """:data:`DEFAULTS` updated with ``overrides`` (unknown keys refused) and checked."""
     unknown = sorted(set(overrides) - set(DEFAULTS))
@@ -90,14 +81,15 @@ def config(**overrides: Any) -> dict[str, Any]:
     check_int("epochs", cfg["epochs"], 1)
     check_int("batch_size", cfg["batch_size"], 1, cfg["n_train"])
     check_int("records", cfg["records"], 1)
-    _positive("lr", cfg["lr"])
+    check_positive("lr", cfg["lr"])
     if cfg["schedule"] not in train.SCHEDULES:
         raise ValueError(f"schedule must be one of {train.SCHEDULES}, got {cfg['schedule']!r}")
-    _positive("delta", cfg["delta"], high=0.5)
+    if check_positive("delta", cfg["delta"]) > 0.5:
+        raise ValueError(f"delta must be a finite number > 0, at most 0.5, got {cfg['delta']!r}")
     ratio = cfg["feedback_ratio"]
     if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio >= 1):
         raise ValueError(f"feedback_ratio (C2 / C1) must be a finite number >= 1, got {ratio!r}")
-    _positive("noise_factor", cfg["noise_factor"])
+    check_positive("noise_factor", cfg["noise_factor"])
     if cfg["feedback_scale"] not in pv.FEEDBACK_SCALES:
         raise ValueError(
             f"feedback_scale must be one of {pv.FEEDBACK_SCALES}, got {cfg['feedback_scale']!r}"
@@ -146,7 +138,7 @@ def mean_trajectories(
         raise ValueError(f"method must be 'dpsgd' or 'dice', got {method!r}")
     y = np.asarray(y, dtype=np.float64).ravel()
     check_int("steps", steps, 1)
-    lr, clip = _positive("lr", lr), _positive("clip", clip)
+    lr, clip = check_positive("lr", lr), check_positive("clip", clip)
     if not (isinstance(feedback_ratio, (int, float)) and feedback_ratio >= 1):
         raise ValueError(f"feedback_ratio (C2 / C1) must be a number >= 1, got {feedback_ratio!r}")
     if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
@@ -205,8 +197,8 @@ def sigma_for(cfg: Mapping[str, Any], method: str, clip: float, epsilon: float) 
         raise ValueError(f"method must be one of {pv.METHODS}, got {method!r}")
     if method == "sgd":
         return 0.0
-    epsilon = _positive("epsilon", epsilon)
-    clip = _positive("clip", clip)
+    epsilon = check_positive("epsilon", epsilon)
+    clip = check_positive("clip", clip)
     sigma = pv.noise_multiplier(epsilon, sample_rate(cfg), steps_for(cfg), cfg["delta"])
     if method == "dice":
         sigma = pv.dice_noise_multiplier(sigma, clip, cfg["feedback_ratio"] * clip)
