@@ -11,6 +11,9 @@
   2018, arXiv 1706.06083); :func:`adversarial_step` trains on its output.
 - :func:`mass_on`: the share of an attribution's absolute mass inside a mask (the BlockMNIST
   measure of Shah, Jain & Netrapalli 2021, arXiv 2102.12781).
+- :func:`keep_ranked`: each image with only the pixels its attribution ranks highest (or
+  lowest) kept, the rest filled: the masked data that ROAR (Hooker et al. 2019, arXiv
+  1806.10758) and Shah et al.'s DiffROAR retrain on.
 
 All run the model in eval mode (no BatchNorm statistics or dropout in a gradient) and leave its
 parameters' gradients untouched.
@@ -31,6 +34,7 @@ __all__ = [
     "adversarial_step",
     "grad_cam",
     "input_gradients",
+    "keep_ranked",
     "mass_on",
     "pgd",
     "smoothgrad",
@@ -247,3 +251,31 @@ def mass_on(attribution: Tensor, mask: Tensor) -> Tensor:
     total = a.flatten(1).sum(dim=1)
     inside = (a * m).flatten(1).sum(dim=1)
     return inside / total
+
+
+def keep_ranked(
+    x: Tensor, attribution: Tensor, fraction: float, *, highest: bool = True, fill: float = 0.0
+) -> Tensor:
+    """``x`` with, per example, only the ``round(fraction * d)`` of its d entries that
+    ``|attribution|`` ranks highest (``highest=False``: lowest) kept and every other entry set
+    to ``fill``. Ties are broken by position (the earlier entry ranks higher), so the result is
+    deterministic. ``attribution`` has ``x``'s shape."""
+    if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+        raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
+    if attribution.shape != x.shape:
+        raise ValueError(
+            f"attribution must have x's shape {tuple(x.shape)}, got {tuple(attribution.shape)}"
+        )
+    if x.ndim < 2:
+        raise ValueError(f"x must be a batch (n, ...), got shape {tuple(x.shape)}")
+    flat = attribution.detach().abs().flatten(1).to(x.device)
+    d = flat.shape[1]
+    k = round(fraction * d)
+    if k == 0:
+        raise ValueError(f"fraction {fraction!r} of {d} entries rounds to none; raise fraction")
+    # one ranking, highest first, the earlier of two equal entries first (a stable sort), so
+    # that the top k and the bottom d - k always split the entries between them
+    order = torch.sort(-flat, dim=1, stable=True).indices
+    order = order[:, :k] if highest else order[:, d - k :]
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order, True)
+    return torch.where(keep.view_as(x), x, torch.full_like(x, fill))

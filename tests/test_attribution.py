@@ -198,6 +198,47 @@ def test_mass_on_by_hand():
         at.mass_on(a, torch.ones(3, 3, dtype=torch.bool))
 
 
+def test_keep_ranked_by_hand_with_ties():
+    x = torch.tensor([[[10.0, 20.0], [30.0, 40.0]]])  # (1, 2, 2)
+    a = torch.tensor([[[-2.0, 1.0], [2.0, 0.5]]])  # |a| ranks: 0 and 2 tie, then 1, then 3
+    assert at.keep_ranked(x, a, 0.25).tolist() == [[[10.0, 0.0], [0.0, 0.0]]]  # earlier wins
+    assert at.keep_ranked(x, a, 0.5).tolist() == [[[10.0, 0.0], [30.0, 0.0]]]
+    assert at.keep_ranked(x, a, 0.5, highest=False).tolist() == [[[0.0, 20.0], [0.0, 40.0]]]
+    assert at.keep_ranked(x, a, 0.25, highest=False, fill=-1.0).tolist() == [
+        [[-1.0, -1.0], [-1.0, 40.0]]
+    ]
+    assert at.keep_ranked(x, a, 1.0).equal(x)
+
+
+def test_keep_ranked_against_a_per_example_loop():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 1, 5, 4, generator=g) + 1.0  # no zeros, so kept entries are visible
+    a = torch.randint(-3, 4, (6, 1, 5, 4), generator=g).double()  # many ties
+    for frac in (0.1, 0.35, 0.5, 0.9):
+        k = round(frac * 20)
+        top = at.keep_ranked(x, a, frac)
+        bottom = at.keep_ranked(x, a, 1 - k / 20, highest=False)
+        for i in range(6):
+            rank = sorted(range(20), key=lambda j: (-abs(a[i].flatten()[j].item()), j))
+            want = torch.zeros(20)
+            want[rank[:k]] = x[i].flatten()[rank[:k]]
+            assert top[i].flatten().equal(want)
+        # the top k and the bottom d - k split every image's entries between them
+        assert ((top != 0) ^ (bottom != 0)).all()
+        assert (top + bottom).equal(x)
+
+
+def test_keep_ranked_refuses_bad_arguments():
+    x = torch.ones(2, 1, 3, 3)
+    for bad in (0, 1.5, -0.1, "half"):
+        with pytest.raises(ValueError, match="fraction must be a number in"):
+            at.keep_ranked(x, x, bad)
+    with pytest.raises(ValueError, match="rounds to none"):
+        at.keep_ranked(x, x, 0.01)
+    with pytest.raises(ValueError, match="attribution must have x's shape"):
+        at.keep_ranked(x, torch.ones(2, 9), 0.5)
+
+
 def test_grad_cam_matches_captum_layer_grad_cam():
     from captum.attr import LayerGradCam
 

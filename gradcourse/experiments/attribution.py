@@ -5,7 +5,8 @@ Two classes of Fashion-MNIST, each image stacked with a fixed "null" block above
 (:func:`gradcourse.data.block_images`), so that the pixels that can tell the classes apart are
 known. A standard and an adversarially trained model (:func:`gradcourse.attribution.pgd`) per
 seed, cached (:func:`cached_model`); the share of each attribution's mass on the signal block
-(:func:`attribution_mass`).
+(:func:`attribution_mass`); and Shah et al.'s DiffROAR in small form (:func:`diffroar`): retrain
+on the pixels an attribution ranks highest, and on those it ranks lowest, and compare.
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ from ..checks import check_int, check_positive
 
 __all__ = [
     "ARCHS",
+    "DATASETS",
     "DEFAULTS",
     "METHODS",
     "attribution_mass",
+    "cached_diffroar",
     "cached_model",
     "config",
+    "diffroar",
     "last_conv",
     "load_blocks",
     "make_model",
@@ -35,10 +39,12 @@ __all__ = [
 ]
 
 ARCHS: tuple[str, ...] = ("mlp", "small_cnn")
+DATASETS: tuple[str, ...] = ("fashion_mnist", "mnist")  # MNIST: the paper's, when on disk
 METHODS: tuple[str, ...] = ("gradient", "smoothgrad", "gradcam")
 
 DEFAULTS: dict[str, Any] = dict(
-    classes=(0, 1),  # Fashion-MNIST's T-shirt/top against trouser
+    dataset="fashion_mnist",
+    classes=(0, 1),  # Fashion-MNIST's T-shirt/top against trouser (MNIST: the paper's 0 and 1)
     n_train=4000,
     n_test=1000,
     data_seed=0,
@@ -64,6 +70,8 @@ def config(**overrides: Any) -> dict[str, Any]:
         cfg[key] = tuple(cfg[key])
     if len(cfg["classes"]) != 2 or len(set(cfg["classes"])) != 2:
         raise ValueError(f"classes must be two different classes, got {cfg['classes']}")
+    if cfg["dataset"] not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {cfg['dataset']!r}")
     for i, c in enumerate(cfg["classes"]):
         check_int(f"classes[{i}]", c, 0, 9)
     check_int("n_train", cfg["n_train"], 2, 12_000)
@@ -84,13 +92,17 @@ def config(**overrides: Any) -> dict[str, Any]:
 def load_blocks(
     cfg: Mapping[str, Any], device: str | torch.device | None = None
 ) -> tuple[data.Dataset, Tensor, Tensor]:
-    """The two classes of Fashion-MNIST (pixels in [0, 1], not standardised), labels 0 and 1
+    """The two classes of Fashion-MNIST (``dataset="mnist"``: MNIST, from
+    :func:`gradcourse.data.mnist`'s files; pixels in [0, 1], not standardised), labels 0 and 1
     in the order of ``classes``, the first ``n_train`` / ``n_test`` of them, each stacked with
     the null block (:func:`gradcourse.data.block_images`; training seed ``data_seed``, test seed
     ``data_seed + 1``). Returns the dataset of (n, 1, 56, 28) images and the ``top`` flags of
     the training and test images (True: the signal is the upper block)."""
     cfg = config(**cfg)
-    ds = data.fashion_mnist(standardize="none")
+    if cfg["dataset"] == "mnist":
+        ds = data.mnist(standardize="none")
+    else:
+        ds = data.fashion_mnist(standardize="none")
     a, b = cfg["classes"]
 
     def pick(x: Tensor, y: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -101,8 +113,8 @@ def load_blocks(
     x_te, y_te = pick(ds.x_test, ds.y_test, cfg["n_test"])
     blocks_tr, top_tr = data.block_images(x_tr, y_tr, seed=cfg["data_seed"])
     blocks_te, top_te = data.block_images(x_te, y_te, seed=cfg["data_seed"] + 1)
-    names = None if ds.classes is None else (ds.classes[a], ds.classes[b])
-    out = data.Dataset(blocks_tr, y_tr, blocks_te, y_te, 2, "block_fashion_mnist", names)
+    names = (str(a), str(b)) if ds.classes is None else (ds.classes[a], ds.classes[b])
+    out = data.Dataset(blocks_tr, y_tr, blocks_te, y_te, 2, f"block_{cfg['dataset']}", names)
     return out.to(device), top_tr, top_te
 
 
@@ -121,6 +133,22 @@ def make_model(
     )
 
 
+def _fit(cfg: Mapping[str, Any], seed: int, x: Tensor, y: Tensor, device: Any) -> nn.Module:
+    """:func:`make_model` from ``seed`` trained on (x, y) as :func:`train_model` describes."""
+    model = make_model(cfg, seed=seed, device=device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    gen = torch.Generator().manual_seed(seed)
+    step = 0
+    for _ in range(cfg["epochs"]):
+        perm = torch.randperm(len(x), generator=gen).to(x.device)
+        for i in range(0, len(x), cfg["batch_size"]):
+            idx = perm[i : i + cfg["batch_size"]]
+            at.adversarial_step(model, opt, x[idx], y[idx], eps=cfg["eps"], steps=cfg["pgd_steps"],
+                                clamp=(0.0, 1.0), seed=seed * 100_003 + step)  # fmt: skip
+            step += 1
+    return model.eval()
+
+
 def train_model(
     cfg: Mapping[str, Any], seed: int, *, device: str | torch.device | None = None
 ) -> dict[str, Any]:
@@ -130,17 +158,7 @@ def train_model(
     adversarial (at ``eps``, or 0.1 for a standard model) test accuracies."""
     cfg = config(**cfg)
     ds, _, _ = load_blocks(cfg, device)
-    model = make_model(cfg, seed=seed, device=device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    gen = torch.Generator().manual_seed(seed)
-    step = 0
-    for _ in range(cfg["epochs"]):
-        perm = torch.randperm(ds.n_train, generator=gen).to(ds.x_train.device)
-        for i in range(0, ds.n_train, cfg["batch_size"]):
-            idx = perm[i : i + cfg["batch_size"]]
-            at.adversarial_step(model, opt, ds.x_train[idx], ds.y_train[idx], eps=cfg["eps"],
-                                steps=cfg["pgd_steps"], clamp=(0.0, 1.0), seed=seed * 100_003 + step)  # fmt: skip
-            step += 1
+    model = _fit(cfg, seed, ds.x_train, ds.y_train, device)
     attack = cfg["eps"] if cfg["eps"] > 0 else 0.1
     adv = at.pgd(model, ds.x_test, ds.y_test, eps=attack, steps=10, clamp=(0.0, 1.0), seed=seed)
     with torch.no_grad():
@@ -206,3 +224,75 @@ def attribution_mass(
         return at.mass_on(at.smoothgrad(model, x, y, samples=samples, seed=seed), mask)
     cam = at.grad_cam(model, x, last_conv(model), y)
     return at.mass_on(cam, mask[:, 0])
+
+
+def _ranking(source: nn.Module | str, x: Tensor, y: Tensor, seed: int) -> Tensor:
+    """What :func:`diffroar` ranks pixels by: ``source``'s input gradients for the true class,
+    or (``"random"``) uniform noise from ``seed``."""
+    if isinstance(source, str):
+        if source != "random":
+            raise ValueError(f"source must be a model or 'random', got {source!r}")
+        gen = torch.Generator().manual_seed(seed)
+        return torch.rand(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+    return at.input_gradients(source, x, y)
+
+
+def diffroar(
+    cfg: Mapping[str, Any],
+    source: nn.Module | str,
+    fraction: float,
+    *,
+    seed: int,
+    device: str | torch.device | None = None,
+) -> dict[str, float]:
+    """DiffROAR in small form (Shah, Jain & Netrapalli 2021, section 3): rank every training
+    and test image's pixels by ``source``'s absolute input gradient for the true class (or at
+    random, ``source="random"``), keep the ``fraction`` ranked highest (the rest set to 0,
+    :func:`gradcourse.attribution.keep_ranked`), train a fresh model from ``seed`` as ``cfg``
+    says on those images and measure its test accuracy on the same kind of images; then the
+    same with the ``fraction`` ranked lowest. Returns both accuracies and ``diffroar`` = top -
+    bottom: positive when the attribution ranks the pixels that carry the class higher."""
+    cfg = config(**cfg)
+    check_int("seed", seed, 0)
+    ds, _, _ = load_blocks(cfg, device)
+    rank_tr = _ranking(source, ds.x_train, ds.y_train, seed)
+    rank_te = _ranking(source, ds.x_test, ds.y_test, seed + 1)
+    out: dict[str, float] = {"fraction": float(fraction)}
+    for name, highest in (("top", True), ("bottom", False)):
+        x_tr = at.keep_ranked(ds.x_train, rank_tr, fraction, highest=highest)
+        x_te = at.keep_ranked(ds.x_test, rank_te, fraction, highest=highest)
+        model = _fit(cfg, seed, x_tr, ds.y_train, device)
+        with torch.no_grad():
+            out[name] = (model(x_te).argmax(1) == ds.y_test).double().mean().item()
+    out["diffroar"] = out["top"] - out["bottom"]
+    return out
+
+
+def cached_diffroar(
+    cfg: Mapping[str, Any],
+    source: Mapping[str, Any] | str,
+    fraction: float,
+    *,
+    seed: int,
+    cache: Cache | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, float]:
+    """:func:`diffroar` through ``cache``, the ranking from the model :func:`cached_model`
+    trains with configuration ``source`` and ``seed`` (or ``"random"``); the retrained model
+    is ``cfg``'s, also from ``seed``."""
+    cfg = config(**cfg)
+    key = {**cfg, "seed": seed, "fraction": fraction}
+    if isinstance(source, str):
+        key["source"] = source
+    else:
+        key["source"] = sorted(config(**source).items())
+
+    def compute() -> dict[str, float]:
+        model: nn.Module | str = (
+            source
+            if isinstance(source, str)
+            else cached_model(source, seed, cache=cache, device=device)[0]
+        )
+        return diffroar(cfg, model, fraction, seed=seed, device=device)
+
+    return compute() if cache is None else cache.get_or_compute("attr-diffroar", key, compute)
