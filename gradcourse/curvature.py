@@ -39,16 +39,15 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
-from .functional import refuse_random_train_mode, select_params
+from .functional import FunctionalModel, Params, flatten, place_batch, refuse_random_train_mode
 from .losses import LossFn, get_loss, targets_for
 
 Batch = tuple[Tensor, Tensor]
 Data = Batch | Iterable[Batch]
 Seed = int | torch.Generator
 Which = Literal["largest", "smallest", "both"]
-Params = dict[str, Tensor]
 BatchMap = Callable[[Params], Params]
 
 __all__ = [
@@ -192,12 +191,9 @@ def _is_single_batch(data: object) -> bool:
     )
 
 
-def _flatten(tensors: dict[str, Tensor]) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors.values()])
-
-
 class _ModelOperator(CurvatureOperator):
-    """Shared plumbing: the functional model, the loss, the data and the flat parameter layout.
+    """Shared plumbing: the functional model (:class:`gradcourse.functional.FunctionalModel`:
+    the loss, the parameters, the frozen tensors and the flat layout) and the data.
 
     Subclasses implement ``_batch_map(x, y)``: a function v -> (curvature of the mean loss over
     that batch) v, for v a dict shaped like the parameters.
@@ -215,18 +211,12 @@ class _ModelOperator(CurvatureOperator):
     ) -> None:
         _check_deterministic(model)
         self._model = model
-        self._loss_name = loss if isinstance(loss, str) else None
-        self._loss_fn = get_loss(loss)
         self._data = _check_data(data)
         self.cache = _is_single_batch(data) if cache is None else bool(cache)
         self._cached_maps: list[tuple[int, BatchMap]] | None = None
-        self.params = _select_params(model, params, device)
-        first = next(iter(self.params.values()))
-        frozen = {n: p for n, p in model.named_parameters() if n not in self.params}
-        frozen.update(dict(model.named_buffers()))
-        self._frozen = {n: t.detach().to(first.device) for n, t in frozen.items()}
-        size = sum(p.numel() for p in self.params.values())
-        super().__init__(size, first.dtype, first.device)
+        self.functional = FunctionalModel(model, loss, params=params, device=device, copy=True)
+        self.params = self.functional.params
+        super().__init__(self.functional.size, self.functional.dtype, self.functional.device)
 
     def batches(self) -> Iterator[Batch]:
         """The (x, y) batches on this operator's device, floating inputs in its dtype."""
@@ -244,15 +234,11 @@ class _ModelOperator(CurvatureOperator):
     def _on_device(self, batch: Batch) -> Batch:
         if not _is_single_batch(batch):
             raise ValueError("each batch in data must be an (x, y) pair of tensors")
-        x, y = batch
-        x = x.to(self.device, self.dtype) if x.is_floating_point() else x.to(self.device)
-        y = y.to(self.device, self.dtype) if y.is_floating_point() else y.to(self.device)
-        return x, y
+        return self.functional.place_batch(*batch)
 
     def unflatten(self, v: Tensor) -> dict[str, Tensor]:
         """Split a flat vector (P,) into a dict shaped like the parameters (views of ``v``)."""
-        chunks = torch.split(v, [p.numel() for p in self.params.values()])
-        return {n: c.view_as(p) for (n, p), c in zip(self.params.items(), chunks, strict=True)}
+        return self.functional.unflatten(v)
 
     def outputs(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         """The model's outputs f(x; params), the other parameters and buffers held fixed.
@@ -260,14 +246,11 @@ class _ModelOperator(CurvatureOperator):
         The model's mode is checked here, at product time, and not only when the operator is
         built: switched to train mode since, its dropout or BatchNorm would change the map."""
         _check_deterministic(self._model)
-        return functional_call(self._model, {**self._frozen, **params}, (x,))
+        return self.functional.outputs(params, x)
 
     def loss_of_outputs(self, outputs: Tensor, y: Tensor) -> Tensor:
         """The mean loss of one batch, from the model's outputs."""
-        if self._loss_name is not None:
-            num_outputs = outputs.shape[1] if outputs.ndim > 1 else 1
-            y = targets_for(self._loss_name, y, num_outputs, outputs.dtype)
-        return self._loss_fn(outputs, y)
+        return self.functional.loss_of_outputs(outputs, y)
 
     def batch_loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         """The mean loss of one batch as a function of the parameters."""
@@ -304,12 +287,12 @@ class _ModelOperator(CurvatureOperator):
         return total / count
 
     def _matvec(self, v: Tensor) -> Tensor:
-        return self._average(lambda apply: _flatten(apply(self.unflatten(v))), v)
+        return self._average(lambda apply: flatten(apply(self.unflatten(v))), v)
 
     def _matmat(self, vs: Tensor) -> Tensor:
         def per_batch(apply: BatchMap) -> Tensor:
             def column(v: Tensor) -> Tensor:
-                return _flatten(apply(self.unflatten(v)))
+                return flatten(apply(self.unflatten(v)))
 
             return vmap(column, in_dims=1, out_dims=1)(vs)
 
@@ -359,8 +342,7 @@ class LiveHessianOperator(CurvatureOperator):
         if not params:
             raise ValueError("model has no parameters that require grad")
         first = params[0]
-        x = x.to(first.device, first.dtype) if x.is_floating_point() else x.to(first.device)
-        y = y.to(first.device, first.dtype) if y.is_floating_point() else y.to(first.device)
+        x, y = place_batch(x, y, first.device, first.dtype)
         with torch.enable_grad():
             out = model(x)
             if isinstance(loss, str):
@@ -383,7 +365,7 @@ class LiveHessianOperator(CurvatureOperator):
             allow_unused=True,
             materialize_grads=True,
         )
-        return torch.cat([h.reshape(-1) for h in hv])
+        return flatten(hv)
 
 
 class ResidualOperator(_ModelOperator):
@@ -448,13 +430,6 @@ def _check_data(data: Data) -> Data:
     return data
 
 
-def _select_params(
-    model: nn.Module, params: dict[str, Tensor] | None, device: str | torch.device | None
-) -> Params:
-    """Copies of the chosen parameters (default: all that require grad) on ``device``."""
-    return select_params(model, params, device, copy=True)
-
-
 def exact_hessian(
     model: nn.Module,
     loss: str | LossFn,
@@ -477,7 +452,7 @@ def exact_hessian(
             f"exact_hessian needs P <= max_params={max_params} (a P x P matrix), got P={size}; "
             "use HessianOperator with lanczos / spectral_density instead"
         )
-    flat = _flatten(op.params)
+    flat = flatten(op.params)
     total, count = torch.zeros(size, size, dtype=op.dtype, device=op.device), 0
     for x, y in op.batches():
 
@@ -545,7 +520,6 @@ def class_decomposition(
     x, y = next(op.batches())
     if y.is_floating_point() or y.ndim != 1:
         raise ValueError("y must hold integer class labels, shape (n,)")
-    names = list(op.params)
 
     def example_outputs(params: Params, xi: Tensor) -> Tensor:
         return op.outputs(params, xi[None])[0]
@@ -564,7 +538,7 @@ def class_decomposition(
     for start in range(0, n, chunk_size):
         xb, yb = x[start : start + chunk_size], y[start : start + chunk_size]
         jac = jacobian(op.params, xb)
-        jac = torch.cat([jac[name].reshape(len(xb), num_outputs, -1) for name in names], dim=2)
+        jac = flatten(jac, batch_dims=2)
         if loss == "ce":
             with torch.no_grad():
                 p = op.outputs(op.params, xb).softmax(dim=1)

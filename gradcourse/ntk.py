@@ -62,19 +62,20 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, jvp, vmap
+from torch.func import jacrev, jvp, vmap
 from torch.utils.flop_counter import FlopCounterMode
 
 from .checks import check_int
 from .functional import (
+    FunctionalModel,
+    Params,
+    flatten,
     layers_used_elsewhere,
+    place,
     refuse_random_train_mode,
-    select_params,
     shared_parameters,
 )
 from .models import NTKLinear
-
-Params = dict[str, Tensor]
 
 __all__ = [
     "METHODS",
@@ -138,29 +139,28 @@ def _check_inputs(name: str, x: object) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _single(model: nn.Module, frozen: Params) -> Callable[[Params, Tensor], Tensor]:
-    """f(params, x) -> (O,) for one example x (no batch dimension)."""
+def _single(fm: FunctionalModel, fixed: Params) -> Callable[[Params, Tensor], Tensor]:
+    """f(params, x) -> (O,) for one example x (no batch dimension), ``fixed`` (chosen
+    parameters left out of this route) held fixed with the frozen tensors."""
 
     def f(params: Params, x: Tensor) -> Tensor:
-        return functional_call(model, {**frozen, **params}, (x.unsqueeze(0),)).reshape(-1)
+        return fm.outputs({**fixed, **params}, x.unsqueeze(0)).reshape(-1)
 
     return f
 
 
-def _batched(model: nn.Module, frozen: Params) -> Callable[[Params, Tensor], Tensor]:
-    """f(params, xs) -> (n, O) for a batch xs."""
+def _batched(fm: FunctionalModel, fixed: Params) -> Callable[[Params, Tensor], Tensor]:
+    """f(params, xs) -> (n, O) for a batch xs, ``fixed`` held fixed as in :func:`_single`."""
 
     def f(params: Params, xs: Tensor) -> Tensor:
-        out = functional_call(model, {**frozen, **params}, (xs,))
-        return out.reshape(xs.shape[0], -1)
+        return fm.outputs({**fixed, **params}, xs).reshape(xs.shape[0], -1)
 
     return f
 
 
 def _flat_jacobian(f_single: Callable, params: Params, xs: Tensor) -> Tensor:
     """The Jacobians of the examples xs as one (n, O, P) tensor, by vmap(jacrev)."""
-    jac = vmap(jacrev(f_single), in_dims=(None, 0))(params, xs)
-    return torch.cat([j.flatten(2) for j in jac.values()], dim=2)
+    return flatten(vmap(jacrev(f_single), in_dims=(None, 0))(params, xs), batch_dims=2)
 
 
 def _block_jacobian(
@@ -214,15 +214,14 @@ def _dense_scales(m: nn.Module) -> tuple[float, float]:
     return 1.0, 1.0
 
 
-def _find_dense(
-    model: nn.Module, params: Params, frozen: Params, x_one: Tensor
-) -> tuple[dict[str, _Dense], int]:
+def _find_dense(fm: FunctionalModel, x_one: Tensor) -> tuple[dict[str, _Dense], int]:
     """The dense layers (``nn.Linear``, :class:`~gradcourse.models.NTKLinear`) owning chosen
     parameters that the layerwise route can take: called once per forward pass, on (n, in)
     inputs (a Linear applied twice, or along a sequence, shares weights across positions and
     is left to Jacobian contraction, as is a layer whose parameters are tied to another's).
     Also returns O, the number of outputs, from the same
     forward pass of ``x_one``."""
+    model, params = fm.model, fm.params
     candidates: dict[str, tuple[nn.Module, str | None, str | None]] = {}
     shared = shared_parameters(model)
     for name, m in model.named_modules():
@@ -244,11 +243,11 @@ def _find_dense(
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, (m, _, _) in candidates.items()]
-    tensors, result = {**frozen, **params}, {}
+    tensors, result = {**fm.frozen, **params}, {}
 
     def forward() -> None:
         with torch.no_grad():
-            result["out"] = functional_call(model, tensors, (x_one,))
+            result["out"] = fm.outputs(params, x_one)  # the same tensor objects as ``tensors``
 
     try:  # a weight also used outside its layer (tied by a function call) is left out too
         foreign = layers_used_elsewhere({n: c[0] for n, c in candidates.items()}, tensors, forward)
@@ -265,7 +264,7 @@ def _find_dense(
 
 
 def _dense_factors(
-    model: nn.Module, params: Params, frozen: Params, dense: dict[str, _Dense], xs: Tensor
+    fm: FunctionalModel, dense: dict[str, _Dense], xs: Tensor
 ) -> list[tuple[Tensor | None, Tensor]]:
     """Per dense layer: its input a (n, in), already multiplied by w_scale (None when the weight
     is not chosen), and g (n, O, out) = d f_o(x_i) / d z_i, the gradient of each output w.r.t.
@@ -284,8 +283,8 @@ def _dense_factors(
     handles = [d.module.register_forward_hook(hook(n)) for n, d in dense.items()]
     try:
         with torch.enable_grad():
-            live = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-            out = functional_call(model, {**frozen, **live}, (xs,)).reshape(len(xs), -1)
+            live = {n: p.detach().requires_grad_(True) for n, p in fm.params.items()}
+            out = fm.outputs(live, xs).reshape(len(xs), -1)
     finally:
         for h in handles:
             h.remove()
@@ -404,15 +403,11 @@ class EmpiricalNTK:
         self.chunk_size = chunk_size
         self.device = None if device is None else torch.device(device)
 
-    def _resolve_params(self, params: Mapping[str, Tensor] | None) -> tuple[Params, Params]:
-        named = dict(self.model.named_parameters())
-        chosen = select_params(
-            self.model, self.params if params is None else params, self.device, copy=False
-        )
-        device = next(iter(chosen.values())).device
-        frozen = {n: p.detach().to(device) for n, p in named.items() if n not in chosen}
-        frozen.update({n: b.to(device) for n, b in self.model.named_buffers()})
-        return chosen, frozen
+    def _functional(self, params: Mapping[str, Tensor] | None) -> FunctionalModel:
+        """The model as a function of the chosen parameters (those of this call, else those
+        given when configuring, else all that require grad), not copied."""
+        chosen = self.params if params is None else params
+        return FunctionalModel(self.model, params=chosen, device=self.device, copy=False)
 
     def __call__(
         self, x1: Tensor, x2: Tensor | None = None, params: Mapping[str, Tensor] | None = None
@@ -423,21 +418,22 @@ class EmpiricalNTK:
         ``params`` (names -> tensors) overrides the parameters; the rest stay at the model's.
         """
         _check_deterministic(self.model)  # again: the model may have been put in train mode
-        params_, frozen = self._resolve_params(params)
-        first = next(iter(params_.values()))
-        x1 = _check_inputs("x1", x1).to(first.device, first.dtype)
+        fm = self._functional(params)
+        params_ = fm.params
+        # inputs, never labels: always cast to the parameters' dtype
+        x1 = _check_inputs("x1", x1).to(fm.device, fm.dtype)
         symmetric = x2 is None
-        x2 = x1 if symmetric else _check_inputs("x2", x2).to(first.device, first.dtype)
+        x2 = x1 if symmetric else _check_inputs("x2", x2).to(fm.device, fm.dtype)
         if x2.shape[1:] != x1.shape[1:]:
             raise ValueError(
                 f"x2 must have the example shape of x1, {tuple(x1.shape[1:])}, "
                 f"got {tuple(x2.shape[1:])}"
             )
         with FlopCounterMode(display=False) as counter:
-            dense, o = _find_dense(self.model, params_, frozen, x1[:1])
+            dense, o = _find_dense(fm, x1[:1])
         trace = self.trace_outputs or o == 1
         method = self.method
-        n_params = sum(p.numel() for p in params_.values())
+        n_params = fm.size
         if method == "auto":
             flops = counter.get_total_flops() or 2 * n_params
             sizes = [(d.module.in_features, d.module.out_features) for d in dense.values()]
@@ -447,8 +443,8 @@ class EmpiricalNTK:
             dense = {}
         owned = {n for d in dense.values() for n in (d.weight, d.bias) if n is not None}
         rest = {n: p for n, p in params_.items() if n not in owned}
-        rest_frozen = {**frozen, **{n: p for n, p in params_.items() if n in owned}}
-        f_single, f_batch = _single(self.model, rest_frozen), _batched(self.model, rest_frozen)
+        fixed = {n: p for n, p in params_.items() if n in owned}
+        f_single, f_batch = _single(fm, fixed), _batched(fm, fixed)
 
         chunk = self.chunk_size
         if chunk is None:
@@ -456,17 +452,17 @@ class EmpiricalNTK:
             per_example += sum(
                 d.module.in_features + o * d.module.out_features for d in dense.values()
             )
-            chunk = max(1, DEFAULT_CHUNK_BYTES // (max(per_example, 1) * first.element_size()))
+            chunk = max(1, DEFAULT_CHUNK_BYTES // (max(per_example, 1) * fm.dtype.itemsize))
         n1, n2 = x1.shape[0], x2.shape[0]
         shape = (n1, n2) if trace else (n1, n2, o, o)
-        out = torch.empty(shape, dtype=first.dtype, device=first.device)
+        out = torch.empty(shape, dtype=fm.dtype, device=fm.device)
         for i in range(0, n1, chunk):
             xa = x1[i : i + chunk]
             ja = fa = None
             if method in ("jacobian", "layerwise") and rest:
                 ja = _flat_jacobian(f_single, rest, xa)
             if dense:
-                fa = _dense_factors(self.model, params_, frozen, dense, xa)
+                fa = _dense_factors(fm, dense, xa)
             for j in range(i if symmetric else 0, n2, chunk):
                 same = symmetric and j == i
                 xb = xa if same else x2[j : j + chunk]
@@ -477,7 +473,7 @@ class EmpiricalNTK:
                     if rest:
                         block = _block_jacobian(f_single, rest, xa, xb, trace, ja)
                     if dense:
-                        fb = fa if same else _dense_factors(self.model, params_, frozen, dense, xb)
+                        fb = fa if same else _dense_factors(fm, dense, xb)
                         block = block + _block_layerwise(fa, fb, dense, trace)
                 out[i : i + len(xa), j : j + len(xb)] = block
                 if symmetric and j != i:
@@ -917,21 +913,18 @@ class LinearizedModel:
     """
 
     def __init__(self, model: nn.Module, params0: Params, frozen: Params) -> None:
-        self.model, self.params0, self._frozen = model, params0, frozen
+        self.model, self.params0 = model, params0
+        self._functional = FunctionalModel.from_split(model, params0, frozen)
 
     def __call__(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         _check_deterministic(self.model)  # the mode it had at linearize() may have changed
         missing = sorted(set(self.params0) - set(params))
         if missing:
             raise ValueError(f"params is missing entries of params0: {missing}")
-        first = next(iter(self.params0.values()))
-        x = x.to(first.device, first.dtype) if x.is_floating_point() else x.to(first.device)
+        fm = self._functional
+        x = place(x, fm.device, fm.dtype)
         delta = {n: params[n] - p0 for n, p0 in self.params0.items()}
-
-        def f(p: Params) -> Tensor:
-            return functional_call(self.model, {**self._frozen, **p}, (x,))
-
-        out0, dout = jvp(f, (self.params0,), (delta,))
+        out0, dout = jvp(lambda p: fm.outputs(p, x), (self.params0,), (delta,))
         return out0 + dout
 
 
@@ -941,15 +934,5 @@ def linearize(model: nn.Module, params0: Mapping[str, Tensor] | None = None) -> 
     descent with the NTK at params0 (:func:`kernel_gradient_descent`), the "lazy" limit that wide
     networks approach (Jacot et al. 2018, Theorem 2; Lee et al. 2019)."""
     _check_deterministic(model)
-    named = dict(model.named_parameters())
-    if params0 is None:
-        params0 = {n: p for n, p in named.items() if p.requires_grad}
-    unknown = sorted(set(params0) - set(named))
-    if unknown:
-        raise ValueError(f"params0 has names that are not parameters of the model: {unknown}")
-    if not params0:
-        raise ValueError("params0 is empty: the model has no parameters that require grad")
-    chosen = {n: p.detach().clone() for n, p in params0.items()}
-    frozen = {n: p.detach() for n, p in named.items() if n not in chosen}
-    frozen.update(dict(model.named_buffers()))
-    return LinearizedModel(model, chosen, frozen)
+    fm = FunctionalModel(model, params=params0, copy=True, name="params0")
+    return LinearizedModel(model, fm.params, fm.frozen)

@@ -49,12 +49,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
-from .functional import layers_used_elsewhere, module_mode, shared_parameters
-from .losses import LossFn, get_loss, targets_for
+from .functional import FunctionalModel, layers_used_elsewhere, module_mode, shared_parameters
+from .losses import LossFn
 from .models import NTKLinear
 
 __all__ = [
@@ -67,7 +67,6 @@ __all__ = [
 ]
 
 METHODS: tuple[str, ...] = ("auto", "vmap", "linear_trick")
-Params = dict[str, Tensor]
 
 # Parameter elements held by one vmap chunk's gradients (chunk_size * P); 2^26 floats = 256 MiB.
 _VMAP_BUDGET = 2**26
@@ -92,8 +91,8 @@ def _check_method(method: object) -> str:
 
 
 def eval_mode(model: nn.Module) -> module_mode:
-    """Put every submodule in eval mode; afterwards restore each one's own ``training`` flag
-    (:class:`gradcourse.functional.module_mode` with ``training=False``)."""
+    """Put every submodule in eval mode; afterwards restore each one's own ``training`` flag: an
+    alias of :class:`gradcourse.functional.module_mode` with ``training=False``."""
     return module_mode(model, False)
 
 
@@ -107,23 +106,14 @@ def _check_batchnorm(model: nn.Module) -> None:
             )
 
 
-def _trainable(model: nn.Module) -> Params:
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if not params:
-        raise ValueError("model has no parameters that require grad")
-    dtypes = {p.dtype for p in params.values()}
-    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-        raise ValueError(
-            f"parameters must share one floating dtype, got {sorted(map(str, dtypes))}"
-        )
-    return params
-
-
 def _prepare(
-    model: nn.Module, x: Tensor, y: Tensor, device: str | torch.device | None
-) -> tuple[Params, Params, Tensor, Tensor]:
-    """Detached parameters (those requiring grad), frozen tensors (other parameters and buffers),
-    x and y, all on ``device`` (default: the parameters' device); floating x in their dtype."""
+    model: nn.Module, loss: str | LossFn, x: Tensor, y: Tensor, device: str | torch.device | None
+) -> tuple[FunctionalModel, Tensor, Tensor]:
+    """The model as a function of its parameters that require grad (detached, not copied; the
+    other parameters and the buffers frozen), and x and y, all on ``device`` (default: the
+    parameters' device), floating x and y in their dtype; y in the form the loss takes (one-hot
+    floats for ``"mse"`` on integer labels when the model has several outputs), made once, in
+    eval mode, outside vmap."""
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
         raise ValueError("x and y must be tensors")
     if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
@@ -133,29 +123,11 @@ def _prepare(
         )
     if len(x) == 0:
         raise ValueError("x must hold at least one example, got 0")
-    params = _trainable(model)
-    first = next(iter(params.values()))
-    device = first.device if device is None else torch.device(device)
-    dtype = first.dtype
-    frozen = {n: p for n, p in model.named_parameters() if n not in params}
-    frozen.update(dict(model.named_buffers()))
-    params = {n: p.detach().to(device) for n, p in params.items()}
-    frozen = {n: t.detach().to(device) for n, t in frozen.items()}
-    x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
-    y = y.to(device, dtype) if y.is_floating_point() else y.to(device)
-    return params, frozen, x, y
-
-
-def _targets(
-    model: nn.Module, loss: str | LossFn, params: Params, frozen: Params, x: Tensor, y: Tensor
-) -> Tensor:
-    """y in the form the loss takes (one-hot floats for ``"mse"`` on integer labels when the
-    model has several outputs; :func:`gradcourse.losses.targets_for`), made once, outside vmap."""
-    if loss != "mse" or y.is_floating_point():
-        return y
-    with eval_mode(model), torch.no_grad():
-        out = functional_call(model, {**frozen, **params}, (x[:1],))
-    return targets_for(loss, y, out.shape[1] if out.ndim > 1 else 1, out.dtype)
+    fm = FunctionalModel(model, loss, device=device, copy=False)
+    x, y = fm.place_batch(x, y)
+    with eval_mode(model):
+        y = fm.targets(x, y)
+    return fm, x, y
 
 
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:
@@ -165,13 +137,11 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
 # ----------------------------------------------------------------------------- vmap route
 
 
-def _per_example_grad_fn(model: nn.Module, loss: str | LossFn, frozen: Params):
+def _per_example_grad_fn(fm: FunctionalModel):
     """vmap(grad(l_i)): (params, x chunk, y chunk) -> dict name -> (chunk, *shape)."""
-    mean_loss = get_loss(loss)
 
-    def example_loss(params: Params, xi: Tensor, yi: Tensor) -> Tensor:
-        out = functional_call(model, {**frozen, **params}, (xi.unsqueeze(0),))
-        return mean_loss(out, yi.unsqueeze(0))  # the mean over a batch of one is l_i
+    def example_loss(params: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        return fm.loss(params, xi.unsqueeze(0), yi.unsqueeze(0))  # a batch of one: l_i
 
     return vmap(grad(example_loss), in_dims=(None, 0, 0))
 
@@ -196,34 +166,25 @@ def per_example_grads(
     Memory is n * P numbers: for norms alone use :func:`per_example_grad_norms`.
     """
     chunk_size = _check_chunk_size(chunk_size)
-    get_loss(loss)
     _check_batchnorm(model)
-    params, frozen, x, y = _prepare(model, x, y, device)
-    y = _targets(model, loss, params, frozen, x, y)
-    n, size = len(x), sum(p.numel() for p in params.values())
-    chunk_size = chunk_size or max(1, min(n, _VMAP_BUDGET // size))
-    grads_fn = _per_example_grad_fn(model, loss, frozen)
-    parts: dict[str, list[Tensor]] = {name: [] for name in params}
+    fm, x, y = _prepare(model, loss, x, y, device)
+    n = len(x)
+    chunk_size = chunk_size or max(1, min(n, _VMAP_BUDGET // fm.size))
+    grads_fn = _per_example_grad_fn(fm)
+    parts: dict[str, list[Tensor]] = {name: [] for name in fm.params}
     with eval_mode(model), torch.no_grad():
         for start, stop in tqdm(
             _chunks(n, chunk_size), desc="per-example grads", disable=not progress, leave=False
         ):
-            for name, g in grads_fn(params, x[start:stop], y[start:stop]).items():
+            for name, g in grads_fn(fm.params, x[start:stop], y[start:stop]).items():
                 parts[name].append(g)
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
 
 def _vmap_sq_norms(
-    model: nn.Module,
-    loss: str | LossFn,
-    params: Params,
-    frozen: Params,
-    x: Tensor,
-    y: Tensor,
-    chunk_size: int,
-    progress: bool,
+    fm: FunctionalModel, x: Tensor, y: Tensor, chunk_size: int, progress: bool
 ) -> Tensor:
-    grads_fn = _per_example_grad_fn(model, loss, frozen)
+    grads_fn = _per_example_grad_fn(fm)
     out = []
     with torch.no_grad():
         for start, stop in tqdm(
@@ -232,7 +193,7 @@ def _vmap_sq_norms(
             disable=not progress,
             leave=False,
         ):
-            grads = grads_fn(params, x[start:stop], y[start:stop])
+            grads = grads_fn(fm.params, x[start:stop], y[start:stop])
             out.append(sum(g.reshape(len(g), -1).pow(2).sum(1) for g in grads.values()))
     return torch.cat(out)
 
@@ -345,23 +306,13 @@ def _layer_sq_norms(m: nn.Module, a: Tensor, e: Tensor) -> Tensor:
 
 
 def _trick_sq_norms(
-    model: nn.Module,
-    loss: str | LossFn,
-    params: Params,
-    frozen: Params,
-    x: Tensor,
-    y: Tensor,
-    chunk_size: int,
-    progress: bool,
+    fm: FunctionalModel, x: Tensor, y: Tensor, chunk_size: int, progress: bool
 ) -> Tensor:
-    layers = _trick_layers(model)
-    mean_loss = get_loss(loss)
+    layers = _trick_layers(fm.model)
     records: dict[str, list[tuple[Tensor, Tensor]]] = {}
-    tensors = {**frozen, **params}
+    tensors = {**fm.frozen, **fm.params}  # the tensor objects fm.outputs(fm.params, .) uses
     with torch.no_grad():
-        foreign = layers_used_elsewhere(
-            layers, tensors, lambda: functional_call(model, tensors, (x[:1],))
-        )
+        foreign = layers_used_elsewhere(layers, tensors, lambda: fm.outputs(fm.params, x[:1]))
     if foreign:
         raise _Unsupported(
             f"the parameters of {sorted(foreign)} are also used outside their layer (a tied "
@@ -376,7 +327,7 @@ def _trick_sq_norms(
         return capture
 
     handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
-    live = {n: p.detach().requires_grad_(True) for n, p in params.items()}  # graph via outputs
+    live = {n: p.detach().requires_grad_(True) for n, p in fm.params.items()}  # graph: outputs
     out = []
     try:
         for start, stop in tqdm(
@@ -388,8 +339,8 @@ def _trick_sq_norms(
             records.clear()
             xb, yb = x[start:stop], y[start:stop]
             with torch.enable_grad():
-                outputs = functional_call(model, {**frozen, **live}, (xb,))
-                total = mean_loss(outputs, yb) * len(xb)  # sum_i l_i: d total/d z_i = dl_i/dz_i
+                # sum_i l_i: d total / d z_i = d l_i / d z_i
+                total = fm.loss(live, xb, yb) * len(xb)
             for name in layers:
                 calls = len(records.get(name, ()))
                 if calls != 1:
@@ -445,26 +396,22 @@ def per_example_grad_norms(
     """
     chunk_size = _check_chunk_size(chunk_size)
     method = _check_method(method)
-    get_loss(loss)
     _check_batchnorm(model)
-    params, frozen, x, y = _prepare(model, x, y, device)
-    y = _targets(model, loss, params, frozen, x, y)
-    n, size = len(x), sum(p.numel() for p in params.values())
+    fm, x, y = _prepare(model, loss, x, y, device)
+    n = len(x)
     sq = None
     with eval_mode(model):
         if method in ("auto", "linear_trick"):
             try:
-                sq = _trick_sq_norms(
-                    model, loss, params, frozen, x, y, chunk_size or min(n, _TRICK_CHUNK), progress
-                )
+                sq = _trick_sq_norms(fm, x, y, chunk_size or min(n, _TRICK_CHUNK), progress)
             except _Unsupported as why:
                 if method == "linear_trick":
                     raise ValueError(
                         f"method='linear_trick' does not support this model: {why}"
                     ) from None
         if sq is None:
-            chunk = chunk_size or max(1, min(n, _VMAP_BUDGET // size))
-            sq = _vmap_sq_norms(model, loss, params, frozen, x, y, chunk, progress)
+            chunk = chunk_size or max(1, min(n, _VMAP_BUDGET // fm.size))
+            sq = _vmap_sq_norms(fm, x, y, chunk, progress)
     sq = sq.detach()
     return sq if squared else sq.sqrt()
 
@@ -483,15 +430,11 @@ def per_example_losses(
     running statistics is refused, as in :func:`per_example_grad_norms`."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    get_loss(loss)
     _check_batchnorm(model)
-    params, frozen, x, y = _prepare(model, x, y, device)
-    y = _targets(model, loss, params, frozen, x, y)
-    mean_loss = get_loss(loss)
-    one = vmap(lambda o, t: mean_loss(o.unsqueeze(0), t.unsqueeze(0)))
+    fm, x, y = _prepare(model, loss, x, y, device)
+    one = vmap(lambda o, t: fm.loss_of_outputs(o.unsqueeze(0), t.unsqueeze(0)))
     out = []
     with eval_mode(model), torch.no_grad():
         for start, stop in _chunks(len(x), batch_size):
-            outputs = functional_call(model, {**frozen, **params}, (x[start:stop],))
-            out.append(one(outputs, y[start:stop]))
+            out.append(one(fm.outputs(fm.params, x[start:stop]), y[start:stop]))
     return torch.cat(out)

@@ -62,6 +62,7 @@ from tqdm.auto import tqdm
 
 from . import pergrad
 from .checks import check_int
+from .functional import flatten
 from .losses import LossFn, get_loss
 from .train import SCHEDULES, lr_factor
 
@@ -172,8 +173,7 @@ def _shuffle_batches(n: int, size: int, *, seed: int) -> Iterator[Tensor]:
 
 def _flat_grads(model: nn.Module, loss: str | LossFn, x: Tensor, y: Tensor) -> Tensor:
     """(n, P): every example's gradient, flattened (``pergrad.per_example_grads``)."""
-    grads = pergrad.per_example_grads(model, loss, x, y)
-    return torch.cat([g.reshape(len(x), -1) for g in grads.values()], dim=1)
+    return flatten(pergrad.per_example_grads(model, loss, x, y), batch_dims=1)
 
 
 def _weighted_grads(
@@ -182,17 +182,15 @@ def _weighted_grads(
     """(K, P): row k is the gradient of sum_i weights[k, i] l_i, flattened, in eval mode (one
     forward pass, K backward passes through it)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    named, frozen, x, y = pergrad._prepare(model, x, y, None)
-    y = pergrad._targets(model, loss, named, frozen, x, y)
-    mean_loss = get_loss(loss)
-    one = vmap(lambda o, t: mean_loss(o.unsqueeze(0), t.unsqueeze(0)))
+    fm, x, y = pergrad._prepare(model, loss, x, y, None)
+    one = vmap(lambda o, t: fm.loss_of_outputs(o.unsqueeze(0), t.unsqueeze(0)))
     rows = []
     with pergrad.eval_mode(model), torch.enable_grad():
         losses = one(model(x), y)
         for k, w in enumerate(weights):
-            total = (losses * w.to(x.device, params[0].dtype)).sum()
+            total = (losses * w.to(x.device, fm.dtype)).sum()
             grads = torch.autograd.grad(total, params, retain_graph=k < len(weights) - 1)
-            rows.append(torch.cat([g.flatten() for g in grads]))
+            rows.append(flatten(grads))
     return torch.stack(rows)
 
 

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .checks import check_int
-from .functional import model_device_dtype
+from .functional import model_device_dtype, place
 from .losses import LossFn
 from .pergrad import _check_batchnorm, eval_mode, per_example_grad_norms
 
@@ -123,8 +123,7 @@ def el2n_scores(
     out = []
     with eval_mode(model), torch.no_grad():
         for start in range(0, len(x), batch_size):
-            xb = x[start : start + batch_size].to(device)
-            xb = xb.to(dtype) if xb.is_floating_point() else xb
+            xb = place(x[start : start + batch_size], device, dtype)
             yb = y[start : start + batch_size].to(device)
             logits = model(xb)
             if logits.ndim != 2 or logits.shape[1] < 2:
@@ -275,8 +274,7 @@ class ForgettingRecorder:
         hits = []
         with eval_mode(model), torch.no_grad():
             for start in range(0, len(self.x), self.batch_size):
-                xb = self.x[start : start + self.batch_size].to(device)
-                xb = xb.to(dtype) if xb.is_floating_point() else xb
+                xb = place(self.x[start : start + self.batch_size], device, dtype)
                 yb = self.y[start : start + self.batch_size].to(device)
                 hits.append((model(xb).argmax(dim=1) == yb).cpu())
         row = torch.cat(hits)

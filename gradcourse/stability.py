@@ -58,7 +58,8 @@ from .curvature import (
     NonFiniteOperatorError,
     lanczos,
 )
-from .losses import LossFn, targets_for
+from .functional import FunctionalModel, flatten
+from .losses import LossFn
 
 Curvature = Literal["hessian", "ggn"]
 CURVATURES: tuple[str, ...] = ("hessian", "ggn")
@@ -85,10 +86,6 @@ __all__ = [
     "gauss_newton_spectrum",
     "trace_bound",
 ]
-
-
-def _flat(tensors: dict[str, Tensor]) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors.values()])
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,11 +132,8 @@ class PerExampleCurvature:
         self.curvature = curvature
         self.chunk_size = chunk_size
         self.x, self.y = next(self.mean.batches())
-        if loss == "mse" and not self.y.is_floating_point():
-            # one-hot targets made here, once: inside vmap, one_hot could not read the labels
-            with torch.no_grad():
-                out = self.mean.outputs(self.mean.params, self.x[:1])
-            self.y = targets_for(loss, self.y, out.shape[1] if out.ndim > 1 else 1, out.dtype)
+        # one-hot targets made here, once: inside vmap, one_hot could not read the labels
+        self.y = self.mean.functional.targets(self.x, self.y)
         self.n = len(self.x)
         self.size = self.mean.shape[0]
         self.dtype, self.device = self.mean.dtype, self.mean.device
@@ -152,11 +146,11 @@ class PerExampleCurvature:
         xi, yi = xi.unsqueeze(0), yi.unsqueeze(0)
         if self.curvature == "hessian":
             g = lambda p: grad(op.batch_loss)(p, xi, yi)  # noqa: E731
-            return _flat(jvp(g, (params,), (vd,))[1])
+            return flatten(jvp(g, (params,), (vd,))[1])
         model_out = lambda p: op.outputs(p, xi)  # noqa: E731
         out, jac_v = jvp(model_out, (params,), (vd,))
         out_hess_jac_v = jvp(lambda o: grad(op.loss_of_outputs)(o, yi), (out,), (jac_v,))[1]
-        return _flat(vjp(model_out, params)[1](out_hess_jac_v)[0])
+        return flatten(vjp(model_out, params)[1](out_hess_jac_v)[0])
 
     def products(self, vectors: Tensor, index: Tensor | None = None) -> Tensor:
         """H_{index[j]} vectors[j] for every j, shape (m, P).
@@ -713,19 +707,12 @@ def gauss_newton_spectrum(
     ||G||_F = eig.norm(): the sharpness measures of Wu & Su (2023), equal to those of the
     Hessian at a zero-loss minimum.
     """
-    named = dict(model.named_parameters())
-    params = {k: v for k, v in named.items() if v.requires_grad} if params is None else params
-    params = {k: v.detach() for k, v in params.items()}
-    frozen = {k: v.detach() for k, v in named.items() if k not in params}
-    frozen.update(dict(model.named_buffers()))
-    from torch.func import functional_call
+    fm = FunctionalModel(model, params=params, copy=False)
 
     def f(p: dict[str, Tensor]) -> Tensor:
-        out = functional_call(model, {**frozen, **p}, (x,))
-        return out.reshape(len(x), -1)
+        return fm.outputs(p, x).reshape(len(x), -1)
 
-    jac = jacrev(f)(params)
-    flat = torch.cat([j.reshape(j.shape[0], j.shape[1], -1) for j in jac.values()], dim=2)
+    flat = flatten(jacrev(f)(fm.params), batch_dims=2)
     rows = flat.reshape(-1, flat.shape[-1]).double()
     if rows.shape[0] > max_size:
         raise ValueError(f"n * outputs must be <= max_size={max_size}, got {rows.shape[0]}")

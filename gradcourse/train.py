@@ -27,7 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .checks import check_int
-from .functional import model_device_dtype, module_mode
+from .functional import model_device_dtype, module_mode, place_batch
 from .losses import LossFn, get_loss, targets_for
 
 OPTIMIZERS: tuple[str, ...] = ("gd", "sgd")
@@ -122,10 +122,7 @@ def _prepare(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"x and y must have the same number of examples, got {len(x)}, {len(y)}")
     if x.shape[0] == 0:
         raise ValueError("x must hold at least one example")
-    device, dtype = model_device_dtype(model)
-    x = x.to(device, dtype) if x.dtype.is_floating_point else x.to(device)
-    y = y.to(device, dtype) if y.dtype.is_floating_point else y.to(device)
-    return x, y
+    return place_batch(x, y, *model_device_dtype(model))
 
 
 def _loss_and_accuracy(

@@ -33,6 +33,7 @@ from torch.func import functional_call
 from .. import curvature, data, models, train
 from ..cache import Cache, cached  # cached: re-exported for the notebooks
 from ..checks import check_int, check_positive
+from ..functional import flatten, unflatten
 
 DTYPE = torch.float64
 
@@ -385,18 +386,6 @@ def explore_spectrum(
 # ----------------------------------------------------------------------------- small vs large batch
 
 
-def _flat_params(model: nn.Module) -> Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def _as_dict(model: nn.Module, flat: Tensor) -> dict[str, Tensor]:
-    out, start = {}, 0
-    for name, p in model.named_parameters():
-        out[name] = flat[start : start + p.numel()].view_as(p)
-        start += p.numel()
-    return out
-
-
 def interpolate(
     model: nn.Module,
     theta_a: Tensor,
@@ -410,14 +399,15 @@ def interpolate(
     vectors in ``model.named_parameters()`` order. Returns float64 on the CPU."""
     if theta_a.shape != theta_b.shape:
         raise ValueError(f"theta_a and theta_b differ in shape: {theta_a.shape}, {theta_b.shape}")
-    size = sum(p.numel() for p in model.parameters())
+    named = dict(model.named_parameters())  # the flat layout: unflatten(theta, named)
+    size = sum(p.numel() for p in named.values())
     if theta_a.numel() != size:
         raise ValueError(f"theta_a must have {size} entries (the model's), got {theta_a.numel()}")
     losses = []
     with torch.no_grad():
         for alpha in torch.as_tensor(alphas, dtype=torch.float64).tolist():
             theta = (1 - alpha) * theta_a + alpha * theta_b
-            out = functional_call(model, _as_dict(model, theta), (x,))
+            out = functional_call(model, unflatten(theta, named), (x,))
             losses.append(float(nn.functional.cross_entropy(out, y)))
     return torch.tensor(losses, dtype=torch.float64)
 
@@ -493,7 +483,7 @@ def batch_switch_experiment(
                 model, x, y, loss="ce", lr=lr, optimizer="sgd", batch_size=batch, steps=steps,
                 seed=seed + phase, log_every=10**9, progress=False,
             )  # fmt: skip
-            ends.append(_flat_params(model))
+            ends.append(flatten(p.detach() for p in model.parameters()))
             tops.append(_top_eigenvalue(model, x, y, seed))
             losses.append(train.evaluate(model, x, y, loss="ce")["loss"])
         line = interpolate(model, ends[0], ends[1], x, y, alphas)

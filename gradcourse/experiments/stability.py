@@ -19,6 +19,7 @@ from .. import models, stability, train
 from ..cache import Cache
 from ..checks import check_positive
 from ..curvature import lanczos
+from ..functional import flatten
 from ..models import torch_default_init_  # re-exported (notebook 02 uses sx.torch_default_init_)
 from ..scores import spearman  # re-exported for the notebook (ties averaged)
 
@@ -442,7 +443,7 @@ def _gradient_basis(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return functional_call(model, p, (x,)).reshape(len(x))
 
     jac = jacrev(f)(params)
-    rows = torch.cat([jac[k].reshape(len(x), -1) for k in params], dim=1).double()
+    rows = flatten(jac, batch_dims=1).double()
     q, r = torch.linalg.qr(rows.T)
     diag = r.diagonal().abs()
     return q[:, diag > 1e-10 * diag.max()]
