@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from .checks import check_int, check_nonnegative, check_positive
+from .checks import check_int, check_nonnegative, check_number, check_positive
 from .functional import module_mode
 
 __all__ = [
@@ -260,8 +260,7 @@ def keep_ranked(
     ``|attribution|`` ranks highest (``highest=False``: lowest) kept and every other entry set
     to ``fill``. Ties are broken by position (the earlier entry ranks higher), so the result is
     deterministic. ``attribution`` has ``x``'s shape."""
-    if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
-        raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
+    check_number("fraction", fraction, low=0, high=1, low_open=True)
     if attribution.shape != x.shape:
         raise ValueError(
             f"attribution must have x's shape {tuple(x.shape)}, got {tuple(attribution.shape)}"

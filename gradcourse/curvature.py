@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
+from .checks import check_int, check_number, check_positive
 from .functional import FunctionalModel, Params, flatten, place_batch, refuse_random_train_mode
 from .losses import LossFn, get_loss, targets_for
 
@@ -122,7 +123,7 @@ class CurvatureOperator:
         size = self.shape[0]
         if size > max_size:
             raise ValueError(f"dense() needs P <= max_size={max_size}, got P={size}")
-        _check_positive_int("block_size", block_size)
+        check_int("block_size", block_size, 1)
         eye = torch.eye(size, dtype=self.dtype, device=self.device)
         return torch.cat([self.matmat(cols) for cols in eye.split(block_size, dim=1)], dim=1)
 
@@ -510,7 +511,7 @@ def class_decomposition(
         raise ValueError(f"loss must be 'ce' or 'mse', got {loss!r}")
     if not _is_single_batch(data):
         raise ValueError("data must be one (x, y) pair of tensors")
-    _check_positive_int("chunk_size", chunk_size)
+    check_int("chunk_size", chunk_size, 1)
     op = GGNOperator(model, loss, data)
     size = op.shape[0]
     if size > max_params:
@@ -528,7 +529,7 @@ def class_decomposition(
     n = len(x)
     with torch.no_grad():
         num_outputs = op.outputs(op.params, x[:1]).shape[1]
-    k = num_outputs if num_classes is None else _check_positive_int("num_classes", num_classes)
+    k = num_outputs if num_classes is None else check_int("num_classes", num_classes, 1)
     if int(y.min()) < 0 or int(y.max()) >= k:
         raise ValueError(f"labels must lie in [0, {k - 1}], got [{int(y.min())}, {int(y.max())}]")
     ggn = torch.zeros(size, size, dtype=op.dtype, device=op.device)
@@ -583,12 +584,6 @@ def _probe(op: CurvatureOperator, gen: torch.Generator, dist: str) -> Tensor:
     else:
         raise ValueError(f"dist must be 'rademacher' or 'gaussian', got {dist!r}")
     return v.to(device=op.device, dtype=op.dtype)
-
-
-def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _orthogonalize_(w: Tensor, basis: Tensor) -> Tensor:
@@ -696,22 +691,21 @@ def lanczos(
     vectors of length P (default basis_size = max(2 k' + 20, 40) capped at P, k' = k or 2k).
     """
     size = op.shape[0]
-    _check_positive_int("k", k)
+    check_int("k", k, 1)
     if which not in ("largest", "smallest", "both"):
         raise ValueError(f"which must be 'largest', 'smallest' or 'both', got {which!r}")
     num_wanted = 2 * k if which == "both" else k
     if num_wanted > size:
         raise ValueError(f"k must be <= P={size} (<= P/2 for which='both'), got k={k}")
     tol = _default_tol(op.dtype) if tol is None else tol
-    if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 < tol < 1:
-        # a relative residual: tol >= 1 (or inf, or NaN) would accept any vector as converged
-        raise ValueError(f"tol must be a number in (0, 1) (a relative residual), got {tol!r}")
+    # a relative residual: tol >= 1 (or inf, or NaN) would accept any vector as converged
+    check_number("tol", tol, low=0, high=1, low_open=True, high_open=True)
     m = min(size, max(2 * num_wanted + 20, 40)) if basis_size is None else basis_size
-    _check_positive_int("basis_size", m, minimum=num_wanted + 1 if size > num_wanted else size)
+    check_int("basis_size", m, num_wanted + 1 if size > num_wanted else size)
     if m > size:
         raise ValueError(f"basis_size must be <= P={size}, got {m}")
     max_matvecs = max(20 * m, 1_000) if max_matvecs is None else max_matvecs
-    _check_positive_int("max_matvecs", max_matvecs)
+    check_int("max_matvecs", max_matvecs, 1)
     gen = _generator(seed)
     krylov = _ThickRestartBasis(op, m, _start_vector(op, v0, gen), gen)
     num_keep = min(num_wanted + (m - num_wanted) // 2, m - 1)
@@ -834,8 +828,8 @@ def _estimate(samples: Tensor, offset: float, num_matvecs: int) -> Estimate:
 
 
 def _check_estimator_args(num_samples: int, dist: str, block_size: int) -> None:
-    _check_positive_int("num_samples", num_samples)
-    _check_positive_int("block_size", block_size)
+    check_int("num_samples", num_samples, 1)
+    check_int("block_size", block_size, 1)
     if dist not in ("rademacher", "gaussian"):
         raise ValueError(f"dist must be 'rademacher' or 'gaussian', got {dist!r}")
 
@@ -920,7 +914,7 @@ def hutchpp_trace(
     Hutchinson when a few outlier eigenvalues dominate, as in neural-network Hessians.
     ``stderr`` is that of the Hutchinson part, given Q.
     """
-    _check_positive_int("num_matvecs", num_matvecs, minimum=3)
+    check_int("num_matvecs", num_matvecs, 3)
     _check_estimator_args(1, dist, block_size)
     gen = _generator(seed)
     sketch_size = min(num_matvecs // 3, op.shape[0])
@@ -955,7 +949,7 @@ class SpectralDensity:
 
     def moment(self, order: int) -> Estimate:
         """tr(A^order) / P, estimated as the mean over probes of sum_j w_j theta_j^order."""
-        _check_positive_int("order", order, minimum=0)
+        check_int("order", order, 0)
         samples = (self.weights * self.nodes.pow(order)).sum(dim=1)
         return _estimate(samples, 0.0, self.num_matvecs)
 
@@ -965,8 +959,7 @@ class SpectralDensity:
         phi(t) = mean_l sum_j w_lj N(t; theta_lj, sigma^2) (Ghorbani et al. 2019, eq. 5);
         it integrates to 1 over the real line.
         """
-        if not sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {sigma!r}")
+        check_positive("sigma", sigma)
         grid = torch.as_tensor(grid, dtype=torch.float64)
         z = (grid.reshape(-1, 1, 1) - self.nodes) / sigma
         kernel = torch.exp(-0.5 * z**2) / (sigma * math.sqrt(2 * math.pi))
@@ -974,7 +967,7 @@ class SpectralDensity:
 
     def grid(self, num_points: int = 1_000, margin: float = 0.05) -> Tensor:
         """An evenly spaced grid over [min node, max node], widened by ``margin`` of the range."""
-        _check_positive_int("num_points", num_points, minimum=2)
+        check_int("num_points", num_points, 2)
         used = self.nodes[self.weights > 0]
         low, high = float(used.min()), float(used.max())
         pad = margin * max(high - low, 1e-12)
@@ -1034,8 +1027,8 @@ def spectral_density(
     num_probes x num_iters matvecs, ``block_size`` probes advancing together; memory
     num_iters x block_size vectors of length P.
     """
-    _check_positive_int("num_probes", num_probes)
-    _check_positive_int("num_iters", num_iters)
+    check_int("num_probes", num_probes, 1)
+    check_int("num_iters", num_iters, 1)
     _check_estimator_args(1, dist, block_size)
     gen = _generator(seed)
     num_iters = min(num_iters, op.shape[0])

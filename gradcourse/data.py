@@ -38,6 +38,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sequential
 from torch.utils.data import TensorDataset as _TensorDataset
 
 from .checks import check_int as _check_int
+from .checks import check_positive as _check_positive
 from .losses import LossFn, one_hot, targets_for
 from .paths import data_root, write_atomic
 
@@ -303,8 +304,7 @@ def gaussian_mixture(
     _check_int("num_classes", num_classes, 2)
     _check_int("dim", dim, 1)
     _check_int("seed", seed, 0, 2**32 - 1)
-    if not spread > 0:
-        raise ValueError(f"spread must be > 0, got {spread}")
+    _check_positive("spread", spread)
     low, high = center_box
     if not low < high:
         raise ValueError(f"center_box must be (low, high) with low < high, got {center_box}")

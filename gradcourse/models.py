@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checks import check_int
+from .checks import check_int, check_nonnegative, check_positive
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -36,14 +36,6 @@ PARAMETERIZATIONS: tuple[str, ...] = ("standard", "ntk")
 
 
 # ----------------------------------------------------------------------------- checks and init
-
-
-def _check_scale(name: str, value: object, *, allow_zero: bool) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-    return float(value)
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -85,8 +77,8 @@ class NTKLinear(nn.Module):
         super().__init__()
         self.in_features = check_int("in_features", in_features, 1)
         self.out_features = check_int("out_features", out_features, 1)
-        self.weight_scale = _check_scale("weight_scale", weight_scale, allow_zero=False)
-        self.bias_scale = _check_scale("bias_scale", bias_scale, allow_zero=True)
+        self.weight_scale = check_positive("weight_scale", weight_scale)
+        self.bias_scale = check_nonnegative("bias_scale", bias_scale)
         shape = (out_features, in_features)
         self.weight = nn.Parameter(torch.randn(shape, generator=generator, dtype=dtype))
         if bias:
@@ -160,8 +152,8 @@ class MLP(nn.Module):
             raise ValueError(
                 f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}"
             )
-        weight_scale = _check_scale("weight_scale", weight_scale, allow_zero=False)
-        bias_scale = _check_scale("bias_scale", bias_scale, allow_zero=True)
+        weight_scale = check_positive("weight_scale", weight_scale)
+        bias_scale = check_nonnegative("bias_scale", bias_scale)
         g = _generator(seed)
 
         self.in_dim, self.widths, self.out_dim = in_dim, widths, out_dim
@@ -248,7 +240,7 @@ class DiagonalLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.dim = check_int("dim", dim, 1)
-        alpha = _check_scale("init_scale", init_scale, allow_zero=True)
+        alpha = check_nonnegative("init_scale", init_scale)
         if init == "constant":
             u = torch.full((dim,), alpha, dtype=dtype)
             v = torch.full((dim,), alpha, dtype=dtype)

@@ -65,7 +65,7 @@ from torch import Tensor, nn
 from torch.func import jacrev, jvp, vmap
 from torch.utils.flop_counter import FlopCounterMode
 
-from .checks import check_int
+from .checks import check_int, check_nonnegative, check_positive
 from .functional import (
     FunctionalModel,
     Params,
@@ -109,16 +109,6 @@ DEFAULT_CHUNK_BYTES = 2**28
 # --------------------------------------------------------------------------------------------
 # checks
 # --------------------------------------------------------------------------------------------
-
-
-def _check_number(name: str, value: object, *, allow_zero: bool, allow_inf: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and not math.isnan(value) and (allow_inf or math.isfinite(value))
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        kind = "a number" if allow_inf else "a finite number"
-        raise ValueError(f"{name} must be {kind} {bound}, got {value!r}")
-    return float(value)
 
 
 def _check_deterministic(model: nn.Module) -> None:
@@ -594,8 +584,8 @@ def dense_kernel(k: Kernel, weight_scale: float = 1.0, bias_scale: float = 0.1) 
     (Jacot et al. 2018, proof of Proposition 1 and Theorem 1: the gradient w.r.t. W gives
     sigma_w^2 a.a'/n -> sigma_w^2 Sigma, w.r.t. b gives beta^2, the earlier layers sigma_w^2 Theta).
     """
-    sw2 = _check_number("weight_scale", weight_scale, allow_zero=False) ** 2
-    b2 = _check_number("bias_scale", bias_scale, allow_zero=True) ** 2
+    sw2 = check_positive("weight_scale", weight_scale) ** 2
+    b2 = check_nonnegative("bias_scale", bias_scale) ** 2
     nngp = sw2 * k.nngp + b2
     return Kernel(nngp, sw2 * k.ntk + nngp, sw2 * k.var1 + b2, sw2 * k.var2 + b2)
 
@@ -856,7 +846,7 @@ def kernel_gradient_descent(
     GD on :func:`linearize`'s model produces. Arguments as in :func:`kernel_gradient_flow`;
     ``steps`` an int >= 0 or a 1-D sequence of them.
     """
-    lr = _check_number("lr", lr, allow_zero=False)
+    lr = check_positive("lr", lr)
     counts, scalar = _times("steps", steps, integer=True)
     spec = _Spectral(ntk_train_train, y_train)
     lam = spec.eigvals
@@ -888,7 +878,7 @@ def kernel_regression(
     with the NTK). With ridge = 0 the inverse is the pseudo-inverse (eigenvalues below
     n·eps·lambda_max count as 0). ``f0_*=None`` means 0. Returns (m, ...) like y_train per example.
     """
-    ridge = _check_number("ridge", ridge, allow_zero=True)
+    ridge = check_nonnegative("ridge", ridge)
     if ntk_test_train is None:
         raise ValueError("ntk_test_train must be a tensor of shape (m, n) or (m, n, O, O)")
     spec = _Spectral(ntk_train_train, y_train)

@@ -61,7 +61,7 @@ from torch.func import vmap
 from tqdm.auto import tqdm
 
 from . import pergrad
-from .checks import check_int
+from .checks import check_int, check_nonnegative, check_number, check_positive
 from .functional import flatten
 from .losses import LossFn, get_loss
 from .train import SCHEDULES, lr_factor
@@ -88,26 +88,13 @@ FEEDBACK_SCALES: tuple[str, ...] = ("mean", "sum")
 ACCOUNTANTS: tuple[str, ...] = ("opacus", "dp_accounting")
 
 
-def _check_number(
-    name: str, value: object, low: float, *, open_low: bool, inf: bool = False
-) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and not math.isnan(value) and (inf or math.isfinite(value))
-    ok = ok and (value > low if open_low else value >= low)
-    if not ok:
-        bound = f"> {low:g}" if open_low else f">= {low:g}"
-        extra = " (inf allowed)" if inf else ""
-        raise ValueError(f"{name} must be a number {bound}{extra}, got {value!r}")
-    return float(value)
-
-
 # ----------------------------------------------------------------------------- clipping
 
 
 def clip(g: Tensor, threshold: float) -> Tensor:
     """Each row of ``g`` (n, P) scaled to norm at most ``threshold``: g_i * min(1, C / ||g_i||)
     (a zero row stays zero; ``threshold=inf`` returns ``g`` unchanged). A 1-D ``g`` is one row."""
-    threshold = _check_number("threshold", threshold, 0.0, open_low=True, inf=True)
+    threshold = check_number("threshold", threshold, low=0, low_open=True, allow_inf=True)
     if threshold == math.inf:
         return g
     rows = g.reshape(1, -1) if g.ndim == 1 else g
@@ -129,7 +116,7 @@ def clipped_mean(y: Tensor | np.ndarray, threshold: float) -> float:
     y = torch.as_tensor(np.asarray(y, dtype=np.float64)).flatten()
     if len(y) == 0 or not torch.isfinite(y).all():
         raise ValueError("y must hold at least one finite number")
-    threshold = _check_number("threshold", threshold, 0.0, open_low=True, inf=True)
+    threshold = check_number("threshold", threshold, low=0, low_open=True, allow_inf=True)
     if threshold == math.inf:
         return float(y.mean())
 
@@ -153,9 +140,7 @@ def poisson_batches(n: int, rate: float, *, seed: int = 0) -> Iterator[Tensor]:
     """Endless batches of indices: each example joins each batch independently with
     probability ``rate`` (a batch may be empty), from ``torch.Generator(seed)``."""
     check_int("n", n, 1)
-    rate = _check_number("rate", rate, 0.0, open_low=True)
-    if rate > 1:
-        raise ValueError(f"rate must be a number in (0, 1], got {rate!r}")
+    rate = check_number("rate", rate, low=0, high=1, low_open=True)
     gen = torch.Generator().manual_seed(seed)
     while True:
         yield torch.nonzero(torch.rand(n, generator=gen) < rate).flatten()
@@ -210,7 +195,7 @@ def clipped_sum(
     where it applies), then sum_i min(1, C / ||g_i||) g_i is the gradient of the reweighted
     loss sum_i min(1, C / ||g_i||) l_i, one more backward pass ("ghost clipping": Goodfellow
     2015; Lee & Kifer 2021). Eval mode, as the norms. ``threshold=inf``: the plain sum."""
-    threshold = _check_number("threshold", threshold, 0.0, open_low=True, inf=True)
+    threshold = check_number("threshold", threshold, low=0, low_open=True, allow_inf=True)
     return _weighted_grads(model, loss, x, y, _clip_weights(model, loss, x, y, threshold)[None])[0]
 
 
@@ -272,18 +257,18 @@ def dp_train(
     check_int("batch_size", batch_size, 1, n)
     check_int("every", every, 1)
     check_int("seed", seed, 0)
-    lr = _check_number("lr", lr, 0.0, open_low=True)
-    c1 = _check_number("clip_norm", clip_norm, 0.0, open_low=True, inf=True)
+    lr = check_positive("lr", lr)
+    c1 = check_number("clip_norm", clip_norm, low=0, low_open=True, allow_inf=True)
     c2 = (
         c1
         if feedback_clip is None
-        else _check_number("feedback_clip", feedback_clip, 0.0, open_low=True, inf=True)
+        else check_number("feedback_clip", feedback_clip, low=0, low_open=True, allow_inf=True)
     )
     if c2 < c1:
         raise ValueError(f"feedback_clip must be >= clip_norm ({c1:g}), got {c2!r}")
     if feedback_scale not in FEEDBACK_SCALES:
         raise ValueError(f"feedback_scale must be one of {FEEDBACK_SCALES}, got {feedback_scale!r}")
-    sigma = _check_number("noise_multiplier", noise_multiplier, 0.0, open_low=False)
+    sigma = check_nonnegative("noise_multiplier", noise_multiplier)
     if sigma > 0 and (method == "sgd" or c1 == math.inf):
         raise ValueError(
             "noise_multiplier > 0 needs clipping: method 'dpsgd' or 'dice' with a finite clip_norm"
@@ -347,13 +332,9 @@ def dp_train(
 
 
 def _check_accounting(sample_rate: float, steps: int, delta: float) -> tuple[float, float]:
-    q = _check_number("sample_rate", sample_rate, 0.0, open_low=True)
-    if q > 1:
-        raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
+    q = check_number("sample_rate", sample_rate, low=0, high=1, low_open=True)
     check_int("steps", steps, 1)
-    delta = _check_number("delta", delta, 0.0, open_low=True)
-    if delta >= 1:
-        raise ValueError(f"delta must be a number in (0, 1), got {delta!r}")
+    delta = check_number("delta", delta, low=0, high=1, low_open=True, high_open=True)
     return q, delta
 
 
@@ -370,7 +351,7 @@ def epsilon(
     Mironov, Talwar & Zhang 2019), from Opacus's ``RDPAccountant`` or Google's
     ``dp_accounting`` (``RdpAccountant``). Both are well-kept libraries; neither is
     re-implemented here. DP-SGD only: see the module docstring for DiceSGD."""
-    sigma = _check_number("noise_multiplier", noise_multiplier, 0.0, open_low=True)
+    sigma = check_positive("noise_multiplier", noise_multiplier)
     q, delta = _check_accounting(sample_rate, steps, delta)
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
@@ -392,7 +373,7 @@ def noise_multiplier(target_epsilon: float, sample_rate: float, steps: int, delt
     """The smallest noise multiplier sigma (to Opacus's search precision, 0.01 in epsilon)
     whose DP-SGD run reaches at most ``target_epsilon`` (Opacus's ``get_noise_multiplier``
     with its RDP accountant)."""
-    eps = _check_number("target_epsilon", target_epsilon, 0.0, open_low=True)
+    eps = check_positive("target_epsilon", target_epsilon)
     q, delta = _check_accounting(sample_rate, steps, delta)
     import warnings
 
@@ -418,9 +399,9 @@ def dice_noise_multiplier(noise_multiplier: float, clip_norm: float, feedback_cl
     epsilon) times sqrt(1 + 2 C2 / C1), C1 = ``clip_norm``, C2 = ``feedback_clip`` >= C1. Pass the
     result to :func:`dp_train` with ``method="dice"``. Not an accountant: this rescales, it does
     not prove."""
-    sigma = _check_number("noise_multiplier", noise_multiplier, 0.0, open_low=False)
-    c1 = _check_number("clip_norm", clip_norm, 0.0, open_low=True)
-    c2 = _check_number("feedback_clip", feedback_clip, 0.0, open_low=True)
+    sigma = check_nonnegative("noise_multiplier", noise_multiplier)
+    c1 = check_positive("clip_norm", clip_norm)
+    c2 = check_positive("feedback_clip", feedback_clip)
     if c2 < c1:
         raise ValueError(f"feedback_clip must be >= clip_norm ({c1:g}), got {feedback_clip!r}")
     return sigma * math.sqrt(1.0 + 2.0 * c2 / c1)
@@ -440,9 +421,9 @@ def feedback_noise_ratio(
     multiplier the term would have as a Gaussian mechanism of its own; since e_t carries every
     past batch, no subsampling amplification applies to it. A small value means this simple
     argument gives no useful privacy; the paper's theorem uses the structure of e_t instead."""
-    sigma = _check_number("noise_multiplier", noise_multiplier, 0.0, open_low=False)
-    c1 = _check_number("clip_norm", clip_norm, 0.0, open_low=True)
-    c2 = _check_number("feedback_clip", feedback_clip, 0.0, open_low=True)
+    sigma = check_nonnegative("noise_multiplier", noise_multiplier)
+    c1 = check_positive("clip_norm", clip_norm)
+    c2 = check_positive("feedback_clip", feedback_clip)
     check_int("batch_size", batch_size, 1)
     if feedback_scale not in FEEDBACK_SCALES:
         raise ValueError(f"feedback_scale must be one of {FEEDBACK_SCALES}, got {feedback_scale!r}")

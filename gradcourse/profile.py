@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checks import check_int
+
 PROFILES: tuple[str, ...] = ("ci", "cpu", "gpu")
 ENV_VAR = "GRADCOURSE_PROFILE"
 THREADS_VAR = "GRADCOURSE_THREADS"
@@ -59,8 +61,7 @@ def seed_everything(seed: int) -> torch.Generator:
 
     Returns a fresh CPU ``torch.Generator`` seeded with ``seed`` for code that takes one.
     """
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    check_int("seed", seed, 0)
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002 (seeding the legacy global RNG is the point)
     torch.manual_seed(seed)
@@ -78,8 +79,8 @@ def set_cpu_threads(n: int) -> int:
         if not raw.isdigit() or int(raw) < 1:
             raise ValueError(f"${THREADS_VAR}={raw!r} must be a positive integer")
         n = int(raw)
-    elif isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    else:
+        check_int("n", n, 1)
     torch.set_num_threads(n)
     return n
 

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checks import check_int
+from .checks import check_int, check_number
 from .functional import model_device_dtype, place
 from .losses import LossFn
 from .pergrad import _check_batchnorm, eval_mode, per_example_grad_norms
@@ -234,11 +234,11 @@ def forgetting_events(
     """
     c = _check_correct(correct)
     events = (c[:-1] & ~c[1:]).sum(dim=0).to(torch.float64)
-    value = float(c.shape[0]) if never_learned_value is None else float(never_learned_value)
-    if math.isnan(value) or value < 0:
-        raise ValueError(
-            f"never_learned_value must be a number >= 0 or inf, got {never_learned_value!r}"
-        )
+    value = (
+        float(c.shape[0])
+        if never_learned_value is None
+        else check_number("never_learned_value", never_learned_value, low=0, allow_inf=True)
+    )
     events[~c.any(dim=0)] = value
     return events
 
@@ -403,14 +403,10 @@ def prune(
     """
     s = _scores_1d("scores", scores)
     n = len(s)
-    ok = isinstance(keep_fraction, (int, float)) and not isinstance(keep_fraction, bool)
-    if not ok or not 0.0 < keep_fraction <= 1.0:
-        raise ValueError(f"keep_fraction must be a number in (0, 1], got {keep_fraction!r}")
+    check_number("keep_fraction", keep_fraction, low=0, high=1, low_open=True)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    ok = isinstance(offset, (int, float)) and not isinstance(offset, bool)
-    if not ok or not 0.0 <= offset < 1.0:
-        raise ValueError(f"offset must be a number in [0, 1), got {offset!r}")
+    check_number("offset", offset, low=0, high=1, high_open=True)
     if offset and mode != "window":
         raise ValueError(
             f"offset is only used by mode='window', got offset={offset} with mode={mode!r}"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .checks import check_int
+from .checks import check_int, check_number
 
 __all__ = ["Interval", "paired_interval", "bootstrap"]
 
@@ -40,13 +40,6 @@ class Interval:
         )
 
 
-def _check_level(level: float) -> float:
-    ok = isinstance(level, int | float) and not isinstance(level, bool)
-    if not ok or not 0 < level < 1:
-        raise ValueError(f"level must be a number in (0, 1), got {level!r}")
-    return float(level)
-
-
 def _as_1d(name: str, values: Sequence[float] | np.ndarray) -> np.ndarray:
     a = np.asarray(values, dtype=np.float64).reshape(-1)
     if not np.isfinite(a).all():
@@ -60,7 +53,7 @@ def paired_interval(
     """The mean of the paired differences a_i - b_i (same seed i on both sides) with Student's
     t-interval at ``level``: mean +- t_{n-1} s / sqrt(n). Pairing removes the seed-to-seed
     variation both sides share. Needs n >= 2 pairs."""
-    level = _check_level(level)
+    level = check_number("level", level, low=0, high=1, low_open=True, high_open=True)
     x, y = _as_1d("a", a), _as_1d("b", b)
     if len(x) != len(y):
         raise ValueError(f"a and b must be paired (same length), got {len(x)} and {len(y)}")
@@ -87,7 +80,7 @@ def bootstrap(
     initialisations measured at each width), and evaluates the statistic on them. The interval
     is the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the resampled statistics;
     the estimate is the statistic of the data. Seeded, so a notebook's band is reproducible."""
-    level = _check_level(level)
+    level = check_number("level", level, low=0, high=1, low_open=True, high_open=True)
     check_int("num_resamples", num_resamples, 10)
     check_int("seed", seed, 0)
     data = [_as_1d(f"groups[{i}]", g) for i, g in enumerate(groups)]

@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .checks import check_int
+from .checks import check_int, check_nonnegative, check_number, check_positive
 from .functional import model_device_dtype, module_mode, place_batch
 from .losses import LossFn, get_loss, targets_for
 
@@ -104,16 +104,6 @@ class History:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _check_float(name: str, value: object, low: float, high: float, *, low_open: bool) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and value < high
-    if not ok:
-        left = "(" if low_open else "["
-        raise ValueError(f"{name} must be a number in {left}{low:g}, {high:g}), got {value!r}")
-    return float(value)
 
 
 def _prepare(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -210,9 +200,9 @@ def train(
     - ``device``: move the model there first (default: where the model is); x and y follow the
       model. The model is in train mode during the run, then its previous modes are restored.
     """
-    lr = _check_float("lr", lr, 0.0, math.inf, low_open=True)
-    momentum = _check_float("momentum", momentum, 0.0, 1.0, low_open=False)
-    weight_decay = _check_float("weight_decay", weight_decay, 0.0, math.inf, low_open=False)
+    lr = check_positive("lr", lr)
+    momentum = check_number("momentum", momentum, low=0, high=1, high_open=True)
+    weight_decay = check_nonnegative("weight_decay", weight_decay)
     if nesterov and momentum == 0:
         raise ValueError("nesterov=True needs momentum in (0, 1), got momentum=0")
     if optimizer not in OPTIMIZERS:

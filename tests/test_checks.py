@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from gradcourse.checks import check_int, check_nonnegative, check_positive
+from gradcourse.checks import check_int, check_nonnegative, check_number, check_positive
 
 
 def test_check_int_accepts_ints_in_range_and_names_the_argument():
@@ -29,3 +29,49 @@ def test_check_nonnegative_accepts_zero_and_refuses_negative_and_non_finite():
     for bad in (-1e-9, math.inf, math.nan, True, "1"):
         with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
             check_nonnegative("eps", bad)
+
+
+def test_check_number_closed_and_open_ends():
+    assert check_number("x", 0, low=0, high=1) == 0.0 and check_number("x", 1, low=0, high=1) == 1.0
+    assert isinstance(check_number("x", 1, low=0, high=1), float)
+    for value, kwargs, message in [
+        (0, dict(low_open=True), r"x must be a number in \(0, 1\], got 0"),
+        (1, dict(high_open=True), r"x must be a number in \[0, 1\), got 1"),
+        (0.0, dict(low_open=True, high_open=True), r"x must be a number in \(0, 1\), got 0.0"),
+        (-1e-12, {}, r"x must be a number in \[0, 1\], got -1e-12"),
+        (1.5, {}, r"x must be a number in \[0, 1\], got 1.5"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            check_number("x", value, low=0, high=1, **kwargs)
+    assert check_number("x", 0.5, low=0, high=1, low_open=True, high_open=True) == 0.5
+
+
+def test_check_number_one_bound_or_none():
+    assert check_number("x", -3) == -3.0
+    with pytest.raises(ValueError, match=r"x must be a finite number >= 1, got 0.5"):
+        check_number("x", 0.5, low=1)
+    with pytest.raises(ValueError, match=r"x must be a finite number > 1, got 1"):
+        check_number("x", 1, low=1, low_open=True)
+    with pytest.raises(ValueError, match=r"x must be a finite number <= 2, got 3"):
+        check_number("x", 3, high=2)
+    with pytest.raises(ValueError, match=r"x must be a finite number < 2, got 2"):
+        check_number("x", 2, high=2, high_open=True)
+    with pytest.raises(ValueError, match=r"x must be a finite number, got nan"):
+        check_number("x", math.nan)
+
+
+def test_check_number_refuses_bools_strings_nan_and_inf_unless_allowed():
+    for bad in (True, False, "0.5", None, [0.5], math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match=r"x must be a number in \[0, 1\]"):
+            check_number("x", bad, low=0, high=1)
+    for bad in (True, math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match="x must be a finite number >= 0"):
+            check_number("x", bad, low=0)
+    # allow_inf lets inf through the bounds that admit it, never nan
+    assert check_number("t", math.inf, low=0, low_open=True, allow_inf=True) == math.inf
+    assert check_number("t", -math.inf, high=0, allow_inf=True) == -math.inf
+    for bad in (-math.inf, math.nan, 0, True):
+        with pytest.raises(ValueError, match=r"t must be a number > 0 \(inf allowed\)"):
+            check_number("t", bad, low=0, low_open=True, allow_inf=True)
+    with pytest.raises(ValueError, match=r"t must be a number in \[0, 1\], got inf"):
+        check_number("t", math.inf, low=0, high=1, allow_inf=True)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .. import attribution as at
 from .. import data, models
 from ..cache import Cache
-from ..checks import check_int, check_positive
+from ..checks import check_int, check_number, check_positive
 
 __all__ = [
     "ARCHS",
@@ -83,9 +83,7 @@ def config(**overrides: Any) -> dict[str, Any]:
     check_int("batch_size", cfg["batch_size"], 1, cfg["n_train"])
     check_int("pgd_steps", cfg["pgd_steps"], 1)
     check_positive("lr", cfg["lr"])
-    eps = cfg["eps"]
-    if not (isinstance(eps, (int, float)) and 0 <= eps <= 1):
-        raise ValueError(f"eps must be a number in [0, 1] (pixels are in [0, 1]), got {eps!r}")
+    check_number("eps", cfg["eps"], low=0, high=1)  # pixels are in [0, 1]
     return cfg
 
 

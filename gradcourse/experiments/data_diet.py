@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from .. import data, models, scores, stats, train
 from ..cache import Cache
-from ..checks import check_int
+from ..checks import check_int, check_nonnegative, check_number
 
 DATASETS: tuple[str, ...] = ("fashion_mnist", "mnist1d", "digits", "cifar10")
 ARCHS: tuple[str, ...] = ("mlp", "small_cnn", "resnet18")
@@ -79,16 +79,6 @@ DEFAULTS: dict[str, Any] = dict(
 # ----------------------------------------------------------------------------- checks
 
 
-def _check_fraction(name: str, value: object, *, low_open: bool = True) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (0.0 < value if low_open else 0.0 <= value) and value <= 1.0
-    if not ok:
-        left = "(" if low_open else "["
-        raise ValueError(f"{name} must be a number in {left}0, 1], got {value!r}")
-    return float(value)
-
-
 def config(**overrides: Any) -> dict[str, Any]:
     """:data:`DEFAULTS` updated with ``overrides`` (unknown keys refused), lists made tuples,
     and checked: a configuration every function of this module accepts."""
@@ -105,7 +95,7 @@ def config(**overrides: Any) -> dict[str, Any]:
     check_int("n_train", cfg["n_train"], 10)
     check_int("n_test", cfg["n_test"], 1)
     check_int("data_seed", cfg["data_seed"], 0)
-    _check_fraction("noise", cfg["noise"], low_open=False)
+    check_number("noise", cfg["noise"], low=0, high=1)
     check_int("epochs", cfg["epochs"], 1)
     if cfg["init"] not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {cfg['init']!r}")
@@ -406,7 +396,7 @@ def kept_indices(
     2022: the better choice when data are scarce), or a random subset drawn from ``seed`` for
     ``"random"`` (which ignores ``mode``). ``balanced=True`` applies the rule within each class,
     every class keeping ``fraction`` of its own examples (``prune(..., labels=...)``)."""
-    fraction = _check_fraction("fraction", fraction)
+    fraction = check_number("fraction", fraction, low=0, high=1, low_open=True)
     _check_mode(mode, offset)
     if not isinstance(balanced, bool):
         raise ValueError(f"balanced must be True or False, got {balanced!r}")
@@ -475,13 +465,14 @@ def prune_curve(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     epoch = epoch if method in EPOCH_METHODS else None
-    fractions = tuple(_check_fraction(f"fractions[{i}]", f) for i, f in enumerate(fractions))
+    fractions = tuple(
+        check_number(f"fractions[{i}]", f, low=0, high=1, low_open=True)
+        for i, f in enumerate(fractions)
+    )
     seeds = tuple(check_int(f"seeds[{i}]", s, 0) for i, s in enumerate(seeds))
     if not fractions or not seeds:
         raise ValueError("fractions and seeds must each hold at least one value")
-    _check_fraction("offset", offset, low_open=False)
-    if offset >= 1.0:
-        raise ValueError(f"offset must be a number in [0, 1), got {offset!r}")
+    check_number("offset", offset, low=0, high=1, high_open=True)
     _check_mode(mode, offset)
     if not isinstance(balanced, bool):
         raise ValueError(f"balanced must be True or False, got {balanced!r}")
@@ -565,7 +556,7 @@ def find_curve(
 
 def accuracy_at(curve: Mapping[str, Tensor], fraction: float) -> Tensor:
     """The (S,) accuracies of ``curve`` at ``fraction`` kept; ValueError if not computed."""
-    fraction = _check_fraction("fraction", fraction)
+    fraction = check_number("fraction", fraction, low=0, high=1, low_open=True)
     fractions = curve["fractions"].tolist()
     for i, f in enumerate(fractions):
         if abs(f - fraction) < 1e-9:
@@ -653,9 +644,7 @@ def grand_at_init(
     if not seeds:
         raise ValueError("seeds must hold at least one seed")
     if bias_std is not None:
-        ok = isinstance(bias_std, (int, float)) and not isinstance(bias_std, bool)
-        if not ok or not math.isfinite(bias_std) or bias_std < 0:
-            raise ValueError(f"bias_std must be a finite number >= 0 or None, got {bias_std!r}")
+        check_nonnegative("bias_std", bias_std)
     ds, _ = load_data(cfg, device)
     out = torch.zeros(len(seeds), ds.n_train, dtype=torch.float64)
     for r, seed in enumerate(seeds):

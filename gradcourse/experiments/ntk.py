@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .. import data, losses, models, ntk
 from ..cache import Cache, cached  # cached: re-exported for the notebooks
-from ..checks import check_int
+from ..checks import check_int, check_nonnegative, check_number, check_positive
 from ..train import Diverged
 
 DTYPE = torch.float64
@@ -41,20 +41,6 @@ PAPER_BETA = 0.1
 
 
 # ----------------------------------------------------------------------------- checks
-
-
-def _check_number(
-    name: str, value: object, low: float, high: float | None = None, *, low_open: bool = False
-) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = value > low if low_open else value >= low
-        ok = ok and (high is None or value <= high)
-    if not ok:
-        lo = f"> {low:g}" if low_open else f">= {low:g}"
-        rng = lo if high is None else f"{lo} and <= {high:g}"
-        raise ValueError(f"{name} must be a finite number {rng}, got {value!r}")
-    return float(value)
 
 
 # ----------------------------------------------------------------------------- nets and data
@@ -74,7 +60,7 @@ def make_net(
     parameterisation, a~ = W a / sqrt(n_in) + beta b with W, b ~ N(0, 1), one output."""
     check_int("width", width, 1)
     check_int("depth", depth, 1)
-    _check_number("beta", beta, 0.0)
+    check_nonnegative("beta", beta)
     return models.MLP(
         in_dim,
         [width] * depth,
@@ -120,7 +106,7 @@ def gradient_descent(
     is called with the outputs f (n, 1) at the parameters before step k (and k = steps at the
     end). Returns the loss before each step and at the end, (steps + 1,). Raises
     :class:`gradcourse.train.Diverged` on a non-finite loss."""
-    lr = _check_number("lr", lr, 0.0, low_open=True)
+    lr = check_positive("lr", lr)
     check_int("steps", steps, 0)
     params = [p for p in model.parameters() if p.requires_grad]
     history = torch.empty(steps + 1, dtype=torch.float64)
@@ -386,9 +372,8 @@ def gaussian_limit(
         raise ValueError(f"ntk_test_train and nngp_test_train must have shape (m, {n})")
     if nngp_test_diag.shape != (m,):
         raise ValueError(f"nngp_test_diag must have shape ({m},)")
-    lr = _check_number("lr", lr, 0.0, low_open=True)
-    if not (isinstance(steps, (int, float)) and steps >= 0):
-        raise ValueError(f"steps must be a number >= 0 (inf allowed), got {steps!r}")
+    lr = check_positive("lr", lr)
+    check_number("steps", steps, low=0, allow_inf=True)
     lam, vec = torch.linalg.eigh((ntk_train + ntk_train.T) / 2)
     keep = lam > lam.abs().max() * n * torch.finfo(lam.dtype).eps
     safe = torch.where(keep, lam, torch.ones_like(lam))
@@ -509,7 +494,7 @@ def steps_to_learn(eigval: float, fraction: float = 0.9, *, lr: float = 1.0) -> 
     """Kernel GD's number of steps to learn ``fraction`` of a component with eigenvalue
     ``eigval`` of Theta / N: the smallest t with 1 - (1 - lr eigval)^t >= fraction, about
     ln(1 / (1 - fraction)) / (lr eigval) (ln 2 / (lr eigval) for half of it)."""
-    _check_number("fraction", fraction, 0.0, 1.0)
+    check_number("fraction", fraction, low=0, high=1)
     if not 0 < lr * eigval < 1:
         raise ValueError(f"lr * eigval must lie in (0, 1), got {lr * eigval!r}")
     if fraction in (0.0, 1.0):
@@ -601,7 +586,7 @@ def explore_kernel(
     a reader can act on, each run cached."""
     check_int("width", width, 2, 8192)
     check_int("depth", depth, 1, 8)
-    _check_number("beta", beta, 0.0, 2.0)
+    check_number("beta", beta, low=0, high=2)
     check_int("steps", steps, 0, 2000)
     config = dict(
         depth=depth, beta=float(beta), steps=steps, lr=1.0, n_train=n_train, n_angles=n_angles

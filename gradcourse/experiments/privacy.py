@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .. import data, models, pergrad, train
 from .. import privacy as pv
 from ..cache import Cache
-from ..checks import check_int, check_positive
+from ..checks import check_int, check_nonnegative, check_number, check_positive
 
 __all__ = [
     "ARCHS",
@@ -86,9 +86,7 @@ def config(**overrides: Any) -> dict[str, Any]:
         raise ValueError(f"schedule must be one of {train.SCHEDULES}, got {cfg['schedule']!r}")
     if check_positive("delta", cfg["delta"]) > 0.5:
         raise ValueError(f"delta must be a finite number > 0, at most 0.5, got {cfg['delta']!r}")
-    ratio = cfg["feedback_ratio"]
-    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio >= 1):
-        raise ValueError(f"feedback_ratio (C2 / C1) must be a finite number >= 1, got {ratio!r}")
+    check_number("feedback_ratio (C2 / C1)", cfg["feedback_ratio"], low=1)
     check_positive("noise_factor", cfg["noise_factor"])
     if cfg["feedback_scale"] not in pv.FEEDBACK_SCALES:
         raise ValueError(
@@ -139,10 +137,8 @@ def mean_trajectories(
     y = np.asarray(y, dtype=np.float64).ravel()
     check_int("steps", steps, 1)
     lr, clip = check_positive("lr", lr), check_positive("clip", clip)
-    if not (isinstance(feedback_ratio, (int, float)) and feedback_ratio >= 1):
-        raise ValueError(f"feedback_ratio (C2 / C1) must be a number >= 1, got {feedback_ratio!r}")
-    if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
-        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+    check_number("feedback_ratio (C2 / C1)", feedback_ratio, low=1, allow_inf=True)
+    check_nonnegative("noise_multiplier", noise_multiplier)
     if feedback_scale not in pv.FEEDBACK_SCALES:
         raise ValueError(
             f"feedback_scale must be one of {pv.FEEDBACK_SCALES}, got {feedback_scale!r}"

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp
 
+from ..checks import check_int, check_positive
+
 Params = dict[str, Tensor]
 LossOfParams = Callable[[Params], Tensor]
 
@@ -35,10 +37,8 @@ def taylor_along_direction(
     """The loss on the line params + t * direction, t in [-radius, radius], against its first- and
     second-order Taylor models L + t g.v and L + t g.v + t^2/2 v.Hv (g from ``grad``, Hv from
     :func:`hvp`)."""
-    if not radius > 0:
-        raise ValueError(f"radius must be > 0, got {radius}")
-    if num < 3:
-        raise ValueError(f"num must be >= 3, got {num}")
+    check_positive("radius", radius)
+    check_int("num", num, 3)
     g = grad(loss)(params)
     hv = hvp(loss, params, direction)
     slope = sum((g[k] * direction[k]).sum() for k in params)
