@@ -28,7 +28,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .paths import build_root, write_atomic
+from .paths import build_root, write_text_atomic
 from .profile import PROFILES, Profile, resolve_profile_name
 
 COMPARISONS: tuple[str, ...] = ("close", "==", "<=", ">=", "<", ">", "in")
@@ -326,9 +326,8 @@ def _torch_threads() -> int | None:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as UTF-8 JSON to ``path`` (:func:`gradcourse.paths.write_atomic`)."""
-    text = json.dumps(obj, indent=1, ensure_ascii=False)
-    write_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
+    """Write ``obj`` as UTF-8 JSON to ``path`` (:func:`gradcourse.paths.write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False))
 
 
 def check_record(obj: Any) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .claims import check_record, format_table
-from .paths import build_root, repo_root
+from .paths import build_root, repo_root, write_text_atomic
 from .profile import PROFILES, resolve_profile_name
 
 
@@ -214,7 +214,7 @@ def run_notebook(
     seconds = time.perf_counter() - start
     if error is not None:
         error = _ANSI.sub("", error)  # the kernel colours tracebacks for a terminal
-    from .site import source_digest
+    from .site import source_digest, write_notebook
 
     nb.metadata["gradcourse"] = {
         "profile": profile,
@@ -224,7 +224,7 @@ def run_notebook(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / path.name
-    nbformat.write(nb, out_path)
+    write_notebook(nb, out_path)
     return out_path, seconds, error
 
 
@@ -283,7 +283,9 @@ def cmd_results(args: argparse.Namespace) -> int:
     table = results.scorecard(Path(args.dir) if args.dir else None)
     if args.update_readme:
         readme = Path(args.update_readme)
-        readme.write_text(results.replace_scorecard(readme.read_text(encoding="utf-8"), table))
+        write_text_atomic(
+            readme, results.replace_scorecard(readme.read_text(encoding="utf-8"), table)
+        )
         print(f"scorecard written into {readme}")
     else:
         print(table)

@@ -5,9 +5,10 @@ Each location can be overridden with an environment variable:
 ``GRADCOURSE_BUILD`` (executed notebooks and claim records, default ``<repo>/build``).
 Outside a source checkout the defaults fall back to ``~/.cache/gradcourse``.
 
-:func:`write_atomic` is the one way the package writes a file (caches, claim records,
-generated datasets): a reader never sees a half-written file, and the file gets the
-permissions of any new file.
+:func:`write_atomic` (and :func:`write_text_atomic` for text) is the one way the package
+writes a file (caches, claim records, generated datasets, executed notebooks, the site's
+sources, the README's scorecard): a reader never sees a half-written file, and the file gets
+the permissions of any new file.
 """
 
 from __future__ import annotations
@@ -93,3 +94,9 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` as UTF-8 with :func:`write_atomic`."""
+    data = text.encode("utf-8")
+    return write_atomic(path, lambda fh: fh.write(data))

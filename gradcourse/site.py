@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .paths import write_text_atomic
+
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 
@@ -42,6 +44,15 @@ myst_enable_extensions = ["dollarmath"]
 exclude_patterns = ["_build"]
 suppress_warnings = ["mystnb.unknown_mime_type"]
 """
+
+
+def write_notebook(nb: Any, path: Path) -> Path:
+    """Write the notebook ``nb`` to ``path`` as ``nbformat.write`` does (validated, ending in a
+    newline), atomically (:func:`gradcourse.paths.write_text_atomic`)."""
+    import nbformat
+
+    text = nbformat.writes(nb)
+    return write_text_atomic(path, text if text.endswith("\n") else text + "\n")
 
 
 def source_digest(path: Path) -> str:
@@ -213,12 +224,12 @@ def prepare(executed: list[Path], src: Path, profile: str) -> Path:
             else None
         )
         refresh_verdict_tables(nb, path.stem, run_record)
-        nbformat.write(nb, src / path.name)
+        write_notebook(nb, src / path.name)
         first = next((c.source for c in nb.cells if c.cell_type == "markdown"), "")
         title = re.search(r"^#\s+(.+)$", first, flags=re.MULTILINE)
         titles.append((path.stem, title.group(1).strip() if title else path.stem))
-    (src / "index.md").write_text(_front_page(titles, scorecard(), profile), encoding="utf-8")
-    (src / "conf.py").write_text(CONF, encoding="utf-8")
+    write_text_atomic(src / "index.md", _front_page(titles, scorecard(), profile))
+    write_text_atomic(src / "conf.py", CONF)
     return src
 
 

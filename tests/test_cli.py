@@ -270,3 +270,19 @@ def test_repoll_slices_long_waits_and_keeps_the_overall_timeout(monkeypatch) -> 
         asyncio.run(forever.get_msg(timeout=0.625))
     assert forever.waits == [0.25, 0.25, 0.125]
     assert clock[0] - start == 0.625
+
+
+def test_update_readme_rewrites_only_the_scorecard_block(tmp_path, capsys):
+    from gradcourse import results
+
+    readme = tmp_path / "README.md"
+    text = f"intro é\n{results.SCORECARD_START}\nold\n{results.SCORECARD_END}\nrest\n"
+    readme.write_text(text, encoding="utf-8")
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+    argv = ["report", "--results", "--dir", str(results_dir), "--update-readme", str(readme)]
+    assert cli.main(argv) == 0
+    updated = readme.read_text(encoding="utf-8")
+    assert updated.startswith("intro é\n") and updated.endswith(f"{results.SCORECARD_END}\nrest\n")
+    assert "old" not in updated and "| notebook |" in updated
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "results"]

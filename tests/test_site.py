@@ -114,3 +114,18 @@ def test_the_digest_follows_the_library_too(tmp_path, monkeypatch):
     (fake / "site.py").write_text("# a library")
     monkeypatch.setattr(site, "__file__", str(fake / "site.py"))
     assert site.source_digest(source) != first
+
+
+def test_write_notebook_writes_what_nbformat_writes_atomically(tmp_path):
+    import os
+
+    nb, _, _ = panel_notebook()
+    nbformat.write(nb, tmp_path / "plain.ipynb")
+    old = os.umask(0o027)
+    try:
+        site.write_notebook(nb, tmp_path / "atomic.ipynb")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "atomic.ipynb").read_bytes() == (tmp_path / "plain.ipynb").read_bytes()
+    assert os.stat(tmp_path / "atomic.ipynb").st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atomic.ipynb", "plain.ipynb"]
