@@ -246,7 +246,7 @@ def mass_on(attribution: Tensor, mask: Tensor) -> Tensor:
         m = torch.broadcast_to(m, a.shape)
     except RuntimeError as err:
         raise ValueError(
-            f"mask of shape {tuple(mask.shape)} does not broadcast to {tuple(a.shape)}"
+            f"mask of shape {tuple(m.shape)} does not broadcast to {tuple(a.shape)}"
         ) from err
     total = a.flatten(1).sum(dim=1)
     inside = (a * m).flatten(1).sum(dim=1)

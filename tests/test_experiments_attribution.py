@@ -86,9 +86,8 @@ def test_load_blocks_reads_mnist_when_asked(tmp_path, monkeypatch, write_fake_mn
     pixels / 255, stacked with the null block."""
     monkeypatch.setenv("GRADCOURSE_DATA", str(tmp_path))
     arrays = write_fake_mnist(tmp_path, n_train=40, n_test=20)  # labels arange(n) % 10
-    ds, top, _ = ax.load_blocks(
-        ax.config(**{**TINY, "n_train": 8, "batch_size": 8}, dataset="mnist")
-    )
+    small = {**TINY, "n_train": 8, "n_test": 4, "batch_size": 8}  # 4 test images of 0 and 1
+    ds, top, _ = ax.load_blocks(ax.config(**small, dataset="mnist"))
     assert ds.name == "block_mnist" and ds.classes == ("0", "1")
     images, labels = arrays["train"]
     keep = [i for i in range(40) if labels[i] in (0, 1)][:8]
@@ -99,6 +98,8 @@ def test_load_blocks_reads_mnist_when_asked(tmp_path, monkeypatch, write_fake_mn
     assert ds.y_train.tolist() == [int(labels[i] == 1) for i in keep]
     with pytest.raises(ValueError, match="dataset must be one of"):
         ax.config(dataset="cifar10")
+    with pytest.raises(ValueError, match=r"n_test=5, but mnist has only 4 images of classes"):
+        ax.load_blocks(ax.config(**{**small, "n_test": 5}, dataset="mnist"))
 
 
 def test_diffroar_retrains_on_the_kept_pixels(tmp_path, monkeypatch):
@@ -110,10 +111,14 @@ def test_diffroar_retrains_on_the_kept_pixels(tmp_path, monkeypatch):
     r = ax.diffroar(cfg, model, 0.1, seed=1)
     assert r["diffroar"] == pytest.approx(r["top"] - r["bottom"]) and r["fraction"] == 0.1
     ds, _, _ = ax.load_blocks(cfg)
+
+    def log_odds_gradient(x):  # the label plays no part in the ranking
+        return at.input_gradients(model, x, 1) - at.input_gradients(model, x, 0)
+
     for name, highest in (("top", True), ("bottom", False)):
         keep = {
-            split: at.keep_ranked(x, at.input_gradients(model, x, y), 0.1, highest=highest)
-            for split, x, y in (("tr", ds.x_train, ds.y_train), ("te", ds.x_test, ds.y_test))
+            split: at.keep_ranked(x, log_odds_gradient(x), 0.1, highest=highest)
+            for split, x in (("tr", ds.x_train), ("te", ds.x_test))
         }
         fitted = ax._fit(cfg, 1, keep["tr"], ds.y_train, None)
         with torch.no_grad():
@@ -127,3 +132,25 @@ def test_diffroar_retrains_on_the_kept_pixels(tmp_path, monkeypatch):
     assert len(list(cache.root.rglob("*attr-diffroar*"))) >= 1
     with pytest.raises(ValueError, match="source must be a model or 'random'"):
         ax.diffroar(cfg, "noise", 0.1, seed=0)
+    with pytest.raises(ValueError, match="inputs must be one of"):
+        ax.diffroar(cfg, model, 0.1, seed=0, inputs="values")
+
+
+def test_diffroar_mask_control_and_random_streams():
+    """inputs="mask": the retrained model sees 1 where a pixel was kept, 0 elsewhere (checked
+    by retraining on those masks by hand); the random ranking's training and test draws come
+    from one stream per seed, so no seed's test ranking repeats another seed's training one."""
+    cfg = ax.config(**TINY)
+    ds, _, _ = ax.load_blocks(cfg)
+    r = ax.diffroar(cfg, "random", 0.2, seed=3, inputs="mask")
+    gen = torch.Generator().manual_seed(3)
+    rank_tr = torch.rand(ds.x_train.shape, generator=gen)
+    rank_te = torch.rand(ds.x_test.shape, generator=gen)
+    masks = [at.keep_ranked(torch.ones_like(ds.x_train), rank_tr, 0.2),
+             at.keep_ranked(torch.ones_like(ds.x_test), rank_te, 0.2)]  # fmt: skip
+    assert set(masks[0].unique().tolist()) == {0.0, 1.0}
+    fitted = ax._fit(cfg, 3, masks[0], ds.y_train, None)
+    with torch.no_grad():
+        assert r["top"] == (fitted(masks[1]).argmax(1) == ds.y_test).double().mean().item()
+    nxt = torch.rand(ds.x_train.shape, generator=torch.Generator().manual_seed(4))
+    assert not torch.equal(rank_te, nxt[: len(rank_te)])

@@ -27,6 +27,7 @@ __all__ = [
     "DATASETS",
     "DEFAULTS",
     "METHODS",
+    "INPUTS",
     "attribution_mass",
     "cached_diffroar",
     "cached_model",
@@ -109,6 +110,15 @@ def load_blocks(
 
     x_tr, y_tr = pick(ds.x_train, ds.y_train, cfg["n_train"])
     x_te, y_te = pick(ds.x_test, ds.y_test, cfg["n_test"])
+    for split, n, want in (
+        ("n_train", len(y_tr), cfg["n_train"]),
+        ("n_test", len(y_te), cfg["n_test"]),
+    ):
+        if n < want:
+            raise ValueError(
+                f"{split}={want}, but {ds.name} has only {n} images of classes {cfg['classes']} "
+                f"in that split; lower {split}"
+            )
     blocks_tr, top_tr = data.block_images(x_tr, y_tr, seed=cfg["data_seed"])
     blocks_te, top_te = data.block_images(x_te, y_te, seed=cfg["data_seed"] + 1)
     names = (str(a), str(b)) if ds.classes is None else (ds.classes[a], ds.classes[b])
@@ -224,15 +234,19 @@ def attribution_mass(
     return at.mass_on(cam, mask[:, 0])
 
 
-def _ranking(source: nn.Module | str, x: Tensor, y: Tensor, seed: int) -> Tensor:
-    """What :func:`diffroar` ranks pixels by: ``source``'s input gradients for the true class,
-    or (``"random"``) uniform noise from ``seed``."""
+INPUTS: tuple[str, ...] = ("pixels", "mask")
+
+
+def _ranking(source: nn.Module | str, x: Tensor, gen: torch.Generator) -> Tensor:
+    """What :func:`diffroar` ranks pixels by: the absolute input gradient of ``source``'s
+    log-odds f_1 - f_0 (the two classes' logit difference, which alone decides a two-class
+    softmax), the same whatever the image's label, so that which pixels are kept cannot spell
+    out the label; or (``"random"``) uniform noise drawn from ``gen``."""
     if isinstance(source, str):
         if source != "random":
             raise ValueError(f"source must be a model or 'random', got {source!r}")
-        gen = torch.Generator().manual_seed(seed)
         return torch.rand(x.shape, generator=gen, dtype=x.dtype).to(x.device)
-    return at.input_gradients(source, x, y)
+    return at.input_gradients(source, x, 1) - at.input_gradients(source, x, 0)
 
 
 def diffroar(
@@ -241,27 +255,35 @@ def diffroar(
     fraction: float,
     *,
     seed: int,
+    inputs: str = "pixels",
     device: str | torch.device | None = None,
 ) -> dict[str, float]:
-    """DiffROAR in small form (Shah, Jain & Netrapalli 2021, section 3): rank every training
-    and test image's pixels by ``source``'s absolute input gradient for the true class (or at
-    random, ``source="random"``), keep the ``fraction`` ranked highest (the rest set to 0,
+    """DiffROAR in small form (after Shah, Jain & Netrapalli 2021, section 3): rank every
+    training and test image's pixels by ``source``'s absolute log-odds gradient (or at random,
+    ``source="random"``, from ``seed``), keep the ``fraction`` ranked highest (the rest set to 0,
     :func:`gradcourse.attribution.keep_ranked`), train a fresh model from ``seed`` as ``cfg``
     says on those images and measure its test accuracy on the same kind of images; then the
     same with the ``fraction`` ranked lowest. Returns both accuracies and ``diffroar`` = top -
-    bottom: positive when the attribution ranks the pixels that carry the class higher."""
+    bottom. ``inputs="mask"``: the retrained model sees only *which* pixels were kept (1 where
+    kept, 0 elsewhere), a control for how much the positions alone tell it. The ranking never
+    uses the label; the positions of the kept pixels still carry what the image's shape tells."""
     cfg = config(**cfg)
     check_int("seed", seed, 0)
+    if inputs not in INPUTS:
+        raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
     ds, _, _ = load_blocks(cfg, device)
-    rank_tr = _ranking(source, ds.x_train, ds.y_train, seed)
-    rank_te = _ranking(source, ds.x_test, ds.y_test, seed + 1)
+    gen = torch.Generator().manual_seed(seed)  # one stream per seed: training, then test
+    rank_tr = _ranking(source, ds.x_train, gen)
+    rank_te = _ranking(source, ds.x_test, gen)
     out: dict[str, float] = {"fraction": float(fraction)}
     for name, highest in (("top", True), ("bottom", False)):
-        x_tr = at.keep_ranked(ds.x_train, rank_tr, fraction, highest=highest)
-        x_te = at.keep_ranked(ds.x_test, rank_te, fraction, highest=highest)
-        model = _fit(cfg, seed, x_tr, ds.y_train, device)
+        kept = []
+        for x, rank in ((ds.x_train, rank_tr), (ds.x_test, rank_te)):
+            shown = x if inputs == "pixels" else torch.ones_like(x)
+            kept.append(at.keep_ranked(shown, rank, fraction, highest=highest))
+        model = _fit(cfg, seed, kept[0], ds.y_train, device)
         with torch.no_grad():
-            out[name] = (model(x_te).argmax(1) == ds.y_test).double().mean().item()
+            out[name] = (model(kept[1]).argmax(1) == ds.y_test).double().mean().item()
     out["diffroar"] = out["top"] - out["bottom"]
     return out
 
@@ -272,6 +294,7 @@ def cached_diffroar(
     fraction: float,
     *,
     seed: int,
+    inputs: str = "pixels",
     cache: Cache | None = None,
     device: str | torch.device | None = None,
 ) -> dict[str, float]:
@@ -279,7 +302,7 @@ def cached_diffroar(
     trains with configuration ``source`` and ``seed`` (or ``"random"``); the retrained model
     is ``cfg``'s, also from ``seed``."""
     cfg = config(**cfg)
-    key = {**cfg, "seed": seed, "fraction": fraction}
+    key = {**cfg, "seed": seed, "fraction": fraction, "inputs": inputs}
     if isinstance(source, str):
         key["source"] = source
     else:
@@ -291,6 +314,6 @@ def cached_diffroar(
             if isinstance(source, str)
             else cached_model(source, seed, cache=cache, device=device)[0]
         )
-        return diffroar(cfg, model, fraction, seed=seed, device=device)
+        return diffroar(cfg, model, fraction, seed=seed, inputs=inputs, device=device)
 
     return compute() if cache is None else cache.get_or_compute("attr-diffroar", key, compute)
