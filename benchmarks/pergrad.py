@@ -99,6 +99,20 @@ def loop_norms(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return torch.stack(out)
 
 
+def func_norms(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Plain ``torch.func``, as a user would write it: ``vmap`` of ``grad`` over the examples
+    (all parameters, the buffers passed along), then the norms."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def loss(p, xi, yi):
+        out = torch.func.functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+        return nn.functional.cross_entropy(out, yi.unsqueeze(0))
+
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    return torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))
+
+
 def batch_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """The floor: one forward and one backward pass of the whole batch (mean loss)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -131,6 +145,10 @@ def problems(batch: int, device: str) -> dict[str, tuple[nn.Module, Tensor]]:
         "SmallCNN 2d 28x28": (
             SmallCNN(1, 10, conv_dim=2, seed=0, device=device),
             torch.randn(batch, 1, 28, 28, generator=g).to(device),
+        ),
+        "SmallCNN 2d 3x32x32": (  # the CNN of the library review: conv 3->16->32, CIFAR-sized
+            SmallCNN(3, 10, channels=(16, 32), conv_dim=2, seed=0, device=device),
+            torch.randn(batch, 3, 32, 32, generator=g).to(device),
         ),
         "SmallCNN 1d L=40": (
             SmallCNN(1, 10, conv_dim=1, seed=0, device=device),
@@ -176,6 +194,7 @@ def main() -> None:
             "auto (default)": lambda m=model, x=x, y=y: pergrad.per_example_grad_norms(
                 m, "ce", x, y
             ),
+            "torch.func": lambda m=model, x=x, y=y: func_norms(m, x, y),
             "batch gradient": lambda m=model, x=x, y=y: batch_gradient(m, x, y),
         }
         if backpack is not None:
