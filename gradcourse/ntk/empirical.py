@@ -65,8 +65,8 @@ from torch import Tensor, nn
 from torch.func import jacrev, jvp, vmap
 from torch.utils.flop_counter import FlopCounterMode
 
-from .checks import check_int, check_nonnegative, check_positive
-from .functional import (
+from ..checks import check_int, check_nonnegative, check_positive
+from ..functional import (
     FunctionalModel,
     Params,
     flatten,
@@ -75,7 +75,7 @@ from .functional import (
     refuse_random_train_mode,
     shared_parameters,
 )
-from .models import NTKLinear
+from ..models import NTKLinear
 
 __all__ = [
     "METHODS",

@@ -41,9 +41,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
-from .checks import check_int, check_number, check_positive
-from .functional import FunctionalModel, Params, flatten, place_batch, refuse_random_train_mode
-from .losses import LossFn, get_loss, targets_for
+from ..checks import check_int, check_number, check_positive
+from ..functional import FunctionalModel, Params, flatten, place_batch, refuse_random_train_mode
+from ..losses import LossFn, get_loss, targets_for
 
 Batch = tuple[Tensor, Tensor]
 Data = Batch | Iterable[Batch]
