@@ -152,7 +152,7 @@ def test_gaussian_limit_endpoints():
     torch.testing.assert_close(late["std"], end["std"])
     # the mean at step k is kernel gradient descent from f0 = 0
     mid = nx.gaussian_limit(*args, lr=0.5, steps=7)
-    kgd = ntk.kernel_gradient_descent(t[:n, :n], t[n:, :n], None, None, y, 0.5, 7).test
+    kgd = ntk.kernel_gradient_descent(t[:n, :n], y, 0.5, 7, ntk_test_train=t[n:, :n]).test
     torch.testing.assert_close(mid["mean"], kgd)
     # on the training points themselves, the t -> inf function interpolates: no variance
     on_train = nx.gaussian_limit(

@@ -447,7 +447,13 @@ def circle_fit_run(
         theta_xx = ntk.empirical_ntk(model, x).cpu()
         theta_gx = ntk.empirical_ntk(model, xg, x).cpu()
         pred = ntk.kernel_gradient_descent(
-            theta_xx, theta_gx, f0_train, f0_grid, task["y"][:, 0].cpu(), lr, steps
+            theta_xx,
+            task["y"][:, 0].cpu(),
+            lr,
+            steps,
+            ntk_test_train=theta_gx,
+            f0_train=f0_train,
+            f0_test=f0_grid,
         )
         out["flin_grid"] = pred.test
     loss = gradient_descent(model, x, y, lr=lr, steps=steps)

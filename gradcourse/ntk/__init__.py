@@ -12,7 +12,8 @@ along it, df_t/dt = -Theta grad_f C. By topic:
   parameterisation (:func:`analytic_ntk`, from the layer functions :func:`input_kernel`,
   :func:`dense_kernel`, :func:`relu_kernel` on a :class:`Kernel`);
 - :mod:`.dynamics`  least squares under a fixed kernel in closed form:
-  :func:`kernel_gradient_flow`, :func:`kernel_gradient_descent`, :func:`kernel_regression`;
+  :func:`kernel_gradient_flow`, :func:`kernel_gradient_descent`, :func:`kernel_regression`,
+  and :func:`gradient_descent_mse`, the same as a predictor function (neural-tangents' shape);
 - :mod:`.linearized`  :func:`linearize`, the network linearised in its parameters, which
   gradient descent trains exactly as kernel gradient descent predicts.
 
@@ -32,6 +33,7 @@ from .analytic import (
 from .dynamics import (
     KernelPrediction,
     _Spectral,  # noqa: F401 (its tests use it)
+    gradient_descent_mse,
     kernel_gradient_descent,
     kernel_gradient_flow,
     kernel_regression,
@@ -62,6 +64,7 @@ __all__ = [
     "kernel_gradient_flow",
     "kernel_gradient_descent",
     "kernel_regression",
+    "gradient_descent_mse",
     "LinearizedModel",
     "linearize",
 ]

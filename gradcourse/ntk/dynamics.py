@@ -3,9 +3,10 @@
 Dynamics of least squares, C = 1/n sum_i 1/2 ||f(x_i) - y_i||^2 (:func:`gradcourse.losses.mse`),
 for a fixed kernel, i.e. for the linearised network (:func:`gradcourse.ntk.linearize`; Jacot et
 al. 2018, section 5; Lee et al. 2019, "Wide neural networks of any depth evolve as linear
-models", eq. 9):
-:func:`kernel_gradient_flow` (time t), :func:`kernel_gradient_descent` (k steps of rate lr),
-:func:`kernel_regression` (t -> infinity).
+models", eq. 9): :func:`kernel_gradient_flow` (time t), :func:`kernel_gradient_descent` (k steps
+of rate lr), :func:`kernel_regression` (t -> infinity), and :func:`gradient_descent_mse`, which
+diagonalises the training kernel once and returns a function of the time (or step count) and the
+initial outputs, in the shape of neural-tangents' ``predict.gradient_descent_mse``.
 
 All go through the eigendecomposition of the training kernel (:class:`_Spectral`): a function
 of the eigenvalues (the decay of the residual, and its integral for the test inputs) applied in
@@ -14,18 +15,21 @@ the kernel's eigenbasis.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..checks import check_nonnegative, check_positive
+from ..checks import check_nonnegative, check_number, check_positive
 
 __all__ = [
     "KernelPrediction",
     "kernel_gradient_flow",
     "kernel_gradient_descent",
     "kernel_regression",
+    "gradient_descent_mse",
 ]
 
 
@@ -158,13 +162,47 @@ def _null_threshold(eigvals: Tensor) -> float:
     return float(eigvals.abs().max()) * eigvals.shape[0] * torch.finfo(eigvals.dtype).eps
 
 
+def _flow_filters(lam: Tensor, n: int, times: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradient flow's functions of the eigenvalues ``lam`` at ``times`` (k,): the decay
+    exp(-t lam/n) of the training residual and its integral (1 - exp(-t lam/n)) / lam (t/n at
+    lam = 0), each (k, len(lam)); at t = inf the null space keeps its residual and is dropped
+    from the integral (the pseudo-inverse)."""
+    tt = times.to(lam.device, lam.dtype)[:, None]
+    finite = torch.isfinite(tt)
+    tt_f = torch.where(finite, tt, torch.zeros_like(tt))
+    decay = torch.where(
+        finite, torch.exp(-tt_f * lam / n), (lam <= _null_threshold(lam)).to(lam.dtype)
+    )
+    safe = torch.where(lam == 0, torch.ones_like(lam), lam)
+    integral = torch.where(lam == 0, tt_f / n, -torch.expm1(-tt_f * lam / n) / safe)
+    inv = torch.where(lam > _null_threshold(lam), 1 / safe, torch.zeros_like(lam))
+    integral = torch.where(finite, integral, inv.expand_as(integral))
+    return decay, integral
+
+
+def _descent_filters(lam: Tensor, n: int, lr: float, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradient descent's functions of the eigenvalues ``lam`` after ``counts`` (k,) steps of
+    rate lr: the decay (1 - lr lam/n)^k and its sum (1 - (1 - lr lam/n)^k) / lam (k lr/n at
+    lam = 0), each (k, len(lam)); by log1p / expm1 where 1 - lr lam/n > 0."""
+    k = counts.to(lam.device, lam.dtype)[:, None]
+    a = lr * lam / n
+    stable = a < 1
+    log_base = torch.log1p(-torch.where(stable, a, torch.zeros_like(a)))
+    decay = torch.where(stable, torch.exp(k * log_base), (1 - a) ** k)
+    safe = torch.where(lam == 0, torch.ones_like(lam), lam)
+    integral = torch.where(stable, -torch.expm1(k * log_base), 1 - decay) / safe
+    integral = torch.where(lam == 0, k * lr / n, integral)
+    return decay, integral
+
+
 def kernel_gradient_flow(
     ntk_train_train: Tensor,
-    ntk_test_train: Tensor | None,
-    f0_train: Tensor | None,
-    f0_test: Tensor | None,
     y_train: Tensor,
     t: float | Tensor,
+    *,
+    ntk_test_train: Tensor | None = None,
+    f0_train: Tensor | None = None,
+    f0_test: Tensor | None = None,
 ) -> KernelPrediction:
     """Gradient flow of C = 1/n sum_i 1/2 ||f(x_i) - y_i||^2 in function space under a fixed NTK
     (Jacot et al. 2018, section 5; Lee et al. 2019, eq. 9): df/dt = -(1/n) Theta (f - y), so
@@ -177,37 +215,30 @@ def kernel_gradient_flow(
     Gradient descent with learning rate lr for k steps is this flow at t = lr k for small lr
     (exactly: :func:`kernel_gradient_descent`). n is the number of training examples.
 
-    Kernels: (n, n) / (m, n) (the same kernel on every output), or blocks (n, n, O, O) /
-    (m, n, O, O) from :func:`empirical_ntk`. Outputs: (n,) or (n, O); ``f0_*=None`` means 0.
+    Kernels: ``ntk_train_train`` (n, n) and ``ntk_test_train`` (m, n) (the same kernel on every
+    output), or blocks (n, n, O, O) / (m, n, O, O) from :func:`empirical_ntk`; without a test
+    kernel there are no test predictions. Outputs: (n,) or (n, O); ``f0_*=None`` means 0.
     The targets, the f0_* and the test kernel are moved to the training kernel's device and
     dtype, where the results are.
     ``t``: a number, or a 1-D sequence (then the results get a leading time dimension).
+    :func:`gradient_descent_mse` makes the same predictions from one eigendecomposition for many
+    calls.
     """
     times, scalar = _times("t", t, integer=False)
     spec = _Spectral(ntk_train_train, y_train)
-    lam = spec.eigvals
-    tt = times.to(lam.device, lam.dtype)[:, None]
-    n = spec.n
-    finite = torch.isfinite(tt)
-    tt_f = torch.where(finite, tt, torch.zeros_like(tt))
-    decay = torch.where(
-        finite, torch.exp(-tt_f * lam / n), (lam <= _null_threshold(lam)).to(lam.dtype)
-    )
-    safe = torch.where(lam == 0, torch.ones_like(lam), lam)
-    integral = torch.where(lam == 0, tt_f / n, -torch.expm1(-tt_f * lam / n) / safe)
-    inv = torch.where(lam > _null_threshold(lam), 1 / safe, torch.zeros_like(lam))
-    integral = torch.where(finite, integral, inv.expand_as(integral))
+    decay, integral = _flow_filters(spec.eigvals, spec.n, times)
     return spec.predict(decay, integral, f0_train, ntk_test_train, f0_test, scalar)
 
 
 def kernel_gradient_descent(
     ntk_train_train: Tensor,
-    ntk_test_train: Tensor | None,
-    f0_train: Tensor | None,
-    f0_test: Tensor | None,
     y_train: Tensor,
     lr: float,
     steps: int | Tensor,
+    *,
+    ntk_test_train: Tensor | None = None,
+    f0_train: Tensor | None = None,
+    f0_test: Tensor | None = None,
 ) -> KernelPrediction:
     """k steps of gradient descent with learning rate lr on C = 1/n sum_i 1/2 ||f(x_i) - y_i||^2
     for the linearised network (fixed NTK): f_{k+1} = f_k - (lr/n) Theta (f_k - y), so
@@ -223,16 +254,75 @@ def kernel_gradient_descent(
     lr = check_positive("lr", lr)
     counts, scalar = _times("steps", steps, integer=True)
     spec = _Spectral(ntk_train_train, y_train)
-    lam = spec.eigvals
-    k = counts.to(lam.device, lam.dtype)[:, None]
-    a = lr * lam / spec.n
-    stable = a < 1
-    log_base = torch.log1p(-torch.where(stable, a, torch.zeros_like(a)))
-    decay = torch.where(stable, torch.exp(k * log_base), (1 - a) ** k)
-    safe = torch.where(lam == 0, torch.ones_like(lam), lam)
-    integral = torch.where(stable, -torch.expm1(k * log_base), 1 - decay) / safe
-    integral = torch.where(lam == 0, k * lr / spec.n, integral)
+    decay, integral = _descent_filters(spec.eigvals, spec.n, lr, counts)
     return spec.predict(decay, integral, f0_train, ntk_test_train, f0_test, scalar)
+
+
+def gradient_descent_mse(
+    k_train_train: Tensor, y_train: Tensor, lr: float | None = None
+) -> Callable[..., KernelPrediction]:
+    """Least-squares training under a fixed kernel as a predictor function, in the shape of
+    neural-tangents' ``predict.gradient_descent_mse``: the training kernel is diagonalised once,
+    here, and ``predict(t=None, fx_train_0=0.0, fx_test_0=None, k_test_train=None)`` then costs
+    a few matrix products per call.
+
+    ``lr=None``: gradient flow, ``t`` a time (:func:`kernel_gradient_flow`). ``lr`` a number:
+    gradient descent with that learning rate, ``t`` a number of steps (exactly
+    :func:`kernel_gradient_descent`; neural-tangents instead keeps continuous time and lets its
+    learning rate scale it). ``t=None`` is the end of training, t -> inf, the same for both as
+    long as descent converges (lr lambda_max / n < 2; a larger lr raises). ``t`` may also be a
+    1-D sequence (a leading time dimension in the results).
+
+    The loss and the shapes are those of :func:`kernel_gradient_flow`: C = 1/n sum_i 1/2
+    ||f(x_i) - y_i||^2, kernels (n, n) / (m, n) or blocks (n, n, O, O) / (m, n, O, O), outputs
+    (n,) or (n, O). ``fx_train_0`` is f0 on the training inputs, a tensor or a number for every
+    entry (0: the centred network); ``fx_test_0`` f0 on the test inputs (None: 0), with
+    ``k_test_train`` Theta(test, train). Returns a :class:`KernelPrediction` (``train``, and
+    ``test`` when ``k_test_train`` is given) where neural-tangents returns the arrays.
+    """
+    if lr is not None:
+        lr = check_positive("lr", lr)
+    spec = _Spectral(k_train_train, y_train)
+    lam = spec.eigvals
+
+    def predict(
+        t: float | Tensor | None = None,
+        fx_train_0: float | Tensor = 0.0,
+        fx_test_0: float | Tensor | None = None,
+        k_test_train: Tensor | None = None,
+    ) -> KernelPrediction:
+        if t is None:
+            if lr is not None and bool((lr * lam / spec.n >= 2).any()):
+                raise ValueError(
+                    f"gradient descent with lr={lr} diverges on this kernel (lr lambda_max / n = "
+                    f"{lr * float(lam.max()) / spec.n:.3g} >= 2): it has no t -> inf limit"
+                )
+            decay, integral = _flow_filters(lam, spec.n, torch.tensor([math.inf]))
+            scalar = True
+        elif lr is None:
+            times, scalar = _times("t", t, integer=False)
+            decay, integral = _flow_filters(lam, spec.n, times)
+        else:
+            counts, scalar = _times("t", t, integer=True)
+            decay, integral = _descent_filters(lam, spec.n, lr, counts)
+        f0_train = _filled("fx_train_0", fx_train_0, spec.out_shape, spec)
+        f0_test = fx_test_0
+        if not isinstance(fx_test_0, Tensor) and fx_test_0 is not None:
+            if k_test_train is None:
+                raise ValueError("fx_test_0 needs k_test_train")
+            m = k_test_train.shape[0]
+            f0_test = _filled("fx_test_0", fx_test_0, (m, *spec.out_shape[1:]), spec)
+        return spec.predict(decay, integral, f0_train, k_test_train, f0_test, scalar)
+
+    return predict
+
+
+def _filled(name: str, value: float | Tensor, shape: tuple[int, ...], spec: _Spectral) -> Tensor:
+    """``value`` itself if a tensor, else a tensor of ``shape`` filled with that number."""
+    if isinstance(value, Tensor):
+        return value
+    value = check_number(name, value)
+    return torch.full(shape, value, dtype=spec.dtype, device=spec.device)
 
 
 def kernel_regression(
