@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gradcourse import losses, ntk
+from gradcourse import losses, ntk, train
 from gradcourse.cache import Cache
 from gradcourse.experiments import ntk as nx
 from gradcourse.train import Diverged
@@ -52,6 +52,21 @@ def test_gradient_descent_matches_torch_sgd():
         torch.testing.assert_close(p, q)
     assert history.shape == (6,)
     torch.testing.assert_close(history[-1].item(), losses.mse(ref(x), y).item())
+
+
+def test_gradient_descent_is_train_train_full_batch():
+    """The notebook's GD loop makes the same updates as gradcourse.train.train with the squared
+    loss: to the bit at lr = 1 (the notebook's), to rounding otherwise (the optimizer computes
+    p - lr g in one operation). It stays a loop of its own for steps = 0 and its record."""
+    x, y = nx.gaussian_task(8, seed=2)
+    for lr, tol in ((1.0, 0.0), (0.7, 1e-12)):
+        ours, ref = nx.make_net(2, 32, 2, seed=5), nx.make_net(2, 32, 2, seed=5)
+        history = nx.gradient_descent(ours, x, y, lr=lr, steps=6)
+        log = train.train(ref, x, y, loss="mse", lr=lr, steps=6, progress=False)
+        for p, q in zip(ours.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=tol, atol=tol)
+        losses_ref = torch.tensor(log.loss, dtype=torch.float64)
+        torch.testing.assert_close(history, losses_ref, rtol=tol, atol=tol)
 
 
 def test_gradient_descent_refuses_and_diverges():
@@ -152,7 +167,7 @@ def test_gaussian_limit_endpoints():
     torch.testing.assert_close(late["std"], end["std"])
     # the mean at step k is kernel gradient descent from f0 = 0
     mid = nx.gaussian_limit(*args, lr=0.5, steps=7)
-    kgd = ntk.kernel_gradient_descent(t[:n, :n], t[n:, :n], None, None, y, 0.5, 7).test
+    kgd = ntk.kernel_gradient_descent(t[:n, :n], y, 0.5, 7, ntk_test_train=t[n:, :n]).test
     torch.testing.assert_close(mid["mean"], kgd)
     # on the training points themselves, the t -> inf function interpolates: no variance
     on_train = nx.gaussian_limit(
@@ -275,6 +290,20 @@ def test_pc_run_records_and_follows_kernel_gd_when_wide():
     assert dev.max() < 0.1 * 0.5  # width 2048: within 10% of the target's size
     with pytest.raises(ValueError, match="pcs"):
         nx.pc_run(8, x, pc["pcs"], [0.5])
+
+
+def test_pc_prediction_is_kernel_gradient_descent_along_the_pcs():
+    """The closed form over eigenvalues equals the library's kernel gradient descent with the
+    limiting NTK towards targets along its PCs, read in the PCs' coordinates."""
+    x = torch.randn(10, 3, generator=torch.Generator().manual_seed(3), dtype=DT)
+    pc = nx.kernel_pcs(x, depth=2, k=3)
+    coeffs, steps, n = [0.5, -1.0, 2.0], 12, x.shape[0]
+    theta = nx.analytic(x, depth=2, beta=nx.PAPER_BETA)[1]
+    target = torch.tensor(coeffs, dtype=DT) @ pc["pcs"]
+    f = ntk.kernel_gradient_descent(theta, target, 1.0, torch.arange(steps + 1)).train
+    proj = f @ pc["pcs"].T / n  # (steps + 1, k): f_t's coordinates along the PCs (f_0 = 0)
+    pred = nx.pc_prediction(pc["eigvals"], coeffs, lr=1.0, steps=steps)
+    torch.testing.assert_close(pred, proj, rtol=1e-10, atol=1e-12)
 
 
 def test_half_times_and_prediction():

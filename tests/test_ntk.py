@@ -310,7 +310,7 @@ def test_kernel_flow_endpoints_and_explicit_matrix_exponential() -> None:
     n, m, o = 6, 3, 2
     k_tr, k_te = spd_kernels(n, m, o, seed=30)
     y, f0, f0t = randn(n, o, seed=31), randn(n, o, seed=32), randn(m, o, seed=33)
-    start = N.kernel_gradient_flow(k_tr, k_te, f0, f0t, y, 0.0)
+    start = N.kernel_gradient_flow(k_tr, y, 0.0, ntk_test_train=k_te, f0_train=f0, f0_test=f0t)
     torch.testing.assert_close(start.train, f0)
     torch.testing.assert_close(start.test, f0t)
 
@@ -321,13 +321,15 @@ def test_kernel_flow_endpoints_and_explicit_matrix_exponential() -> None:
     r = (f0 - y).reshape(-1)
     train_ref = y.reshape(-1) + decay @ r
     test_ref = f0t.reshape(-1) - flat_te @ torch.linalg.solve(flat, r - decay @ r)
-    out = N.kernel_gradient_flow(k_tr, k_te, f0, f0t, y, torch.tensor([0.0, t]))
+    out = N.kernel_gradient_flow(
+        k_tr, y, torch.tensor([0.0, t]), ntk_test_train=k_te, f0_train=f0, f0_test=f0t
+    )
     assert out.train.shape == (2, n, o) and out.test.shape == (2, m, o)
     torch.testing.assert_close(out.train[1].reshape(-1), train_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(out.test[1].reshape(-1), test_ref, rtol=1e-10, atol=1e-10)
 
-    late = N.kernel_gradient_flow(k_tr, k_te, f0, f0t, y, 1e9)
-    inf = N.kernel_gradient_flow(k_tr, k_te, f0, f0t, y, math.inf)
+    late = N.kernel_gradient_flow(k_tr, y, 1e9, ntk_test_train=k_te, f0_train=f0, f0_test=f0t)
+    inf = N.kernel_gradient_flow(k_tr, y, math.inf, ntk_test_train=k_te, f0_train=f0, f0_test=f0t)
     reg = N.kernel_regression(k_tr, k_te, y, f0_train=f0, f0_test=f0t)
     torch.testing.assert_close(late.train, y)
     torch.testing.assert_close(inf.train, y)
@@ -345,8 +347,10 @@ def test_scalar_kernel_acts_on_every_output_and_ridge() -> None:
     blocks_tr = k_tr[:, :, None, None] * eye
     blocks_te = k_te[:, :, None, None] * eye
     y, f0 = randn(n, o, seed=35), randn(n, o, seed=36)
-    a = N.kernel_gradient_flow(k_tr, k_te, f0, None, y, torch.tensor([0.3, 4.0]))
-    b = N.kernel_gradient_flow(blocks_tr, blocks_te, f0, None, y, torch.tensor([0.3, 4.0]))
+    a = N.kernel_gradient_flow(k_tr, y, torch.tensor([0.3, 4.0]), ntk_test_train=k_te, f0_train=f0)
+    b = N.kernel_gradient_flow(
+        blocks_tr, y, torch.tensor([0.3, 4.0]), ntk_test_train=blocks_te, f0_train=f0
+    )
     torch.testing.assert_close(a.train, b.train)
     torch.testing.assert_close(a.test, b.test)
     ridge = 0.7
@@ -355,7 +359,7 @@ def test_scalar_kernel_acts_on_every_output_and_ridge() -> None:
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
     # scalar outputs of shape (n,) keep their shape
     flat_y = y[:, 0]
-    out = N.kernel_gradient_flow(k_tr, k_te, None, None, flat_y, 1.0)
+    out = N.kernel_gradient_flow(k_tr, flat_y, 1.0, ntk_test_train=k_te)
     assert out.train.shape == (n,) and out.test.shape == (m,)
 
 
@@ -379,14 +383,125 @@ def test_gd_on_the_linearised_network_is_discrete_kernel_descent() -> None:
         g = loss_grad(params)
         params = {n: p - lr * g[n] for n, p in params.items()}
     pred = N.kernel_gradient_descent(
-        k_tr, k_te, model(x).detach(), model(xt).detach(), y, lr, torch.arange(steps + 1)
+        k_tr,
+        y,
+        lr,
+        torch.arange(steps + 1),
+        ntk_test_train=k_te,
+        f0_train=model(x).detach(),
+        f0_test=model(xt).detach(),
     )
     torch.testing.assert_close(pred.train, torch.stack(outs_train), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(pred.test, torch.stack(outs_test), rtol=1e-10, atol=1e-10)
     # small steps approach the flow at t = lr * k
-    small = N.kernel_gradient_descent(k_tr, k_te, None, None, y, 1e-3, 2000)
-    flow = N.kernel_gradient_flow(k_tr, k_te, None, None, y, 2.0)
+    small = N.kernel_gradient_descent(k_tr, y, 1e-3, 2000, ntk_test_train=k_te)
+    flow = N.kernel_gradient_flow(k_tr, y, 2.0, ntk_test_train=k_te)
     torch.testing.assert_close(small.test, flow.test, rtol=1e-2, atol=1e-3)
+
+
+def test_gradient_descent_mse_predicts_what_flow_and_descent_do() -> None:
+    """One eigendecomposition, then the predictions of kernel_gradient_flow (lr=None, t a time)
+    and kernel_gradient_descent (lr given, t a step count), on blocks and on a scalar kernel."""
+    n, m, o = 5, 3, 2
+    k_tr, k_te = spd_kernels(n, m, o, seed=50)
+    y, f0, f0t = randn(n, o, seed=51), randn(n, o, seed=52), randn(m, o, seed=53)
+    times = torch.tensor([0.0, 0.7, 3.0, math.inf])
+    flow = N.gradient_descent_mse(k_tr, y)
+    got = flow(times, f0, f0t, k_te)
+    ref = N.kernel_gradient_flow(k_tr, y, times, ntk_test_train=k_te, f0_train=f0, f0_test=f0t)
+    torch.testing.assert_close(got.train, ref.train, rtol=0, atol=0)
+    torch.testing.assert_close(got.test, ref.test, rtol=0, atol=0)
+    steps = torch.arange(6)
+    descent = N.gradient_descent_mse(k_tr, y, lr=0.8)
+    got = descent(t=steps, fx_train_0=f0, fx_test_0=f0t, k_test_train=k_te)
+    ref = N.kernel_gradient_descent(
+        k_tr, y, 0.8, steps, ntk_test_train=k_te, f0_train=f0, f0_test=f0t
+    )
+    torch.testing.assert_close(got.train, ref.train, rtol=0, atol=0)
+    torch.testing.assert_close(got.test, ref.test, rtol=0, atol=0)
+    # without a test kernel only the training predictions; fx_train_0 = 0 is f0_train = None
+    only = descent(3)
+    assert only.test is None
+    ref = N.kernel_gradient_descent(k_tr, y, 0.8, 3)
+    torch.testing.assert_close(only.train, ref.train, rtol=0, atol=0)
+    # t = None is the end of training, kernel regression on the test inputs, for both
+    reg = N.kernel_regression(k_tr, k_te, y, f0_train=f0, f0_test=f0t)
+    for predict in (flow, descent):
+        end = predict(None, f0, f0t, k_te)
+        torch.testing.assert_close(end.train, y)
+        torch.testing.assert_close(end.test, reg, rtol=1e-10, atol=1e-10)
+    # a number for fx_train_0 / fx_test_0 is that number on every entry
+    const = flow(1.5, 0.25, -1.0, k_te)
+    ref = N.kernel_gradient_flow(
+        k_tr,
+        y,
+        1.5,
+        ntk_test_train=k_te,
+        f0_train=torch.full((n, o), 0.25, dtype=F64),
+        f0_test=torch.full((m, o), -1.0, dtype=F64),
+    )
+    torch.testing.assert_close(const.train, ref.train, rtol=0, atol=0)
+    torch.testing.assert_close(const.test, ref.test, rtol=0, atol=0)
+    # a scalar kernel with targets of shape (n,)
+    s_tr, s_te = k_tr[:, :, 0, 0], k_te[:, :, 0, 0]
+    got = N.gradient_descent_mse(s_tr, y[:, 0], lr=0.5)(4, f0[:, 0], None, s_te)
+    ref = N.kernel_gradient_descent(s_tr, y[:, 0], 0.5, 4, ntk_test_train=s_te, f0_train=f0[:, 0])
+    assert got.train.shape == (n,) and got.test.shape == (m,)
+    torch.testing.assert_close(got.test, ref.test, rtol=0, atol=0)
+
+
+def test_gradient_descent_mse_closed_form_on_a_diagonal_kernel(monkeypatch) -> None:
+    """Theta = diag(a, b) on n = 2 training points: each residual decays on its own, by
+    exp(-t a / 2) under the flow and (1 - lr a / 2)^k under descent, and a test point with
+    Theta(x, X) = (p, q) moves by p (1 - decay_a) / a (y1 - f1) + q (1 - decay_b) / b (y2 - f2)."""
+    a, b, p, q = 3.0, 0.5, 0.4, -1.2
+    k_tr = torch.tensor([[a, 0.0], [0.0, b]], dtype=F64)
+    k_te = torch.tensor([[p, q]], dtype=F64)
+    y = torch.tensor([1.0, -2.0], dtype=F64)
+    f0, f0t = torch.tensor([0.5, 0.3], dtype=F64), torch.tensor([0.1], dtype=F64)
+    calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda x: calls.append(1) or eigh(x))
+    flow = N.gradient_descent_mse(k_tr, y)
+    descent = N.gradient_descent_mse(k_tr, y, lr=0.6)
+
+    def by_hand(da: float, db: float) -> tuple[torch.Tensor, torch.Tensor]:
+        train = torch.tensor([y[0] + da * (f0[0] - y[0]), y[1] + db * (f0[1] - y[1])])
+        test = f0t + p * (1 - da) / a * (y[0] - f0[0]) + q * (1 - db) / b * (y[1] - f0[1])
+        return train.to(F64), test
+
+    t = 1.7
+    train, test = by_hand(math.exp(-t * a / 2), math.exp(-t * b / 2))
+    got = flow(t, f0, f0t, k_te)
+    torch.testing.assert_close(got.train, train, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.test, test, rtol=1e-12, atol=1e-12)
+    k, lr = 4, 0.6
+    train, test = by_hand((1 - lr * a / 2) ** k, (1 - lr * b / 2) ** k)
+    got = descent(k, f0, f0t, k_te)
+    torch.testing.assert_close(got.train, train, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.test, test, rtol=1e-12, atol=1e-12)
+    train, test = by_hand(0.0, 0.0)
+    torch.testing.assert_close(descent(None, f0, f0t, k_te).test, test, rtol=1e-12, atol=1e-12)
+    assert len(calls) == 2  # one eigendecomposition per predictor, none per prediction
+
+
+def test_gradient_descent_mse_refuses() -> None:
+    k_tr, k_te = spd_kernels(3, 2, 1, seed=60)
+    k_tr, k_te = k_tr[..., 0, 0], k_te[..., 0, 0]
+    y = randn(3, seed=61)
+    with pytest.raises(ValueError, match="lr"):
+        N.gradient_descent_mse(k_tr, y, lr=0.0)
+    with pytest.raises(ValueError, match="t must be"):
+        N.gradient_descent_mse(k_tr, y)(-1.0)
+    with pytest.raises(ValueError, match="t must be"):
+        N.gradient_descent_mse(k_tr, y, lr=0.1)(2.5)  # descent counts steps
+    big = 2.5 * k_tr.shape[0] / float(torch.linalg.eigvalsh(k_tr).max())
+    with pytest.raises(ValueError, match="diverges"):
+        N.gradient_descent_mse(k_tr, y, lr=big)(None)
+    with pytest.raises(ValueError, match="fx_test_0"):
+        N.gradient_descent_mse(k_tr, y)(1.0, 0.0, 0.5)
+    with pytest.raises(ValueError, match="fx_train_0"):
+        N.gradient_descent_mse(k_tr, y)(1.0, math.nan)
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -419,11 +534,11 @@ def test_bad_inputs_raise_value_errors_naming_the_argument() -> None:
     k_tr, k_te = k_tr[..., 0, 0], k_te[..., 0, 0]
     y = randn(3, seed=2)
     with pytest.raises(ValueError, match="t must be"):
-        N.kernel_gradient_flow(k_tr, k_te, None, None, y, -1.0)
+        N.kernel_gradient_flow(k_tr, y, -1.0, ntk_test_train=k_te)
     with pytest.raises(ValueError, match="lr"):
-        N.kernel_gradient_descent(k_tr, k_te, None, None, y, 0.0, 3)
+        N.kernel_gradient_descent(k_tr, y, 0.0, 3, ntk_test_train=k_te)
     with pytest.raises(ValueError, match="steps"):
-        N.kernel_gradient_descent(k_tr, k_te, None, None, y, 0.1, 1.5)
+        N.kernel_gradient_descent(k_tr, y, 0.1, 1.5, ntk_test_train=k_te)
     with pytest.raises(ValueError, match="ridge"):
         N.kernel_regression(k_tr, k_te, y, ridge=-1.0)
     with pytest.raises(ValueError, match="ntk_test_train"):
@@ -444,12 +559,14 @@ def test_targets_follow_the_kernel_to_its_device() -> None:
     meta_tr, meta_te = k_tr.to("meta"), k_te.to("meta")
     spec = N._Spectral(meta_tr, y)  # shared by flow, descent and regression
     assert spec.y.device.type == "meta" and spec.y.dtype == F64
-    out = N.kernel_gradient_descent(meta_tr, meta_te, f0, None, y, 0.1, torch.tensor([0, 3]))
+    out = N.kernel_gradient_descent(
+        meta_tr, y, 0.1, torch.tensor([0, 3]), ntk_test_train=meta_te, f0_train=f0
+    )
     assert out.train.device.type == out.test.device.type == "meta"
     assert out.train.shape == (2, 4, 2) and out.test.shape == (2, 3, 2)
     if torch.cuda.is_available():
-        ref = N.kernel_gradient_flow(k_tr, k_te, f0, None, y, 2.0)
-        got = N.kernel_gradient_flow(k_tr.cuda(), k_te.cuda(), f0, None, y, 2.0)
+        ref = N.kernel_gradient_flow(k_tr, y, 2.0, ntk_test_train=k_te, f0_train=f0)
+        got = N.kernel_gradient_flow(k_tr.cuda(), y, 2.0, ntk_test_train=k_te.cuda(), f0_train=f0)
         torch.testing.assert_close(got.test.cpu(), ref.test, rtol=1e-10, atol=1e-10)
 
 

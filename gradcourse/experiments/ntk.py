@@ -105,7 +105,14 @@ def gradient_descent(
     (:func:`gradcourse.losses.mse`, Jacot's cost), updating ``model`` in place. ``record(k, f)``
     is called with the outputs f (n, 1) at the parameters before step k (and k = steps at the
     end). Returns the loss before each step and at the end, (steps + 1,). Raises
-    :class:`gradcourse.train.Diverged` on a non-finite loss."""
+    :class:`gradcourse.train.Diverged` on a non-finite loss.
+
+    The same updates as ``gradcourse.train.train(model, x, y, loss="mse", lr=lr, steps=steps)``
+    (to the bit at lr = 1, to rounding otherwise: its optimizer forms p - lr g in one operation;
+    a test holds them together), kept as its own loop because here ``steps = 0`` is a run (the
+    notebook's slider starts there; ``train`` trains at least one step) and ``record`` sees
+    each step's outputs from its own forward pass (``train``'s callback gets the model: a second
+    forward pass per step), and so that cached runs keep their numbers."""
     lr = check_positive("lr", lr)
     check_int("steps", steps, 0)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -362,7 +369,9 @@ def gaussian_limit(
     which is Gaussian with mean A(x) Y and variance K(x, x) - 2 A(x) K(X, x) + A(x) K(X, X) A(x)^T.
     At k = inf, A = Theta(x, X) Theta^{-1} and the mean is kernel regression with the NTK.
     Returns ``mean`` (m,), ``std`` (m,) and ``A`` (m, n) (for a given f0:
-    f_k = f0(x) - A (f0(X) - Y)).
+    f_k = f0(x) - A (f0(X) - Y)). A comes from the library's kernel gradient descent
+    (:func:`gradcourse.ntk.gradient_descent_mse`), eigenvalues below n·eps·lambda_max of Theta
+    treated as zero at k = inf.
     """
     n = ntk_train.shape[0]
     if ntk_train.shape != (n, n) or nngp_train.shape != (n, n):
@@ -373,15 +382,16 @@ def gaussian_limit(
     if nngp_test_diag.shape != (m,):
         raise ValueError(f"nngp_test_diag must have shape ({m},)")
     lr = check_positive("lr", lr)
-    check_number("steps", steps, low=0, allow_inf=True)
-    lam, vec = torch.linalg.eigh((ntk_train + ntk_train.T) / 2)
-    keep = lam > lam.abs().max() * n * torch.finfo(lam.dtype).eps
-    safe = torch.where(keep, lam, torch.ones_like(lam))
-    if math.isinf(steps):
-        g = torch.where(keep, 1 / safe, torch.zeros_like(lam))
-    else:
-        g = torch.where(keep, (1 - (1 - lr * lam / n) ** steps) / safe, lr * steps / n)
-    a = ntk_test_train @ vec @ torch.diag(g) @ vec.T  # (m, n)
+    steps = check_number("steps", steps, low=0, allow_inf=True)
+    if not math.isinf(steps) and steps != round(steps):
+        raise ValueError(f"steps must be a whole number of GD steps or inf, got {steps!r}")
+    # A is linear in the targets: its column j is kernel GD's test prediction from f0 = 0 towards
+    # the unit target e_j, so one predictor with the n unit targets as outputs gives all of A.
+    # At steps = inf the limit is the same for every lr (the flow's, the pseudo-inverse).
+    finite = not math.isinf(steps)
+    unit_targets = torch.eye(n, dtype=ntk_train.dtype, device=ntk_train.device)
+    predict = ntk.gradient_descent_mse(ntk_train, unit_targets, lr=lr if finite else None)
+    a = predict(int(steps) if finite else None, k_test_train=ntk_test_train).test  # (m, n)
     y = y_train.reshape(n).to(a.dtype)
     mean = a @ y
     var = nngp_test_diag - 2 * (a * nngp_test_train).sum(1) + ((a @ nngp_train) * a).sum(1)
@@ -447,7 +457,13 @@ def circle_fit_run(
         theta_xx = ntk.empirical_ntk(model, x).cpu()
         theta_gx = ntk.empirical_ntk(model, xg, x).cpu()
         pred = ntk.kernel_gradient_descent(
-            theta_xx, theta_gx, f0_train, f0_grid, task["y"][:, 0].cpu(), lr, steps
+            theta_xx,
+            task["y"][:, 0].cpu(),
+            lr,
+            steps,
+            ntk_test_train=theta_gx,
+            f0_train=f0_train,
+            f0_test=f0_grid,
         )
         out["flin_grid"] = pred.test
     loss = gradient_descent(model, x, y, lr=lr, steps=steps)
@@ -560,7 +576,13 @@ def pc_run(
 
 
 def pc_prediction(eigvals: Tensor, coeffs: Sequence[float], *, lr: float, steps: int) -> Tensor:
-    """Kernel GD's prediction for :func:`pc_run`'s ``proj``: (steps + 1, k)."""
+    """Kernel GD's prediction for :func:`pc_run`'s ``proj``: (steps + 1, k),
+    coeffs[k] (1 - (1 - lr eigvals[k])^t) at step t.
+
+    A closed form over the eigenvalues, on purpose: the targets lie along the kernel's principal
+    components, where kernel gradient descent (:func:`gradcourse.ntk.kernel_gradient_descent`)
+    is one scalar recursion per component, and ``eigvals`` are already those of Theta / N, so
+    there is no kernel left to diagonalise (a test holds the two equal on the PCs)."""
     t = torch.arange(steps + 1, dtype=DTYPE)[:, None]
     c = torch.as_tensor(coeffs, dtype=DTYPE)[None, :]
     return c * (1 - (1 - lr * eigvals.to(DTYPE)[None, :]) ** t)

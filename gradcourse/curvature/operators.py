@@ -1,0 +1,434 @@
+"""Curvature matrices as linear operators on the flat parameter vector.
+
+Every curvature matrix of the course is a *linear operator* on the flat parameter vector (of
+length P), built from ``(model, loss, data)`` and multiplied with vectors without ever being
+formed (Pearlmutter 1994, "Fast exact multiplication by the Hessian"):
+
+- :class:`HessianOperator`   H v, forward-over-reverse (``jvp`` of ``grad``) with ``torch.func``,
+  or, with a batch's graph cached, one more backward pass through its gradient;
+- :class:`GGNOperator`       G v = J^T H_out J v, the generalised Gauss-Newton (Schraudolph 2002);
+- :class:`ResidualOperator`  R v = sum_k (dL/df_k) Hess(f_k) v, so that H = G + R
+  (Papyan 2020, "Traces of class/cross-class structure pervade deep learning spectra", eq. 3).
+- :class:`LiveHessianOperator`  H v by double backward through the module itself, at its
+  current parameters, for one batch: cheaper to build, for a sharpness measured during training;
+- :func:`exact_hessian`     the dense Hessian of a small model, for checks.
+
+Operators average over the whole dataset (one ``(x, y)`` batch, or a list / DataLoader of
+batches, weighted by batch size), so they are the curvature of the *mean* loss whatever the
+batching. ``op @ V`` on a block of vectors (P, k) vectorises the k products with ``vmap``.
+The estimators that take any :class:`CurvatureOperator` are in :mod:`.krylov` (eigenpairs),
+:mod:`.trace` (traces and norms) and :mod:`.slq` (spectral densities).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, jvp, vjp, vmap
+
+from ..checks import check_int
+from ..functional import FunctionalModel, Params, flatten, place_batch, refuse_random_train_mode
+from ..losses import LossFn, get_loss, targets_for
+
+Batch = tuple[Tensor, Tensor]
+Data = Batch | Iterable[Batch]
+BatchMap = Callable[[Params], Params]
+
+__all__ = [
+    "CurvatureOperator",
+    "HessianOperator",
+    "LiveHessianOperator",
+    "GGNOperator",
+    "ResidualOperator",
+    "exact_hessian",
+]
+
+
+class CurvatureOperator:
+    """A symmetric linear map on flat parameter vectors of length P.
+
+    Subclasses implement ``_matvec``; :meth:`matvec` checks the input and counts the calls in
+    ``num_matvecs``. ``op @ v`` works for a vector (P,) or a matrix (P, k), and operators combine
+    linearly (``H - G``, ``2.0 * H``).
+    """
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.shape = (size, size)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.num_matvecs = 0
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """Return ``A @ v`` for a flat vector ``v`` of shape (P,) (moved to this dtype/device)."""
+        if v.shape != (self.shape[0],):
+            raise ValueError(f"v must have shape ({self.shape[0]},), got {tuple(v.shape)}")
+        self.num_matvecs += 1
+        return self._matvec(v.to(device=self.device, dtype=self.dtype))
+
+    def _matmat(self, vs: Tensor) -> Tensor:
+        return torch.stack([self._matvec(col) for col in vs.T], dim=1)
+
+    def matmat(self, vs: Tensor) -> Tensor:
+        """Return ``A @ vs`` for a block of vectors ``vs`` of shape (P, k) (counted as k matvecs).
+
+        Model operators vectorise the k products with ``torch.func.vmap``: faster for small
+        models, k times the activation memory.
+        """
+        if vs.ndim != 2 or vs.shape[0] != self.shape[0]:
+            raise ValueError(f"vs must have shape ({self.shape[0]}, k), got {tuple(vs.shape)}")
+        self.num_matvecs += vs.shape[1]
+        return self._matmat(vs.to(device=self.device, dtype=self.dtype))
+
+    def __matmul__(self, other: Tensor) -> Tensor:
+        return self.matmat(other) if other.ndim == 2 else self.matvec(other)
+
+    def dense(self, max_size: int = 10_000, block_size: int = 32) -> Tensor:
+        """Materialise the (P, P) matrix by P matvecs against the identity (small P only)."""
+        size = self.shape[0]
+        if size > max_size:
+            raise ValueError(f"dense() needs P <= max_size={max_size}, got P={size}")
+        check_int("block_size", block_size, 1)
+        eye = torch.eye(size, dtype=self.dtype, device=self.device)
+        return torch.cat([self.matmat(cols) for cols in eye.split(block_size, dim=1)], dim=1)
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` view (numpy in, numpy out) for cross-checks."""
+        from scipy.sparse.linalg import LinearOperator
+
+        np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
+
+        def mv(x):
+            v = torch.as_tensor(x.reshape(-1))
+            return self.matvec(v).cpu().numpy().astype(np_dtype, copy=False)
+
+        return LinearOperator(self.shape, matvec=mv, rmatvec=mv, dtype=np_dtype)
+
+    def __add__(self, other: CurvatureOperator) -> CurvatureOperator:
+        return _LinearCombination([(1.0, self), (1.0, other)])
+
+    def __sub__(self, other: CurvatureOperator) -> CurvatureOperator:
+        return _LinearCombination([(1.0, self), (-1.0, other)])
+
+    def __mul__(self, scale: float) -> CurvatureOperator:
+        return _LinearCombination([(float(scale), self)])
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> CurvatureOperator:
+        return _LinearCombination([(-1.0, self)])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(P={self.shape[0]}, dtype={self.dtype}, device={self.device})"
+
+
+class _LinearCombination(CurvatureOperator):
+    """sum_i c_i A_i of operators with the same shape, dtype and device."""
+
+    def __init__(self, terms: list[tuple[float, CurvatureOperator]]) -> None:
+        first = terms[0][1]
+        for _, op in terms:
+            if not isinstance(op, CurvatureOperator):
+                raise ValueError(f"can only combine CurvatureOperators, got {type(op).__name__}")
+            if (op.shape, op.dtype, op.device) != (first.shape, first.dtype, first.device):
+                raise ValueError(
+                    f"operators must share shape, dtype and device; got {first!r} and {op!r}"
+                )
+        super().__init__(first.shape[0], first.dtype, first.device)
+        self.terms = terms
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return sum(c * op.matvec(v) for c, op in self.terms)
+
+    def _matmat(self, vs: Tensor) -> Tensor:
+        return sum(c * op.matmat(vs) for c, op in self.terms)
+
+
+def _check_deterministic(model: nn.Module) -> None:
+    """Refuse BatchNorm / dropout in train mode: the map v -> H v would change between calls."""
+    refuse_random_train_mode(model, "the curvature would not be a fixed linear map")
+
+
+def _is_single_batch(data: object) -> bool:
+    return (
+        isinstance(data, tuple | list)
+        and len(data) == 2
+        and all(isinstance(t, Tensor) for t in data)
+    )
+
+
+class _ModelOperator(CurvatureOperator):
+    """Shared plumbing: the functional model (:class:`gradcourse.functional.FunctionalModel`:
+    the loss, the parameters, the frozen tensors and the flat layout) and the data.
+
+    Subclasses implement ``_batch_map(x, y)``: a function v -> (curvature of the mean loss over
+    that batch) v, for v a dict shaped like the parameters.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: str | LossFn,
+        data: Data,
+        *,
+        params: dict[str, Tensor] | None = None,
+        device: str | torch.device | None = None,
+        cache: bool | None = None,
+    ) -> None:
+        _check_deterministic(model)
+        self._model = model
+        self._data = _check_data(data)
+        self.cache = _is_single_batch(data) if cache is None else bool(cache)
+        self._cached_maps: list[tuple[int, BatchMap]] | None = None
+        self.functional = FunctionalModel(model, loss, params=params, device=device, copy=True)
+        self.params = self.functional.params
+        super().__init__(self.functional.size, self.functional.dtype, self.functional.device)
+
+    def batches(self) -> Iterator[Batch]:
+        """The (x, y) batches on this operator's device, floating inputs in its dtype."""
+        if _is_single_batch(self._data):
+            yield self._on_device(self._data)
+            return
+        count = 0
+        with torch.random.fork_rng(devices=[]):  # a DataLoader seeds itself from the global RNG
+            for batch in self._data:
+                count += 1
+                yield self._on_device(batch)
+        if count == 0:
+            raise ValueError("data has no batches")
+
+    def _on_device(self, batch: Batch) -> Batch:
+        if not _is_single_batch(batch):
+            raise ValueError("each batch in data must be an (x, y) pair of tensors")
+        return self.functional.place_batch(*batch)
+
+    def unflatten(self, v: Tensor) -> dict[str, Tensor]:
+        """Split a flat vector (P,) into a dict shaped like the parameters (views of ``v``)."""
+        return self.functional.unflatten(v)
+
+    def outputs(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """The model's outputs f(x; params), the other parameters and buffers held fixed.
+
+        The model's mode is checked here, at product time, and not only when the operator is
+        built: switched to train mode since, its dropout or BatchNorm would change the map."""
+        _check_deterministic(self._model)
+        return self.functional.outputs(params, x)
+
+    def loss_of_outputs(self, outputs: Tensor, y: Tensor) -> Tensor:
+        """The mean loss of one batch, from the model's outputs."""
+        return self.functional.loss_of_outputs(outputs, y)
+
+    def batch_loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        """The mean loss of one batch as a function of the parameters."""
+        return self.loss_of_outputs(self.outputs(params, x), y)
+
+    def _batch_map(self, x: Tensor, y: Tensor) -> BatchMap:
+        raise NotImplementedError
+
+    def _derivative_map(self, gradient: Callable[[Params], Params]) -> BatchMap:
+        """v -> (d gradient / d params) v, for a ``gradient`` whose Jacobian is symmetric.
+
+        Uncached: forward-over-reverse, ``jvp`` of the gradient (Pearlmutter 1994). Cached: the
+        gradient's graph is built once and each product is one more backward pass through it
+        (``vjp`` of the gradient, equal to the ``jvp`` because the Jacobian is symmetric).
+        """
+        if self.cache:
+            _, vjp_fn = vjp(gradient, self.params)
+            return lambda v: vjp_fn(v)[0]
+        return lambda v: jvp(gradient, (self.params,), (v,))[1]
+
+    def _batch_maps(self) -> Iterable[tuple[int, BatchMap]]:
+        if not self.cache:
+            return ((len(x), self._batch_map(x, y)) for x, y in self.batches())
+        if self._cached_maps is None:
+            self._cached_maps = [(len(x), self._batch_map(x, y)) for x, y in self.batches()]
+        return self._cached_maps
+
+    def _average(self, per_batch: Callable[[BatchMap], Tensor], like: Tensor) -> Tensor:
+        """sum_b n_b per_batch(map_b) / sum_b n_b: the mean-loss curvature applied to a vector."""
+        total, count = torch.zeros_like(like), 0
+        for batch_size, apply in self._batch_maps():
+            total += batch_size * per_batch(apply)
+            count += batch_size
+        return total / count
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return self._average(lambda apply: flatten(apply(self.unflatten(v))), v)
+
+    def _matmat(self, vs: Tensor) -> Tensor:
+        def per_batch(apply: BatchMap) -> Tensor:
+            def column(v: Tensor) -> Tensor:
+                return flatten(apply(self.unflatten(v)))
+
+            return vmap(column, in_dims=1, out_dims=1)(vs)
+
+        return self._average(per_batch, vs)
+
+
+class HessianOperator(_ModelOperator):
+    """The Hessian H of the mean loss w.r.t. the parameters, as a linear operator.
+
+    H v = d/dt grad L(theta + t v) at t = 0 (Pearlmutter 1994, "Fast exact multiplication by
+    the Hessian"), computed with ``torch.func`` on the functional model.
+
+    ``data`` is an (x, y) batch or a list / DataLoader of batches, weighted by batch size so the
+    operator is the curvature of the mean loss over all examples. ``params`` (names -> tensors)
+    selects and sets the parameters; by default all that require grad, at their current values
+    (copied when the operator is built). ``device`` defaults to the parameters' device.
+    ``cache`` (default: True for a single batch) keeps each batch's graph in memory after the
+    first product, so later products skip the forward pass. A model in train mode with
+    BatchNorm or dropout is refused (call ``model.eval()``).
+    """
+
+    def _batch_map(self, x: Tensor, y: Tensor) -> BatchMap:
+        def gradient(p: Params) -> Params:
+            return grad(self.batch_loss)(p, x, y)
+
+        return self._derivative_map(gradient)
+
+
+class LiveHessianOperator(CurvatureOperator):
+    """H of the mean loss over (x, y) at ``model``'s current parameters, by double backward
+    (Pearlmutter 1994) through one autograd graph of the module itself: one forward and one
+    ``create_graph`` backward to build it, then one backward per product.
+
+    The same products as :class:`HessianOperator` (the tests hold it to that), for a single
+    (x, y) batch, built for the case where an operator lives for one Lanczos run at a point that
+    changes between runs (:class:`gradcourse.stability.SharpnessTracker` during training): it
+    neither copies the parameters nor goes through ``torch.func``, and on the small nets of
+    notebook 02 its set-up plus first product costs about 1.6 training steps instead of 3
+    (``benchmarks/stability_tracking.py``). It reads the module's parameters as they are: valid
+    until they change (an optimizer step invalidates the graph); use :class:`HessianOperator`
+    for a fixed point, chosen parameters, or data in several batches.
+    """
+
+    def __init__(self, model: nn.Module, loss: str | LossFn, x: Tensor, y: Tensor) -> None:
+        refuse_random_train_mode(model, "the curvature would not be a fixed linear map")
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("model has no parameters that require grad")
+        first = params[0]
+        x, y = place_batch(x, y, first.device, first.dtype)
+        with torch.enable_grad():
+            out = model(x)
+            if isinstance(loss, str):
+                y = targets_for(loss, y, out.shape[1] if out.ndim > 1 else 1, out.dtype)
+            grads = torch.autograd.grad(get_loss(loss)(out, y), params, create_graph=True)
+        # a gradient that does not depend on the parameters has a zero row block in H
+        self._live = [i for i, g in enumerate(grads) if g.requires_grad]
+        self._grads = [grads[i] for i in self._live]
+        self._params, self._sizes = params, [p.numel() for p in params]
+        super().__init__(sum(self._sizes), first.dtype, first.device)
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        chunks = torch.split(v, self._sizes)
+        directions = [chunks[i].view_as(self._params[i]) for i in self._live]
+        hv = torch.autograd.grad(
+            self._grads,
+            self._params,
+            directions,
+            retain_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        return flatten(hv)
+
+
+class ResidualOperator(_ModelOperator):
+    """The residual R = H - G = sum_k (dL/df_k) Hess(f_k) (Papyan 2020, eq. 3, second term).
+
+    Computed directly, not as H - G: the Hessian of theta -> <g, f(x; theta)> with the output
+    gradient g = dL/df held fixed at the current parameters. R vanishes when the model is
+    linear in its parameters or the residuals dL/df are zero. Arguments as for
+    :class:`HessianOperator`.
+    """
+
+    def _batch_map(self, x: Tensor, y: Tensor) -> BatchMap:
+        with torch.no_grad():
+            outputs = self.outputs(self.params, x)
+        out_grad = grad(self.loss_of_outputs)(outputs, y)
+
+        def gradient(p: Params) -> Params:
+            return grad(lambda q: (out_grad * self.outputs(q, x)).sum())(p)
+
+        return self._derivative_map(gradient)
+
+
+class GGNOperator(_ModelOperator):
+    """The generalised Gauss-Newton G = J^T H_out J of the mean loss (Schraudolph 2002).
+
+    J is the Jacobian of the model's outputs w.r.t. the parameters and H_out the Hessian of the
+    loss w.r.t. the outputs (Papyan 2020, eq. 3, first term). G v: ``jvp`` of the model (J v),
+    the output Hessian (``jvp`` of the loss's output gradient), then ``vjp`` of the model
+    (cached per batch when ``cache``). Arguments as for :class:`HessianOperator`.
+    """
+
+    def _batch_map(self, x: Tensor, y: Tensor) -> BatchMap:
+        def model_out(p: Params) -> Tensor:
+            return self.outputs(p, x)
+
+        def loss_grad(out: Tensor) -> Tensor:
+            return grad(self.loss_of_outputs)(out, y)
+
+        cached_transpose = vjp(model_out, self.params)[1] if self.cache else None
+
+        def apply(v: Params) -> Params:
+            outputs, jac_v = jvp(model_out, (self.params,), (v,))
+            out_hess_jac_v = jvp(loss_grad, (outputs,), (jac_v,))[1]
+            transpose = cached_transpose
+            if transpose is None:
+                transpose = vjp(model_out, self.params)[1]
+            return transpose(out_hess_jac_v)[0]
+
+        return apply
+
+
+def _check_data(data: Data) -> Data:
+    if _is_single_batch(data):
+        return tuple(data)
+    if not isinstance(data, Iterable):
+        raise ValueError("data must be an (x, y) tuple or an iterable of (x, y) batches")
+    if isinstance(data, Iterator):  # (calling iter() on a DataLoader would draw a seed)
+        raise ValueError(
+            "data must be re-iterable (an (x, y) tuple, a list of batches or a DataLoader); "
+            "a generator or iterator would be exhausted after the first matvec"
+        )
+    return data
+
+
+def exact_hessian(
+    model: nn.Module,
+    loss: str | LossFn,
+    data: Data,
+    *,
+    params: dict[str, Tensor] | None = None,
+    device: str | torch.device | None = None,
+    max_params: int = 5_000,
+) -> Tensor:
+    """The dense (P, P) Hessian of the mean loss over ``data``, for models with P <= max_params.
+
+    ``torch.func.hessian`` of the loss as a function of the flat parameter vector, per batch,
+    weighted by batch size. Parameter order is that of :class:`HessianOperator` (the model's
+    ``named_parameters``), so ``exact_hessian(...) @ v == HessianOperator(...) @ v``.
+    """
+    op = HessianOperator(model, loss, data, params=params, device=device)
+    size = op.shape[0]
+    if size > max_params:
+        raise ValueError(
+            f"exact_hessian needs P <= max_params={max_params} (a P x P matrix), got P={size}; "
+            "use HessianOperator with lanczos / spectral_density instead"
+        )
+    flat = flatten(op.params)
+    total, count = torch.zeros(size, size, dtype=op.dtype, device=op.device), 0
+    for x, y in op.batches():
+
+        def flat_loss(w: Tensor, x: Tensor = x, y: Tensor = y) -> Tensor:
+            return op.batch_loss(op.unflatten(w), x, y)
+
+        total += len(x) * torch.func.hessian(flat_loss)(flat)
+        count += len(x)
+    return total / count
