@@ -31,6 +31,7 @@ _SUBMODULES = (
     "data",
     "experiments",
     "functional",
+    "layers",
     "losses",
     "models",
     "ntk",

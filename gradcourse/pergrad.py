@@ -25,7 +25,8 @@ Two exact routes:
 
 ``method="auto"`` takes the linear trick when every parameter belongs to a layer it supports
 (``nn.Linear``, :class:`gradcourse.models.NTKLinear`, ``nn.Conv1d`` / ``nn.Conv2d`` with
-``groups=1`` and zero padding, affine ``BatchNorm1d`` / ``BatchNorm2d``), each called once per
+``groups=1`` and zero padding, affine ``BatchNorm1d`` / ``BatchNorm2d``: the rules of
+:mod:`gradcourse.layers`, where a new layer type can be registered), each called once per
 forward pass, and no parameter is shared between modules (tied weights); otherwise vmap. One
 more case goes to vmap, by a cost model: both routes do the same contraction per layer
 (E_i A_i^T), and they differ in what they write per example: the trick the unfolded patches of
@@ -55,15 +56,14 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
 from .functional import FunctionalModel, layers_used_elsewhere, module_mode, shared_parameters
+from .layers import capture_layers, rule_for
 from .losses import LossFn
-from .models import NTKLinear
 
 __all__ = [
     "METHODS",
@@ -213,15 +213,9 @@ class _Unsupported(Exception):
     """The linear trick cannot handle this model (the message says why)."""
 
 
-def _conv_supported(m: nn.Module) -> bool:
-    return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
-
-
-_TRICK_TYPES = (nn.Linear, NTKLinear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
-
-
 def _trick_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The modules owning trainable parameters, if the linear trick supports all of them."""
+    """The modules owning trainable parameters, if the linear trick supports all of them (each
+    has a rule in :mod:`gradcourse.layers` that accepts it)."""
     layers = {}
     shared = shared_parameters(model)
     for name, m in model.named_modules():
@@ -234,10 +228,12 @@ def _trick_layers(model: nn.Module) -> dict[str, nn.Module]:
                 f"parameter {' = '.join(tied[0])} is shared: its gradient sums over its uses, "
                 "which a per-layer rule cannot see"
             )
-        if type(m) not in _TRICK_TYPES:
+        rule = rule_for(m)
+        if rule is None:
             raise _Unsupported(f"module {name!r} ({type(m).__name__}) is not supported")
-        if isinstance(m, nn.Conv1d | nn.Conv2d) and not _conv_supported(m):
-            raise _Unsupported(f"conv {name!r}: only groups=1, zero padding given as ints")
+        why = rule.unsupported(name, m)
+        if why is not None:
+            raise _Unsupported(why)
         layers[name] = m
     if not layers:
         raise _Unsupported("no supported layer owns a parameter")
@@ -255,69 +251,10 @@ def supports_linear_trick(model: nn.Module) -> bool:
     return True
 
 
-def _unfold(m: nn.Module, a: Tensor) -> Tensor:
-    """The conv input as patches (n, C * prod(kernel), L)."""
-    if isinstance(m, nn.Conv1d):
-        return F.unfold(
-            a.unsqueeze(2),
-            (1, m.kernel_size[0]),
-            dilation=(1, m.dilation[0]),
-            padding=(0, m.padding[0]),
-            stride=(1, m.stride[0]),
-        )
-    return F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-
-
-def _sq_norm_of_product(e: Tensor, a: Tensor) -> Tensor:
-    """||E_i A_i^T||_F^2 per example, for E (n, O, L) and A (n, K, L)."""
-    n, o, length = e.shape
-    k = a.shape[1]
-    if length == 1:
-        return e.pow(2).sum((1, 2)) * a.pow(2).sum((1, 2))
-    if length * (k + o) < o * k:  # Gram route: <A^T A, E^T E>, cost L^2 (K + O)
-        return (torch.bmm(a.transpose(1, 2), a) * torch.bmm(e.transpose(1, 2), e)).sum((1, 2))
-    return torch.bmm(e, a.transpose(1, 2)).pow(2).sum((1, 2))
-
-
-def _layer_sq_norms(m: nn.Module, a: Tensor, e: Tensor) -> Tensor:
-    """sum over the layer's trainable parameters of ||grad l_i||^2, from its input a and the
-    gradient e of sum_i l_i w.r.t. its output."""
-    n = a.shape[0]
-    total = torch.zeros(n, dtype=e.dtype, device=e.device)
-    if isinstance(m, nn.Linear | NTKLinear):
-        a2 = a.reshape(n, -1, a.shape[-1]).transpose(1, 2)  # (n, in, L)
-        e2 = e.reshape(n, -1, e.shape[-1]).transpose(1, 2)  # (n, out, L)
-        w_scale = m.weight_scale / math.sqrt(m.in_features) if isinstance(m, NTKLinear) else 1.0
-        b_scale = m.bias_scale if isinstance(m, NTKLinear) else 1.0
-        if m.weight.requires_grad:
-            total += w_scale**2 * _sq_norm_of_product(e2, a2)
-        if m.bias is not None and m.bias.requires_grad:
-            total += b_scale**2 * e2.sum(2).pow(2).sum(1)
-    elif isinstance(m, nn.Conv1d | nn.Conv2d):
-        e2 = e.reshape(n, e.shape[1], -1)
-        if m.weight.requires_grad:
-            total += _sq_norm_of_product(e2, _unfold(m, a))
-        if m.bias is not None and m.bias.requires_grad:
-            total += e2.sum(2).pow(2).sum(1)
-    else:  # BatchNorm in eval mode: gamma * (a - mean) / sqrt(var + eps) + beta, per channel
-        shape = (1, -1) + (1,) * (a.ndim - 2)
-        # the forward pass ran on ``device`` with copies of the buffers; the module's own may
-        # live elsewhere
-        mean, var = (t.to(a.device).view(shape) for t in (m.running_mean, m.running_var))
-        xhat = (a - mean) * torch.rsqrt(var + m.eps)
-        e2 = e.reshape(n, e.shape[1], -1)
-        if m.weight is not None and m.weight.requires_grad:
-            total += (e2 * xhat.reshape(n, a.shape[1], -1)).sum(2).pow(2).sum(1)
-        if m.bias is not None and m.bias.requires_grad:
-            total += e2.sum(2).pow(2).sum(1)
-    return total
-
-
 def _trick_sq_norms(
     fm: FunctionalModel, x: Tensor, y: Tensor, chunk_size: int, progress: bool
 ) -> Tensor:
     layers = _trick_layers(fm.model)
-    records: dict[str, list[tuple[Tensor, Tensor]]] = {}
     tensors = {**fm.frozen, **fm.params}  # the tensor objects fm.outputs(fm.params, .) uses
     with torch.no_grad():
         foreign = layers_used_elsewhere(layers, tensors, lambda: fm.outputs(fm.params, x[:1]))
@@ -326,45 +263,32 @@ def _trick_sq_norms(
             f"the parameters of {sorted(foreign)} are also used outside their layer (a tied "
             "weight reused by a function call): a per-layer rule would miss those uses"
         )
-
-    def hook(name: str):
-        def capture(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-            records.setdefault(name, []).append((inputs[0].detach(), output))
-            return output.clone()  # later in-place ops (ReLU(inplace=True)) act on the clone
-
-        return capture
-
-    handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
     live = {n: p.detach().requires_grad_(True) for n, p in fm.params.items()}  # graph: outputs
     out = []
-    try:
+    with capture_layers(layers) as cap:
         for start, stop in tqdm(
             _chunks(len(x), chunk_size),
             desc="per-example grad norms",
             disable=not progress,
             leave=False,
         ):
-            records.clear()
+            cap.clear()
             xb, yb = x[start:stop], y[start:stop]
             with torch.enable_grad():
                 # sum_i l_i: d total / d z_i = d l_i / d z_i
                 total = fm.loss(live, xb, yb) * len(xb)
-            for name in layers:
-                calls = len(records.get(name, ()))
-                if calls != 1:
-                    raise _Unsupported(f"layer {name!r} ran {calls} times in one forward pass")
-            layer_outputs = [records[name][0][1] for name in layers]
+            for name, calls in cap.calls.items():
+                if len(calls) != 1:
+                    raise _Unsupported(f"layer {name!r} ran {len(calls)} times in one forward pass")
+            layer_outputs = [cap.calls[name][0][1] for name in layers]
             errors = torch.autograd.grad(total, layer_outputs, allow_unused=True)
             with torch.no_grad():
                 sq = torch.zeros(len(xb), dtype=total.dtype, device=total.device)
                 for (name, m), e in zip(layers.items(), errors, strict=True):
                     if e is not None:
-                        sq += _layer_sq_norms(m, records[name][0][0], e)
+                        sq += rule_for(m).sq_norms(m, cap.calls[name][0][0], e)
             out.append(sq)
-    finally:
-        for h in handles:
-            h.remove()
-        records.clear()
+        cap.clear()
     return torch.cat(out)
 
 

@@ -40,7 +40,6 @@ Empirical kernels (any ``torch.func``-friendly model, parameters as a dict):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -51,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..checks import check_int
 from ..functional import FunctionalModel, Params, flatten, layers_used_elsewhere, shared_parameters
-from ..models import NTKLinear
+from ..layers import capture_layers, rule_for
 from ._checks import _check_deterministic, _check_inputs
 
 __all__ = ["METHODS", "auto_method", "empirical_ntk", "empirical_ntk_fn", "EmpiricalNTK"]
@@ -126,8 +125,9 @@ def _block_ntk_vp(
 
 @dataclass(frozen=True)
 class _Dense:
-    """A dense layer z = w_scale * W a + b_scale * b that runs once per forward pass on inputs of
-    shape (n, in): its parameters' Jacobian rows are outer products g ⊗ a (see _block_layerwise)."""
+    """A dense layer z = w_scale * W a + b_scale * b (a rule of :mod:`gradcourse.layers` with
+    ``dense`` set) that runs once per forward pass on inputs of shape (n, in): its parameters'
+    Jacobian rows are outer products g ⊗ a (see _block_layerwise)."""
 
     module: nn.Module
     weight: str | None  # the weight's name if it is among the chosen parameters
@@ -136,24 +136,19 @@ class _Dense:
     b_scale: float
 
 
-def _dense_scales(m: nn.Module) -> tuple[float, float]:
-    if isinstance(m, NTKLinear):
-        return m.weight_scale / math.sqrt(m.in_features), m.bias_scale
-    return 1.0, 1.0
-
-
 def _find_dense(fm: FunctionalModel, x_one: Tensor) -> tuple[dict[str, _Dense], int]:
-    """The dense layers (``nn.Linear``, :class:`~gradcourse.models.NTKLinear`) owning chosen
-    parameters that the layerwise route can take: called once per forward pass, on (n, in)
-    inputs (a Linear applied twice, or along a sequence, shares weights across positions and
-    is left to Jacobian contraction, as is a layer whose parameters are tied to another's).
-    Also returns O, the number of outputs, from the same
-    forward pass of ``x_one``."""
+    """The dense layers (those whose rule in :mod:`gradcourse.layers` is ``dense``:
+    ``nn.Linear``, :class:`~gradcourse.models.NTKLinear`) owning chosen parameters that the
+    layerwise route can take: called once per forward pass, on (n, in) inputs (a Linear applied
+    twice, or along a sequence, shares weights across positions and is left to Jacobian
+    contraction, as is a layer whose parameters are tied to another's). Also returns O, the
+    number of outputs, from the same forward pass of ``x_one``."""
     model, params = fm.model, fm.params
     candidates: dict[str, tuple[nn.Module, str | None, str | None]] = {}
     shared = shared_parameters(model)
     for name, m in model.named_modules():
-        if not isinstance(m, nn.Linear | NTKLinear):
+        rule = rule_for(m)
+        if rule is None or not rule.dense or rule.unsupported(name, m) is not None:
             continue
         if any(id(p) in shared for p in m.parameters(recurse=False)):
             continue  # tied weights: the layer sees one use only; Jacobian contraction sees all
@@ -162,31 +157,20 @@ def _find_dense(fm: FunctionalModel, x_one: Tensor) -> tuple[dict[str, _Dense], 
         w, b = (w if w in params else None), (b if m.bias is not None and b in params else None)
         if w or b:
             candidates[name] = (m, w, b)
-    calls: dict[str, list[int]] = {name: [] for name in candidates}
-
-    def hook(name: str):
-        def record(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            calls[name].append(inputs[0].ndim)
-
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, (m, _, _) in candidates.items()]
     tensors, result = {**fm.frozen, **params}, {}
+    layers = {n: c[0] for n, c in candidates.items()}
 
     def forward() -> None:
         with torch.no_grad():
             result["out"] = fm.outputs(params, x_one)  # the same tensor objects as ``tensors``
 
-    try:  # a weight also used outside its layer (tied by a function call) is left out too
-        foreign = layers_used_elsewhere({n: c[0] for n, c in candidates.items()}, tensors, forward)
-    finally:
-        for h in handles:
-            h.remove()
+    with capture_layers(layers) as cap:  # a weight also used outside its layer is left out too
+        foreign = layers_used_elsewhere(layers, tensors, forward)
     out = result["out"]
     dense = {
-        name: _Dense(m, w, b, *_dense_scales(m))
+        name: _Dense(m, w, b, *rule_for(m).scales(m))
         for name, (m, w, b) in candidates.items()
-        if calls[name] == [2] and name not in foreign
+        if [a.ndim for a, _ in cap.calls[name]] == [2] and name not in foreign
     }
     return dense, out.reshape(len(x_one), -1).shape[1]
 
@@ -199,23 +183,10 @@ def _dense_factors(
     the layer's output z for each example. One forward pass of the batch and one backward pass
     per output o: example i's outputs depend on z_i alone, so the gradient of sum_i f_o(x_i)
     w.r.t. z is exactly (d f_o(x_i) / d z_i)_i."""
-    records: dict[str, tuple[Tensor, Tensor]] = {}
-
-    def hook(name: str):
-        def capture(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-            records[name] = (inputs[0].detach(), output)
-            return output.clone()  # later in-place ops act on the clone, not on the node we use
-
-        return capture
-
-    handles = [d.module.register_forward_hook(hook(n)) for n, d in dense.items()]
-    try:
-        with torch.enable_grad():
-            live = {n: p.detach().requires_grad_(True) for n, p in fm.params.items()}
-            out = fm.outputs(live, xs).reshape(len(xs), -1)
-    finally:
-        for h in handles:
-            h.remove()
+    with capture_layers({n: d.module for n, d in dense.items()}) as cap, torch.enable_grad():
+        live = {n: p.detach().requires_grad_(True) for n, p in fm.params.items()}
+        out = fm.outputs(live, xs).reshape(len(xs), -1)
+    records = {name: calls[-1] for name, calls in cap.calls.items()}
     outputs = [records[name][1] for name in dense]
     o = out.shape[1]
     grads: list[list[Tensor | None]] = []

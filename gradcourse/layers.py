@@ -1,0 +1,260 @@
+"""Layer rules: what the per-layer routes know about each supported layer type, in one place.
+
+The linear trick of :mod:`gradcourse.pergrad` and the layerwise route of
+:mod:`gradcourse.ntk` both use that a layer's parameter gradients are built from two per-example
+factors: its input, captured by a forward hook, and the gradient w.r.t. its output, taken by
+autograd. For a layer z = w_scale W a + b_scale b applied at L positions (a Linear on
+sequences, a convolution after ``unfold``), with A_i (K, L) the inputs of example i and
+E_i (O, L) the gradients w.r.t. its outputs,
+
+    grad_W l_i = w_scale E_i A_i^T,      grad_b l_i = b_scale E_i 1
+
+(Goodfellow 2015, "Efficient per-example gradient computations", arXiv 1510.01799). Each layer
+type's rule says how to read A and E from the captured tensors, what the scales are, and what
+the per-example squared gradient norm is; both consumers look the rule up here:
+
+- :class:`LayerRule`  the interface; :class:`ProductRule` the rule of a layer of the form
+  above (``patches``, ``errors``, ``scales``, ``sq_norms``), :class:`LinearRule` its dense case;
+- :func:`register`  the decorator that files a rule under one or more layer types;
+- :func:`rule_for`  the rule of a module (by its exact type: a subclass that changes
+  ``forward`` needs a rule of its own), or None;
+- :class:`capture_layers`  the one hook helper: a context manager recording each layer's input
+  and the output node to differentiate against, per forward call.
+
+Registered: ``nn.Linear`` and :class:`gradcourse.models.NTKLinear` (dense; the NTK's layerwise
+route takes them when they run once on (n, in) inputs), ``nn.Conv1d`` / ``nn.Conv2d`` with
+``groups=1`` and zero padding given as ints, affine ``BatchNorm1d`` / ``BatchNorm2d`` in eval
+mode (per-example norms only).
+
+**A new layer type.** Subclass the closest rule and register it, before calling
+:func:`gradcourse.pergrad.per_example_grad_norms` or :func:`gradcourse.ntk.empirical_ntk`::
+
+    class Scaled(nn.Linear):  # z = s (W a + b)
+        def __init__(self, n_in, n_out, s):
+            super().__init__(n_in, n_out)
+            self.s = s
+
+        def forward(self, a):
+            return self.s * super().forward(a)
+
+    @gc.layers.register(Scaled)
+    class ScaledRule(gc.layers.LinearRule):
+        def scales(self, m):
+            return m.s, m.s
+
+A layer that is not a product of its input and output gradient overrides
+:meth:`LayerRule.sq_norms` instead (see :class:`BatchNormRule`). A rule must be exact: the
+per-layer routes trust it, and only a whole-model route (vmap, Jacobians) checks nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .models import NTKLinear
+
+__all__ = [
+    "BatchNormRule",
+    "ConvRule",
+    "LayerRule",
+    "LinearRule",
+    "NTKLinearRule",
+    "ProductRule",
+    "capture_layers",
+    "register",
+    "rule_for",
+]
+
+_RULES: dict[type[nn.Module], LayerRule] = {}
+
+
+class LayerRule:
+    """The rule of one layer type: whether a module is supported, and the per-example squared
+    norm of its trainable parameters' gradients. ``dense`` marks layers z = w_scale W a +
+    b_scale b with ``in_features`` / ``out_features``, which the NTK's layerwise route may take."""
+
+    dense: bool = False
+
+    def unsupported(self, name: str, m: nn.Module) -> str | None:
+        """Why the module ``name`` cannot be handled by this rule, or None when it can."""
+        return None
+
+    def sq_norms(self, m: nn.Module, a: Tensor, e: Tensor) -> Tensor:
+        """sum over the layer's trainable parameters of ||grad l_i||^2, (n,), from its input a and
+        the gradient e of sum_i l_i w.r.t. its output."""
+        raise NotImplementedError
+
+
+class ProductRule(LayerRule):
+    """A layer z = w_scale W a + b_scale b applied at L positions: grad_W l_i = w_scale E_i A_i^T
+    and grad_b l_i = b_scale E_i 1, with A (n, K, L) from :meth:`patches` and E (n, O, L) from
+    :meth:`errors`."""
+
+    def scales(self, m: nn.Module) -> tuple[float, float]:
+        """(w_scale, b_scale), the factors the forward pass puts on W and b."""
+        return 1.0, 1.0
+
+    def patches(self, m: nn.Module, a: Tensor) -> Tensor:
+        """The input as A (n, K, L)."""
+        raise NotImplementedError
+
+    def errors(self, m: nn.Module, e: Tensor) -> Tensor:
+        """The output gradient as E (n, O, L)."""
+        return e.reshape(e.shape[0], e.shape[1], -1)
+
+    def sq_norms(self, m: nn.Module, a: Tensor, e: Tensor) -> Tensor:
+        w_scale, b_scale = self.scales(m)
+        e2 = self.errors(m, e)
+        total = torch.zeros(a.shape[0], dtype=e.dtype, device=e.device)
+        if m.weight.requires_grad:
+            total += w_scale**2 * sq_norm_of_product(e2, self.patches(m, a))
+        if m.bias is not None and m.bias.requires_grad:
+            total += b_scale**2 * e2.sum(2).pow(2).sum(1)
+        return total
+
+
+def register(*types: type[nn.Module]):
+    """Class decorator: file an instance of the decorated :class:`LayerRule` subclass as the rule
+    of each of ``types`` (replacing any earlier rule of that type)."""
+    if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
+        raise ValueError(f"register takes one or more nn.Module subclasses, got {types!r}")
+
+    def decorate(cls: type[LayerRule]) -> type[LayerRule]:
+        rule = cls()
+        for t in types:
+            _RULES[t] = rule
+        return cls
+
+    return decorate
+
+
+def rule_for(m: nn.Module) -> LayerRule | None:
+    """The rule registered for ``type(m)`` exactly, or None."""
+    return _RULES.get(type(m))
+
+
+def sq_norm_of_product(e: Tensor, a: Tensor) -> Tensor:
+    """||E_i A_i^T||_F^2 per example, for E (n, O, L) and A (n, K, L): from the product, or as
+    <A_i^T A_i, E_i^T E_i> when that is cheaper (cost L^2 (K + O) against O K L)."""
+    n, o, length = e.shape
+    k = a.shape[1]
+    if length == 1:
+        return e.pow(2).sum((1, 2)) * a.pow(2).sum((1, 2))
+    if length * (k + o) < o * k:  # Gram route: <A^T A, E^T E>, cost L^2 (K + O)
+        return (torch.bmm(a.transpose(1, 2), a) * torch.bmm(e.transpose(1, 2), e)).sum((1, 2))
+    return torch.bmm(e, a.transpose(1, 2)).pow(2).sum((1, 2))
+
+
+# ----------------------------------------------------------------------------- registered rules
+
+
+@register(nn.Linear)
+class LinearRule(ProductRule):
+    """``nn.Linear`` on inputs (n, ..., in): the positions are the middle dimensions."""
+
+    dense = True
+
+    def patches(self, m: nn.Module, a: Tensor) -> Tensor:
+        return a.reshape(a.shape[0], -1, a.shape[-1]).transpose(1, 2)  # (n, in, L)
+
+    def errors(self, m: nn.Module, e: Tensor) -> Tensor:
+        return e.reshape(e.shape[0], -1, e.shape[-1]).transpose(1, 2)  # (n, out, L)
+
+
+@register(NTKLinear)
+class NTKLinearRule(LinearRule):
+    """:class:`gradcourse.models.NTKLinear`: w_scale = weight_scale / sqrt(in), b_scale =
+    bias_scale."""
+
+    def scales(self, m: nn.Module) -> tuple[float, float]:
+        return m.weight_scale / math.sqrt(m.in_features), m.bias_scale
+
+
+@register(nn.Conv1d, nn.Conv2d)
+class ConvRule(ProductRule):
+    """``nn.Conv1d`` / ``nn.Conv2d`` with ``groups=1`` and zero padding given as ints: A is the
+    input unfolded into patches (n, C * prod(kernel), L)."""
+
+    def unsupported(self, name: str, m: nn.Module) -> str | None:
+        if m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+            return None
+        return f"conv {name!r}: only groups=1, zero padding given as ints"
+
+    def patches(self, m: nn.Module, a: Tensor) -> Tensor:
+        if isinstance(m, nn.Conv1d):
+            return F.unfold(
+                a.unsqueeze(2),
+                (1, m.kernel_size[0]),
+                dilation=(1, m.dilation[0]),
+                padding=(0, m.padding[0]),
+                stride=(1, m.stride[0]),
+            )
+        return F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+
+
+@register(nn.BatchNorm1d, nn.BatchNorm2d)
+class BatchNormRule(LayerRule):
+    """Affine BatchNorm in eval mode, gamma * xhat + beta per channel with xhat = (a - mean) /
+    sqrt(var + eps) from the running statistics: grad_gamma l_i = sum_positions e_i xhat_i and
+    grad_beta l_i = sum_positions e_i."""
+
+    def sq_norms(self, m: nn.Module, a: Tensor, e: Tensor) -> Tensor:
+        n = a.shape[0]
+        total = torch.zeros(n, dtype=e.dtype, device=e.device)
+        shape = (1, -1) + (1,) * (a.ndim - 2)
+        # the forward pass may run on another device with copies of the buffers; the module's
+        # own may live elsewhere
+        mean, var = (t.to(a.device).view(shape) for t in (m.running_mean, m.running_var))
+        xhat = (a - mean) * torch.rsqrt(var + m.eps)
+        e2 = e.reshape(n, e.shape[1], -1)
+        if m.weight is not None and m.weight.requires_grad:
+            total += (e2 * xhat.reshape(n, a.shape[1], -1)).sum(2).pow(2).sum(1)
+        if m.bias is not None and m.bias.requires_grad:
+            total += e2.sum(2).pow(2).sum(1)
+        return total
+
+
+# ----------------------------------------------------------------------------- hook capture
+
+
+class capture_layers:
+    """Context manager recording every forward call of the given layers: ``calls[name]`` is a
+    list of (input, output) per call, the input detached and the output the graph node that
+    autograd can differentiate against (the hook hands the rest of the network a clone, so later
+    in-place ops such as ``ReLU(inplace=True)`` act on the clone, not on that node).
+
+        with capture_layers(layers) as cap:
+            out = model(x)
+        a, z = cap.calls["fc"][0]
+    """
+
+    def __init__(self, layers: Mapping[str, nn.Module]) -> None:
+        self.layers = dict(layers)
+        self.calls: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in self.layers}
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        def capture(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+            self.calls[name].append((inputs[0].detach(), output))
+            return output.clone()
+
+        return capture
+
+    def clear(self) -> None:
+        """Forget the recorded calls (before the next forward pass)."""
+        for found in self.calls.values():
+            found.clear()
+
+    def __enter__(self) -> capture_layers:
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.layers.items()]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
