@@ -102,6 +102,36 @@ def test_hvp_equals_exact_hessian_times_v(tanh_ce):
         torch.testing.assert_close(op.matvec(v), ref @ v, rtol=1e-10, atol=1e-12)
 
 
+class _WithUnused(nn.Module):
+    """An MLP next to a layer the loss never reaches: its block of H is zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = make_mlp(SIZES, nn.Tanh)
+        self.unused = nn.Linear(2, 2).to(F64)
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+def test_cached_products_match_uncached_with_dead_gradient_blocks():
+    # the cached path keeps one autograd graph of the gradient; entries of the gradient that do
+    # not depend on the parameters (an unused layer; every entry, for a loss linear in them)
+    # give zero blocks, alone (matvec), in a vmapped block (matmat) and under no_grad
+    v = torch.randn(33, generator=torch.Generator().manual_seed(5), dtype=F64)
+    block = torch.randn(33, 4, generator=torch.Generator().manual_seed(6), dtype=F64)
+    for cls in (C.HessianOperator, C.ResidualOperator):
+        cached = cls(_WithUnused(), "ce", (X, Y), cache=True)
+        uncached = cls(_WithUnused(), "ce", (X, Y), cache=False)
+        with torch.no_grad():
+            torch.testing.assert_close(cached @ v, uncached @ v, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(cached @ block, uncached @ block, rtol=1e-10, atol=1e-12)
+        assert (cached @ v)[27:].abs().max() == 0
+    linear = C.HessianOperator(nn.Linear(2, 3).to(F64), lambda out, y: out.mean(), (X, Y))
+    assert torch.equal(linear @ v[:9], torch.zeros(9, dtype=F64))
+    assert torch.equal(linear @ block[:9], torch.zeros(9, 4, dtype=F64))
+
+
 def test_batched_data_gives_the_mean_loss_operator(tanh_ce):
     model, ref = tanh_ce
     uneven = [(X[:7], Y[:7]), (X[7:9], Y[7:9]), (X[9:], Y[9:])]
@@ -357,11 +387,28 @@ def test_hutchinson_samples_are_the_quadratic_forms_of_the_seeded_probes(tanh_ce
     for dist in ("rademacher", "gaussian"):
         vs = seeded_probes(50, 1, dist)
         hv = vs @ ref  # rows (H v_i)^T, H symmetric
-        for block_size in (8, 3):
+        for block_size in (None, 8, 3, 1):
             trace = C.hutchinson_trace(op, 50, seed=1, dist=dist, block_size=block_size)
             torch.testing.assert_close(trace.samples, (vs * hv).sum(1), rtol=1e-10, atol=1e-10)
             fro = C.hutchinson_squared_frobenius(op, 50, seed=1, dist=dist, block_size=block_size)
             torch.testing.assert_close(fro.samples, hv.pow(2).sum(1), rtol=1e-10, atol=1e-10)
+
+
+def test_default_block_size_follows_the_activation_size(tanh_ce):
+    from gradcourse.curvature.trace import CPU_BLOCK_MAX_BYTES, _auto_block_size
+
+    model, _ = tanh_ce
+    small = C.HessianOperator(model, "ce", (X, Y))
+    assert small.activation_bytes() == 20 * 4 * 8  # the widest layer's output, float64
+    assert _auto_block_size(small) == 8 and _auto_block_size(small - small) == 8
+    n = CPU_BLOCK_MAX_BYTES // (4 * 8) + 1  # (n, 4) activations just over the limit
+    big = C.HessianOperator(model, "ce", (X.repeat(n // 20 + 1, 1), Y.repeat(n // 20 + 1)))
+    assert _auto_block_size(big) == 1
+    assert _auto_block_size(C.LiveHessianOperator(model, "ce", X, Y)) == 1  # unknown: 1
+    one_by_one = C.hutchinson_trace(big, 3, seed=2)
+    torch.testing.assert_close(
+        one_by_one.samples, C.hutchinson_trace(big, 3, seed=2, block_size=3).samples
+    )
 
 
 def test_hutchinson_stderr_is_honest(tanh_ce):

@@ -87,6 +87,11 @@ class CurvatureOperator:
     def __matmul__(self, other: Tensor) -> Tensor:
         return self.matmat(other) if other.ndim == 2 else self.matvec(other)
 
+    def activation_bytes(self) -> int | None:
+        """The largest tensor one product runs through, in bytes, or None when unknown: a
+        hint for how many products to vectorise together (:func:`.trace.hutchinson_trace`)."""
+        return None
+
     def dense(self, max_size: int = 10_000, block_size: int = 32) -> Tensor:
         """Materialise the (P, P) matrix by P matvecs against the identity (small P only)."""
         size = self.shape[0]
@@ -143,6 +148,10 @@ class _LinearCombination(CurvatureOperator):
 
     def _matvec(self, v: Tensor) -> Tensor:
         return sum(c * op.matvec(v) for c, op in self.terms)
+
+    def activation_bytes(self) -> int | None:
+        sizes = [op.activation_bytes() for _, op in self.terms]
+        return None if None in sizes else max(sizes)
 
     def _matmat(self, vs: Tensor) -> Tensor:
         return sum(c * op.matmat(vs) for c, op in self.terms)
@@ -206,6 +215,27 @@ class _ModelOperator(CurvatureOperator):
             raise ValueError("each batch in data must be an (x, y) pair of tensors")
         return self.functional.place_batch(*batch)
 
+    def activation_bytes(self) -> int | None:
+        """The largest output of any submodule on the first batch, in bytes: one forward pass
+        under ``no_grad`` with forward hooks, measured once."""
+        if not hasattr(self, "_activation_bytes"):
+            x, _ = next(iter(self.batches()))
+            largest = [0]
+
+            def record(module: nn.Module, inputs: object, output: object) -> None:
+                if isinstance(output, Tensor):
+                    largest.append(output.numel() * output.element_size())
+
+            hooks = [m.register_forward_hook(record) for m in self.functional.model.modules()]
+            try:
+                with torch.no_grad():
+                    self.outputs(self.params, x)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            self._activation_bytes = max(largest)
+        return self._activation_bytes
+
     def unflatten(self, v: Tensor) -> dict[str, Tensor]:
         """Split a flat vector (P,) into a dict shaped like the parameters (views of ``v``)."""
         return self.functional.unflatten(v)
@@ -234,11 +264,11 @@ class _ModelOperator(CurvatureOperator):
 
         Uncached: forward-over-reverse, ``jvp`` of the gradient (Pearlmutter 1994). Cached: the
         gradient's graph is built once and each product is one more backward pass through it
-        (``vjp`` of the gradient, equal to the ``jvp`` because the Jacobian is symmetric).
+        (the vector-Jacobian product, equal to the ``jvp`` because the Jacobian is symmetric),
+        see :class:`_CachedDerivative`.
         """
         if self.cache:
-            _, vjp_fn = vjp(gradient, self.params)
-            return lambda v: vjp_fn(v)[0]
+            return _CachedDerivative(gradient, self.params)
         return lambda v: jvp(gradient, (self.params,), (v,))[1]
 
     def _batch_maps(self) -> Iterable[tuple[int, BatchMap]]:
@@ -257,16 +287,82 @@ class _ModelOperator(CurvatureOperator):
         return total / count
 
     def _matvec(self, v: Tensor) -> Tensor:
+        maps = self._batch_maps()
+        if isinstance(maps, list) and len(maps) == 1 and isinstance(maps[0][1], _CachedDerivative):
+            return maps[0][1].flat(v)  # one cached batch: no dicts, no averaging
         return self._average(lambda apply: flatten(apply(self.unflatten(v))), v)
 
     def _matmat(self, vs: Tensor) -> Tensor:
         def per_batch(apply: BatchMap) -> Tensor:
+            if isinstance(apply, _CachedDerivative):
+                apply = apply.for_vmap()
+
             def column(v: Tensor) -> Tensor:
                 return flatten(apply(self.unflatten(v)))
 
             return vmap(column, in_dims=1, out_dims=1)(vs)
 
         return self._average(per_batch, vs)
+
+
+class _CachedDerivative:
+    """v -> (d gradient / d params) v by one ``torch.autograd.grad`` backward pass through the
+    gradient's graph, recorded once by plain autograd around ``gradient`` (a ``torch.func``
+    function) at leaf copies of the parameters.
+
+    The same numbers as ``torch.func.vjp`` of ``gradient`` (bit-equal on the benchmark's MLPs),
+    on one CPU thread about 10% cheaper per product with :meth:`flat` (no dicts around it):
+    PyHessian's double backward, at its cost (``benchmarks/curvature.py``). Under ``vmap``
+    (``matmat``) the functorch ``vjp`` is 10-17% cheaper instead: :meth:`for_vmap` builds that
+    second graph on first use (twice the cached memory once both kinds of products are taken).
+    """
+
+    def __init__(self, gradient: Callable[[Params], Params], params: Params) -> None:
+        self.gradient, self.params = gradient, params
+        self.names = list(params)
+        self.inputs = [p.detach().requires_grad_() for p in params.values()]
+        with torch.enable_grad():
+            grads = gradient(dict(zip(self.names, self.inputs, strict=True)))
+        # an entry that does not depend on the parameters has a zero row block
+        self.live = [i for i, n in enumerate(self.names) if grads[n].requires_grad]
+        self.outputs = [grads[self.names[i]] for i in self.live]
+        self._vjp_fn: Callable | None = None
+        self._sizes = [p.numel() for p in self.inputs]
+
+    def flat(self, v: Tensor) -> Tensor:
+        """The product for a flat vector (P,), without building dicts: one matvec's path."""
+        if not self.live:
+            return torch.zeros_like(v)
+        chunks = torch.split(v, self._sizes)
+        products = torch.autograd.grad(
+            self.outputs,
+            self.inputs,
+            [chunks[i].view_as(self.inputs[i]) for i in self.live],
+            retain_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        return torch.cat([t.reshape(-1) for t in products])
+
+    def for_vmap(self) -> BatchMap:
+        """The same map through the functorch ``vjp`` of the gradient, for ``vmap``."""
+        if self._vjp_fn is None:
+            self._vjp_fn = vjp(self.gradient, self.params)[1]
+        vjp_fn = self._vjp_fn
+        return lambda v: vjp_fn(v)[0]
+
+    def __call__(self, v: Params) -> Params:
+        if not self.live:
+            return {n: torch.zeros_like(v[n]) for n in self.names}
+        products = torch.autograd.grad(
+            self.outputs,
+            self.inputs,
+            [v[self.names[i]] for i in self.live],
+            retain_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        return dict(zip(self.names, products, strict=True))
 
 
 class HessianOperator(_ModelOperator):

@@ -85,7 +85,7 @@ def spectral_density(
     """
     check_int("num_probes", num_probes, 1)
     check_int("num_iters", num_iters, 1)
-    _check_estimator_args(1, dist, block_size)
+    _check_estimator_args(op, 1, dist, block_size)
     gen = _generator(seed)
     num_iters = min(num_iters, op.shape[0])
     nodes = torch.zeros(num_probes, num_iters, dtype=torch.float64)
