@@ -24,10 +24,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from .checks import check_int, check_nonnegative, check_number, check_positive
-from .functional import module_mode
+from .functional import FunctionalModel, module_mode
 
 __all__ = [
     "NORMS",
@@ -63,11 +63,10 @@ def input_gradients(model: nn.Module, x: Tensor, target: Tensor | int | None = N
     if x.ndim < 2 or len(x) == 0:
         raise ValueError(f"x must be a batch (n, ...) with n >= 1, got shape {tuple(x.shape)}")
     c = _targets(model, x, target)
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    buffers = dict(model.named_buffers())
+    fm = FunctionalModel(model, params=dict(model.named_parameters()), copy=False)
 
     def logit(xi: Tensor, ci: Tensor) -> Tensor:
-        out = functional_call(model, (params, buffers), (xi.unsqueeze(0),))
+        out = fm.outputs(fm.params, xi.unsqueeze(0))
         return out[0].gather(0, ci.unsqueeze(0)).squeeze(0)
 
     with module_mode(model, False):

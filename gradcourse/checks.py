@@ -1,9 +1,11 @@
 """Argument checks shared by the library: a bad value raises ValueError naming the argument
 and the allowed range (what a reader sees when a slider or a config holds a bad value).
 
-Four checks cover every number argument of the package:
+Five checks cover every number argument of the package:
 
 - :func:`check_int`: an int (not a bool) in [low, high], or >= low;
+- :func:`check_ints`: a sequence of such ints (seeds, widths, channels), each named by its
+  index in a bad-value message, optionally refused when empty;
 - :func:`check_number`: an int or float (not a bool, never nan) within optional bounds, each
   end open or closed, finite unless ``allow_inf``;
 - :func:`check_positive` and :func:`check_nonnegative`: the two commonest cases of
@@ -25,6 +27,18 @@ def check_int(name: str, value: object, low: int, high: int | None = None) -> in
         allowed = f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}"
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return value
+
+
+def check_ints(
+    name: str, values: object, low: int, high: int | None = None, *, nonempty: bool = False
+) -> tuple[int, ...]:
+    """``values`` as a tuple if each is an int (not a bool) in [low, high] (or >= low), checked
+    as :func:`check_int` names ``name[i]``; an empty sequence is refused when ``nonempty``."""
+    values = tuple(values)
+    if nonempty and not values:
+        allowed = f"int in [{low}, {high}]" if high is not None else f"int >= {low}"
+        raise ValueError(f"{name} must hold at least one {allowed}, got ()")
+    return tuple(check_int(f"{name}[{i}]", v, low, high) for i, v in enumerate(values))
 
 
 def _allowed(

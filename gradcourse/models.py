@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checks import check_int, check_nonnegative, check_positive
+from .checks import check_int, check_ints, check_nonnegative, check_positive
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -143,9 +143,7 @@ class MLP(nn.Module):
         super().__init__()
         check_int("in_dim", in_dim, 1)
         check_int("out_dim", out_dim, 1)
-        widths = tuple(widths)
-        for i, w in enumerate(widths):
-            check_int(f"widths[{i}]", w, 1)
+        widths = check_ints("widths", widths, 1)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
         if parameterization not in PARAMETERIZATIONS:
@@ -295,11 +293,7 @@ class SmallCNN(nn.Module):
         check_int("num_classes", num_classes, 1)
         if conv_dim not in (1, 2):
             raise ValueError(f"conv_dim must be 1 or 2, got {conv_dim!r}")
-        channels = tuple(channels)
-        if not channels:
-            raise ValueError("channels must hold at least one int >= 1, got ()")
-        for i, c in enumerate(channels):
-            check_int(f"channels[{i}]", c, 1)
+        channels = check_ints("channels", channels, 1, nonempty=True)
         check_int("hidden", hidden, 1)
         check_int("kernel_size", kernel_size, 1)
         if kernel_size % 2 == 0:

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checks import check_int, check_number
+from .checks import check_int, check_ints, check_number
 from .functional import model_device_dtype, place
 from .losses import LossFn
 from .pergrad import _check_batchnorm, eval_mode, per_example_grad_norms
@@ -325,11 +325,7 @@ def score_runs(
     tensors (so the dict can go to :class:`gradcourse.cache.Cache`). Everything random is in the
     caller's ``make_model`` / ``train_fn``, keyed by the seed.
     """
-    seeds = list(seeds)
-    if not seeds:
-        raise ValueError("seeds must hold at least one int >= 0, got none")
-    for i, s in enumerate(seeds):
-        check_int(f"seeds[{i}]", s, 0)
+    seeds = list(check_ints("seeds", seeds, 0, nonempty=True))
     check_int("epoch", epoch, 0)
     scores = tuple(scores)
     unknown = [s for s in scores if s not in SCORES]

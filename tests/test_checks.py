@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from gradcourse.checks import check_int, check_nonnegative, check_number, check_positive
+from gradcourse.checks import check_int, check_ints, check_nonnegative, check_number, check_positive
 
 
 def test_check_int_accepts_ints_in_range_and_names_the_argument():
@@ -75,3 +75,17 @@ def test_check_number_refuses_bools_strings_nan_and_inf_unless_allowed():
             check_number("t", bad, low=0, low_open=True, allow_inf=True)
     with pytest.raises(ValueError, match=r"t must be a number in \[0, 1\], got inf"):
         check_number("t", math.inf, low=0, high=1, allow_inf=True)
+
+
+def test_check_ints_names_the_bad_index_and_refuses_empty_only_when_asked():
+    assert check_ints("seeds", [0, 3], 0) == (0, 3)
+    assert check_ints("seeds", iter([1, 2]), 0, 2) == (1, 2)  # any iterable, once
+    assert check_ints("widths", (), 1) == ()
+    with pytest.raises(ValueError, match=r"seeds\[1\] must be an int >= 0, got -1"):
+        check_ints("seeds", [0, -1], 0)
+    with pytest.raises(ValueError, match=r"classes\[0\] must be an int in \[0, 9\], got 10"):
+        check_ints("classes", [10, 1], 0, 9)
+    with pytest.raises(ValueError, match=r"widths\[0\] must be an int >= 1, got True"):
+        check_ints("widths", [True], 1)
+    with pytest.raises(ValueError, match=r"channels must hold at least one int >= 1, got \(\)"):
+        check_ints("channels", [], 1, nonempty=True)

@@ -39,7 +39,7 @@ def tiny_scores():
         (dict(noise=1.5), r"noise must be a number in \[0, 1\]"),
         (dict(score_epochs=(3, 1)), "increasing order"),
         (dict(score_epochs=(0, 99)), r"score_epochs\[1\] must be an int in \[0, 40\]"),
-        (dict(score_seeds=()), "at least one seed"),
+        (dict(score_seeds=()), "score_seeds must hold at least one"),
         (dict(batch_size=5000), "batch_size must be an int in"),
     ],
 )

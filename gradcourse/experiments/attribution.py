@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .. import attribution as at
 from .. import data, models
 from ..cache import Cache
-from ..checks import check_int, check_number, check_positive
+from ..checks import check_int, check_ints, check_number, check_positive
 
 __all__ = [
     "ARCHS",
@@ -73,8 +73,7 @@ def config(**overrides: Any) -> dict[str, Any]:
         raise ValueError(f"classes must be two different classes, got {cfg['classes']}")
     if cfg["dataset"] not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {cfg['dataset']!r}")
-    for i, c in enumerate(cfg["classes"]):
-        check_int(f"classes[{i}]", c, 0, 9)
+    check_ints("classes", cfg["classes"], 0, 9)
     check_int("n_train", cfg["n_train"], 2, 12_000)
     check_int("n_test", cfg["n_test"], 1, 2_000)
     check_int("data_seed", cfg["data_seed"], 0)

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from .. import data, models, scores, stats, train
 from ..cache import Cache
-from ..checks import check_int, check_nonnegative, check_number
+from ..checks import check_int, check_ints, check_nonnegative, check_number
 
 DATASETS: tuple[str, ...] = ("fashion_mnist", "mnist1d", "digits", "cifar10")
 ARCHS: tuple[str, ...] = ("mlp", "small_cnn", "resnet18")
@@ -104,16 +104,12 @@ def config(**overrides: Any) -> dict[str, Any]:
     if cfg["schedule"] not in train.SCHEDULES:
         raise ValueError(f"schedule must be one of {train.SCHEDULES}, got {cfg['schedule']!r}")
     check_int("batch_size", cfg["batch_size"], 1, cfg["n_train"])
-    if not cfg["score_seeds"]:
-        raise ValueError("score_seeds must hold at least one seed (an int >= 0), got ()")
-    for i, s in enumerate(cfg["score_seeds"]):
-        check_int(f"score_seeds[{i}]", s, 0)
+    check_ints("score_seeds", cfg["score_seeds"], 0, nonempty=True)
     if not cfg["score_epochs"] or sorted(set(cfg["score_epochs"])) != list(cfg["score_epochs"]):
         raise ValueError(
             f"score_epochs must be distinct epochs in increasing order, got {cfg['score_epochs']}"
         )
-    for i, e in enumerate(cfg["score_epochs"]):
-        check_int(f"score_epochs[{i}]", e, 0, cfg["epochs"])
+    check_ints("score_epochs", cfg["score_epochs"], 0, cfg["epochs"])
     return cfg
 
 
@@ -469,7 +465,7 @@ def prune_curve(
         check_number(f"fractions[{i}]", f, low=0, high=1, low_open=True)
         for i, f in enumerate(fractions)
     )
-    seeds = tuple(check_int(f"seeds[{i}]", s, 0) for i, s in enumerate(seeds))
+    seeds = check_ints("seeds", seeds, 0)
     if not fractions or not seeds:
         raise ValueError("fractions and seeds must each hold at least one value")
     check_number("offset", offset, low=0, high=1, high_open=True)
@@ -640,7 +636,7 @@ def grand_at_init(
     ``nn.Linear`` and convolution as N(0, bias_std^2) (a generator seeded by the run's seed),
     to see how far the input-norm ranking survives larger ones."""
     cfg = config(**cfg)
-    seeds = tuple(check_int(f"seeds[{i}]", s, 0) for i, s in enumerate(seeds))
+    seeds = check_ints("seeds", seeds, 0)
     if not seeds:
         raise ValueError("seeds must hold at least one seed")
     if bias_std is not None:

@@ -32,7 +32,7 @@ from torch.func import functional_call
 
 from .. import curvature, data, models, train
 from ..cache import Cache, cached  # cached: re-exported for the notebooks
-from ..checks import check_int, check_positive
+from ..checks import check_int, check_ints, check_positive
 from ..functional import flatten, unflatten
 
 DTYPE = torch.float64
@@ -244,9 +244,7 @@ def spectrum_run(
         raise ValueError(f"init must be 'lecun' or 'sagun', got {init!r}")
     if loss not in ("ce", "mse"):
         raise ValueError(f"loss must be 'ce' or 'mse', got {loss!r}")
-    widths = tuple(widths)
-    for i, w in enumerate(widths):
-        check_int(f"widths[{i}]", w, 1)
+    widths = check_ints("widths", widths, 1)
     x, y = _dataset(data, num_classes, seed, device, **dict(data_options or {}))
     model = models.MLP(x.shape[1], widths, num_classes, seed=seed, dtype=DTYPE, device=x.device)
     if init == "sagun":

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .. import data, models, pergrad, train
 from .. import privacy as pv
 from ..cache import Cache
-from ..checks import check_int, check_nonnegative, check_number, check_positive
+from ..checks import check_int, check_ints, check_nonnegative, check_number, check_positive
 
 __all__ = [
     "ARCHS",
@@ -76,8 +76,7 @@ def config(**overrides: Any) -> dict[str, Any]:
     check_int("data_seed", cfg["data_seed"], 0)
     if cfg["arch"] not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {cfg['arch']!r}")
-    for i, w in enumerate(cfg["widths"]):
-        check_int(f"widths[{i}]", w, 1)
+    check_ints("widths", cfg["widths"], 1)
     check_int("epochs", cfg["epochs"], 1)
     check_int("batch_size", cfg["batch_size"], 1, cfg["n_train"])
     check_int("records", cfg["records"], 1)
@@ -143,10 +142,7 @@ def mean_trajectories(
         raise ValueError(
             f"feedback_scale must be one of {pv.FEEDBACK_SCALES}, got {feedback_scale!r}"
         )
-    if not seeds:
-        raise ValueError("seeds must hold at least one seed")
-    for i, s in enumerate(seeds):
-        check_int(f"seeds[{i}]", s, 0)
+    check_ints("seeds", seeds, 0, nonempty=True)
     n = len(y)
     c2 = feedback_ratio * clip / (1 if feedback_scale == "mean" else n)
     noise = np.stack([np.random.default_rng(s).standard_normal(steps) for s in seeds])
