@@ -254,3 +254,36 @@ def test_sharpness_run_reports_divergence_near_overflow(tmp_path):
     last = r["sharp_step"][-1]
     assert step - 5 <= last <= step and np.isnan(r["sharpness"][-1])
     assert np.isfinite(r["sharpness"][:-1]).all()  # measured normally before the blow-up
+
+
+def test_sweep_runs_gd_then_sgd_at_every_lr_and_keeps_the_named_columns(tmp_path):
+    """The helper both sweeps share: GD (B = n) first, then each SGD batch size, every lr in
+    each; ``measure`` sees each run's (lr, B, diverged); only ``columns`` come back, in their
+    order; the cache is keyed by the experiment's settings too."""
+    calls = []
+
+    def measure(model, x, y, lr, batch_size, diverged):
+        calls.append((lr, batch_size, diverged))
+        return {"mark": 10 * lr + batch_size}
+
+    def sweep(settings):
+        return sx._sweep(
+            "sweep-test", settings,
+            lambda: sx.sparse_regression(6, 3, 4, 2, seed=0),
+            lambda: models.DiagonalLinear(4, seed=0, dtype=torch.float64),
+            measure, ("batch_size", "lr", "mark", "steps", "diverged", "converged"),
+            lrs=[0.01, 100.0], batch_sizes=[2], steps=20, loss_tol=1e-6, seed=0,
+            cache=Cache(tmp_path),
+        )  # fmt: skip
+
+    r = sweep({"size": 6})
+    assert list(r) == ["batch_size", "lr", "mark", "steps", "diverged", "converged"]
+    assert r["batch_size"].tolist() == [6, 6, 2, 2] and r["lr"].tolist() == [0.01, 100.0] * 2
+    assert calls == list(zip(r["lr"], r["batch_size"], r["diverged"], strict=True))
+    assert r["mark"].tolist() == [6.1, 1006.0, 2.1, 1002.0]
+    assert r["diverged"].tolist() == [False, True, False, True]  # lr = 100 blows up
+    assert not r["converged"].any() and (r["steps"] <= 20).all()
+    sweep({"size": 6})
+    assert len(calls) == 4  # cached
+    sweep({"size": 7})
+    assert len(calls) == 8  # other settings, another entry

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from .. import models, stability, train
 from ..cache import Cache
 from ..checks import check_positive
 from ..curvature import lanczos
-from ..functional import flatten
+from ..functional import FunctionalModel, flatten
 from ..models import torch_default_init_  # re-exported (notebook 02 uses sx.torch_default_init_)
 from ..scores import spearman  # re-exported for the notebook (ties averaged)
 
@@ -337,6 +338,59 @@ def _train_once(
     return full, diverged, hist.step[-1] if hist.step else 0
 
 
+def _sweep(
+    name: str,
+    settings: dict[str, Any],
+    data: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    make_model: Callable[[], torch.nn.Module],
+    measure: Callable[..., dict[str, float]],
+    columns: tuple[str, ...],
+    *,
+    lrs: list[float],
+    batch_sizes: list[int],
+    steps: int,
+    loss_tol: float,
+    seed: int,
+    cache: Cache | None,
+) -> dict[str, Any]:
+    """The sweep that :func:`relu_sweep` and :func:`diagonal_sweep` share: on
+    ``data() = (x, y, x_test, y_test)``, a fresh ``make_model()`` per run, trained by GD
+    (B = n = len(x)) and then SGD at each B in ``batch_sizes``, each at every lr in ``lrs``, by
+    :func:`_train_once`. A run's row has lr, batch_size, train_loss, test_loss, steps, diverged,
+    converged (the training loss ended at or below ``loss_tol``, not diverged) and what
+    ``measure(model, x, y, lr, batch_size, diverged)`` returns (other names); the result keeps
+    ``columns`` of them, in that order, one array each. Cached under ``name`` and a config of
+    the sweep's arguments and the experiment's ``settings``."""
+    # version: bumped when the runs or either sweep's returned fields change (3: fresh batches)
+    config = dict(version=3, lrs=[float(v) for v in lrs], batch_sizes=list(batch_sizes),
+                  **settings, steps=steps, loss_tol=loss_tol, seed=seed)  # fmt: skip
+
+    def compute() -> dict[str, Any]:
+        x, y, xt, yt = data()
+        rows: dict[str, list] = {k: [] for k in columns}
+        for b in [len(x), *batch_sizes]:
+            for lr in lrs:
+                model = make_model()
+                full, diverged, taken = _train_once(
+                    model, x, y, lr=lr, batch_size=b, steps=steps, loss_tol=loss_tol, seed=seed
+                )
+                row = dict(
+                    lr=lr,
+                    batch_size=b,
+                    **measure(model, x, y, lr, b, diverged),
+                    train_loss=full,
+                    test_loss=train.evaluate(model, xt, yt)["loss"],
+                    steps=taken,
+                    diverged=diverged,
+                    converged=bool(not diverged and full <= loss_tol),
+                )
+                for k in columns:
+                    rows[k].append(row[k])
+        return {k: np.asarray(v) for k, v in rows.items()}
+
+    return _cache(cache).get_or_compute(name, config, compute)
+
+
 def relu_sweep(
     *,
     lrs: list[float],
@@ -357,65 +411,25 @@ def relu_sweep(
     ``wme_lambda``, lambda_max of the Wu-Ma-E matrix for that run's (lr, B) with Gauss-Newton
     curvature (<= 1: the endpoint is linearly stable for it in mean square).
     ``converged``: the training loss ended at or below ``loss_tol``."""
-    config = dict(
-        version=3,  # bumped when the runs or the returned fields change (3: fresh batches)
-        lrs=[float(v) for v in lrs],
-        batch_sizes=list(batch_sizes),
-        n=n,
-        n_test=n_test,
-        dim=dim,
-        width=width,
-        steps=steps,
-        loss_tol=loss_tol,
-        seed=seed,
-    )
+    columns = ("lr", "batch_size", "lambda_max", "trace", "frobenius", "path_norm", "train_loss",
+               "test_loss", "steps", "diverged", "converged", "wme_lambda")  # fmt: skip
 
-    def compute() -> dict[str, Any]:
-        x, y, xt, yt = teacher_regression(n, n_test, dim, seed=seed)
-        rows: dict[str, list] = {
-            k: []
-            for k in (
-                "lr",
-                "batch_size",
-                "lambda_max",
-                "trace",
-                "frobenius",
-                "path_norm",
-                "train_loss",
-                "test_loss",
-                "steps",
-                "diverged",
-                "converged",
-                "wme_lambda",
-            )
-        }
-        for b in [n, *batch_sizes]:
-            for lr in lrs:
-                model = models.two_layer_relu(dim, width, seed=seed, dtype=torch.float64)
-                full, diverged, taken = _train_once(
-                    model, x, y, lr=lr, batch_size=b, steps=steps, loss_tol=loss_tol, seed=seed
-                )
-                m = (
-                    _measures(model, x)
-                    if not diverged and math.isfinite(full)
-                    else {"lambda_max": math.nan, "trace": math.nan, "frobenius": math.nan}
-                )
-                rows["lr"].append(lr)
-                rows["batch_size"].append(b)
-                for k, v in m.items():
-                    rows[k].append(v)
-                rows["path_norm"].append(_path_norm(model) if not diverged else math.nan)
-                rows["train_loss"].append(full)
-                rows["test_loss"].append(train.evaluate(model, xt, yt)["loss"])
-                rows["steps"].append(taken)
-                rows["diverged"].append(diverged)
-                rows["converged"].append(bool(not diverged and full <= loss_tol))
-                rows["wme_lambda"].append(
-                    math.nan if diverged else _wme_lambda(model, x, y, lr=lr, batch_size=b)
-                )
-        return {k: np.asarray(v) for k, v in rows.items()}
+    def measure(model, x, y, lr, batch_size, diverged) -> dict[str, float]:
+        if diverged:  # (a run that did not diverge ended at a finite loss, see _train_once)
+            names = ("lambda_max", "trace", "frobenius", "path_norm", "wme_lambda")
+            return dict.fromkeys(names, math.nan)
+        wme = _wme_lambda(model, x, y, lr=lr, batch_size=batch_size)
+        return {**_measures(model, x), "path_norm": _path_norm(model), "wme_lambda": wme}
 
-    return _cache(cache).get_or_compute("stability-relu", config, compute)
+    return _sweep(
+        "stability-relu",
+        dict(n=n, n_test=n_test, dim=dim, width=width),
+        lambda: teacher_regression(n, n_test, dim, seed=seed),
+        lambda: models.two_layer_relu(dim, width, seed=seed, dtype=torch.float64),
+        measure,
+        columns,
+        lrs=lrs, batch_sizes=batch_sizes, steps=steps, loss_tol=loss_tol, seed=seed, cache=cache,
+    )  # fmt: skip
 
 
 def _wme_lambda(
@@ -435,14 +449,10 @@ def _gradient_basis(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis (P, r) of the span of the per-example gradients of a scalar-output
     model: where every Gauss-Newton H_i = g_i g_i^T acts (QR of the Jacobian's transpose; columns
     whose R diagonal falls below 1e-10 of the largest are dropped)."""
-    from torch.func import functional_call, jacrev
+    from torch.func import jacrev
 
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def f(p):
-        return functional_call(model, p, (x,)).reshape(len(x))
-
-    jac = jacrev(f)(params)
+    fm = FunctionalModel(model, copy=False)
+    jac = jacrev(lambda p: fm.outputs(p, x).reshape(len(x)))(fm.params)
     rows = flatten(jac, batch_dims=1).double()
     q, r = torch.linalg.qr(rows.T)
     diag = r.diagonal().abs()
@@ -578,57 +588,20 @@ def diagonal_sweep(
     ``loss_tol``. ``init="random"`` draws u and v independently (u != v, so beta = u * v has
     both signs and the trace only bounds the weighted l1 norm); ``signed`` gives the teacher
     both signs (:func:`sparse_regression`)."""
-    config = dict(
-        version=3,  # bumped when the runs or the returned fields change (3: fresh batches)
-        lrs=[float(v) for v in lrs],
-        batch_sizes=list(batch_sizes),
-        n=n,
-        n_test=n_test,
-        dim=dim,
-        sparsity=sparsity,
-        init_scale=init_scale,
-        init=init,
-        signed=signed,
-        steps=steps,
-        loss_tol=loss_tol,
-        seed=seed,
-    )
-
-    def compute() -> dict[str, Any]:
-        x, y, xt, yt = sparse_regression(n, n_test, dim, sparsity, seed=seed, signed=signed)
-        rows: dict[str, list] = {
-            k: []
-            for k in (
-                "lr",
-                "batch_size",
-                "trace",
-                "weighted_l1",
-                "l1",
-                "train_loss",
-                "test_loss",
-                "diverged",
-                "converged",
-            )
-        }
-        for b in [n, *batch_sizes]:
-            for lr in lrs:
-                model = models.DiagonalLinear(
-                    dim, init_scale=init_scale, init=init, seed=seed, dtype=torch.float64
-                )
-                full, diverged, taken = _train_once(
-                    model, x, y, lr=lr, batch_size=b, steps=steps, loss_tol=loss_tol, seed=seed
-                )
-                rows["lr"].append(lr)
-                rows["batch_size"].append(b)
-                for k, val in _diagonal_measures(model, x).items():
-                    rows[k].append(val)
-                rows["train_loss"].append(full)
-                rows["test_loss"].append(train.evaluate(model, xt, yt)["loss"])
-                rows["diverged"].append(diverged)
-                rows["converged"].append(bool(not diverged and full <= loss_tol))
-        return {k: np.asarray(v) for k, v in rows.items()}
-
-    return _cache(cache).get_or_compute("stability-diagonal", config, compute)
+    columns = ("lr", "batch_size", "trace", "weighted_l1", "l1", "train_loss", "test_loss",
+               "diverged", "converged")  # fmt: skip
+    return _sweep(
+        "stability-diagonal",
+        dict(n=n, n_test=n_test, dim=dim, sparsity=sparsity, init_scale=init_scale, init=init,
+             signed=signed),
+        lambda: sparse_regression(n, n_test, dim, sparsity, seed=seed, signed=signed),
+        lambda: models.DiagonalLinear(
+            dim, init_scale=init_scale, init=init, seed=seed, dtype=torch.float64
+        ),
+        lambda model, x, *run: _diagonal_measures(model, x),
+        columns,
+        lrs=lrs, batch_sizes=batch_sizes, steps=steps, loss_tol=loss_tol, seed=seed, cache=cache,
+    )  # fmt: skip
 
 
 def _diagonal_measures(model: models.DiagonalLinear, x: torch.Tensor) -> dict[str, float]:
