@@ -392,7 +392,7 @@ def linearized_sgd_second_moment(
     x = x.to(device=curvature.device, dtype=curvature.dtype)
     moments = [x.double().pow(2).sum(dim=1).mean()]
     for _ in range(steps):
-        idx = torch.stack([torch.randperm(n, generator=gen)[:batch_size] for _ in range(num_runs)])
+        idx = _draw_batches(gen, n, batch_size, num_runs)
         pairs = x.repeat_interleave(batch_size, dim=0)  # run r repeated for each of its examples
         hx = curvature.products(pairs, idx.reshape(-1)).view(num_runs, batch_size, size).mean(1)
         x = x - lr * hx
@@ -404,6 +404,12 @@ def linearized_sgd_second_moment(
 # --------------------------------------------------------------------------------------------
 # The exact second moment of the linearised SGD (explicit matrices, small dimension)
 # --------------------------------------------------------------------------------------------
+
+
+def _draw_batches(gen: torch.Generator, n: int, batch_size: int, num_runs: int) -> Tensor:
+    """One SGD step's batches for ``num_runs`` runs: (num_runs, batch_size) indices, each row
+    drawn without replacement from range(n) by ``gen``."""
+    return torch.stack([torch.randperm(n, generator=gen)[:batch_size] for _ in range(num_runs)])
 
 
 def _check_hessians(hessians: Tensor) -> Tensor:
@@ -549,7 +555,7 @@ def sgd_run_norms(
     xs = x.expand(num_runs, r).clone()
     norms = [xs.pow(2).sum(1)]
     for _ in range(steps):
-        idx = torch.stack([torch.randperm(n, generator=gen)[:batch_size] for _ in range(num_runs)])
+        idx = _draw_batches(gen, n, batch_size, num_runs)
         h_batch = h[idx].mean(1)  # (num_runs, r, r)
         xs = xs - lr * torch.einsum("kab,kb->ka", h_batch, xs)
         norms.append(xs.pow(2).sum(1))
