@@ -637,3 +637,38 @@ def test_a_weight_tied_by_a_function_call_is_exact(method):
     model = TiedByCall().double()
     x = randn(5, 4, seed=3)
     torch.testing.assert_close(N.EmpiricalNTK(model, method=method)(x), explicit_ntk(model, x, x))
+
+
+def jacrev_ntk(model: nn.Module, names: list[str], x1: torch.Tensor, x2: torch.Tensor):
+    """(n1, n2, O, O): J(x1) J(x2)^T, J by torch.func.jacrev w.r.t. the parameters ``names``."""
+    params = {n: p.detach() for n, p in model.named_parameters() if n in names}
+
+    def f(p: dict, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, p, (x,)).reshape(len(x), -1)
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        jac = torch.func.jacrev(f)(params, x)  # name -> (n, O, *shape)
+        return torch.cat([j.reshape(*j.shape[:2], -1) for j in jac.values()], dim=-1)
+
+    return torch.einsum("iap,jbp->ijab", flat(x1), flat(x2))
+
+
+@pytest.mark.parametrize("method", ["auto", "jacobian", "ntk_vp", "layerwise"])
+def test_integer_inputs_are_only_moved_and_float_inputs_cast(method):
+    # token ids for an embedding: cast to the parameters' float dtype they would be refused
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Tanh(), nn.Linear(12, 2)).double()
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randint(10, (5, 3), generator=g), torch.randint(10, (4, 3), generator=g)
+    for names in (["0.weight"], [n for n, _ in model.named_parameters()]):
+        params = {n: p for n, p in model.named_parameters() if n in names}
+        ntk = N.EmpiricalNTK(model, params=params, method=method, chunk_size=3)
+        torch.testing.assert_close(ntk(x1, x2), jacrev_ntk(model, names, x1, x2))
+        torch.testing.assert_close(ntk(x1), jacrev_ntk(model, names, x1, x1))
+    lin = N.linearize(model)
+    torch.testing.assert_close(lin(lin.params0, x1.int()), model(x1))
+    # floating inputs are cast to the parameters' dtype
+    mlp = MODELS["mlp_vector"][0]()
+    x = randn(4, 3, seed=5)
+    expected = N.empirical_ntk(mlp, x.float().double(), method=method)
+    torch.testing.assert_close(N.empirical_ntk(mlp, x.float(), method=method), expected)

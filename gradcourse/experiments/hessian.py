@@ -28,12 +28,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from .. import curvature, data, models, train
 from ..cache import Cache, cached  # cached: re-exported for the notebooks
 from ..checks import check_int, check_ints, check_positive
-from ..functional import flatten, unflatten
+from ..functional import FunctionalModel, flatten
 
 DTYPE = torch.float64
 
@@ -394,19 +393,22 @@ def interpolate(
 ) -> Tensor:
     """Training loss (cross-entropy) at theta(alpha) = (1 - alpha) theta_a + alpha theta_b
     for each alpha (Sagun et al. 2017, fig. 6; Goodfellow et al. 2015); flat parameter
-    vectors in ``model.named_parameters()`` order. Returns float64 on the CPU."""
+    vectors in ``model.named_parameters()`` order (:class:`gradcourse.functional.FunctionalModel`
+    over every parameter; x and y placed by its ``place_batch``). Returns float64 on the CPU."""
     if theta_a.shape != theta_b.shape:
         raise ValueError(f"theta_a and theta_b differ in shape: {theta_a.shape}, {theta_b.shape}")
-    named = dict(model.named_parameters())  # the flat layout: unflatten(theta, named)
-    size = sum(p.numel() for p in named.values())
-    if theta_a.numel() != size:
-        raise ValueError(f"theta_a must have {size} entries (the model's), got {theta_a.numel()}")
+    # every parameter, in named_parameters() order: the flat layout of theta_a and theta_b
+    fm = FunctionalModel(model, "ce", params=dict(model.named_parameters()), copy=False)
+    if theta_a.numel() != fm.size:
+        raise ValueError(
+            f"theta_a must have {fm.size} entries (the model's), got {theta_a.numel()}"
+        )
+    x, y = fm.place_batch(x, y)
     losses = []
     with torch.no_grad():
         for alpha in torch.as_tensor(alphas, dtype=torch.float64).tolist():
             theta = (1 - alpha) * theta_a + alpha * theta_b
-            out = functional_call(model, unflatten(theta, named), (x,))
-            losses.append(float(nn.functional.cross_entropy(out, y)))
+            losses.append(float(fm.loss(fm.unflatten(theta), x, y)))
     return torch.tensor(losses, dtype=torch.float64)
 
 

@@ -73,6 +73,27 @@ def make_net(
     )
 
 
+def _net_with(
+    in_dim: int,
+    width: int,
+    depth: int,
+    beta: float,
+    seed: int,
+    device: str | torch.device | None,
+    *tensors: Tensor,
+) -> tuple[Any, ...]:
+    """(model, *tensors): :func:`make_net`'s network and ``tensors`` moved to its device."""
+    model = make_net(in_dim, width, depth, beta=beta, seed=seed, device=device)
+    dev = model.layers[0].weight.device
+    return model, *(t.to(dev) for t in tensors)
+
+
+def _function(model: nn.Module, x: Tensor) -> Tensor:
+    """The scalar-output network's function on x, (m,), on the CPU (no autograd graph)."""
+    with torch.no_grad():
+        return model(x)[:, 0].cpu()
+
+
 def circle(angles: Tensor | Sequence[float]) -> Tensor:
     """Points x = (cos g, sin g) of the unit circle for the angles g: (m, 2), float64."""
     g = torch.as_tensor(angles, dtype=DTYPE).reshape(-1)
@@ -143,10 +164,22 @@ def analytic(
     return ntk.analytic_ntk(x1, x2, depth=depth, bias_scale=beta)
 
 
-def _curve(model: nn.Module, x0: Tensor, xs: Tensor) -> Tensor:
-    """Theta(x0, x) for every x in xs, (m,) (the library's layerwise route: one forward and one
-    backward pass of xs and of x0, then per-layer Gram products)."""
-    return ntk.empirical_ntk(model, xs, x0)[:, 0]
+def _probe_circle(n_angles: int) -> tuple[Tensor, Tensor]:
+    """Fig. 1's probes: x = (cos g, sin g) on ``n_angles`` angles in [-pi, pi], and x0 = (1, 0)."""
+    xs = circle(angle_grid(n_angles))
+    return xs, xs.new_tensor([[1.0, 0.0]])
+
+
+def _fig1_kernels(model: nn.Module, x0: Tensor, xs: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Theta(x0, x) for every x in xs, (m,), and the Gram matrix Theta(X, X) of the training
+    inputs, on the CPU (the library's layerwise route: one forward and one backward pass of each
+    set, then per-layer Gram products)."""
+    return ntk.empirical_ntk(model, xs, x0)[:, 0].cpu(), ntk.empirical_ntk(model, x).cpu()
+
+
+def _relative_change(before: Tensor, after: Tensor) -> Tensor:
+    """||after - before|| / ||before|| per seed (leading dimension), over all other entries."""
+    return (after - before).flatten(1).norm(dim=1) / before.flatten(1).norm(dim=1)
 
 
 # ----------------------------------------------------------------------------- Fig. 1 / scaling
@@ -170,20 +203,14 @@ def kernel_run(
     at initialisation and after ``steps`` GD steps of rate ``lr`` on the least-squares task of
     :func:`gaussian_task`. Float64."""
     check_int("n_angles", n_angles, 2)
-    model = make_net(2, width, depth, beta=beta, seed=seed, device=device)
-    x, y = (t.to(model.layers[0].weight.device) for t in gaussian_task(n_train, seed=data_seed))
-    xs = circle(angle_grid(n_angles)).to(x.device)
-    x0 = xs.new_tensor([[1.0, 0.0]])
-    curve0, gram0 = _curve(model, x0, xs), ntk.empirical_ntk(model, x)
+    x, y = gaussian_task(n_train, seed=data_seed)
+    model, x, y, xs, x0 = _net_with(
+        2, width, depth, beta, seed, device, x, y, *_probe_circle(n_angles)
+    )
+    curve0, gram0 = _fig1_kernels(model, x0, xs, x)
     loss = gradient_descent(model, x, y, lr=lr, steps=steps)
-    curve_t, gram_t = _curve(model, x0, xs), ntk.empirical_ntk(model, x)
-    return {
-        "curve0": curve0.cpu(),
-        "curveT": curve_t.cpu(),
-        "gram0": gram0.cpu(),
-        "gramT": gram_t.cpu(),
-        "loss": loss,
-    }
+    curve_t, gram_t = _fig1_kernels(model, x0, xs, x)
+    return {"curve0": curve0, "curveT": curve_t, "gram0": gram0, "gramT": gram_t, "loss": loss}
 
 
 def kernel_runs(
@@ -241,8 +268,8 @@ def init_grams(
     x, _ = gaussian_task(n_train, seed=data_seed)
     grams = []
     for seed in seeds:
-        model = make_net(2, width, depth, beta=beta, seed=int(seed), device=device)
-        grams.append(ntk.empirical_ntk(model, x.to(model.layers[0].weight.device)).cpu())
+        model, x_on = _net_with(2, width, depth, beta, int(seed), device, x)
+        grams.append(ntk.empirical_ntk(model, x_on).cpu())
     return torch.stack(grams)
 
 
@@ -284,8 +311,7 @@ def slope_with_band(
 
 def per_seed_change(runs: Mapping[str, Tensor]) -> Tensor:
     """||Gram_T - Gram_0||_F / ||Gram_0||_F for each seed of one width's runs, (S,)."""
-    g0, gt = runs["gram0"], runs["gramT"]
-    return (gt - g0).flatten(1).norm(dim=1) / g0.flatten(1).norm(dim=1)
+    return _relative_change(runs["gram0"], runs["gramT"])
 
 
 def per_seed_inflation(runs: Mapping[str, Tensor]) -> Tensor:
@@ -304,8 +330,7 @@ def analytic_kernels(
     """The infinite-width limits of :func:`kernel_run`'s kernels (:func:`gradcourse.ntk.analytic_ntk`):
     ``curve`` (m,) Theta(x0, x) on the circle and ``gram`` (n, n) on the training inputs."""
     x, _ = gaussian_task(n_train, seed=data_seed)
-    xs = circle(angle_grid(n_angles))
-    x0 = xs.new_tensor([[1.0, 0.0]])
+    xs, x0 = _probe_circle(n_angles)
     return {
         "angles": angle_grid(n_angles),
         "curve": analytic(xs, x0, depth=depth, beta=beta)[1][:, 0],
@@ -331,15 +356,14 @@ def kernel_statistics(runs: Mapping[str, Tensor], limit: Mapping[str, Tensor]) -
         raise ValueError(f"kernel_statistics needs >= 2 seeds, got {s}")
     rms = lambda t: float(t.pow(2).mean().sqrt())  # noqa: E731
     std = c0.std(0, correction=1)
-    g0, gt, glim = runs["gram0"], runs["gramT"], limit["gram"]
-    change = ((gt - g0).flatten(1).norm(dim=1) / g0.flatten(1).norm(dim=1)).mean()
+    g0, glim = runs["gram0"], limit["gram"]
     return {
         "mean_error": rms(c0.mean(0) - lim) / rms(lim),
         "mean_stderr": rms(std / math.sqrt(s)) / rms(lim),
         "spread": rms(std) / rms(lim),
         "deviation": rms(g0 - glim) / rms(glim),
-        "change": float(change),
-        "curve_change": float(((runs["curveT"] - c0).norm(dim=1) / c0.norm(dim=1)).mean()),
+        "change": float(per_seed_change(runs).mean()),
+        "curve_change": float(_relative_change(c0, runs["curveT"]).mean()),
     }
 
 
@@ -447,11 +471,10 @@ def circle_fit_run(
     at its initialisation (Lee et al. 2019), i.e. kernel GD with the net's own empirical NTK at
     initialisation (:func:`gradcourse.ntk.kernel_gradient_descent`), on the grid."""
     task = circle_task(train_angles, n_grid)
-    model = make_net(2, width, depth, beta=beta, seed=seed, device=device)
-    dev = model.layers[0].weight.device
-    x, y, xg = task["x"].to(dev), task["y"].to(dev), task["x_grid"].to(dev)
-    with torch.no_grad():
-        f0_grid, f0_train = model(xg)[:, 0].cpu(), model(x)[:, 0].cpu()
+    model, x, y, xg = _net_with(
+        2, width, depth, beta, seed, device, task["x"], task["y"], task["x_grid"]
+    )
+    f0_grid, f0_train = _function(model, xg), _function(model, x)
     out: dict[str, Tensor] = {}
     if linearized:
         theta_xx = ntk.empirical_ntk(model, x).cpu()
@@ -467,8 +490,7 @@ def circle_fit_run(
         )
         out["flin_grid"] = pred.test
     loss = gradient_descent(model, x, y, lr=lr, steps=steps)
-    with torch.no_grad():
-        ft_grid = model(xg)[:, 0].cpu()
+    ft_grid = _function(model, xg)
     return {"f0_grid": f0_grid, "f0_train": f0_train, "fT_grid": ft_grid, "loss": loss[-1:], **out}
 
 
@@ -556,12 +578,12 @@ def pc_run(
     n = x.shape[0]
     if pcs.ndim != 2 or pcs.shape[1] != n or len(coeffs) != pcs.shape[0]:
         raise ValueError(f"pcs must be (k, {n}) with one coefficient per row of pcs")
-    model = make_net(x.shape[1], width, depth, beta=beta, seed=seed, device=device)
-    dev = model.layers[0].weight.device
-    x, pcs = x.to(dev, DTYPE), pcs.to(dev, DTYPE)
+    model, x, pcs = _net_with(
+        x.shape[1], width, depth, beta, seed, device, x.to(DTYPE), pcs.to(DTYPE)
+    )
     with torch.no_grad():
         f0 = model(x)[:, 0]
-    target = f0 + torch.as_tensor(coeffs, dtype=DTYPE, device=dev) @ pcs
+    target = f0 + torch.as_tensor(coeffs, dtype=DTYPE, device=x.device) @ pcs
     q = torch.linalg.qr(pcs.T).Q  # orthonormal basis of the PCs' span, (N, k)
     proj = torch.empty(steps + 1, pcs.shape[0], dtype=DTYPE)
     orth = torch.empty(steps + 1, dtype=DTYPE)

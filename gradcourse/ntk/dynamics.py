@@ -195,6 +195,33 @@ def _descent_filters(lam: Tensor, n: int, lr: float, counts: Tensor) -> tuple[Te
     return decay, integral
 
 
+def _filters(lam: Tensor, n: int, lr: float | None, values: Tensor) -> tuple[Tensor, Tensor]:
+    """The decay and integral of gradient flow at the times ``values`` (``lr`` None), or of
+    gradient descent with rate ``lr`` after ``values`` steps."""
+    if lr is None:
+        return _flow_filters(lam, n, values)
+    return _descent_filters(lam, n, lr, values)
+
+
+def _train(
+    ntk_train_train: Tensor,
+    y_train: Tensor,
+    name: str,
+    t: float | Tensor,
+    lr: float | None,
+    ntk_test_train: Tensor | None,
+    f0_train: Tensor | None,
+    f0_test: Tensor | None,
+) -> KernelPrediction:
+    """Gradient flow for the time ``t`` (``lr`` None) or ``t`` steps of gradient descent with
+    rate ``lr``, from one eigendecomposition of the training kernel; ``name`` is the argument
+    that ``t`` was given as."""
+    values, scalar = _times(name, t, integer=lr is not None)
+    spec = _Spectral(ntk_train_train, y_train)
+    decay, integral = _filters(spec.eigvals, spec.n, lr, values)
+    return spec.predict(decay, integral, f0_train, ntk_test_train, f0_test, scalar)
+
+
 def kernel_gradient_flow(
     ntk_train_train: Tensor,
     y_train: Tensor,
@@ -224,10 +251,7 @@ def kernel_gradient_flow(
     :func:`gradient_descent_mse` makes the same predictions from one eigendecomposition for many
     calls.
     """
-    times, scalar = _times("t", t, integer=False)
-    spec = _Spectral(ntk_train_train, y_train)
-    decay, integral = _flow_filters(spec.eigvals, spec.n, times)
-    return spec.predict(decay, integral, f0_train, ntk_test_train, f0_test, scalar)
+    return _train(ntk_train_train, y_train, "t", t, None, ntk_test_train, f0_train, f0_test)
 
 
 def kernel_gradient_descent(
@@ -252,10 +276,7 @@ def kernel_gradient_descent(
     ``steps`` an int >= 0 or a 1-D sequence of them.
     """
     lr = check_positive("lr", lr)
-    counts, scalar = _times("steps", steps, integer=True)
-    spec = _Spectral(ntk_train_train, y_train)
-    decay, integral = _descent_filters(spec.eigvals, spec.n, lr, counts)
-    return spec.predict(decay, integral, f0_train, ntk_test_train, f0_test, scalar)
+    return _train(ntk_train_train, y_train, "steps", steps, lr, ntk_test_train, f0_train, f0_test)
 
 
 def gradient_descent_mse(
@@ -299,12 +320,9 @@ def gradient_descent_mse(
                 )
             decay, integral = _flow_filters(lam, spec.n, torch.tensor([math.inf]))
             scalar = True
-        elif lr is None:
-            times, scalar = _times("t", t, integer=False)
-            decay, integral = _flow_filters(lam, spec.n, times)
         else:
-            counts, scalar = _times("t", t, integer=True)
-            decay, integral = _descent_filters(lam, spec.n, lr, counts)
+            values, scalar = _times("t", t, integer=lr is not None)
+            decay, integral = _filters(lam, spec.n, lr, values)
         f0_train = _filled("fx_train_0", fx_train_0, spec.out_shape, spec)
         f0_test = fx_test_0
         if not isinstance(fx_test_0, Tensor) and fx_test_0 is not None:

@@ -49,7 +49,14 @@ from torch.func import jacrev, jvp, vmap
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..checks import check_int
-from ..functional import FunctionalModel, Params, flatten, layers_used_elsewhere, shared_parameters
+from ..functional import (
+    FunctionalModel,
+    Params,
+    flatten,
+    layers_used_elsewhere,
+    place,
+    shared_parameters,
+)
 from ..layers import capture_layers, rule_for
 from ._checks import _check_deterministic, _check_inputs
 
@@ -66,18 +73,9 @@ NTK_VP_OVERHEAD = 10.0
 DEFAULT_CHUNK_BYTES = 2**28
 
 
-def _single(fm: FunctionalModel, fixed: Params) -> Callable[[Params, Tensor], Tensor]:
-    """f(params, x) -> (O,) for one example x (no batch dimension), ``fixed`` (chosen
-    parameters left out of this route) held fixed with the frozen tensors."""
-
-    def f(params: Params, x: Tensor) -> Tensor:
-        return fm.outputs({**fixed, **params}, x.unsqueeze(0)).reshape(-1)
-
-    return f
-
-
 def _batched(fm: FunctionalModel, fixed: Params) -> Callable[[Params, Tensor], Tensor]:
-    """f(params, xs) -> (n, O) for a batch xs, ``fixed`` held fixed as in :func:`_single`."""
+    """f(params, xs) -> (n, O) for a batch xs, ``fixed`` (chosen parameters left out of this
+    route) held fixed with the frozen tensors."""
 
     def f(params: Params, xs: Tensor) -> Tensor:
         return fm.outputs({**fixed, **params}, xs).reshape(xs.shape[0], -1)
@@ -85,9 +83,26 @@ def _batched(fm: FunctionalModel, fixed: Params) -> Callable[[Params, Tensor], T
     return f
 
 
+def _single(f_batch: Callable[[Params, Tensor], Tensor]) -> Callable[[Params, Tensor], Tensor]:
+    """f(params, x) -> (O,) for one example x (no batch dimension): ``f_batch`` of the batch of
+    x alone."""
+    return lambda params, x: f_batch(params, x.unsqueeze(0)).reshape(-1)
+
+
+def _placed(fm: FunctionalModel, name: str, x: object) -> Tensor:
+    """The inputs ``x``, checked, on the parameters' device: floating inputs in their dtype,
+    integer inputs (token ids, indices) only moved (:func:`gradcourse.functional.place`)."""
+    return place(_check_inputs(name, x), fm.device, fm.dtype)
+
+
+def _jacobians(f_single: Callable, params: Params, xs: Tensor) -> Params:
+    """The Jacobians of the examples xs, name -> (n, O, *shape), by vmap(jacrev)."""
+    return vmap(jacrev(f_single), in_dims=(None, 0))(params, xs)
+
+
 def _flat_jacobian(f_single: Callable, params: Params, xs: Tensor) -> Tensor:
-    """The Jacobians of the examples xs as one (n, O, P) tensor, by vmap(jacrev)."""
-    return flatten(vmap(jacrev(f_single), in_dims=(None, 0))(params, xs), batch_dims=2)
+    """The Jacobians of the examples xs as one (n, O, P) tensor."""
+    return flatten(_jacobians(f_single, params, xs), batch_dims=2)
 
 
 def _block_jacobian(
@@ -108,7 +123,7 @@ def _block_ntk_vp(
 ) -> Tensor:
     """NTK-vector products of one block: Theta(xa, xb) e_{jb} = J_a (J_b^T e_{jb}) for every
     output (j, b) of xb; J_b^T e_{jb} is a vjp of the single example xb_j (jacrev), J_a t a jvp."""
-    tangents = vmap(jacrev(f_single), in_dims=(None, 0))(params, xb)  # name -> (nb, O, *shape)
+    tangents = _jacobians(f_single, params, xb)  # name -> (nb, O, *shape)
     nb, o = next(iter(tangents.values())).shape[:2]
     tangents = {n: t.reshape(nb * o, *t.shape[2:]) for n, t in tangents.items()}
 
@@ -315,14 +330,15 @@ class EmpiricalNTK:
 
         ``x2=None`` means x2 = x1 (only the blocks on and above the diagonal are computed).
         ``params`` (names -> tensors) overrides the parameters; the rest stay at the model's.
+        Floating inputs are cast to the parameters' dtype; integer inputs (token ids for an
+        embedding) are only moved to their device.
         """
         _check_deterministic(self.model)  # again: the model may have been put in train mode
         fm = self._functional(params)
         params_ = fm.params
-        # inputs, never labels: always cast to the parameters' dtype
-        x1 = _check_inputs("x1", x1).to(fm.device, fm.dtype)
+        x1 = _placed(fm, "x1", x1)
         symmetric = x2 is None
-        x2 = x1 if symmetric else _check_inputs("x2", x2).to(fm.device, fm.dtype)
+        x2 = x1 if symmetric else _placed(fm, "x2", x2)
         if x2.shape[1:] != x1.shape[1:]:
             raise ValueError(
                 f"x2 must have the example shape of x1, {tuple(x1.shape[1:])}, "
@@ -343,7 +359,8 @@ class EmpiricalNTK:
         owned = {n for d in dense.values() for n in (d.weight, d.bias) if n is not None}
         rest = {n: p for n, p in params_.items() if n not in owned}
         fixed = {n: p for n, p in params_.items() if n in owned}
-        f_single, f_batch = _single(fm, fixed), _batched(fm, fixed)
+        f_batch = _batched(fm, fixed)
+        f_single = _single(f_batch)
 
         chunk = self.chunk_size
         if chunk is None:
