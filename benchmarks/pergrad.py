@@ -1,14 +1,29 @@
-"""Benchmark gradcourse.pergrad's per-example gradient norms against a per-sample loop and
-BackPACK's ``BatchL2Grad``, on the same model and batch.
+"""Benchmark gradcourse.pergrad's per-example gradient norms against a per-sample loop,
+BackPACK's ``BatchL2Grad`` and Opacus's ``GradSampleModule``, on the same model and batch.
 
-    python benchmarks/pergrad.py [--batch 128] [--repeats 7] [--device cpu]
+    python benchmarks/pergrad.py [--batch 128] [--repeats 7] [--device cpu] [--threads 1]
+        [--clock cpu]
 
 Needs ``backpack-for-pytorch`` next to gradcourse (a missing peer, or one that fails on the
-installed torch, is reported and skipped). Models, float32, cross-entropy, eval mode:
+installed torch, is reported and skipped); Opacus is a dependency of the course. Models,
+float32, cross-entropy, eval mode:
 
 - mlp:    MLP 784-512-512-10 (gradcourse.models.MLP, P ~ 670k) on MNIST-sized inputs;
 - cnn2d:  SmallCNN(1, 10, conv_dim=2) on 28x28 images;
+- cnn2d 3x32x32: SmallCNN(3, 10, channels=(16, 32), conv_dim=2) on CIFAR-sized images;
 - cnn1d:  SmallCNN(1, 10, conv_dim=1) on MNIST-1D-sized signals (length 40).
+
+Opacus, each mode on its own copy of the model (in train mode: Opacus's hooks skip modules in
+eval mode; these models have no dropout or BatchNorm, so the function is the same), loss summed
+so that the i-th per-sample gradient is that of l_i:
+
+- ``Opacus hooks``: ``GradSampleModule`` (its default), per-layer per-sample gradients from
+  module hooks (``grad_sample``), then the norms;
+- ``Opacus functorch``: the same with ``force_functorch=True`` (``vmap`` per layer);
+- ``Opacus ew``: ``GradSampleModuleExpandedWeights`` (torch's ExpandedWeights);
+- ``Opacus ghost``: ``GradSampleModuleFastGradientClipping`` (ghost clipping), which gives the
+  norms themselves (``get_norm_sample``) without per-sample gradients of its linear layers
+  (convolutions: per-layer per-sample gradients, then their norms).
 
 Each method computes ||grad_w l_i||_2 for the whole batch; the table gives the median wall time
 of ``--repeats`` calls (after one warm-up call), its ratio to the loop and to BackPACK, and the
@@ -47,6 +62,19 @@ try:
 except Exception as err:  # reported in the output, never fatal
     backpack = None
     PEER = f"backpack-for-pytorch: not available ({type(err).__name__}: {err})"
+
+try:
+    import opacus
+    from opacus.grad_sample import (
+        GradSampleModule,
+        GradSampleModuleExpandedWeights,
+        GradSampleModuleFastGradientClipping,
+    )
+
+    OPACUS = f"opacus {opacus.__version__}"
+except Exception as err:  # reported in the output, never fatal
+    opacus = None
+    OPACUS = f"opacus: not available ({type(err).__name__}: {err})"
 
 FAILURES: list[str] = []
 # BackPACK's module hooks make torch warn on every backward pass; the warnings say nothing here.
@@ -135,6 +163,34 @@ def backpack_norms(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return sq.sqrt()
 
 
+def make_opacus(model: nn.Module, mode: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """Per-example gradient norms from Opacus, ``mode`` one of hooks, functorch, ew, ghost."""
+    copy_ = copy.deepcopy(model).train()  # Opacus's hooks skip modules in eval mode
+    if mode == "ghost":
+        wrapped = GradSampleModuleFastGradientClipping(copy_, loss_reduction="sum")
+    elif mode == "ew":
+        wrapped = GradSampleModuleExpandedWeights(copy_, loss_reduction="sum")
+    else:
+        wrapped = GradSampleModule(copy_, loss_reduction="sum", force_functorch=mode == "functorch")
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+
+    def run(x: Tensor, y: Tensor) -> Tensor:
+        wrapped.zero_grad(set_to_none=True)
+        for p in params:
+            p.grad_sample = None
+        nn.functional.cross_entropy(wrapped(x), y, reduction="sum").backward()
+        if mode == "ghost":
+            norms = wrapped.get_norm_sample()
+        else:
+            norms = torch.sqrt(sum(p.grad_sample.flatten(1).pow(2).sum(1) for p in params))
+        for p in params:
+            p.grad = None
+            p.grad_sample = None
+        return norms
+
+    return run
+
+
 def problems(batch: int, device: str) -> dict[str, tuple[nn.Module, Tensor]]:
     g = torch.Generator().manual_seed(0)
     return {
@@ -171,12 +227,16 @@ def main() -> None:
         parser.error("--clock cpu measures CPU time: use it with --device cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     print(PEER)
+    print(OPACUS)
     print(
         f"batch {args.batch}, float32, cross-entropy, {args.clock} clock, median of "
         f"{args.repeats} interleaved repeats\n"
     )
 
-    header = f"{'model':<20} {'method':<14} {'time [ms]':>10} {'vs loop':>9} {'vs BackPACK':>12} {'max rel err':>12}"
+    header = (
+        f"{'model':<20} {'method':<16} {'time [ms]':>10} {'vs loop':>9} {'vs BackPACK':>12} "
+        f"{'vs Opacus':>10} {'max rel err':>12}"
+    )
     print(header)
     print("-" * len(header))
     for name, (model, x) in problems(args.batch, args.device).items():
@@ -203,18 +263,51 @@ def main() -> None:
                 methods["BackPACK"] = lambda m=peer_model, x=x, y=y: backpack_norms(m, x, y)
             except Exception as err:
                 FAILURES.append(f"{name}: backpack.extend: {type(err).__name__}: {err}")
+        if opacus is not None:
+            for mode in ("hooks", "functorch", "ew", "ghost"):
+                try:
+                    run = make_opacus(model, mode)
+                    methods[f"Opacus {mode}"] = lambda run=run, x=x, y=y: run(x, y)
+                except Exception as err:
+                    FAILURES.append(f"{name}: Opacus {mode}: {type(err).__name__}: {err}")
         results = timed_all(name, methods, args.repeats, clock(args.clock))
         t_loop, ref = results["loop"]
         t_peer = results["BackPACK"][0] if "BackPACK" in results else None
+        t_opacus = results["Opacus hooks"][0] if "Opacus hooks" in results else None
         for label, (t, norms) in results.items():
             err = f"{((norms - ref).abs() / ref).max().item():>12.1e}"
             if label == "batch gradient":  # not per-example: no error to report
                 err = f"{'(floor)':>12}"
             vs_peer = f"{t_peer / t:>11.2f}x" if t_peer else f"{'-':>12}"
-            print(f"{name:<20} {label:<14} {1e3 * t:>10.2f} {t_loop / t:>8.1f}x {vs_peer} {err}")
+            vs_opacus = f"{t_opacus / t:>9.2f}x" if t_opacus else f"{'-':>10}"
+            print(
+                f"{name:<20} {label:<16} {1e3 * t:>10.2f} {t_loop / t:>8.1f}x {vs_peer} "
+                f"{vs_opacus} {err}"
+            )
+        if "auto (default)" in results:  # the parity summary: peer time / auto time
+            t_auto, auto = results["auto (default)"]
+            parts = [
+                f"{results[lab][0] / t_auto:.2f}x {lab}"
+                for lab in ("torch.func", "BackPACK", "Opacus hooks")
+                if lab in results
+            ]
+            best = min(
+                (lab for lab in results if lab.startswith("Opacus")),
+                key=lambda lab: results[lab][0],
+                default=None,
+            )
+            if best is not None:
+                norms = results[best][1]
+                agree = ((norms - auto).abs() / auto).max().item()
+                parts.append(
+                    f"{results[best][0] / t_auto:.2f}x the fastest Opacus mode ({best}, norms "
+                    f"{agree:.1e} relative from auto's)"
+                )
+            print(f"{name:<20} auto (>1: faster): " + ", ".join(parts))
         print()
     print(
-        "vs loop / vs BackPACK: how many times faster than the loop / than BackPACK (>1: faster)."
+        "vs loop / vs BackPACK / vs Opacus: how many times faster than the loop / than BackPACK /"
+        " than Opacus's default GradSampleModule (hooks) (>1: faster)."
         "\nbatch gradient: one forward + backward of the batch (a training step), a reference, not a "
         "method: its 'vs loop' is about the most batching can gain here."
     )
