@@ -55,6 +55,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.grad import conv1d_weight, conv2d_weight
 
 from .models import NTKLinear
 
@@ -195,6 +196,34 @@ class ConvRule(ProductRule):
                 stride=(1, m.stride[0]),
             )
         return F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+
+    def sq_norms(self, m: nn.Module, a: Tensor, e: Tensor) -> Tensor:
+        """With few output positions L (L (K + O) < O K), the Gram route of
+        :func:`sq_norm_of_product` on the unfolded input. Otherwise the weight's per-example
+        gradients as one grouped convolution-weight gradient (the n examples as n groups: the
+        kernel a convolution's backward pass uses, no ``unfold``), then their squared norms;
+        the bias's from E summed over positions."""
+        n = a.shape[0]
+        k, o, length = m.weight[0].numel(), m.out_channels, e.shape[2:].numel()
+        if length * (k + o) < o * k:
+            return super().sq_norms(m, a, e)
+        total = torch.zeros(n, dtype=e.dtype, device=e.device)
+        if m.weight.requires_grad:
+            weight_grad = conv1d_weight if isinstance(m, nn.Conv1d) else conv2d_weight
+            shape = (n * m.out_channels, *m.weight.shape[1:])
+            g = weight_grad(
+                a.reshape(1, n * a.shape[1], *a.shape[2:]),
+                shape,
+                e.reshape(1, n * e.shape[1], *e.shape[2:]),
+                stride=m.stride,
+                padding=m.padding,
+                dilation=m.dilation,
+                groups=n,
+            )
+            total += g.reshape(n, -1).pow(2).sum(1)
+        if m.bias is not None and m.bias.requires_grad:
+            total += e.reshape(n, e.shape[1], -1).sum(2).pow(2).sum(1)
+        return total
 
 
 @register(nn.BatchNorm1d, nn.BatchNorm2d)

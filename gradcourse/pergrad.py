@@ -16,7 +16,7 @@ Two exact routes:
       ||grad_W l_i||^2 = ||e_i||^2 ||a_i||^2,      ||grad_b l_i||^2 = ||e_i||^2
 
   (Goodfellow 2015, "Efficient per-example gradient computations", arXiv 1510.01799). A layer
-  applied at L positions (a convolution after ``unfold``, or a Linear on sequences) has
+  applied at L positions (a convolution, or a Linear on sequences) has
   grad_W l_i = E_i A_i^T with E_i (out, L) and A_i (in, L); its squared norm is computed either
   from that product or as <A_i^T A_i, E_i^T E_i>, whichever is cheaper. BatchNorm in eval mode
   is the per-channel affine map gamma * xhat + beta, so grad_gamma l_i = sum_positions e_i xhat_i.
@@ -27,14 +27,13 @@ Two exact routes:
 (``nn.Linear``, :class:`gradcourse.models.NTKLinear`, ``nn.Conv1d`` / ``nn.Conv2d`` with
 ``groups=1`` and zero padding, affine ``BatchNorm1d`` / ``BatchNorm2d``: the rules of
 :mod:`gradcourse.layers`, where a new layer type can be registered), each called once per
-forward pass, and no parameter is shared between modules (tied weights); otherwise vmap. One
-more case goes to vmap, by a cost model: both routes do the same contraction per layer
-(E_i A_i^T), and they differ in what they write per example: the trick the unfolded patches of
-every convolution's input, sum over convolutions of K L numbers (K = in_channels x kernel
-size, L = output positions), vmap the P numbers of the example's gradient. ``auto`` takes vmap
-when the patches outnumber the parameters (counted on one example's forward pass): a
-CIFAR-sized SmallCNN goes to vmap, an MLP and a 1-D SmallCNN keep the trick (measured in
-benchmarks/pergrad.py; see benchmarks/README.md).
+forward pass, and no parameter is shared between modules (tied weights); otherwise vmap. A
+convolution's weight gradients are formed per example by one grouped convolution-weight
+gradient (the examples as groups, the kernel of a convolution's backward pass; no ``unfold``),
+or, when its output positions are few (L (K + O) < O K), by the Gram route on unfolded patches.
+With these the trick was faster than vmap on every model measured, from 1.2x (CIFAR-sized
+SmallCNN) to 80x (an MLP) at batch 256 (benchmarks/pergrad.py; see benchmarks/README.md), so
+``auto`` has no other cost rule.
 
 **Eval mode.** Both routes run the model in eval mode (every submodule's own mode is restored
 afterwards): BatchNorm then normalises with its running statistics and dropout is off, so l_i
@@ -51,9 +50,6 @@ the vmap route to ~1e-5 (seen on an H100 for SmallCNN; the linear trick stayed a
 """
 
 from __future__ import annotations
-
-import math
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -295,29 +291,6 @@ def _trick_sq_norms(
 # ----------------------------------------------------------------------------- public API
 
 
-def _patches_per_example(fm: FunctionalModel, x_one: Tensor) -> int:
-    """Sum over the model's convolutions of K L, the numbers the linear trick's ``unfold``
-    writes per example (K = in_channels / groups x kernel size, L = output positions), from a
-    forward pass of one example."""
-    total = 0
-
-    def count(m: nn.Module, inputs: Any, out: Tensor) -> None:
-        nonlocal total
-        total += m.in_channels // m.groups * math.prod(m.kernel_size) * out.shape[2:].numel()
-
-    convs = [m for m in fm.model.modules() if isinstance(m, nn.Conv1d | nn.Conv2d)]
-    if not convs:
-        return 0
-    handles = [m.register_forward_hook(count) for m in convs]
-    try:
-        with torch.no_grad():
-            fm.outputs(fm.params, x_one)
-    finally:
-        for h in handles:
-            h.remove()
-    return total
-
-
 def per_example_grad_norms(
     model: nn.Module,
     loss: str | LossFn,
@@ -356,8 +329,6 @@ def per_example_grad_norms(
     n = len(x)
     sq = None
     with eval_mode(model):
-        if method == "auto" and _patches_per_example(fm, x[:1]) > fm.size:
-            method = "vmap"  # the cost model of the module docstring
         if method in ("auto", "linear_trick"):
             try:
                 sq = _trick_sq_norms(fm, x, y, chunk_size or min(n, _TRICK_CHUNK), progress)

@@ -371,16 +371,21 @@ def test_a_weight_tied_by_a_function_call_takes_the_exact_route():
         PG.per_example_grad_norms(model, "mse", x, y, method="linear_trick")
 
 
-def test_auto_cost_model_counts_patches_and_picks_the_route(monkeypatch):
-    """ "auto" takes vmap when the convolutions' unfolded patches per example (sum of K L)
-    outnumber the parameters, the trick otherwise; the count is checked by hand, the route by
-    which private function runs, and the norms against the loop either way."""
-    wide = SmallCNN(1, 3, channels=(4,), hidden=4, pool_size=4, seed=0, dtype=torch.float64)
-    narrow = SmallCNN(1, 3, conv_dim=1, channels=(4,), hidden=4, pool_size=2, seed=0, dtype=torch.float64)  # fmt: skip
-    g = torch.Generator().manual_seed(0)
-    cases = [(wide, torch.randn(5, 1, 24, 24, generator=g, dtype=torch.float64)),
-             (narrow, torch.randn(5, 1, 8, generator=g, dtype=torch.float64))]  # fmt: skip
-    y = torch.arange(5) % 3
+def test_conv_rule_routes_match_the_loop_and_auto_takes_the_trick(monkeypatch):
+    """Convolutions with many output positions go through the grouped weight gradient, with
+    few positions and many channels through the Gram route; stride, dilation, padding, Conv1d,
+    no bias and a frozen weight included. Norms against the per-sample loop; ``auto`` takes the
+    trick (the private route that runs is spied on)."""
+    torch.manual_seed(0)
+    models = [
+        nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, dilation=2, padding=1), nn.Tanh(),
+                      nn.Flatten(), nn.LazyLinear(3)),  # L = 16 (L (K + O) > O K): grouped
+        nn.Sequential(nn.Conv2d(8, 16, 3, bias=False), nn.Tanh(), nn.Flatten(),
+                      nn.LazyLinear(3)),  # L = 4, K = 72, O = 16: Gram
+        nn.Sequential(nn.Conv1d(2, 4, 5, padding=2, stride=3), nn.Tanh(), nn.Flatten(),
+                      nn.LazyLinear(3)),
+    ]  # fmt: skip
+    inputs = [torch.randn(5, 2, 9, 9), torch.randn(5, 8, 4, 4), torch.randn(5, 2, 20)]
     calls = []
     for name in ("_vmap_sq_norms", "_trick_sq_norms"):
         real = getattr(PG, name)
@@ -390,15 +395,14 @@ def test_auto_cost_model_counts_patches_and_picks_the_route(monkeypatch):
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(PG, name, spy)
-    routes = []
-    for model, x in cases:
-        conv = next(m for m in model.modules() if isinstance(m, nn.Conv1d | nn.Conv2d))
-        out = conv(x[:1])  # the first layer sees the input: K L by hand
-        by_hand = conv.in_channels * conv.weight[0, 0].numel() * out.shape[2:].numel()
-        fm, xx, _ = PG._prepare(model, "ce", x, y, None)
-        assert PG._patches_per_example(fm, xx[:1]) == by_hand  # one convolution here
-        calls.clear()
-        got = PG.per_example_grad_norms(model, "ce", x, y)
-        routes.append((by_hand > fm.size, calls[:]))
-        torch.testing.assert_close(got, loop_norms(model, "ce", x, y), rtol=1e-10, atol=0)
-    assert routes == [(True, ["_vmap_sq_norms"]), (False, ["_trick_sq_norms"])]
+    y = torch.arange(5) % 3
+    for model, x in zip(models, inputs, strict=True):
+        model(x[:1])  # materialise the lazy layer
+        model.double()
+        x = x.double()
+        for frozen in (False, True):
+            model[0].weight.requires_grad_(not frozen)
+            calls.clear()
+            got = PG.per_example_grad_norms(model, "ce", x, y)
+            assert calls == ["_trick_sq_norms"]
+            torch.testing.assert_close(got, loop_norms(model, "ce", x, y), rtol=1e-10, atol=0)
