@@ -672,3 +672,36 @@ def test_integer_inputs_are_only_moved_and_float_inputs_cast(method):
     x = randn(4, 3, seed=5)
     expected = N.empirical_ntk(mlp, x.float().double(), method=method)
     torch.testing.assert_close(N.empirical_ntk(mlp, x.float(), method=method), expected)
+
+
+class Doubled(nn.Linear):
+    """A Linear subclass without a layer rule that rescales in forward: layerwise must not take
+    it for a plain Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def test_layer_analysis_is_reused_only_while_the_model_is_unchanged() -> None:
+    """The dense-layer analysis is kept between calls of one EmpiricalNTK; swapping a layer,
+    replacing a parameter or changing the example shape makes it look again. Every call is
+    checked against the explicit Jacobian product."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    kernel = N.EmpiricalNTK(model, method="layerwise")
+    x = randn(6, 3, seed=0)
+    for _ in range(2):
+        torch.testing.assert_close(kernel(x), explicit_ntk(model, x, x))
+    assert len(kernel._layouts) == 1  # the second call reused the first analysis
+    old = model[2]
+    model[2] = Doubled(5, 2).double()
+    model[2].load_state_dict(old.state_dict())
+    torch.testing.assert_close(kernel(x), explicit_ntk(model, x, x))
+    model[0].weight = nn.Parameter(randn(5, 3, seed=1))
+    torch.testing.assert_close(kernel(x), explicit_ntk(model, x, x))
+    wide = nn.Sequential(nn.Flatten(), nn.Linear(6, 2)).double()
+    kernel = N.EmpiricalNTK(wide, method="layerwise")
+    for shape in ((4, 6), (4, 2, 3)):
+        xs = randn(*shape, seed=2)
+        torch.testing.assert_close(kernel(xs), explicit_ntk(wide, xs, xs))
+    assert len(kernel._layouts) == 2

@@ -316,6 +316,26 @@ class EmpiricalNTK:
         self.method = method
         self.chunk_size = chunk_size
         self.device = None if device is None else torch.device(device)
+        self._layouts: dict[tuple, tuple[dict[str, _Dense], int, int]] = {}
+
+    def _layout(self, fm: FunctionalModel, x: Tensor) -> tuple[dict[str, _Dense], int, int]:
+        """The dense layers the layerwise route takes, O and one example's forward flops
+        (:func:`_find_dense`, a forward pass under a flop counter): found once per model
+        structure (its modules and parameter objects), chosen parameters and example shape,
+        then reused, since on small batches this pass costs as much as the kernel."""
+        key = (
+            tuple((n, id(m)) for n, m in self.model.named_modules()),
+            tuple((n, id(p)) for n, p in self.model.named_parameters()),
+            tuple(fm.params),
+            tuple(x.shape[1:]),
+            x.dtype,
+            fm.device,
+        )
+        if key not in self._layouts:
+            with FlopCounterMode(display=False) as counter:
+                dense, o = _find_dense(fm, x[:1])
+            self._layouts[key] = (dense, o, counter.get_total_flops())
+        return self._layouts[key]
 
     def _functional(self, params: Mapping[str, Tensor] | None) -> FunctionalModel:
         """The model as a function of the chosen parameters (those of this call, else those
@@ -344,13 +364,12 @@ class EmpiricalNTK:
                 f"x2 must have the example shape of x1, {tuple(x1.shape[1:])}, "
                 f"got {tuple(x2.shape[1:])}"
             )
-        with FlopCounterMode(display=False) as counter:
-            dense, o = _find_dense(fm, x1[:1])
+        dense, o, flops = self._layout(fm, x1)
         trace = self.trace_outputs or o == 1
         method = self.method
         n_params = fm.size
         if method == "auto":
-            flops = counter.get_total_flops() or 2 * n_params
+            flops = flops or 2 * n_params
             sizes = [(d.module.in_features, d.module.out_features) for d in dense.values()]
             method = auto_method(len(x1), len(x2), o, n_params, flops, trace=trace, dense=sizes)
         self.last_method = method
