@@ -12,7 +12,7 @@ CPU for a model with large activations; see ``block_size``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -111,6 +111,48 @@ def _probe_blocks(
     bar.close()
 
 
+def _quadratic_forms(vs: Tensor, avs: Tensor) -> Tensor:
+    """v_i^T A v_i for each column: Hutchinson's samples of tr(A)."""
+    return (vs * avs).sum(dim=0)
+
+
+def _squared_norms(vs: Tensor, avs: Tensor) -> Tensor:
+    """||A v_i||^2 for each column (in float64): samples of ||A||_F^2."""
+    return avs.double().pow(2).sum(dim=0)
+
+
+def _probe_samples(
+    op: CurvatureOperator,
+    num: int,
+    gen: torch.Generator,
+    dist: str,
+    block_size: int,
+    sample: Callable[[Tensor, Tensor], Tensor],
+    *,
+    deflate: Tensor | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """``sample(V, A V)`` over :func:`_probe_blocks`, one float64 value per probe, on the CPU."""
+    blocks = _probe_blocks(op, num, gen, dist, block_size, deflate, progress)
+    return torch.cat([sample(vs, avs).double().cpu() for vs, avs in blocks])
+
+
+def _hutchinson(
+    op: CurvatureOperator,
+    num_samples: int,
+    seed: Seed,
+    dist: str,
+    block_size: int | None,
+    progress: bool,
+    sample: Callable[[Tensor, Tensor], Tensor],
+) -> Estimate:
+    """The mean of ``sample(V, A V)`` over ``num_samples`` seeded probes, as an Estimate."""
+    block_size = _check_estimator_args(op, num_samples, dist, block_size)
+    gen = _generator(seed)
+    samples = _probe_samples(op, num_samples, gen, dist, block_size, sample, progress=progress)
+    return _estimate(samples, 0.0, num_samples)
+
+
 def hutchinson_trace(
     op: CurvatureOperator,
     num_samples: int = 100,
@@ -129,10 +171,7 @@ def hutchinson_trace(
     with small activations, else one by one (see :func:`_auto_block_size`). Probes are drawn
     one by one, so the samples do not depend on ``block_size`` (up to rounding).
     """
-    block_size = _check_estimator_args(op, num_samples, dist, block_size)
-    blocks = _probe_blocks(op, num_samples, _generator(seed), dist, block_size, progress=progress)
-    samples = torch.cat([(vs * avs).sum(dim=0).double().cpu() for vs, avs in blocks])
-    return _estimate(samples, 0.0, num_samples)
+    return _hutchinson(op, num_samples, seed, dist, block_size, progress, _quadratic_forms)
 
 
 def hutchinson_squared_frobenius(
@@ -149,10 +188,7 @@ def hutchinson_squared_frobenius(
     For a Hessian this is tr(H^2) = sum_i lambda_i^2, the quantity in Wu & Su (2023).
     ``block_size`` as in :func:`hutchinson_trace`.
     """
-    block_size = _check_estimator_args(op, num_samples, dist, block_size)
-    blocks = _probe_blocks(op, num_samples, _generator(seed), dist, block_size, progress=progress)
-    samples = torch.cat([avs.double().pow(2).sum(dim=0).cpu() for _, avs in blocks])
-    return _estimate(samples, 0.0, num_samples)
+    return _hutchinson(op, num_samples, seed, dist, block_size, progress, _squared_norms)
 
 
 def hutchpp_trace(
@@ -179,6 +215,5 @@ def hutchpp_trace(
     sketch = torch.cat([avs for _, avs in _probe_blocks(op, sketch_size, gen, dist, block_size)], 1)
     q = torch.linalg.qr(sketch)[0]
     exact_part = sum(float((cols * _products(op, cols)).sum()) for cols in q.split(block_size, 1))
-    blocks = _probe_blocks(op, num_samples, gen, dist, block_size, deflate=q)
-    samples = torch.cat([(vs * avs).sum(dim=0).double().cpu() for vs, avs in blocks])
+    samples = _probe_samples(op, num_samples, gen, dist, block_size, _quadratic_forms, deflate=q)
     return _estimate(samples, exact_part, num_matvecs)
