@@ -395,20 +395,38 @@ def test_hutchinson_samples_are_the_quadratic_forms_of_the_seeded_probes(tanh_ce
 
 
 def test_default_block_size_follows_the_activation_size(tanh_ce):
-    from gradcourse.curvature.trace import CPU_BLOCK_MAX_BYTES, _auto_block_size
+    from gradcourse.curvature.probes import _generator
+    from gradcourse.curvature.trace import (
+        CPU_BLOCK_BUDGET_BYTES,
+        CPU_BLOCK_MAX_BYTES,
+        CPU_MAX_BLOCK_SIZE,
+        _auto_block_size,
+        _probe_blocks,
+    )
 
     model, _ = tanh_ce
     small = C.HessianOperator(model, "ce", (X, Y))
     assert small.activation_bytes() == 20 * 4 * 8  # the widest layer's output, float64
-    assert _auto_block_size(small) == 8 and _auto_block_size(small - small) == 8
-    n = CPU_BLOCK_MAX_BYTES // (4 * 8) + 1  # (n, 4) activations just over the limit
-    big = C.HessianOperator(model, "ce", (X.repeat(n // 20 + 1, 1), Y.repeat(n // 20 + 1)))
+    assert _auto_block_size(small) == CPU_MAX_BLOCK_SIZE
+    assert _auto_block_size(small - small) == CPU_MAX_BLOCK_SIZE
+
+    def repeated(n: int) -> C.HessianOperator:  # (n, 4) activations
+        reps = n // 20 + 1
+        return C.HessianOperator(model, "ce", (X.repeat(reps, 1)[:n], Y.repeat(reps)[:n]))
+
+    at_limit = repeated(CPU_BLOCK_MAX_BYTES // (4 * 8))
+    assert _auto_block_size(at_limit) == CPU_BLOCK_BUDGET_BYTES // CPU_BLOCK_MAX_BYTES == 16
+    big = repeated(CPU_BLOCK_MAX_BYTES // (4 * 8) + 1)  # just over the limit
     assert _auto_block_size(big) == 1
     assert _auto_block_size(C.LiveHessianOperator(model, "ce", X, Y)) == 1  # unknown: 1
     one_by_one = C.hutchinson_trace(big, 3, seed=2)
     torch.testing.assert_close(
         one_by_one.samples, C.hutchinson_trace(big, 3, seed=2, block_size=3).samples
     )
+    # as few blocks as the block size allows, of even sizes
+    for num, block_size, sizes in ((100, 32, [25] * 4), (5, 2, [1, 2, 2]), (3, 8, [3])):
+        blocks = _probe_blocks(small, num, _generator(0), "rademacher", block_size)
+        assert [vs.shape[1] for vs, _ in blocks] == sizes
 
 
 def test_hutchinson_stderr_is_honest(tanh_ce):

@@ -23,44 +23,21 @@ the device) and never touch the global RNG. Every name is importable from here, 
 
 from __future__ import annotations
 
-from .decomposition import ClassDecomposition, class_decomposition
-from .krylov import (
-    EigResult,
-    NonFiniteOperatorError,
-    Which,  # noqa: F401 (type aliases outside __all__, as the one module had them)
-    lanczos,
-)
-from .operators import (
-    Batch,  # noqa: F401
-    BatchMap,  # noqa: F401
-    CurvatureOperator,
-    Data,  # noqa: F401
-    GGNOperator,
-    HessianOperator,
-    LiveHessianOperator,
-    ResidualOperator,
-    exact_hessian,
-)
+from . import decomposition, krylov, operators, slq, trace
+from .decomposition import *  # noqa: F403 (each submodule's __all__, gathered below)
+from .krylov import *  # noqa: F403
+from .krylov import Which  # noqa: F401 (type aliases outside __all__, as the one module had them)
+from .operators import *  # noqa: F403
+from .operators import Batch, BatchMap, Data  # noqa: F401
 from .probes import Seed  # noqa: F401
-from .slq import SpectralDensity, spectral_density
-from .trace import Estimate, hutchinson_squared_frobenius, hutchinson_trace, hutchpp_trace
+from .slq import *  # noqa: F403
+from .trace import *  # noqa: F403
 
+# every submodule's public names, in this order: operators, decomposition, krylov, trace, slq
 __all__ = [
-    "CurvatureOperator",
-    "HessianOperator",
-    "LiveHessianOperator",
-    "GGNOperator",
-    "ResidualOperator",
-    "exact_hessian",
-    "ClassDecomposition",
-    "class_decomposition",
-    "EigResult",
-    "lanczos",
-    "NonFiniteOperatorError",
-    "Estimate",
-    "hutchinson_trace",
-    "hutchpp_trace",
-    "hutchinson_squared_frobenius",
-    "SpectralDensity",
-    "spectral_density",
+    *operators.__all__,
+    *decomposition.__all__,
+    *krylov.__all__,
+    *trace.__all__,
+    *slq.__all__,
 ]

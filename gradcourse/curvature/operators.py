@@ -306,42 +306,59 @@ class _ModelOperator(CurvatureOperator):
 
 
 class _CachedDerivative:
-    """v -> (d gradient / d params) v by one ``torch.autograd.grad`` backward pass through the
-    gradient's graph, recorded once by plain autograd around ``gradient`` (a ``torch.func``
-    function) at leaf copies of the parameters.
+    """v -> (d gradient / d params) v by one more backward pass through the graph of
+    ``gradient`` (a ``torch.func`` function) at the parameters, recorded on first use.
 
-    The same numbers as ``torch.func.vjp`` of ``gradient`` (bit-equal on the benchmark's MLPs),
-    on one CPU thread about 10% cheaper per product with :meth:`flat` (no dicts around it):
-    PyHessian's double backward, at its cost (``benchmarks/curvature.py``). Under ``vmap``
-    (``matmat``) the functorch ``vjp`` is 10-17% cheaper instead: :meth:`for_vmap` builds that
-    second graph on first use (twice the cached memory once both kinds of products are taken).
+    A single product (:meth:`flat`, :meth:`__call__`) is one ``torch.autograd.grad`` backward
+    through a graph recorded by plain autograd around ``gradient`` at leaf copies of the
+    parameters: the same numbers as ``torch.func.vjp`` of ``gradient`` (bit-equal on the
+    benchmark's MLPs), on one CPU thread about 10% cheaper per product with :meth:`flat` (no
+    dicts around it): PyHessian's double backward, at its cost (``benchmarks/curvature.py``).
+    Under ``vmap`` (``matmat``) the functorch ``vjp`` is 10-17% cheaper instead (and 20-25%
+    cheaper than ``autograd.grad(..., is_grads_batched=True)`` through the plain graph):
+    :meth:`for_vmap` records that one. Each graph is recorded when first needed, so an
+    estimator that takes only blocks (or only single products) pays for one; with both kinds
+    of products the cached memory is twice that of one graph.
     """
 
     def __init__(self, gradient: Callable[[Params], Params], params: Params) -> None:
         self.gradient, self.params = gradient, params
         self.names = list(params)
-        self.inputs = [p.detach().requires_grad_() for p in params.values()]
-        with torch.enable_grad():
-            grads = gradient(dict(zip(self.names, self.inputs, strict=True)))
-        # an entry that does not depend on the parameters has a zero row block
-        self.live = [i for i, n in enumerate(self.names) if grads[n].requires_grad]
-        self.outputs = [grads[self.names[i]] for i in self.live]
+        self._sizes = [p.numel() for p in params.values()]
+        self._graph: tuple[list[Tensor], list[int], list[Tensor]] | None = None
         self._vjp_fn: Callable | None = None
-        self._sizes = [p.numel() for p in self.inputs]
 
-    def flat(self, v: Tensor) -> Tensor:
-        """The product for a flat vector (P,), without building dicts: one matvec's path."""
-        if not self.live:
-            return torch.zeros_like(v)
-        chunks = torch.split(v, self._sizes)
-        products = torch.autograd.grad(
-            self.outputs,
-            self.inputs,
-            [chunks[i].view_as(self.inputs[i]) for i in self.live],
+    def _plain_graph(self) -> tuple[list[Tensor], list[int], list[Tensor]]:
+        """(leaf inputs, indices of the live gradient entries, those entries), recorded once."""
+        if self._graph is None:
+            inputs = [p.detach().requires_grad_() for p in self.params.values()]
+            with torch.enable_grad():
+                grads = self.gradient(dict(zip(self.names, inputs, strict=True)))
+            # an entry that does not depend on the parameters has a zero row block
+            live = [i for i, n in enumerate(self.names) if grads[n].requires_grad]
+            self._graph = inputs, live, [grads[self.names[i]] for i in live]
+        return self._graph
+
+    def _backward(self, directions: Callable[[int], Tensor]) -> tuple[Tensor, ...] | None:
+        """The backward pass with ``directions(i)`` for live entry i; None if none is live."""
+        inputs, live, outputs = self._plain_graph()
+        if not live:
+            return None
+        return torch.autograd.grad(
+            outputs,
+            inputs,
+            [directions(i) for i in live],
             retain_graph=True,
             allow_unused=True,
             materialize_grads=True,
         )
+
+    def flat(self, v: Tensor) -> Tensor:
+        """The product for a flat vector (P,), without building dicts: one matvec's path."""
+        chunks = torch.split(v, self._sizes)
+        products = self._backward(lambda i: chunks[i].view_as(self.params[self.names[i]]))
+        if products is None:
+            return torch.zeros_like(v)
         return torch.cat([t.reshape(-1) for t in products])
 
     def for_vmap(self) -> BatchMap:
@@ -352,16 +369,9 @@ class _CachedDerivative:
         return lambda v: vjp_fn(v)[0]
 
     def __call__(self, v: Params) -> Params:
-        if not self.live:
+        products = self._backward(lambda i: v[self.names[i]])
+        if products is None:
             return {n: torch.zeros_like(v[n]) for n in self.names}
-        products = torch.autograd.grad(
-            self.outputs,
-            self.inputs,
-            [v[self.names[i]] for i in self.live],
-            retain_graph=True,
-            allow_unused=True,
-            materialize_grads=True,
-        )
         return dict(zip(self.names, products, strict=True))
 
 

@@ -25,14 +25,33 @@ def _generator(seed: Seed) -> torch.Generator:
 
 def _probe(op: CurvatureOperator, gen: torch.Generator, dist: str) -> Tensor:
     """A random vector with E[v v^T] = I: Rademacher (+-1) or standard Gaussian entries."""
+    return _probes(op, gen, dist, 1)[:, 0]
+
+
+def _probes(op: CurvatureOperator, gen: torch.Generator, dist: str, num: int) -> Tensor:
+    """``num`` probes as the columns of a (P, num) matrix, the same as ``num`` calls of
+    :func:`_probe` in a row: Rademacher entries 2 randint(0, 2) - 1, Gaussian ones randn in
+    float64, then the operator's dtype.
+
+    A CPU generator fills a draw element by element, so one (num, P) Rademacher draw holds the
+    ``num`` draws of P in a row; it is taken at once, directly in the operator's dtype (which
+    holds 0 and 1 exactly). Other probes are drawn one at a time.
+    """
     size = op.shape[0]
-    if dist == "rademacher":
-        v = torch.randint(0, 2, (size,), generator=gen, device=gen.device).mul_(2).sub_(1)
-    elif dist == "gaussian":
-        v = torch.randn(size, generator=gen, device=gen.device, dtype=torch.float64)
+    if dist == "rademacher" and gen.device.type == "cpu":
+        draw = torch.randint(0, 2, (num, size), generator=gen, dtype=op.dtype).mul_(2).sub_(1)
     else:
-        raise ValueError(f"dist must be 'rademacher' or 'gaussian', got {dist!r}")
-    return v.to(device=op.device, dtype=op.dtype)
+        draw = torch.stack([_draw(size, gen, dist) for _ in range(num)])
+    return draw.T.to(device=op.device, dtype=op.dtype)
+
+
+def _draw(size: int, gen: torch.Generator, dist: str) -> Tensor:
+    """One probe of length ``size`` on the generator's device."""
+    if dist == "rademacher":
+        return torch.randint(0, 2, (size,), generator=gen, device=gen.device).mul_(2).sub_(1)
+    if dist == "gaussian":
+        return torch.randn(size, generator=gen, device=gen.device, dtype=torch.float64)
+    raise ValueError(f"dist must be 'rademacher' or 'gaussian', got {dist!r}")
 
 
 def _progress(total: int, desc: str, enabled: bool):
