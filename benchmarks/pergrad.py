@@ -12,6 +12,8 @@ float32, cross-entropy, eval mode:
 - cnn2d:  SmallCNN(1, 10, conv_dim=2) on 28x28 images;
 - cnn2d 3x32x32: SmallCNN(3, 10, channels=(16, 32), conv_dim=2) on CIFAR-sized images;
 - cnn1d:  SmallCNN(1, 10, conv_dim=1) on MNIST-1D-sized signals (length 40).
+- with ``--extra``, convolutions of other shapes (``conv_shapes``): wide channels on 4x4 inputs,
+  stride and dilation, a 1-D net with large kernels, a VGG-like block.
 
 Opacus, each mode on its own copy of the model (in train mode: Opacus's hooks skip modules in
 eval mode; these models have no dropout or BatchNorm, so the function is the same), loss summed
@@ -213,6 +215,44 @@ def problems(batch: int, device: str) -> dict[str, tuple[nn.Module, Tensor]]:
     }
 
 
+def conv_shapes(batch: int, device: str) -> dict[str, tuple[nn.Module, Tensor]]:
+    """Convolutions of other shapes (``--extra``), for the linear trick's two conv routes:
+    wide channels on 4x4 inputs (few positions: the Gram route), stride and dilation, a 1-D
+    net with large kernels, and a VGG-like block (many positions: the grouped weight
+    gradient)."""
+    g = torch.Generator().manual_seed(2)
+    torch.manual_seed(0)
+    shapes = {
+        "wide 64-256-256 4x4": (
+            nn.Sequential(nn.Conv2d(64, 256, 3, padding=1), nn.ReLU(), nn.Conv2d(256, 256, 3),
+                          nn.Flatten(), nn.LazyLinear(10)),
+            (64, 4, 4),
+        ),
+        "strided, dilated": (
+            nn.Sequential(nn.Conv2d(3, 32, 5, stride=2, dilation=2, padding=2), nn.ReLU(),
+                          nn.Conv2d(32, 64, 3, stride=2), nn.Flatten(), nn.LazyLinear(10)),
+            (3, 64, 64),
+        ),
+        "1-D, kernels 15, 9": (
+            nn.Sequential(nn.Conv1d(4, 64, 15, padding=7), nn.ReLU(), nn.Conv1d(64, 64, 9, stride=3),
+                          nn.Flatten(), nn.LazyLinear(10)),
+            (4, 200),
+        ),
+        "VGG-like 3-64-128": (
+            nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.LazyLinear(10)),
+            (3, 32, 32),
+        ),
+    }  # fmt: skip
+    out = {}
+    for name, (model, shape) in shapes.items():
+        x = torch.randn(batch, *shape, generator=g)
+        model(x[:1])  # materialise the lazy head
+        out[name] = (model.to(device), x.to(device))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
@@ -220,6 +260,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument(
+        "--extra", action="store_true", help="also convolutions of other shapes (conv_shapes)"
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -239,7 +282,10 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
-    for name, (model, x) in problems(args.batch, args.device).items():
+    cases = problems(args.batch, args.device)
+    if args.extra:
+        cases.update(conv_shapes(args.batch, args.device))
+    for name, (model, x) in cases.items():
         model.eval()
         y = torch.randint(0, 10, (args.batch,), generator=torch.Generator().manual_seed(1))
         y = y.to(args.device)

@@ -31,8 +31,8 @@ forward pass, and no parameter is shared between modules (tied weights); otherwi
 convolution's weight gradients are formed per example by one grouped convolution-weight
 gradient (the examples as groups, the kernel of a convolution's backward pass; no ``unfold``),
 or, when its output positions are few (L (K + O) < O K), by the Gram route on unfolded patches.
-With these the trick was faster than vmap on every model measured, from 1.2x (CIFAR-sized
-SmallCNN) to 80x (an MLP) at batch 256 (benchmarks/pergrad.py; see benchmarks/README.md), so
+With these the trick was faster than vmap on every model measured, from 1.1x (CIFAR-sized
+SmallCNN, a VGG-like block) to 90x (an MLP) at batch 128-256 (benchmarks/pergrad.py; see benchmarks/README.md), so
 ``auto`` has no other cost rule.
 
 **Eval mode.** Both routes run the model in eval mode (every submodule's own mode is restored
