@@ -11,8 +11,11 @@ the row "vmap + clip" forms them all, as Opacus does. Each method returns the cl
 (noiseless) sum as one flat vector; the table gives the median
 wall time of ``--repeats`` calls after one warm-up, the ratio to the loop and to Opacus, and the
 largest relative difference to the loop's vector (the sums must agree: same clipping, no noise).
-Opacus is a dependency of the course (its accountant); its per-sample gradients come from
-module hooks.
+Opacus is a dependency of the course (its accountant); its ``GradSampleModule`` forms the
+per-sample gradients from module hooks, and its ghost clipping
+(``GradSampleModuleFastGradientClipping``, the row "opacus ghost clipping") takes their norms
+from the hooks without forming them, then backpropagates the reweighted loss, as ours does
+(its coefficients are C / (norm + 1e-6), ours C / norm: the sums differ by about 1e-6).
 Timings come from one run on whatever else the machine is doing: read the ratios.
 """
 
@@ -72,6 +75,34 @@ def make_opacus(model: nn.Module) -> Callable[[nn.Module, Tensor, Tensor, float]
     return run
 
 
+def make_opacus_ghost(
+    model: nn.Module, c: float
+) -> Callable[[nn.Module, Tensor, Tensor, float], Tensor]:
+    """Opacus's ghost clipping (``GradSampleModuleFastGradientClipping``), the two backward
+    passes its ``DPLossFastGradientClipping.backward`` runs: per-sample norms from the hooks,
+    then the loss reweighted by the clipping coefficients with the hooks off."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    wrapped = GradSampleModuleFastGradientClipping(
+        copy.deepcopy(model).train(), max_grad_norm=c, use_ghost_clipping=True, loss_reduction="sum"
+    )
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+
+    def run(_: nn.Module, x: Tensor, y: Tensor, c_: float) -> Tensor:
+        assert c_ == c, "the clipping threshold is fixed when the module is wrapped"
+        wrapped.zero_grad(set_to_none=True)
+        per_sample = nn.functional.cross_entropy(wrapped(x), y, reduction="none")
+        per_sample.sum().backward(retain_graph=True)
+        wrapped.zero_grad(set_to_none=True)
+        coef = wrapped.get_clipping_coef()
+        wrapped.disable_hooks()
+        (coef * per_sample).sum().backward()
+        wrapped.enable_hooks()
+        return torch.cat([p.grad.flatten() for p in params])
+
+    return run
+
+
 def batch_gradient(model: nn.Module, x: Tensor, y: Tensor, c: float) -> Tensor:
     params = [p for p in model.parameters() if p.requires_grad]
     g = torch.autograd.grad(nn.functional.cross_entropy(model(x), y, reduction="sum"), params)
@@ -110,6 +141,10 @@ def main() -> None:
         methods["opacus GradSampleModule"] = make_opacus(model)
     except Exception as err:  # reported, never fatal
         print(f"opacus: not available ({type(err).__name__}: {err})")
+    try:
+        methods["opacus ghost clipping"] = make_opacus_ghost(model, args.clip)
+    except Exception as err:  # reported, never fatal
+        print(f"opacus ghost clipping: not available ({type(err).__name__}: {err})")
     methods["batch gradient (reference)"] = batch_gradient
     results = {
         name: median_time(lambda f=f: f(model, x, y, args.clip), args.repeats)

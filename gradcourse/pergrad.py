@@ -247,18 +247,46 @@ def supports_linear_trick(model: nn.Module) -> bool:
     return True
 
 
-def _trick_sq_norms(
-    fm: FunctionalModel, x: Tensor, y: Tensor, chunk_size: int, progress: bool
-) -> Tensor:
+def _trick_setup(fm: FunctionalModel, x_one: Tensor) -> dict[str, nn.Module]:
+    """The layers the linear trick takes for ``fm``'s model (:func:`_trick_layers`), after
+    checking on one example's forward pass that no layer's parameters are also used outside
+    it; raises :class:`_Unsupported` otherwise."""
     layers = _trick_layers(fm.model)
     tensors = {**fm.frozen, **fm.params}  # the tensor objects fm.outputs(fm.params, .) uses
     with torch.no_grad():
-        foreign = layers_used_elsewhere(layers, tensors, lambda: fm.outputs(fm.params, x[:1]))
+        foreign = layers_used_elsewhere(layers, tensors, lambda: fm.outputs(fm.params, x_one))
     if foreign:
         raise _Unsupported(
             f"the parameters of {sorted(foreign)} are also used outside their layer (a tied "
             "weight reused by a function call): a per-layer rule would miss those uses"
         )
+    return layers
+
+
+def _trick_pass(
+    layers: dict[str, nn.Module], cap: capture_layers, total: Tensor, *, retain_graph: bool
+) -> Tensor:
+    """Squared per-example gradient norms (n,) from one forward pass that ``cap`` recorded and
+    ``total`` = sum_i l_i of its examples: d total / d z_i = d l_i / d z_i for every layer
+    output z, then each layer's rule. ``retain_graph`` keeps the graph for another backward."""
+    for name, calls in cap.calls.items():
+        if len(calls) != 1:
+            raise _Unsupported(f"layer {name!r} ran {len(calls)} times in one forward pass")
+    layer_outputs = [cap.calls[name][0][1] for name in layers]
+    errors = torch.autograd.grad(total, layer_outputs, allow_unused=True, retain_graph=retain_graph)
+    with torch.no_grad():
+        n = len(cap.calls[next(iter(layers))][0][0])
+        sq = torch.zeros(n, dtype=total.dtype, device=total.device)
+        for (name, m), e in zip(layers.items(), errors, strict=True):
+            if e is not None:
+                sq += rule_for(m).sq_norms(m, cap.calls[name][0][0], e)
+    return sq
+
+
+def _trick_sq_norms(
+    fm: FunctionalModel, x: Tensor, y: Tensor, chunk_size: int, progress: bool
+) -> Tensor:
+    layers = _trick_setup(fm, x[:1])
     live = {n: p.detach().requires_grad_(True) for n, p in fm.params.items()}  # graph: outputs
     out = []
     with capture_layers(layers) as cap:
@@ -271,19 +299,8 @@ def _trick_sq_norms(
             cap.clear()
             xb, yb = x[start:stop], y[start:stop]
             with torch.enable_grad():
-                # sum_i l_i: d total / d z_i = d l_i / d z_i
-                total = fm.loss(live, xb, yb) * len(xb)
-            for name, calls in cap.calls.items():
-                if len(calls) != 1:
-                    raise _Unsupported(f"layer {name!r} ran {len(calls)} times in one forward pass")
-            layer_outputs = [cap.calls[name][0][1] for name in layers]
-            errors = torch.autograd.grad(total, layer_outputs, allow_unused=True)
-            with torch.no_grad():
-                sq = torch.zeros(len(xb), dtype=total.dtype, device=total.device)
-                for (name, m), e in zip(layers.items(), errors, strict=True):
-                    if e is not None:
-                        sq += rule_for(m).sq_norms(m, cap.calls[name][0][0], e)
-            out.append(sq)
+                total = fm.loss(live, xb, yb) * len(xb)  # sum_i l_i
+            out.append(_trick_pass(layers, cap, total, retain_graph=False))
         cap.clear()
     return torch.cat(out)
 

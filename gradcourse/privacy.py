@@ -63,6 +63,7 @@ from tqdm.auto import tqdm
 from . import pergrad
 from .checks import check_int, check_nonnegative, check_number, check_positive
 from .functional import flatten
+from .layers import capture_layers
 from .losses import LossFn, get_loss
 from .train import SCHEDULES, lr_factor
 
@@ -161,17 +162,48 @@ def _flat_grads(model: nn.Module, loss: str | LossFn, x: Tensor, y: Tensor) -> T
     return flatten(pergrad.per_example_grads(model, loss, x, y), batch_dims=1)
 
 
-def _weighted_grads(
-    model: nn.Module, loss: str | LossFn, x: Tensor, y: Tensor, weights: Tensor
+def _clipped_sums(
+    model: nn.Module,
+    loss: str | LossFn,
+    x: Tensor,
+    y: Tensor,
+    threshold: float,
+    *,
+    with_plain: bool = False,
 ) -> Tensor:
-    """(K, P): row k is the gradient of sum_i weights[k, i] l_i, flattened, in eval mode (one
-    forward pass, K backward passes through it)."""
+    """(K, P), flattened, in eval mode: row 0 the gradient of sum_i min(1, C / ||g_i||) l_i,
+    that is sum_i clip(g_i, C) (all ones when C is infinite); with ``with_plain`` a row 1, the
+    gradient of sum_i l_i. One forward pass: where the linear trick applies, the per-example
+    norms come from its backward pass to the layer outputs through that forward's graph (as
+    Opacus's ghost clipping), then one backward pass per row; otherwise from
+    :func:`gradcourse.pergrad.per_example_grad_norms` (vmap) first."""
     params = [p for p in model.parameters() if p.requires_grad]
     fm, x, y = pergrad._prepare(model, loss, x, y, None)
     one = vmap(lambda o, t: fm.loss_of_outputs(o.unsqueeze(0), t.unsqueeze(0)))
-    rows = []
-    with pergrad.eval_mode(model), torch.enable_grad():
-        losses = one(model(x), y)
+    layers: dict[str, nn.Module] = {}
+    norms = None
+    with pergrad.eval_mode(model):
+        if threshold != math.inf:
+            try:
+                layers = pergrad._trick_setup(fm, x[:1])
+            except pergrad._Unsupported:
+                norms = pergrad.per_example_grad_norms(model, loss, x, y, method="vmap")
+        with capture_layers(layers) as cap, torch.enable_grad():
+            losses = one(model(x), y)
+            if layers:
+                try:
+                    sq = pergrad._trick_pass(layers, cap, losses.sum(), retain_graph=True)
+                    norms = sq.sqrt()
+                except pergrad._Unsupported:  # a layer ran twice: the graph stays for the sums
+                    norms = pergrad.per_example_grad_norms(model, loss, x, y, method="vmap")
+        if norms is None:
+            weights = [torch.ones(len(x), dtype=torch.float64)]
+        else:
+            norms = norms.detach().double().cpu()
+            weights = [torch.where(norms > threshold, threshold / norms.clamp_min(1e-300), 1.0)]
+        if with_plain:
+            weights.append(torch.ones_like(weights[0]))
+        rows = []
         for k, w in enumerate(weights):
             total = (losses * w.to(x.device, fm.dtype)).sum()
             grads = torch.autograd.grad(total, params, retain_graph=k < len(weights) - 1)
@@ -179,24 +211,17 @@ def _weighted_grads(
     return torch.stack(rows)
 
 
-def _clip_weights(model: nn.Module, loss: str | LossFn, x: Tensor, y: Tensor, threshold: float):
-    """min(1, C / ||g_i||) for every example (ones when C is infinite)."""
-    if threshold == math.inf:
-        return torch.ones(len(x), dtype=torch.float64)
-    norms = pergrad.per_example_grad_norms(model, loss, x, y).detach().double().cpu()
-    return torch.where(norms > threshold, threshold / norms.clamp_min(1e-300), 1.0)
-
-
 def clipped_sum(
     model: nn.Module, loss: str | LossFn, x: Tensor, y: Tensor, threshold: float
 ) -> Tensor:
     """sum_i clip(g_i, C) as one flat (P,) vector, without forming the per-example gradients:
-    their norms come from :func:`gradcourse.pergrad.per_example_grad_norms` (the linear trick
-    where it applies), then sum_i min(1, C / ||g_i||) g_i is the gradient of the reweighted
-    loss sum_i min(1, C / ||g_i||) l_i, one more backward pass ("ghost clipping": Goodfellow
-    2015; Lee & Kifer 2021). Eval mode, as the norms. ``threshold=inf``: the plain sum."""
+    sum_i min(1, C / ||g_i||) g_i is the gradient of the reweighted loss
+    sum_i min(1, C / ||g_i||) l_i ("ghost clipping": Goodfellow 2015; Lee & Kifer 2021). Where
+    the linear trick of :mod:`gradcourse.pergrad` applies, one forward pass serves both
+    backward passes, the norms' and the sum's; otherwise the norms come from ``vmap`` first.
+    Eval mode, as the norms. ``threshold=inf``: the plain sum (one backward pass)."""
     threshold = check_number("threshold", threshold, low=0, low_open=True, allow_inf=True)
-    return _weighted_grads(model, loss, x, y, _clip_weights(model, loss, x, y, threshold)[None])[0]
+    return _clipped_sums(model, loss, x, y, threshold)[0]
 
 
 def dp_train(
@@ -303,11 +328,7 @@ def dp_train(
         elif method == "dpsgd":
             clipped = clipped_sum(model, loss, x[idx], y[idx], c1)
         else:  # DiceSGD: both sums from one forward pass
-            xb, yb = x[idx], y[idx]
-            w = _clip_weights(model, loss, xb, yb, c1)
-            clipped, plain = _weighted_grads(
-                model, loss, xb, yb, torch.stack([w, torch.ones_like(w)])
-            )
+            clipped, plain = _clipped_sums(model, loss, x[idx], y[idx], c1, with_plain=True)
         if method == "sgd":
             update = plain.to(theta) / b
         else:

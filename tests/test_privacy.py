@@ -215,18 +215,45 @@ def test_noise_multiplier_reaches_the_target_epsilon():
         pv.noise_multiplier(0.01, 0.04, 69, 1e-5)
 
 
-@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+class TwiceApplied(nn.Module):
+    """One Linear applied twice: the trick's pass finds it and the norms come from vmap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+
+class Tied(nn.Module):
+    """Two Linear modules sharing one weight: refused when the trick is set up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "twice", "tied"])
 def test_clipped_sum_without_per_example_gradients_matches_a_loop(arch):
     from gradcourse.models import SmallCNN
 
     gen = torch.Generator().manual_seed(4)
     if arch == "mlp":
         net, x = MLP(6, (5, 4), 3, seed=0, dtype=F64), torch.randn(9, 6, generator=gen, dtype=F64)
-    else:
+    elif arch == "cnn":
         net = SmallCNN(1, 3, conv_dim=2, channels=(2, 3), hidden=5, seed=0).double()
         x = torch.randn(9, 1, 12, 12, generator=gen, dtype=F64)
+    else:
+        torch.manual_seed(0)
+        net = (TwiceApplied() if arch == "twice" else Tied()).double()
+        x = torch.randn(9, 6, generator=gen, dtype=F64)
     y = torch.arange(9) % 3
-    params = list(net.parameters())
+    params = [p for p in net.parameters() if p.requires_grad]
     rows = []
     for i in range(9):
         g = torch.autograd.grad(
@@ -241,6 +268,8 @@ def test_clipped_sum_without_per_example_gradients_matches_a_loop(arch):
         pv.clipped_sum(net, "ce", x, y, math.inf), rows.sum(0), rtol=1e-10, atol=1e-12
     )
     torch.testing.assert_close(pv.clip(rows, c).sum(0), expected, rtol=1e-10, atol=1e-12)
+    both = pv._clipped_sums(net, "ce", x, y, c, with_plain=True)  # DiceSGD's two sums
+    torch.testing.assert_close(both, torch.stack([expected, rows.sum(0)]), rtol=1e-10, atol=1e-12)
 
 
 def test_dice_noise_multiplier_is_the_authors_rescaling():
