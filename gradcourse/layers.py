@@ -205,8 +205,12 @@ class ConvRule(ProductRule):
         the bias's from E summed over positions."""
         n = a.shape[0]
         k, o, length = m.weight[0].numel(), m.out_channels, e.shape[2:].numel()
-        if length * (k + o) < o * k:
+        own_layout = (
+            type(self).patches is ConvRule.patches and type(self).errors is ProductRule.errors
+        )
+        if length * (k + o) < o * k or not own_layout:  # a subclass's patches or errors: theirs
             return super().sq_norms(m, a, e)
+        w_scale, b_scale = self.scales(m)
         total = torch.zeros(n, dtype=e.dtype, device=e.device)
         if m.weight.requires_grad:
             weight_grad = conv1d_weight if isinstance(m, nn.Conv1d) else conv2d_weight
@@ -220,9 +224,9 @@ class ConvRule(ProductRule):
                 dilation=m.dilation,
                 groups=n,
             )
-            total += g.reshape(n, -1).pow(2).sum(1)
+            total += w_scale**2 * g.reshape(n, -1).pow(2).sum(1)
         if m.bias is not None and m.bias.requires_grad:
-            total += e.reshape(n, e.shape[1], -1).sum(2).pow(2).sum(1)
+            total += b_scale**2 * e.reshape(n, e.shape[1], -1).sum(2).pow(2).sum(1)
         return total
 
 

@@ -247,6 +247,13 @@ def supports_linear_trick(model: nn.Module) -> bool:
     return True
 
 
+def _trick_chunk(model: nn.Module, n: int) -> int:
+    """The default chunk of the linear trick: up to 1024 examples, fewer when a convolution's
+    per-example weight gradients (formed on its grouped route) would pass 2^26 numbers."""
+    convs = [m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv1d | nn.Conv2d)]
+    return max(1, min(n, _TRICK_CHUNK, _VMAP_BUDGET // max(convs, default=1)))
+
+
 def _trick_setup(fm: FunctionalModel, x_one: Tensor) -> dict[str, nn.Module]:
     """The layers the linear trick takes for ``fm``'s model (:func:`_trick_layers`), after
     checking on one example's forward pass that no layer's parameters are also used outside
@@ -329,7 +336,8 @@ def per_example_grad_norms(
     Args:
         loss: ``"mse"``, ``"ce"`` or a callable mean loss ``loss(outputs, targets)``.
         chunk_size: examples per vmap call or per batched backward pass (default: a chunk's
-            gradients stay under 2^26 numbers for vmap; 1024 examples for the linear trick).
+            gradients stay under 2^26 numbers for vmap; 1024 examples for the linear trick, fewer
+            when a convolution's per-example weight gradients would pass 2^26 numbers).
         method: ``"vmap"``, ``"linear_trick"`` (raises ValueError when a layer is not
             supported) or ``"auto"`` (the linear trick when supported, else vmap). See the
             module docstring.
@@ -348,7 +356,7 @@ def per_example_grad_norms(
     with eval_mode(model):
         if method in ("auto", "linear_trick"):
             try:
-                sq = _trick_sq_norms(fm, x, y, chunk_size or min(n, _TRICK_CHUNK), progress)
+                sq = _trick_sq_norms(fm, x, y, chunk_size or _trick_chunk(fm.model, n), progress)
             except _Unsupported as why:
                 if method == "linear_trick":
                     raise ValueError(

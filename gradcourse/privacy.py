@@ -177,6 +177,8 @@ def _clipped_sums(
     norms come from its backward pass to the layer outputs through that forward's graph (as
     Opacus's ghost clipping), then one backward pass per row; otherwise from
     :func:`gradcourse.pergrad.per_example_grad_norms` (vmap) first."""
+    if threshold != math.inf:
+        pergrad._check_batchnorm(model)  # the norms need running statistics, as pergrad's
     params = [p for p in model.parameters() if p.requires_grad]
     fm, x, y = pergrad._prepare(model, loss, x, y, None)
     one = vmap(lambda o, t: fm.loss_of_outputs(o.unsqueeze(0), t.unsqueeze(0)))

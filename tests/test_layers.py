@@ -87,3 +87,38 @@ def test_rules_are_looked_up_by_exact_type():
     )
     with pytest.raises(ValueError, match="nn.Module subclasses"):
         L.register(int)
+
+
+class ScaledConv(nn.Conv2d):
+    """z = s conv(a; W, b): a Conv2d subclass whose rule must scale the grouped route too."""
+
+    def __init__(self, c_in: int, c_out: int, s: float) -> None:
+        super().__init__(c_in, c_out, 3, padding=1, dtype=torch.float64)
+        self.s = s
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.s * super().forward(a)
+
+
+def test_a_conv_subclass_rule_with_scales_is_exact_on_both_routes():
+    """Many output positions take the grouped weight gradient, few the Gram route: the rule's
+    scales apply on both (checked against the per-sample loop)."""
+
+    @L.register(ScaledConv)
+    class ScaledConvRule(L.ConvRule):
+        def scales(self, m):
+            return m.s, m.s
+
+    try:
+        g = torch.Generator().manual_seed(3)
+        for side, c_in, c_out in ((12, 2, 3), (2, 8, 16)):  # grouped, then Gram
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = nn.Sequential(ScaledConv(c_in, c_out, 3.0), nn.Tanh(), nn.Flatten(),
+                                      nn.Linear(c_out * side * side, 3, dtype=torch.float64))  # fmt: skip
+            x = torch.randn(5, c_in, side, side, generator=g, dtype=torch.float64)
+            y = torch.arange(5) % 3
+            got = PG.per_example_grad_norms(model, "ce", x, y, method="linear_trick", squared=True)
+            torch.testing.assert_close(got, loop_sq_norms(model, x, y), rtol=1e-12, atol=0)
+    finally:
+        del L._RULES[ScaledConv]

@@ -682,6 +682,18 @@ class Doubled(nn.Linear):
         return 2 * super().forward(x)
 
 
+class Flagged(nn.Module):
+    """Its forward pass applies ``a`` once, or twice when ``twice`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head, self.twice = nn.Linear(3, 3), nn.Linear(3, 2), False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        return self.head(torch.tanh(self.a(h)) if self.twice else h)
+
+
 def test_layer_analysis_is_reused_only_while_the_model_is_unchanged() -> None:
     """The dense-layer analysis is kept between calls of one EmpiricalNTK; swapping a layer,
     replacing a parameter or changing the example shape makes it look again. Every call is
@@ -699,6 +711,16 @@ def test_layer_analysis_is_reused_only_while_the_model_is_unchanged() -> None:
     torch.testing.assert_close(kernel(x), explicit_ntk(model, x, x))
     model[0].weight = nn.Parameter(randn(5, 3, seed=1))
     torch.testing.assert_close(kernel(x), explicit_ntk(model, x, x))
+    ntk_net = MLP(3, [5], 2, parameterization="ntk", seed=0, dtype=F64)  # scales read anew
+    kernel = N.EmpiricalNTK(ntk_net, method="layerwise")
+    kernel(x)
+    ntk_net.layers[0].weight_scale = 3.0
+    torch.testing.assert_close(kernel(x), explicit_ntk(ntk_net, x, x))
+    flagged = Flagged().double()  # a flag makes one layer run twice: found again
+    kernel = N.EmpiricalNTK(flagged, method="layerwise")
+    torch.testing.assert_close(kernel(x), explicit_ntk(flagged, x, x))
+    flagged.twice = True
+    torch.testing.assert_close(kernel(x), explicit_ntk(flagged, x, x))
     wide = nn.Sequential(nn.Flatten(), nn.Linear(6, 2)).double()
     kernel = N.EmpiricalNTK(wide, method="layerwise")
     for shape in ((4, 6), (4, 2, 3)):

@@ -265,6 +265,19 @@ def test_batchnorm_without_running_stats_refused():
         PG.per_example_grads(model, "ce", x, y)
     with pytest.raises(ValueError, match="track_running_stats"):
         PG.per_example_losses(model, "ce", x, y)
+    from gradcourse import privacy
+
+    with pytest.raises(ValueError, match="track_running_stats"):  # its norms need them too
+        privacy.clipped_sum(model, "ce", x, y, 1.0)
+
+
+def test_trick_chunk_keeps_a_convolutions_per_example_gradients_under_budget():
+    """Up to 1024 examples, fewer when a convolution's per-example weight gradients (its
+    grouped route) would pass 2^26 numbers: 256 x 256 x 3 x 3 weights give 113 examples."""
+    small = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LazyLinear(2))
+    wide = nn.Sequential(nn.Conv2d(256, 256, 3, bias=False), nn.Flatten(), nn.LazyLinear(2))
+    assert PG._trick_chunk(small, 5000) == 1024 and PG._trick_chunk(small, 10) == 10
+    assert PG._trick_chunk(wide, 5000) == 2**26 // (256 * 256 * 9) == 113
 
 
 def test_bad_inputs():

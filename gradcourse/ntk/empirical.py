@@ -41,7 +41,7 @@ Empirical kernels (any ``torch.func``-friendly model, parameters as a dict):
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -138,6 +138,10 @@ def _block_ntk_vp(
 # -------------------------------------------------------------- layerwise (per-layer Gram) route
 
 
+class _LayoutChanged(RuntimeError):
+    """A kept dense-layer analysis no longer matches the model's forward pass."""
+
+
 @dataclass(frozen=True)
 class _Dense:
     """A dense layer z = w_scale * W a + b_scale * b (a rule of :mod:`gradcourse.layers` with
@@ -149,6 +153,12 @@ class _Dense:
     bias: str | None
     w_scale: float
     b_scale: float
+
+
+def _scales(m: nn.Module) -> dict[str, float]:
+    """The layer's current w_scale and b_scale, from its rule."""
+    w_scale, b_scale = rule_for(m).scales(m)
+    return {"w_scale": w_scale, "b_scale": b_scale}
 
 
 def _find_dense(fm: FunctionalModel, x_one: Tensor) -> tuple[dict[str, _Dense], int]:
@@ -183,7 +193,7 @@ def _find_dense(fm: FunctionalModel, x_one: Tensor) -> tuple[dict[str, _Dense], 
         foreign = layers_used_elsewhere(layers, tensors, forward)
     out = result["out"]
     dense = {
-        name: _Dense(m, w, b, *rule_for(m).scales(m))
+        name: _Dense(m, w, b, **_scales(m))
         for name, (m, w, b) in candidates.items()
         if [a.ndim for a, _ in cap.calls[name]] == [2] and name not in foreign
     }
@@ -201,6 +211,11 @@ def _dense_factors(
     with capture_layers({n: d.module for n, d in dense.items()}) as cap, torch.enable_grad():
         live = {n: p.detach().requires_grad_(True) for n, p in fm.params.items()}
         out = fm.outputs(live, xs).reshape(len(xs), -1)
+    for name, calls in cap.calls.items():
+        if [a.ndim for a, _ in calls] != [
+            2
+        ]:  # the forward pass changed since the layers were found
+            raise _LayoutChanged(f"dense layer {name!r} no longer runs once on (n, in) inputs")
     records = {name: calls[-1] for name, calls in cap.calls.items()}
     outputs = [records[name][1] for name in dense]
     o = out.shape[1]
@@ -318,24 +333,33 @@ class EmpiricalNTK:
         self.device = None if device is None else torch.device(device)
         self._layouts: dict[tuple, tuple[dict[str, _Dense], int, int]] = {}
 
-    def _layout(self, fm: FunctionalModel, x: Tensor) -> tuple[dict[str, _Dense], int, int]:
+    def _layout(
+        self, fm: FunctionalModel, x: Tensor, *, fresh: bool = False
+    ) -> tuple[dict[str, _Dense], int, int]:
         """The dense layers the layerwise route takes, O and one example's forward flops
         (:func:`_find_dense`, a forward pass under a flop counter): found once per model
-        structure (its modules and parameter objects), chosen parameters and example shape,
-        then reused, since on small batches this pass costs as much as the kernel."""
+        structure (its modules, their types and its parameter objects), chosen parameters and
+        example shape, then reused (``fresh``: found again), since on small batches this pass
+        costs as much as the kernel. The layers' scales are read anew on every call, and
+        :func:`_dense_factors` checks on each batch that every kept layer still runs once on
+        (n, in) inputs (else the layers are found again). Not seen: a forward pass that starts
+        using a kept layer's weight outside that layer while modules and parameters stay the
+        same; make a new :class:`EmpiricalNTK` after such a change."""
         key = (
-            tuple((n, id(m)) for n, m in self.model.named_modules()),
+            tuple((n, id(m), type(m)) for n, m in self.model.named_modules()),
             tuple((n, id(p)) for n, p in self.model.named_parameters()),
             tuple(fm.params),
             tuple(x.shape[1:]),
             x.dtype,
             fm.device,
         )
-        if key not in self._layouts:
+        if fresh or key not in self._layouts:
             with FlopCounterMode(display=False) as counter:
                 dense, o = _find_dense(fm, x[:1])
             self._layouts[key] = (dense, o, counter.get_total_flops())
-        return self._layouts[key]
+        dense, o, flops = self._layouts[key]
+        rescaled = {n: replace(d, **_scales(d.module)) for n, d in dense.items()}
+        return rescaled, o, flops
 
     def _functional(self, params: Mapping[str, Tensor] | None) -> FunctionalModel:
         """The model as a function of the chosen parameters (those of this call, else those
@@ -355,7 +379,6 @@ class EmpiricalNTK:
         """
         _check_deterministic(self.model)  # again: the model may have been put in train mode
         fm = self._functional(params)
-        params_ = fm.params
         x1 = _placed(fm, "x1", x1)
         symmetric = x2 is None
         x2 = x1 if symmetric else _placed(fm, "x2", x2)
@@ -364,7 +387,23 @@ class EmpiricalNTK:
                 f"x2 must have the example shape of x1, {tuple(x1.shape[1:])}, "
                 f"got {tuple(x2.shape[1:])}"
             )
-        dense, o, flops = self._layout(fm, x1)
+        try:
+            return self._kernel(fm, x1, x2, symmetric, *self._layout(fm, x1))
+        except _LayoutChanged:  # the forward pass changed under the kept analysis: redo it
+            return self._kernel(fm, x1, x2, symmetric, *self._layout(fm, x1, fresh=True))
+
+    def _kernel(
+        self,
+        fm: FunctionalModel,
+        x1: Tensor,
+        x2: Tensor,
+        symmetric: bool,
+        dense: dict[str, _Dense],
+        o: int,
+        flops: int,
+    ) -> Tensor:
+        """Theta(x1, x2) for the dense layers, O and flops of :meth:`_layout`."""
+        params_ = fm.params
         trace = self.trace_outputs or o == 1
         method = self.method
         n_params = fm.size
