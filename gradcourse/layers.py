@@ -24,7 +24,10 @@ the per-example squared gradient norm is; both consumers look the rule up here:
 Registered: ``nn.Linear`` and :class:`gradcourse.models.NTKLinear` (dense; the NTK's layerwise
 route takes them when they run once on (n, in) inputs), ``nn.Conv1d`` / ``nn.Conv2d`` with
 ``groups=1`` and zero padding given as ints, affine ``BatchNorm1d`` / ``BatchNorm2d`` in eval
-mode (per-example norms only).
+mode (per-example norms only). A convolution's per-example norms do not unfold its input unless
+its output positions are few: its weight gradients come from one grouped convolution-weight
+gradient, the n examples as n groups (:meth:`ConvRule.sq_norms`); with L (K + O) < O K the
+Gram route <A_i^T A_i, E_i^T E_i> on unfolded patches is cheaper (:func:`sq_norm_of_product`).
 
 **A new layer type.** Subclass the closest rule and register it, before calling
 :func:`gradcourse.pergrad.per_example_grad_norms` or :func:`gradcourse.ntk.empirical_ntk`::
