@@ -2,9 +2,10 @@
 Opacus's GradSampleModule, a per-sample loop, and one batch gradient (reference), on the same
 model and batch.
 
-    python benchmarks/dpsgd.py [--batch 256] [--repeats 7] [--threads 1] [--clip 1.0]
+    python benchmarks/dpsgd.py [--batch 256] [--repeats 7] [--threads 1] [--clip 1.0] [--model mlp|cnn]
 
-Model: MLP 784-256-256-10 (gradcourse.models.MLP), float32, cross-entropy, MNIST-sized inputs.
+Model: MLP 784-256-256-10 (gradcourse.models.MLP), or with ``--model cnn`` SmallCNN(1, 10,
+conv_dim=2) on 28x28 images; float32, cross-entropy, MNIST-sized inputs.
 ``gradcourse.privacy.clipped_sum`` never forms the per-example gradients: their norms
 (``pergrad``'s linear trick), then one backward pass of the reweighted loss ("ghost clipping");
 the row "vmap + clip" forms them all, as Opacus does. Each method returns the clipped
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from gradcourse import privacy
-from gradcourse.models import MLP
+from gradcourse.models import MLP, SmallCNN
 
 warnings.filterwarnings("ignore", message=".*Full backward hook.*")
 warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
@@ -125,13 +126,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clip", type=float, default=1.0)
+    parser.add_argument(
+        "--model",
+        choices=("mlp", "cnn"),
+        default="mlp",
+        help="mlp: MLP 784-256-256-10; cnn: SmallCNN 2-D on 28x28 images",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch}")
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 784, generator=gen)
+    if args.model == "mlp":
+        x = torch.randn(args.batch, 784, generator=gen)
+        model = MLP(784, (256, 256), 10, seed=0)
+    else:
+        x = torch.randn(args.batch, 1, 28, 28, generator=gen)
+        model = SmallCNN(1, 10, conv_dim=2, seed=0)
     y = torch.randint(0, 10, (args.batch,), generator=gen)
-    model = MLP(784, (256, 256), 10, seed=0)
+    print(
+        f"model {args.model}: {type(model).__name__}, P = {sum(p.numel() for p in model.parameters())}"
+    )
     methods: dict[str, Callable[[nn.Module, Tensor, Tensor, float], Tensor]] = {
         "per-sample loop": loop,
         "gradcourse.privacy": ours,
