@@ -10,6 +10,20 @@ A check prints one line. In the profiles listed in ``holds_at`` a failed check r
 :class:`ClaimFailed` (so nbval fails); in the others it is reported as *not reproduced at this
 scale*. Tolerances are arguments of the check, fixed before the result is seen.
 
+A paper claim must also say what would have refuted it, and show that the check can produce
+it (``refute=``, required for ``kind="paper"``):
+
+- :func:`control`: the same check applied to a measurement where the effect must be absent (a
+  random ranking, an untrained net, GD instead of SGD, the other variant); the check must
+  *fail* on it;
+- :func:`rival`: the value a competing explanation predicts; the measured band must exclude it
+  (or, with no band, the check must fail on it);
+- :func:`bound`: a bound that binds: its slack (bound / measured at the tightest case) within
+  a stated factor, or a violation the bound predicts, seen.
+
+A claim whose refutation does not discriminate (its control passes too) is reported as *not
+discriminating*, in the printed line, the JSON record, the verdict table and the scorecard.
+
 The JSON record of a notebook's run is rewritten when the run starts (``Claims(...)``), after
 every check, passed or failed, and at :meth:`Claims.report`, which marks it finished. So a run
 that stops at a failed claim, or at an error in any cell, leaves a record that says so, never
@@ -24,7 +38,7 @@ import os
 import platform
 import warnings
 from collections.abc import Sequence
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +83,100 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+REFUTATIONS: tuple[str, ...] = ("control", "rival", "bound")
+SOURCES: tuple[str, ...] = ("ours", "paper", "theory")
+
+
+@dataclass(frozen=True)
+class Refutation:
+    """What would have refuted a paper claim: a control, a rival value, or a bound's slack.
+
+    Made by :func:`control`, :func:`rival` or :func:`bound`; :meth:`Claims.check` decides
+    whether it discriminates and keeps that in the verdict."""
+
+    kind: str  # "control", "rival" or "bound"
+    label: str  # what it is, in words: "a random 50%", "Dyer & Gur-Ari: slope -1"
+    value: Any  # control: its measured value; rival: the rival's value; bound: the slack
+    band: Any = None  # rival: the measured interval that must exclude the value
+    near: float | None = None  # bound: it binds when the slack is at most this
+    violation: bool | None = None  # bound: a violation it predicts was seen (True) or not
+
+    def discriminates(self, compare: str, expected: Any, tol: float, rtol: float) -> bool:
+        """Whether this refutation shows that the check could have failed.
+
+        control: the same check fails on the control's (finite) value; rival: the rival's value
+        lies outside the band (without a band: the check fails on it); bound: the slack is finite
+        and at most ``near``, or a predicted violation was seen."""
+        if self.kind == "bound":
+            slack_binds = _finite(self.value) and self.value <= self.near
+            return bool(slack_binds or self.violation is True)
+        if self.kind == "rival" and self.band is not None:
+            lo, hi = self.band
+            return (
+                _finite(self.value) and _finite(lo) and _finite(hi) and not lo <= self.value <= hi
+            )
+        if compare == "==":
+            return self.value is not None and self.value != expected
+        if not _finite(self.value):  # a control that could not be measured shows nothing
+            return False
+        return not evaluate(self.value, expected, compare, tol, rtol)
+
+    def text(self, unit: str = "") -> str:
+        """One phrase: what it is and what was measured (values in ``unit``; a bound's slack is
+        a ratio)."""
+        u = f" {unit}" if unit else ""
+        if self.kind == "bound":
+            seen = {True: "; a predicted violation was seen", False: "; no predicted violation"}
+            return (
+                f"bound {self.label}: slack {_fmt(self.value)} (binds at <= {_fmt(self.near)})"
+                + seen.get(self.violation, "")
+            )
+        if self.kind == "rival" and self.band is not None:
+            lo, hi = self.band
+            return (
+                f"rival {self.label}: {_fmt(self.value)}{u} against the band "
+                f"[{_fmt(lo)}, {_fmt(hi)}]{u}"
+            )
+        what = "measured" if self.kind == "control" else "predicts"
+        return f"{self.kind} {self.label}: {what} {_fmt(self.value)}{u}"
+
+
+def control(label: str, measured: Any) -> Refutation:
+    """A control: ``measured`` is the same quantity the claim checks, measured where the effect
+    must be absent (a random ranking, an untrained net, shuffled labels, GD instead of SGD, the
+    other variant). The claim discriminates when the same check *fails* on it."""
+    return Refutation("control", _label(label), _plain(measured))
+
+
+def rival(label: str, value: Any, band: Sequence[float] | None = None) -> Refutation:
+    """A rival: ``value`` is what a competing explanation predicts for the measured quantity.
+    With ``band`` (the measured interval, low and high), the claim discriminates when the band
+    excludes the value; without one, when the check fails on the value."""
+    if band is not None:
+        band = _plain(band)
+        if not (isinstance(band, list) and len(band) == 2):
+            raise ValueError(f"band must be (low, high), got {band!r}")
+    return Refutation("rival", _label(label), _plain(value), band=band)
+
+
+def bound(label: str, slack: Any, *, near: float, violation: bool | None = None) -> Refutation:
+    """A bound that binds: ``slack`` is the bound divided by the measured value at the case
+    closest to it (>= 1 when the bound holds). The claim discriminates when the slack is at most
+    ``near`` (a measured case near the bound) or when ``violation`` is True (a case where the
+    bound predicts a violation showed it)."""
+    if not (isinstance(near, (int, float)) and not isinstance(near, bool) and near >= 1):
+        raise ValueError(f"near must be a number >= 1 (a slack factor), got {near!r}")
+    if violation is not None and not isinstance(violation, (bool,)):
+        violation = bool(violation)
+    return Refutation("bound", _label(label), _plain(slack), near=float(near), violation=violation)
+
+
+def _label(label: Any) -> str:
+    if not isinstance(label, str) or not label.strip():
+        raise ValueError(f"a refutation needs a label saying what it is, got {label!r}")
+    return label.strip()
+
+
 @dataclass
 class Verdict:
     """The outcome of one claim check."""
@@ -89,25 +197,69 @@ class Verdict:
     # how far (relative) the measurement may move between machines: a chaotic run (GD at the
     # edge of stability) amplifies rounding; results.compare allows it when comparing records
     spread: float = 0.0
+    # what would have refuted a paper claim (Refutation fields, plus whether it discriminates)
+    refutations: list[dict[str, Any]] = field(default_factory=list)
+    # where the expected value comes from: "ours" (a margin the course fixed in advance),
+    # "paper" (the paper's own number) or "theory" (a bound or identity derived exactly)
+    source: str = "ours"
+    unit: str = ""  # the unit of measured and expected values, for display ("points", "ratio")
+
+    @property
+    def discriminating(self) -> bool | None:
+        """For a paper claim: whether every refutation it states shows that the check could
+        have failed (False when it states none: a record from before refutations existed).
+        None for a sanity check."""
+        if self.kind != "paper":
+            return None
+        return bool(self.refutations) and all(r.get("discriminates") for r in self.refutations)
 
     @property
     def status(self) -> str:
         if self.holds:
             return "reproduced" if self.kind == "paper" else "passed"
-        return "FAILED" if self.required else "not reproduced at this scale"
+        if self.required:
+            return "FAILED"
+        # required at a larger scale: a miss here is the scale's; required nowhere: the note
+        # gives the measured cause (the variant, the paper, or the scale)
+        return "not reproduced at this scale" if self.holds_at else "not reproduced"
 
     @property
     def expected_text(self) -> str:
         symbol = SYMBOLS[self.compare]
+        unit = f" {self.unit}" if self.unit else ""
+        source = f" ({self.source})" if self.kind == "paper" and self.source != "ours" else ""
         if self.compare == "in":
             lo, hi = self.expected
-            return f"{symbol} [{_fmt(lo)}, {_fmt(hi)}]"
+            return f"{symbol} [{_fmt(lo)}, {_fmt(hi)}]{unit}{source}"
         slack = []
         if self.tol:
             slack.append(f"±{_fmt(self.tol)}")
         if self.rtol:
             slack.append(f"±{_fmt(100 * self.rtol)}%")
-        return f"{symbol} {_fmt(self.expected)}" + (f" ({' '.join(slack)})" if slack else "")
+        return (
+            f"{symbol} {_fmt(self.expected)}{unit}"
+            + (f" ({' '.join(slack)})" if slack else "")
+            + source
+        )
+
+    @property
+    def measured_text(self) -> str:
+        return _fmt(self.measured) + (f" {self.unit}" if self.unit else "")
+
+    @property
+    def refutation_text(self) -> str:
+        """What would have refuted the claim and whether it discriminates, in one phrase
+        (empty for a sanity check)."""
+        if self.kind != "paper":
+            return ""
+        if not self.refutations:
+            return "no refutation stated: not discriminating"
+        parts = []
+        for r in self.refutations:
+            ref = Refutation(**{k: r.get(k) for k in _REFUTATION_FIELDS})
+            outcome = "discriminates" if r.get("discriminates") else "does NOT discriminate"
+            parts.append(f"{ref.text(self.unit)} -> {outcome}")
+        return "; ".join(parts)
 
     def _ipython_display_(self) -> None:
         """Show nothing when a check ends a notebook cell: check() already printed the line."""
@@ -122,10 +274,13 @@ class Verdict:
         else:
             where = " [reported, required at no profile]"
         note = f" — {self.note}" if self.note else ""
-        return (
-            f"[{mark}] {kind}{self.name}: measured {_fmt(self.measured)}, expected "
+        line = (
+            f"[{mark}] {kind}{self.name}: measured {self.measured_text}, expected "
             f"{self.expected_text} -> {self.status}{where}{note}"
         )
+        if self.kind == "paper":
+            line += f"\n    refuted by: {self.refutation_text}"
+        return line
 
 
 def evaluate(measured: Any, expected: Any, compare: str, tol: float, rtol: float) -> bool:
@@ -234,15 +389,37 @@ class Claims:
         note: str = "",
         paper_value: Any = None,
         spread: float = 0.0,
+        refute: Refutation | Sequence[Refutation] | None = None,
+        source: str = "ours",
+        unit: str = "",
     ) -> Verdict:
         """Check one claim; print its verdict; raise :class:`ClaimFailed` if it fails at a
         profile listed in ``holds_at``.
 
         ``kind`` is ``"paper"`` (a statement of the paper; give its own number or words as
         ``paper_value`` where it has one) or ``"sanity"`` (an identity or implementation
-        property, also tested in ``tests/``). There is no default: every check says which."""
+        property, also tested in ``tests/``). There is no default: every check says which.
+
+        ``refute`` (required for a paper claim): what would have refuted it, one or more of
+        :func:`control`, :func:`rival` and :func:`bound`; the claim is *discriminating* when
+        every one of them shows the check could have failed. ``source`` says where the expected
+        value comes from: ``"ours"`` (a margin fixed in advance by the course), ``"paper"`` or
+        ``"theory"``. ``unit`` is shown beside the numbers ("points", "ratio", "share")."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        if not isinstance(unit, str):
+            raise ValueError(f"unit must be a string, got {unit!r}")
+        refutations = _refutations(refute)
+        if kind == "paper" and not refutations:
+            raise ValueError(
+                f"claim {name!r}: a paper claim must say what would have refuted it: pass "
+                "refute=gc.claims.control(...), rival(...) or bound(...) (or make it a sanity "
+                "check if it is an identity or a property of the implementation)"
+            )
+        if kind == "sanity" and refutations:
+            raise ValueError(f"claim {name!r}: refute= is for paper claims, not sanity checks")
         if compare not in COMPARISONS:
             raise ValueError(f"compare must be one of {COMPARISONS}, got {compare!r}")
         if tol < 0 or rtol < 0:
@@ -277,6 +454,12 @@ class Claims:
             kind=kind,
             paper_value=_plain(paper_value),
             spread=float(spread),
+            refutations=[
+                asdict(r) | {"discriminates": r.discriminates(compare, expected, tol, rtol)}
+                for r in refutations
+            ],
+            source=source,
+            unit=unit,
         )
         self.verdicts = [v for v in self.verdicts if v.name != name] + [verdict]
         self._save()
@@ -302,7 +485,10 @@ class Claims:
             "python": platform.python_version(),
             "torch_threads": _torch_threads(),
             "finished": self.finished,
-            "verdicts": [asdict(v) | {"status": v.status} for v in self.verdicts],
+            "verdicts": [
+                asdict(v) | {"status": v.status, "discriminating": v.discriminating}
+                for v in self.verdicts
+            ],
         }
 
     def report(self) -> list[Verdict]:
@@ -314,6 +500,19 @@ class Claims:
         if self.path is not None and self.write and not self._warned:
             print(f"verdicts written to {self.path}")
         return list(self.verdicts)
+
+
+def _refutations(refute: Any) -> list[Refutation]:
+    if refute is None:
+        return []
+    items = [refute] if isinstance(refute, Refutation) else list(refute)
+    for r in items:
+        if not isinstance(r, Refutation):
+            raise ValueError(f"refute must be made by gc.claims.control, rival or bound, got {r!r}")
+    return items
+
+
+_REFUTATION_FIELDS = [f.name for f in fields(Refutation)]
 
 
 def _torch_threads() -> int | None:
@@ -350,7 +549,9 @@ def check_record(obj: Any) -> dict[str, Any]:
     return {"paper": "?", "notebook": None, "profile": "?", "finished": True} | obj
 
 
-_REQUIRED_FIELDS = [f.name for f in fields(Verdict) if f.default is MISSING]
+_REQUIRED_FIELDS = [
+    f.name for f in fields(Verdict) if f.default is MISSING and f.default_factory is MISSING
+]
 
 
 def verdict_from_dict(v: dict[str, Any]) -> Verdict:
@@ -360,22 +561,28 @@ def verdict_from_dict(v: dict[str, Any]) -> Verdict:
 
 def counts(verdicts: Sequence[Verdict]) -> dict[str, tuple[int, int]]:
     """(held, checked) for the paper claims required at the run's profile (``required``), the
-    paper claims reported there (``report_only``) and the sanity checks (``sanity``)."""
+    paper claims reported there (``report_only``) and the sanity checks (``sanity``); and
+    (discriminating, all) for the paper claims (``discriminating``)."""
     groups = {
         "required": [v for v in verdicts if v.kind == "paper" and v.required],
         "report_only": [v for v in verdicts if v.kind == "paper" and not v.required],
         "sanity": [v for v in verdicts if v.kind == "sanity"],
     }
-    return {k: (sum(v.holds for v in vs), len(vs)) for k, vs in groups.items()}
+    out = {k: (sum(v.holds for v in vs), len(vs)) for k, vs in groups.items()}
+    paper = [v for v in verdicts if v.kind == "paper"]
+    out["discriminating"] = (sum(bool(v.discriminating) for v in paper), len(paper))
+    return out
 
 
 def summary(verdicts: Sequence[Verdict]) -> str:
     """One line counting paper claims and sanity checks separately, e.g. "paper claims: 12
-    required here, 12 reproduced; 3 report-only (1 reproduced); sanity checks: 4 of 4 passed"."""
+    required here, 12 reproduced; 3 report-only (1 reproduced); 15 of 15 discriminating; sanity
+    checks: 4 of 4 passed"."""
     c = counts(verdicts)
     line = (
         f"paper claims: {c['required'][1]} required here, {c['required'][0]} reproduced; "
         f"{c['report_only'][1]} report-only ({c['report_only'][0]} reproduced); "
+        f"{c['discriminating'][0]} of {c['discriminating'][1]} discriminating; "
         f"sanity checks: {c['sanity'][0]} of {c['sanity'][1]} passed"
     )
     failed = sum(v.status == "FAILED" for v in verdicts)
@@ -385,7 +592,16 @@ def summary(verdicts: Sequence[Verdict]) -> str:
 def format_table(records: Sequence[dict[str, Any]]) -> str:
     """One table of every claim in ``records`` (as produced by :meth:`Claims.record`), with the
     :func:`summary` line of all of them."""
-    header = ("paper", "kind", "claim", "measured", "expected", "verdict", "profile")
+    header = (
+        "paper",
+        "kind",
+        "claim",
+        "measured",
+        "expected",
+        "verdict",
+        "discriminating",
+        "profile",
+    )
     rows, verdicts = [], []
     for rec in records:
         for v in rec["verdicts"]:
@@ -396,9 +612,10 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
                     rec["paper"],
                     verdict.kind,
                     verdict.name,
-                    _fmt(verdict.measured),
+                    verdict.measured_text,
                     verdict.expected_text,
                     verdict.status,
+                    {True: "yes", False: "NO", None: ""}[verdict.discriminating],
                     verdict.profile,
                 )
             )

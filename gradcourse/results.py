@@ -28,11 +28,19 @@ from .paths import repo_root
 from .profile import PROFILES
 
 RESULTS_VAR = "GRADCOURSE_RESULTS"
-MARK = {"reproduced": "✓", "passed": "✓", "FAILED": "✗", "not reproduced at this scale": "○"}
+MARK = {
+    "reproduced": "✓",
+    "passed": "✓",
+    "FAILED": "✗",
+    "not reproduced at this scale": "○",
+    "not reproduced": "○",
+}
 LEGEND = (
     "✓ reproduced (a sanity check: passed); ✗ failed where required; ○ not reproduced where "
-    "not required; **bold**: required at that profile; — not checked there; not run: no "
-    "recorded run at that profile."
+    "not required; **bold**: required at that profile; † not discriminating there (its control "
+    "passed the check too, its rival was not excluded, or its bound did not bind); — not "
+    "checked there; not run: no recorded run at that profile. *refuted by*: what would have "
+    "refuted the claim, as measured in the first run shown."
 )
 
 
@@ -175,8 +183,8 @@ def load(profile: str, notebook: str, root: Path | None = None) -> dict[str, Any
 def _cell(v: Verdict | None, recorded: bool) -> str:
     if v is None:
         return "—" if recorded else "not run"
-    mark = MARK.get(v.status, "?")
-    return f"{_fmt(v.measured)} **{mark}**" if v.required else f"{_fmt(v.measured)} {mark}"
+    mark = MARK.get(v.status, "?") + ("†" if v.discriminating is False else "")
+    return f"{v.measured_text} **{mark}**" if v.required else f"{v.measured_text} {mark}"
 
 
 class VerdictTable:
@@ -220,7 +228,7 @@ def verdict_table(notebook: str, current: Any = None, *, root: Path | None = Non
     for name in names:
         first = next(col[name] for col in columns.values() if name in col)
         paper = "" if first.paper_value is None else _fmt(first.paper_value)
-        row = [name, first.kind, paper, first.expected_text]
+        row = [name, first.kind, paper, first.expected_text, first.refutation_text]
         for label, col in columns.items():
             ran = label == "this run" or recorded[label] is not None
             row.append(_cell(col.get(name), ran))
@@ -230,14 +238,14 @@ def verdict_table(notebook: str, current: Any = None, *, root: Path | None = Non
         if rec is None:
             footer.append(f"{p}: not run yet (no results/{p}/{notebook}.json).")
         else:
-            m = rec.get("machine", {})
+            m = rec.get("machine") or {}
             where = m.get("gpu") or f"{m.get('cpu', '?')}, {m.get('torch_threads', '?')} thread(s)"
             state = "" if rec.get("finished", True) else " — the run did not finish"
             footer.append(
                 f"{p}: {rec.get('date', '?')[:10]}, {rec.get('wall_seconds', '?')} s on {where}"
                 f"{state}."
             )
-    header = ["claim", "kind", "paper", "expected", *columns]
+    header = ["claim", "kind", "paper", "expected", "refuted by", *columns]
     return VerdictTable(header, rows, footer)
 
 
@@ -247,8 +255,8 @@ def verdict_table(notebook: str, current: Any = None, *, root: Path | None = Non
 
 def _counts(rec: dict[str, Any]) -> str:
     c = counts([verdict_from_dict(v) for v in rec["verdicts"]])
-    text = "{}/{} required, {}/{} other; sanity {}/{}".format(
-        *c["required"], *c["report_only"], *c["sanity"]
+    text = "{}/{} required, {}/{} other; discriminating {}/{}; sanity {}/{}".format(
+        *c["required"], *c["report_only"], *c["discriminating"], *c["sanity"]
     )
     return text if rec.get("finished", True) else f"{text} (unfinished)"
 
@@ -274,8 +282,10 @@ def scorecard(root: Path | None = None, notebooks: Sequence[str] | None = None) 
     lines.append(
         "Per notebook and profile: paper claims *reproduced/required* there; then "
         "*reproduced/checked* among the paper claims reported there but required only at a "
-        "larger scale (or nowhere, with the measured reason in the notebook); then the sanity "
-        "checks (identities and implementation properties) passed/checked."
+        "larger scale (or nowhere, with the measured reason in the notebook); then how many of "
+        "all its paper claims are *discriminating* there (the claim's control failed the same "
+        "check, its rival value lay outside the measured band, or its bound bound); then the "
+        "sanity checks (identities and implementation properties) passed/checked."
     )
     return "\n".join(lines)
 
@@ -321,6 +331,8 @@ def _close(a: Any, b: Any, rtol: float, atol: float) -> bool:
     for x, y in zip(na, nb, strict=True):
         if (math.isnan(x) and math.isnan(y)) or x == y:  # x == y: equal infinities too
             continue
+        if math.isinf(x) or math.isinf(y):  # an infinity is close only to itself
+            return False
         if not abs(x - y) <= atol + rtol * max(abs(x), abs(y)):
             return False
     return True
@@ -345,7 +357,7 @@ def compare(
     if not fresh.get("finished", True):
         problems.append(f"{label}: the fresh run did not finish")
     for a, b in zip(fv, rv, strict=True):
-        for field in ("kind", "holds_at", "status", "compare"):
+        for field in ("kind", "holds_at", "status", "compare", "discriminating"):
             if getattr(a, field) != getattr(b, field):
                 problems.append(
                     f"{label}: {a.name!r}: {field} {getattr(a, field)!r} now, "
@@ -362,4 +374,21 @@ def compare(
                     f"{label}: {a.name!r}: {field} {_fmt(now)} now, {_fmt(then)} recorded "
                     f"(beyond rtol {allowed:g}, atol {atol:g})"
                 )
+        # what would have refuted it: the same controls, rivals and bounds, their values within
+        # the same tolerance
+        ra, rb = a.refutations, b.refutations
+        if [(r["kind"], r["label"]) for r in ra] != [(r["kind"], r["label"]) for r in rb]:
+            problems.append(
+                f"{label}: {a.name!r}: refuted by {[r['label'] for r in ra]} now, "
+                f"{[r['label'] for r in rb]} recorded"
+            )
+            continue
+        for x, y in zip(ra, rb, strict=True):
+            for key in ("value", "band"):
+                if not _close(x.get(key), y.get(key), allowed, atol):
+                    problems.append(
+                        f"{label}: {a.name!r}: {x['kind']} {x['label']!r}: {key} "
+                        f"{_fmt(x.get(key))} now, {_fmt(y.get(key))} recorded "
+                        f"(beyond rtol {allowed:g}, atol {atol:g})"
+                    )
     return problems

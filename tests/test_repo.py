@@ -84,3 +84,25 @@ def test_every_notebook_has_recorded_ci_and_cpu_results(path):
         assert record is not None, f"{path.name}: nothing in results/{profile}/ (make reproduce)"
         assert record["finished"], f"{path.name}: the recorded {profile} run did not finish"
         assert record["verdicts"], f"{path.name}: the recorded {profile} run checked no claim"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_recorded_paper_claim_says_what_would_have_refuted_it(path):
+    """The course's rule: a paper claim states a control, a rival or a bound, and one that does
+    not discriminate at a recorded profile carries the reason (its note) in the record."""
+    from gradcourse import results
+    from gradcourse.claims import verdict_from_dict
+
+    for profile in ("ci", "cpu"):
+        record = results.load(profile, path.stem, ROOT / "results")
+        if record is None:
+            continue
+        for v in map(verdict_from_dict, record["verdicts"]):
+            if v.kind != "paper":
+                continue
+            assert v.refutations, f"{path.name} ({profile}): {v.name!r} states no refutation"
+            if v.discriminating is False:
+                assert v.note.strip(), (
+                    f"{path.name} ({profile}): {v.name!r} does not discriminate and gives no reason "
+                    "(note=)"
+                )

@@ -9,15 +9,28 @@ import nbformat
 import pytest
 
 from gradcourse import results
-from gradcourse.claims import ClaimFailed, Claims
+from gradcourse.claims import ClaimFailed, Claims, rival
+
+# what would refute the test claims: a rival value outside its band (discriminating)
+REFUTE = rival("no effect", 0.0, band=(1.0, 2.0))
 
 
 def run(profile, out_dir, measured=(1.0, 0.4, 0.0), finish=True):
     """A small notebook's claims: a paper claim required everywhere, one required only at gpu,
     and a sanity check."""
     claims = Claims("P", notebook="nb", profile=profile, out_dir=out_dir, verbose=False)
-    claims.check("required", measured[0], 1.0, rtol=0.1, kind="paper", paper_value="1 (Fig. 2)")
-    claims.check("gpu only", measured[1], 1.0, rtol=0.1, kind="paper", holds_at=("gpu",))
+    claims.check(
+        "required",
+        measured[0],
+        1.0,
+        rtol=0.1,
+        kind="paper",
+        refute=REFUTE,
+        paper_value="1 (Fig. 2)",
+    )
+    claims.check(
+        "gpu only", measured[1], 1.0, rtol=0.1, kind="paper", refute=REFUTE, holds_at=("gpu",)
+    )
     claims.check("identity", measured[2], 0.0, tol=1e-9, kind="sanity")
     if finish:
         claims.report()
@@ -74,19 +87,22 @@ def test_verdict_table_shows_this_run_and_every_profile(tmp_path):
         )  # fmt: skip
     current = run("ci", tmp_path / "now", measured=(0.98, 0.5, 0.0))
     table = results.verdict_table("nb", current, root=root)
-    assert table.header == ["claim", "kind", "paper", "expected", "this run", "ci", "cpu", "gpu"]
+    assert table.header == [
+        "claim", "kind", "paper", "expected", "refuted by", "this run", "ci", "cpu", "gpu"
+    ]  # fmt: skip
     required, gpu_only, identity = table.rows
     assert required[:4] == ["required", "paper", "1 (Fig. 2)", "≈ 1 (±10%)"]
-    assert required[4:] == ["0.98 **✓**", "1 **✓**", "1.02 **✓**", "not run"]
-    assert gpu_only[4:] == ["0.5 ○", "0.4 ○", "0.95 ✓", "not run"]
-    assert identity[1] == "sanity" and identity[4] == "0.0 **✓**"
+    assert required[4] == "rival no effect: 0.0 against the band [1, 2] -> discriminates"
+    assert required[5:] == ["0.98 **✓**", "1 **✓**", "1.02 **✓**", "not run"]
+    assert gpu_only[5:] == ["0.5 ○", "0.4 ○", "0.95 ✓", "not run"]
+    assert identity[1] == "sanity" and identity[4] == "" and identity[5] == "0.0 **✓**"
     markdown = table._repr_markdown_()
     assert markdown.startswith("| claim | kind | paper |") and "gpu: not run yet" in markdown
     # a claim only some runs have: "—" where a recorded run did not check it
     extra = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path / "x", verbose=False)
-    extra.check("new claim", 1.0, 1.0, kind="paper")
+    extra.check("new claim", 1.0, 1.0, kind="paper", refute=REFUTE)
     rows = results.verdict_table("nb", extra, root=root).rows
-    assert rows[0][0] == "new claim" and rows[0][5:] == ["—", "—", "not run"]
+    assert rows[0][0] == "new claim" and rows[0][6:] == ["—", "—", "not run"]
 
 
 def test_scorecard_counts_paper_claims_per_profile_and_fills_the_readme(tmp_path):
@@ -96,13 +112,13 @@ def test_scorecard_counts_paper_claims_per_profile_and_fills_the_readme(tmp_path
     )
     claims = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path / "c", verbose=False)
     with pytest.raises(ClaimFailed):
-        claims.check("required", 0.0, 1.0, rtol=0.1, kind="paper")
+        claims.check("required", 0.0, 1.0, rtol=0.1, kind="paper", refute=REFUTE)
     results.record_run(claims.record(), notebook="nb", profile="ci", seconds=1, root=root)
     table = results.scorecard(root)
     row = next(line for line in table.splitlines() if line.startswith("| `nb`"))
     assert row == (
-        "| `nb` | 0/1 required, 0/0 other; sanity 0/0 (unfinished) "
-        "| 1/1 required, 0/1 other; sanity 1/1 | not run |"
+        "| `nb` | 0/1 required, 0/0 other; discriminating 1/1; sanity 0/0 (unfinished) "
+        "| 1/1 required, 0/1 other; discriminating 2/2; sanity 1/1 | not run |"
     )
     readme = f"intro\n{results.SCORECARD_START}\nold\n{results.SCORECARD_END}\nrest\n"
     updated = results.replace_scorecard(readme, table)
@@ -130,7 +146,7 @@ def test_compare_finds_what_changed(tmp_path):
         "nb: the fresh run did not finish"
     ]
     renamed = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path / "f", verbose=False)
-    renamed.check("other", 1.0, 1.0, kind="paper")
+    renamed.check("other", 1.0, 1.0, kind="paper", refute=REFUTE)
     (problem,) = results.compare(renamed.record(), recorded, rtol=1, atol=1)
     assert "the claims differ" in problem
 
@@ -138,7 +154,9 @@ def test_compare_finds_what_changed(tmp_path):
 def test_compare_allows_measured_expectations_and_equal_infinities(tmp_path):
     def record(expected, measured, out):
         claims = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path / out, verbose=False)
-        claims.check("vs a measured bound", measured, expected, compare="<=", kind="paper")
+        claims.check(
+            "vs a measured bound", measured, expected, compare="<=", kind="paper", refute=REFUTE
+        )
         claims.report()
         return claims.record()
 
@@ -162,7 +180,7 @@ def test_a_broken_results_file_is_named(tmp_path):
 def test_compare_allows_a_claims_declared_spread_and_no_more(tmp_path):
     def record(measured, out, spread):
         claims = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path / out, verbose=False)
-        claims.check("edge of stability", measured, [0.9, 1.1], compare="in", kind="paper",
+        claims.check("edge of stability", measured, [0.9, 1.1], compare="in", kind="paper", refute=REFUTE,
                      spread=spread)  # fmt: skip
         claims.report()
         return claims.record()
@@ -175,5 +193,57 @@ def test_compare_allows_a_claims_declared_spread_and_no_more(tmp_path):
     assert len(results.compare(record(0.982, "e", 0.0), plain, rtol=1e-2, atol=0)) == 1
     with pytest.raises(ValueError, match="spread"):
         Claims("P", notebook="nb", profile="ci", write=False, verbose=False).check(
-            "x", 1.0, 1.0, kind="paper", spread=1.5
+            "x", 1.0, 1.0, kind="paper", refute=REFUTE, spread=1.5
         )
+
+
+def test_compare_checks_what_would_have_refuted_each_claim(tmp_path):
+    from gradcourse.claims import control
+
+    def record(value, out, label="a random half"):
+        claims = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path / out, verbose=False)
+        claims.check(
+            "matches full", -0.2, -0.5, compare=">=", kind="paper", refute=control(label, value)
+        )
+        claims.report()
+        return claims.record()
+
+    recorded = record(-0.9, "a")
+    assert results.compare(record(-0.9 + 1e-9, "b"), recorded, rtol=1e-6, atol=1e-6) == []
+    (moved,) = results.compare(record(-0.8, "c"), recorded, rtol=1e-3, atol=1e-6)
+    assert "control 'a random half': value -0.8 now, -0.9 recorded" in moved
+    # the control now passes the check too: the claim stopped discriminating
+    flipped = results.compare(record(-0.3, "d"), recorded, rtol=1, atol=1)
+    assert flipped == ["nb: 'matches full': discriminating False now, True recorded"]
+    (renamed,) = results.compare(record(-0.9, "e", "an untrained net"), recorded, rtol=1, atol=1)
+    assert "refuted by ['an untrained net'] now, ['a random half'] recorded" in renamed
+
+
+def test_verdict_table_marks_a_claim_that_does_not_discriminate(tmp_path):
+    from gradcourse.claims import control
+
+    claims = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path, verbose=False)
+    claims.check("weak", -0.2, -1.0, compare=">=", kind="paper", refute=control("random", -0.8))
+    row = results.verdict_table("nb", claims, root=tmp_path / "none").rows[0]
+    assert row[4] == "control random: measured -0.8 -> does NOT discriminate"
+    assert row[5] == "-0.2 **✓†**"
+
+
+def test_compare_an_infinity_is_close_only_to_itself(tmp_path):
+    assert not results._close(float("inf"), 1.0, 1e-3, 1e-6)
+    assert not results._close(1.0, float("-inf"), 1e-3, 1e-6)
+    assert not results._close(float("-inf"), float("inf"), 1e-3, 1e-6)
+    assert results._close(float("inf"), float("inf"), 0, 0)
+    assert results._close([1.0, float("-inf")], [1.0 + 1e-9, float("-inf")], 1e-6, 0)
+
+
+def test_verdict_table_takes_a_record_whose_machine_is_null(tmp_path):
+    root = tmp_path / "results"
+    path = results.record_run(
+        run("ci", tmp_path / "a").record(), notebook="nb", profile="ci", seconds=1, root=root
+    )
+    record = json.loads(path.read_text())
+    record["machine"] = None
+    path.write_text(json.dumps(record))
+    footer = results.verdict_table("nb", root=root).footer
+    assert any(line.startswith("ci: ") and "? thread(s)" in line for line in footer)

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import nbformat
 
-from gradcourse import site
+from gradcourse import runner, site
+from gradcourse.claims import rival
+
+# what would refute the test claims: a rival value outside its band (discriminating)
+REFUTE = rival("no effect", 0.0, band=(1.0, 2.0))
 
 VIEW = site.WIDGET_VIEW
 STATE = site.WIDGET_STATE
@@ -71,14 +75,14 @@ def test_an_executed_copy_is_current_only_for_its_source_profile_and_success(tmp
     executed.parent.mkdir()
     done = nbformat.read(source, as_version=4)
     done.metadata["gradcourse"] = {
-        "profile": "ci", "source_sha256": site.source_digest(source), "error": None
+        "profile": "ci", "source_sha256": runner.source_digest(source), "error": None
     }  # fmt: skip
     nbformat.write(done, executed)
     assert site.is_current(source, executed, "ci")
     assert not site.is_current(source, executed, "cpu")
     nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("2")]), source)
     assert not site.is_current(source, executed, "ci")  # the source changed since
-    done.metadata["gradcourse"].update(source_sha256=site.source_digest(source), error="boom")
+    done.metadata["gradcourse"].update(source_sha256=runner.source_digest(source), error="boom")
     nbformat.write(done, executed)
     assert not site.is_current(source, executed, "ci")  # a failed run is re-executed
     executed.write_text("not a notebook")
@@ -91,7 +95,7 @@ def test_verdict_tables_are_rendered_again_from_the_run_and_current_results(tmp_
 
     monkeypatch.setenv("GRADCOURSE_RESULTS", str(tmp_path / "results"))
     claims = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path, verbose=False)
-    claims.check("c", 1.0, 1.0, kind="paper")
+    claims.check("c", 1.0, 1.0, kind="paper", refute=REFUTE)
     claims.report()
     results.record_run(claims.record(), notebook="nb", profile="cpu", seconds=1.0)
     nb = nbformat.v4.new_notebook(
@@ -107,13 +111,13 @@ def test_verdict_tables_are_rendered_again_from_the_run_and_current_results(tmp_
 def test_the_digest_follows_the_library_too(tmp_path, monkeypatch):
     source = tmp_path / "nb.ipynb"
     source.write_text("{}")
-    first = site.source_digest(source)
-    assert site.source_digest(source) == first
+    first = runner.source_digest(source)
+    assert runner.source_digest(source) == first
     fake = tmp_path / "pkg"
     fake.mkdir()
-    (fake / "site.py").write_text("# a library")
-    monkeypatch.setattr(site, "__file__", str(fake / "site.py"))
-    assert site.source_digest(source) != first
+    (fake / "runner.py").write_text("# a library")
+    monkeypatch.setattr(runner, "__file__", str(fake / "runner.py"))
+    assert runner.source_digest(source) != first
 
 
 def test_write_notebook_writes_what_nbformat_writes_atomically(tmp_path):
