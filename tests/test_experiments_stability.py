@@ -87,6 +87,25 @@ def test_relu_sweep_sgd_sits_below_gd(tmp_path):
     # G's null space (P > n)
     expected = max(1.0, (1 - 0.2 * r["lambda_max"][gd]) ** 2)
     assert r["wme_lambda"][gd] == pytest.approx(expected, rel=1e-6)
+    # the exact mean-square rates: GD's rows carry SGD's rate at GD's minimum, one per B
+    assert r["ms_rate_sgd"].shape == (2, 1) and np.isnan(r["ms_rate_sgd"][sgd]).all()
+    assert np.isfinite(r["ms_rate"]).all() and np.isfinite(r["ms_rate_sgd"][gd]).all()
+
+
+def test_endpoint_rates_match_gds_closed_form_and_grow_with_the_noise():
+    from gradcourse import stability, train
+
+    x, y, _, _ = sx.teacher_regression(12, 1, 5, seed=3)
+    model = models.two_layer_relu(5, 8, seed=3, dtype=torch.float64)
+    train.train(model, x, y, lr=0.05, steps=1500, progress=False, log_every=100)
+    lr = 0.3
+    gd, b4, b1 = sx._rates(model, x, y, lr, [12, 4, 1])
+    # for B = n the map is (I - lr H) (x) (I - lr H) on the span of the gradients: its spectral
+    # radius is max_i (1 - lr lambda_i)^2 over the nonzero Gauss-Newton eigenvalues
+    eig = stability.gauss_newton_spectrum(model, x)
+    eig = eig[eig > 1e-10 * eig.max()]
+    assert gd == pytest.approx(float(((1 - lr * eig) ** 2).max()), rel=1e-8)
+    assert gd <= b4 <= b1  # SGD's noise only adds to the second moment
 
 
 def test_linear_stability_thresholds_and_second_moments(tmp_path):
@@ -287,3 +306,72 @@ def test_sweep_runs_gd_then_sgd_at_every_lr_and_keeps_the_named_columns(tmp_path
     assert len(calls) == 4  # cached
     sweep({"size": 7})
     assert len(calls) == 8  # other settings, another entry
+
+
+def _table(rows):
+    """A sweep table from (seed, lr, batch_size, converged, trace, lambda_max, value) rows."""
+    cols = ("seed", "lr", "batch_size", "converged", "trace", "lambda_max", "weighted_l1")
+    return {c: np.asarray([r[i] for r in rows]) for i, c in enumerate(cols)}
+
+
+def test_over_seeds_concatenates_and_labels_every_row():
+    calls = []
+
+    def sweep(seed, scale):
+        calls.append(seed)
+        return {"lr": np.array([0.1, 0.2]), "trace": np.array([seed * scale, seed + scale])}
+
+    out = sx.over_seeds(sweep, (3, 5), scale=2.0)
+    assert calls == [3, 5]
+    np.testing.assert_array_equal(out["seed"], [3, 3, 5, 5])
+    np.testing.assert_array_equal(out["trace"], [6.0, 5.0, 10.0, 7.0])
+    with pytest.raises(ValueError, match="seeds"):
+        sx.over_seeds(sweep, ())
+
+
+def test_paired_log_ratios_pair_sgd_with_gd_at_the_same_seed_and_lr():
+    n = 8
+    table = _table([
+        (0, 0.1, n, True, 10.0, 4.0, 0), (0, 0.1, 2, True, 5.0, 2.0, 0),   # a pair
+        (0, 0.2, n, True, 8.0, 4.0, 0), (0, 0.2, 2, False, 1.0, 1.0, 0),   # SGD did not converge
+        (1, 0.1, n, False, 9.0, 3.0, 0), (1, 0.1, 2, True, 3.0, 1.0, 0),   # GD did not converge
+        (1, 0.2, n, True, 6.0, 3.0, 0), (1, 0.2, 4, True, 3.0, 6.0, 0),    # B = 4: not asked
+        (1, 0.2, 2, True, 12.0, 6.0, 0),                                   # a pair above GD
+    ])  # fmt: skip
+    out = sx.paired_log_ratios(table, "lambda_max", [2], n)
+    np.testing.assert_allclose(out["log_ratio"], [np.log(0.5), np.log(2.0)])
+    np.testing.assert_array_equal(out["seed"], [0, 1])
+    np.testing.assert_array_equal(out["lr"], [0.1, 0.2])
+
+
+def test_convergence_prediction_judges_gds_minimum_by_sgds_trace_bound():
+    from gradcourse import stability
+
+    n = 8
+    table = _table([
+        (0, 0.1, n, True, 10.0, 4.0, 0),
+        (0, 0.1, 1, False, np.nan, np.nan, 0),  # bound 2/0.1 = 20 > 10: predicted to converge
+        (0, 0.1, 4, True, 1.0, 1.0, 0),
+        (0, 1.0, n, True, 10.0, 1.5, 0),
+        (0, 1.0, 1, False, np.nan, np.nan, 0),  # bound 2 < 10: predicted not to
+        (1, 0.1, n, False, 1.0, 1.0, 0),        # GD did not converge: left out
+        (1, 0.1, 1, True, 1.0, 1.0, 0),
+    ])  # fmt: skip
+    out = sx.convergence_prediction(table, n)
+    np.testing.assert_array_equal(out["batch_size"], [1, 4, 1])
+    np.testing.assert_array_equal(out["predicted"], [True, True, False])
+    np.testing.assert_array_equal(out["observed"], [False, True, False])
+    bounds = [stability.trace_bound(0.1, 1, n), stability.trace_bound(0.1, 4, n), 2.0]
+    np.testing.assert_allclose(out["slack"], np.array(bounds) / 10.0)
+
+
+def test_relative_drops_per_seed():
+    table = _table([
+        (0, 0.1, 1, True, 0, 0, 10.0), (0, 0.2, 1, True, 0, 0, 8.0), (0, 0.4, 1, True, 0, 0, 5.0),
+        (1, 0.1, 1, True, 0, 0, 4.0), (1, 0.4, 1, True, 0, 0, 5.0), (1, 0.2, 1, False, 0, 0, 1.0),
+        (1, 0.1, 9, True, 0, 0, 1.0),
+    ])  # fmt: skip
+    out = sx.relative_drops(table, "weighted_l1", 1)
+    np.testing.assert_allclose(out["drop"], [0.5, -0.25])
+    assert out["spearman"][0] == pytest.approx(-1.0) and np.isnan(out["spearman"][1])
+    np.testing.assert_array_equal(out["runs"], [3, 2])

@@ -38,6 +38,10 @@ __all__ = [
     "sparse_regression",
     "diagonal_sweep",
     "spearman",
+    "over_seeds",
+    "paired_log_ratios",
+    "convergence_prediction",
+    "relative_drops",
 ]
 
 
@@ -352,6 +356,7 @@ def _sweep(
     loss_tol: float,
     seed: int,
     cache: Cache | None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """The sweep that :func:`relu_sweep` and :func:`diagonal_sweep` share: on
     ``data() = (x, y, x_test, y_test)``, a fresh ``make_model()`` per run, trained by GD
@@ -361,15 +366,21 @@ def _sweep(
     ``measure(model, x, y, lr, batch_size, diverged)`` returns (other names); the result keeps
     ``columns`` of them, in that order, one array each. Cached under ``name`` and a config of
     the sweep's arguments and the experiment's ``settings``."""
-    # version: bumped when the runs or either sweep's returned fields change (3: fresh batches)
-    config = dict(version=3, lrs=[float(v) for v in lrs], batch_sizes=list(batch_sizes),
+    # version: bumped when the runs or either sweep's returned fields change (3: fresh batches;
+    # 4: the exact mean-square rates)
+    config = dict(version=4, lrs=[float(v) for v in lrs], batch_sizes=list(batch_sizes),
                   **settings, steps=steps, loss_tol=loss_tol, seed=seed)  # fmt: skip
 
     def compute() -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
         x, y, xt, yt = data()
         rows: dict[str, list] = {k: [] for k in columns}
+        total = (1 + len(batch_sizes)) * len(lrs)
+        bar = tqdm(total=total, desc=f"{name} seed {seed}", disable=not progress, leave=False)
         for b in [len(x), *batch_sizes]:
             for lr in lrs:
+                bar.update()
                 model = make_model()
                 full, diverged, taken = _train_once(
                     model, x, y, lr=lr, batch_size=b, steps=steps, loss_tol=loss_tol, seed=seed
@@ -386,6 +397,7 @@ def _sweep(
                 )
                 for k in columns:
                     rows[k].append(row[k])
+        bar.close()
         return {k: np.asarray(v) for k, v in rows.items()}
 
     return _cache(cache).get_or_compute(name, config, compute)
@@ -403,23 +415,35 @@ def relu_sweep(
     loss_tol: float = 1e-5,
     seed: int = 0,
     cache: Cache | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Two-layer ReLU nets (Wu & Su 2023, Section 4) on teacher regression, trained by GD
     (B = n) and SGD (each B in ``batch_sizes``) at each lr, float64, until the training loss is
     below ``loss_tol`` or ``steps``. At the end: lambda_max, trace and Frobenius norm of the
     Gauss-Newton matrix (= the Hessian at zero loss), the path norm, train and test loss, and
     ``wme_lambda``, lambda_max of the Wu-Ma-E matrix for that run's (lr, B) with Gauss-Newton
-    curvature (<= 1: the endpoint is linearly stable for it in mean square).
+    curvature (a sufficient condition: <= 1, the endpoint is mean-square stable for it; it is
+    never below 1, since H's null space gives (I - lr H)^2 an eigenvalue 1).
+    ``ms_rate``: the exact mean-square rate of SGD(lr, B) at the endpoint, restricted to the span
+    of the per-example gradients (:func:`gradcourse.stability.mean_square_rate`, batches drawn
+    without replacement as in the runs; <= 1: stable in mean square; GD's rows: B = n).
+    ``ms_rate_sgd`` (GD's rows only, NaN elsewhere): the same rate of SGD(lr, B) at GD's endpoint
+    for each B in ``batch_sizes``: whether SGD could stay in GD's minimum.
     ``converged``: the training loss ended at or below ``loss_tol``."""
     columns = ("lr", "batch_size", "lambda_max", "trace", "frobenius", "path_norm", "train_loss",
-               "test_loss", "steps", "diverged", "converged", "wme_lambda")  # fmt: skip
+               "test_loss", "steps", "diverged", "converged", "wme_lambda", "ms_rate",
+               "ms_rate_sgd")  # fmt: skip
+    sgd_sizes = [int(b) for b in batch_sizes]
 
-    def measure(model, x, y, lr, batch_size, diverged) -> dict[str, float]:
+    def measure(model, x, y, lr, batch_size, diverged) -> dict[str, Any]:
         if diverged:  # (a run that did not diverge ended at a finite loss, see _train_once)
-            names = ("lambda_max", "trace", "frobenius", "path_norm", "wme_lambda")
-            return dict.fromkeys(names, math.nan)
+            names = ("lambda_max", "trace", "frobenius", "path_norm", "wme_lambda", "ms_rate")
+            return dict.fromkeys(names, math.nan) | {"ms_rate_sgd": [math.nan] * len(sgd_sizes)}
         wme = _wme_lambda(model, x, y, lr=lr, batch_size=batch_size)
-        return {**_measures(model, x), "path_norm": _path_norm(model), "wme_lambda": wme}
+        rate = _rates(model, x, y, lr, [batch_size, *(sgd_sizes if batch_size == n else [])])
+        at_gd = rate[1:] if batch_size == n else [math.nan] * len(sgd_sizes)
+        return {**_measures(model, x), "path_norm": _path_norm(model), "wme_lambda": wme,
+                "ms_rate": rate[0], "ms_rate_sgd": at_gd}  # fmt: skip
 
     return _sweep(
         "stability-relu",
@@ -429,7 +453,16 @@ def relu_sweep(
         measure,
         columns,
         lrs=lrs, batch_sizes=batch_sizes, steps=steps, loss_tol=loss_tol, seed=seed, cache=cache,
+        progress=progress,
     )  # fmt: skip
+
+
+def _rates(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, batch_sizes):
+    """The exact mean-square rate of SGD(lr, B) at the model's parameters, for each B, with the
+    Gauss-Newton per-example curvatures restricted to the span of the per-example gradients."""
+    sigma = stability.SigmaOperator(model, "mse", (x, y), curvature="ggn")
+    hs = stability.per_example_matrices(sigma.per_example, _gradient_basis(model, x))
+    return [stability.mean_square_rate(hs, lr, int(b)) for b in batch_sizes]
 
 
 def _wme_lambda(
@@ -579,6 +612,7 @@ def diagonal_sweep(
     loss_tol: float = 1e-6,
     seed: int = 0,
     cache: Cache | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Diagonal linear nets f(x) = <u * v, x> (Wu & Su 2023, Section 5) on sparse regression
     (n < dim), trained by GD and SGD at each lr; at the end: the trace of the Gauss-Newton matrix,
@@ -601,6 +635,7 @@ def diagonal_sweep(
         lambda model, x, *run: _diagonal_measures(model, x),
         columns,
         lrs=lrs, batch_sizes=batch_sizes, steps=steps, loss_tol=loss_tol, seed=seed, cache=cache,
+        progress=progress,
     )  # fmt: skip
 
 
@@ -621,3 +656,100 @@ def timed(fn, *args, **kwargs) -> tuple[Any, float]:
     start = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------ over seeds
+
+
+def over_seeds(sweep: Callable[..., dict[str, Any]], seeds, **kwargs) -> dict[str, np.ndarray]:
+    """``sweep(seed=s, **kwargs)`` (:func:`relu_sweep` or :func:`diagonal_sweep`) for each seed,
+    the rows of all of them in one table with a ``seed`` column (each seed draws its own data and
+    initialisation; every run of one seed shares them, so GD and SGD are paired within a seed)."""
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds must list at least one seed")
+    parts = [sweep(seed=s, **kwargs) for s in seeds]
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    out["seed"] = np.concatenate(
+        [np.full(len(p["lr"]), s) for s, p in zip(seeds, parts, strict=True)]
+    )
+    return out
+
+
+def _gd_rows(table: dict[str, np.ndarray], n: int) -> dict[tuple[int, float], int]:
+    """(seed, lr) -> the row of GD's run (B = n) in ``table``."""
+    return {
+        (int(table["seed"][i]), float(table["lr"][i])): i
+        for i in range(len(table["lr"]))
+        if table["batch_size"][i] == n
+    }
+
+
+def paired_log_ratios(
+    table: dict[str, np.ndarray], key: str, batch_sizes, n: int
+) -> dict[str, np.ndarray]:
+    """log(SGD's ``key`` / GD's ``key``) at the same seed and lr, for the SGD runs with B in
+    ``batch_sizes`` that converged where GD converged too (the pairs Wu, Ma & E's comparison is
+    about: both ended at a minimum). Returns ``log_ratio`` and the pair's ``lr``, ``batch_size``
+    and ``seed``."""
+    gd = _gd_rows(table, n)
+    keep = {int(b) for b in batch_sizes}
+    rows = {"log_ratio": [], "lr": [], "batch_size": [], "seed": []}
+    for i in range(len(table["lr"])):
+        b, s, lr = int(table["batch_size"][i]), int(table["seed"][i]), float(table["lr"][i])
+        j = gd.get((s, lr))
+        if b not in keep or j is None or not (table["converged"][i] and table["converged"][j]):
+            continue
+        rows["log_ratio"].append(math.log(table[key][i] / table[key][j]))
+        rows["lr"].append(lr)
+        rows["batch_size"].append(b)
+        rows["seed"].append(s)
+    return {k: np.asarray(v) for k, v in rows.items()}
+
+
+def convergence_prediction(table: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """Which (seed, lr, B < n) SGD can converge at, predicted from GD's minimum at the same seed
+    and lr, against what SGD did.
+
+    ``predicted``: GD's endpoint meets SGD's trace bound, tr H <= 2 / (lr c_B)
+    (:func:`gradcourse.stability.trace_bound`): a minimum SGD could stay in; ``slack`` is that
+    bound over GD's trace. ``observed``: SGD's run converged. Settings where GD itself did not
+    converge are left out (no minimum to judge)."""
+    gd = _gd_rows(table, n)
+    rows = {k: [] for k in ("lr", "batch_size", "seed", "predicted", "observed", "slack")}
+    for i in range(len(table["lr"])):
+        b, s, lr = int(table["batch_size"][i]), int(table["seed"][i]), float(table["lr"][i])
+        j = gd.get((s, lr))
+        if b == n or j is None or not table["converged"][j]:
+            continue
+        bound = stability.trace_bound(lr, b, n)
+        rows["lr"].append(lr)
+        rows["batch_size"].append(b)
+        rows["seed"].append(s)
+        rows["predicted"].append(bool(table["trace"][j] <= bound))
+        rows["observed"].append(bool(table["converged"][i]))
+        rows["slack"].append(float(bound / table["trace"][j]))
+    return {k: np.asarray(v) for k, v in rows.items()}
+
+
+def relative_drops(
+    table: dict[str, np.ndarray], key: str, batch_size: int
+) -> dict[str, np.ndarray]:
+    """Per seed, for the converged runs at ``batch_size``: 1 - key(largest lr) / key(smallest
+    lr), the relative fall of ``key`` across the learning rates (positive: a larger lr ends
+    lower), and Spearman's correlation of lr with ``key`` (``nan`` with fewer than 3 runs)."""
+    seeds = sorted({int(s) for s in table["seed"]})
+    drop, rho, runs = [], [], []
+    for s in seeds:
+        sel = (table["seed"] == s) & (table["batch_size"] == batch_size) & table["converged"]
+        lrs, vals = table["lr"][sel], table[key][sel]
+        runs.append(int(sel.sum()))
+        if sel.sum() < 2:
+            drop.append(math.nan)
+            rho.append(math.nan)
+            continue
+        order = np.argsort(lrs)
+        drop.append(float(1 - vals[order[-1]] / vals[order[0]]))
+        rho.append(spearman(lrs, vals) if sel.sum() >= 3 else math.nan)
+    return {"seed": np.asarray(seeds), "drop": np.asarray(drop), "spearman": np.asarray(rho),
+            "runs": np.asarray(runs)}  # fmt: skip
