@@ -355,3 +355,147 @@ def test_bands_contain_their_estimates_and_shrink_with_n():
         dd.spearman_band(a[:2], b[:2])
     with pytest.raises(ValueError, match=">= 1 flipped"):
         dd.top_k_band(score, torch.zeros(2000, dtype=torch.bool))
+
+
+def test_prune_curves_are_the_single_curves_by_name(tmp_path):
+    cache = Cache(tmp_path)
+    cfg = dd.config(**{**TINY, "score_seeds": (0,)})
+    specs = {
+        "hard": dict(method="el2n", epoch=2, fractions=(0.5,)),
+        "easy within": dict(
+            method="el2n", epoch=2, fractions=(0.5,), mode="easiest", balanced=True
+        ),
+        "random": dict(method="random", fractions=(0.5, 1.0)),
+    }
+    got = dd.prune_curves(cfg, specs, (0, 1), cache=cache, progress=True)
+    assert list(got) == list(specs)
+    easy = dd.prune_curve(cfg, "el2n", 2, (0.5,), (0, 1), mode="easiest", balanced=True)
+    assert torch.equal(got["easy within"]["accuracy"], easy["accuracy"])
+    assert got["random"]["accuracy"].shape == (2, 2)
+    with pytest.raises(ValueError, match=r"specs\['x'\] needs 'method' and 'fractions'"):
+        dd.prune_curves(cfg, {"x": dict(method="el2n", epoch=2)}, (0,))
+    with pytest.raises(ValueError, match="may hold"):
+        dd.prune_curves(cfg, {"x": dict(method="el2n", fractions=(0.5,), colour=1)}, (0,))
+
+
+def test_run_scores_average_to_method_scores(tiny_scores):
+    r = tiny_scores
+    for method, epoch in (("el2n", 2), ("grand", 0), ("forgetting", None)):
+        rows = dd.run_scores(r, method, epoch)
+        assert rows.shape == (2, 60)
+        torch.testing.assert_close(rows.mean(0), dd.method_scores(r, method, epoch))
+    assert dd.run_scores(r, "input_norm").shape == (1, 60)
+    with pytest.raises(ValueError, match="method must be one of"):
+        dd.run_scores(r, "random")
+    with pytest.raises(ValueError, match="epoch must be one of the scored epochs"):
+        dd.run_scores(r, "el2n", 1)
+
+
+def test_per_run_and_between_run_spearman_against_loops(tiny_scores):
+    r = tiny_scores
+    within = dd.per_run_spearman(r, ("el2n", 2), ("grand", 2))
+    assert within.shape == (2,)
+    for run in range(2):
+        expect = scores.spearman(r["el2n"][1, run], r["grand"][1, run])
+        assert within[run].item() == pytest.approx(expect)
+    norm = dd.per_run_spearman(r, ("grand", 0), ("input_norm", None))  # broadcast to every run
+    assert norm[1].item() == pytest.approx(scores.spearman(r["grand"][0, 1], r["input_norm"]))
+    between = dd.between_run_spearman(r, "el2n", 2)
+    assert between.shape == (1,)
+    assert between[0].item() == pytest.approx(scores.spearman(r["el2n"][1, 0], r["el2n"][1, 1]))
+    three = {**r, "el2n": torch.randn(2, 3, 60, dtype=torch.float64)}
+    assert dd.between_run_spearman(three, "el2n", 0).shape == (3,)  # pairs (0,1), (0,2), (1,2)
+    with pytest.raises(ValueError, match=">= 2 scoring runs"):
+        dd.between_run_spearman(r, "input_norm")
+
+
+def test_mean_interval_is_the_t_interval_of_the_mean():
+    from scipy.stats import t
+
+    v = torch.tensor([0.90, 0.92, 0.95, 0.91])
+    got = dd.mean_interval(v)
+    half = t.ppf(0.975, 3) * v.double().std().item() / 2
+    assert got.estimate == pytest.approx(v.double().mean().item())
+    assert got.low == pytest.approx(got.estimate - half)
+    assert got.high == pytest.approx(got.estimate + half)
+    assert dd.mean_interval(v, level=0.9).high < got.high
+
+
+def test_init_spearman_matches_grand_at_init_and_is_cached(tmp_path):
+    cfg = dd.config(**TINY)
+    ds, _ = dd.load_data(cfg)
+    g = dd.grand_at_init(cfg, (0, 3), bias_std=1.0)
+    norm = ds.x_train.flatten(1).norm(dim=1)
+    expect = [scores.spearman(row, norm) for row in g]
+    cache = Cache(tmp_path)
+    got = dd.init_spearman(cfg, (0, 3), bias_std=1.0, cache=cache)
+    assert got.tolist() == pytest.approx(expect)
+    assert torch.equal(dd.init_spearman(cfg, (0, 3), bias_std=1.0, cache=cache), got)
+    plain = dd.init_spearman(cfg, (0, 3), cache=cache)  # its own entry: the cfg's own biases
+    assert plain.tolist() == pytest.approx(
+        [scores.spearman(row, norm) for row in dd.grand_at_init(cfg, (0, 3))]
+    )
+
+
+def test_first_layer_scales():
+    cfg = dd.config(**TINY)
+    plain = dd.first_layer_scales(cfg, 0)
+    assert plain["bias_std"] == 0.0 and plain["preactivation_std"] > 0
+    torch_init = dd.first_layer_scales(dd.config(**{**TINY, "init": "torch"}), 0)
+    assert torch_init["bias_std"] > 0
+    ds, _ = dd.load_data(cfg)
+    net = dd.make_model(cfg, ds.input_shape, ds.num_classes, seed=0)
+    w = next(m for m in net.modules() if isinstance(m, torch.nn.Linear)).weight
+    with torch.no_grad():
+        assert plain["preactivation_std"] == pytest.approx(float((ds.x_train @ w.T).std()))
+    with pytest.raises(ValueError, match="needs arch='mlp'"):
+        dd.first_layer_scales(dd.config(**{**TINY, "arch": "small_cnn"}), 0)
+
+
+def test_single_run_ranks_by_one_run(tiny_scores):
+    r = tiny_scores
+    one = dd.single_run(r, 1)
+    torch.testing.assert_close(dd.method_scores(one, "el2n", 2), r["el2n"][1, 1])
+    torch.testing.assert_close(dd.method_scores(one, "forgetting"), r["forgetting"][1])
+    assert torch.equal(one["labels"], r["labels"]) and r["el2n"].shape == (2, 2, 60)
+    with pytest.raises(ValueError, match="run must be an int in"):
+        dd.single_run(r, 2)
+
+
+def test_class_shares_and_least_kept_shares(tiny_scores):
+    r = tiny_scores
+    size = torch.bincount(r["labels"], minlength=10).double()
+    full = dd.class_shares(r, torch.arange(60), 1.0)
+    assert torch.equal(full[size > 0], torch.ones(int((size > 0).sum()), dtype=torch.float64))
+    assert full[size == 0].isnan().all()  # a class absent from the training set
+    kept = dd.kept_indices(r, "el2n", 2, 0.3)
+    shares = dd.class_shares(r, kept, 0.3)
+    assert (shares * 0.3 * size).nansum().item() == pytest.approx(len(kept))
+    least = dd.least_kept_shares(r, "el2n", 2, 0.3)
+    assert least.shape == (3,)  # the averaged score, then each of the two runs
+    assert least[0].item() == pytest.approx(shares[size > 0].min().item())
+    own = dd.kept_indices(dd.single_run(r, 1), "el2n", 2, 0.3, mode="easiest")
+    easy = dd.least_kept_shares(r, "el2n", 2, 0.3, mode="easiest")
+    assert easy[2].item() == pytest.approx(dd.class_shares(r, own, 0.3)[size > 0].min().item())
+    rand = dd.random_least_shares(r, 0.3, (0, 5))
+    own = dd.kept_indices(r, "random", None, 0.3, seed=5)
+    assert rand[1].item() == pytest.approx(dd.class_shares(r, own, 0.3)[size > 0].min().item())
+    with pytest.raises(ValueError, match="for random use random_least_shares"):
+        dd.least_kept_shares(r, "random", None, 0.3)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("widths", 128, "widths must be a sequence of ints >= 1"),
+        ("channels", 3, "channels must be a sequence of ints >= 1"),
+        ("widths", (64, 0), r"widths\[1\] must be an int >= 1"),
+        ("hidden", 0, "hidden must be an int >= 1"),
+        ("lr", -1.0, "lr must be a finite number > 0"),
+        ("momentum", 1.0, r"momentum must be a number in \[0, 1\)"),
+        ("weight_decay", -1e-4, "weight_decay must be a finite number >= 0"),
+    ],
+)
+def test_config_checks_every_key_when_it_is_made(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        dd.config(**{key: value})

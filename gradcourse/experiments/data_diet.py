@@ -19,7 +19,16 @@ This module adds what is specific to the paper's protocol:
 - :func:`prune_curve`  retrain from scratch on the kept subsets, with the same number of
   optimisation steps as the full-data run (Paul et al. 2021, section 3), over seeds, with the
   test accuracy of every class (:func:`class_accuracy`);
-- :func:`grand_at_init`  GraNd of untrained networks (Kirsch's check on a net with biases);
+- :func:`prune_curves`  several curves of one configuration by name, with one progress bar;
+- :func:`grand_at_init`, :func:`init_spearman`, :func:`first_layer_scales`  GraNd of untrained
+  networks and its rank correlation with the input norm, one value per initialisation (Kirsch's
+  check), and the size of the first layer's biases next to its pre-activations;
+- :func:`run_scores`, :func:`per_run_spearman`, :func:`between_run_spearman`,
+  :func:`mean_interval`  statistics over scoring runs: a score's agreement with another within
+  each run, with itself between runs, and a t-interval over runs;
+- :func:`single_run`, :func:`class_shares`, :func:`least_kept_shares`,
+  :func:`random_least_shares`  what a subset keeps of each class, by the averaged score, by
+  each run's score, and for the random subsets (the control);
 - :func:`top_k_precision`, :func:`top_k_band`, :func:`spearman_band`, :func:`find_curve`  the
   statistics the claims use (accuracy differences are paired over seeds with
   :func:`gradcourse.stats.paired_interval`).
@@ -40,7 +49,7 @@ from torch import Tensor, nn
 
 from .. import data, models, scores, stats, train
 from ..cache import Cache
-from ..checks import check_int, check_ints, check_nonnegative, check_number
+from ..checks import check_int, check_ints, check_nonnegative, check_number, check_positive
 
 DATASETS: tuple[str, ...] = ("fashion_mnist", "mnist1d", "digits", "cifar10")
 ARCHS: tuple[str, ...] = ("mlp", "small_cnn", "resnet18")
@@ -86,8 +95,15 @@ def config(**overrides: Any) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown configuration keys {unknown}; known: {sorted(DEFAULTS)}")
     cfg = {**DEFAULTS, **overrides}
-    for key in ("widths", "channels", "score_seeds", "score_epochs"):
-        cfg[key] = tuple(cfg[key])
+    # every key checked here, when the configuration is made (not when a model is built)
+    cfg["widths"] = check_ints("widths", cfg["widths"], 1, nonempty=True)
+    cfg["channels"] = check_ints("channels", cfg["channels"], 1, nonempty=True)
+    cfg["score_seeds"] = check_ints("score_seeds", cfg["score_seeds"], 0, nonempty=True)
+    cfg["score_epochs"] = check_ints("score_epochs", cfg["score_epochs"], 0, nonempty=True)
+    check_int("hidden", cfg["hidden"], 1)
+    check_positive("lr", cfg["lr"])
+    check_number("momentum", cfg["momentum"], low=0, high=1, high_open=True)
+    check_number("weight_decay", cfg["weight_decay"], low=0)
     if cfg["dataset"] not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {cfg['dataset']!r}")
     if cfg["arch"] not in ARCHS:
@@ -277,7 +293,10 @@ def class_accuracy(model: nn.Module, ds: data.Dataset) -> Tensor:
 
 
 def score_experiment(
-    cfg: Mapping[str, Any], *, device: str | torch.device | None = None
+    cfg: Mapping[str, Any],
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = False,
 ) -> dict[str, Tensor]:
     """Scores of every training example, over ``score_seeds`` independent runs.
 
@@ -290,7 +309,11 @@ def score_experiment(
 
         epochs (E,), el2n (E, runs, n), grand (E, runs, n), forgetting (runs, n),
         input_norm (n,), test_accuracy (runs,), flipped (n,) bool, labels (n,), steps ()
+
+    ``progress`` shows a bar over the scoring runs (``tqdm.auto``).
     """
+    from tqdm.auto import tqdm
+
     cfg = config(**cfg)
     ds, flipped = load_data(cfg, device)
     x, y = ds.x_train, ds.y_train
@@ -300,7 +323,11 @@ def score_experiment(
     grand = torch.zeros_like(el2n)
     forgetting = torch.zeros(len(cfg["score_seeds"]), ds.n_train, dtype=torch.float64)
     test_accuracy = torch.zeros(len(cfg["score_seeds"]), dtype=torch.float64)
-    for r, seed in enumerate(cfg["score_seeds"]):
+    runs = tqdm(
+        cfg["score_seeds"], desc=f"scoring runs ({ds.n_train} examples)", disable=not progress,
+        leave=False,
+    )  # fmt: skip
+    for r, seed in enumerate(runs):
         model = make_model(cfg, ds.input_shape, ds.num_classes, seed=seed, device=device)
         recorder = scores.ForgettingRecorder(x, y)
 
@@ -344,13 +371,17 @@ def cached_scores(
     *,
     cache: Cache | None = None,
     device: str | torch.device | None = None,
+    progress: bool = False,
 ) -> dict[str, Tensor]:
-    """:func:`score_experiment` through ``cache`` (None: computed every time)."""
+    """:func:`score_experiment` through ``cache`` (None: computed every time); ``progress``
+    shows a bar while it computes."""
     cfg = config(**cfg)
     if cache is None:
-        return score_experiment(cfg, device=device)
+        return score_experiment(cfg, device=device, progress=progress)
     return cache.get_or_compute(
-        "datadiet-scores", _key(cfg), lambda: score_experiment(cfg, device=device)
+        "datadiet-scores",
+        _key(cfg),
+        lambda: score_experiment(cfg, device=device, progress=progress),
     )
 
 
@@ -444,6 +475,7 @@ def prune_curve(
     balanced: bool = False,
     cache: Cache | None = None,
     device: str | torch.device | None = None,
+    progress: bool = False,
 ) -> dict[str, Tensor]:
     """Final test accuracy after training from scratch on the subset ``method`` keeps, for each
     fraction kept and seed: ``{"fractions": (F,), "accuracy": (F, S), "class_accuracy":
@@ -456,7 +488,11 @@ def prune_curve(
     ``"random"``) and takes :func:`steps_for` ``cfg`` optimisation steps, however small the
     subset: the same number as the full-data run. Cached per fraction when ``cache`` is given,
     so a curve over (0.3, 0.5) and a later one at 0.3 alone share the runs at 0.3.
+    ``progress`` shows a bar over the seeds of each fraction that is computed (not read from
+    the cache).
     """
+    from tqdm.auto import tqdm
+
     cfg = config(**cfg)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -475,12 +511,14 @@ def prune_curve(
     mode = "hardest" if method == "random" else mode  # random ignores it: one cached curve
 
     def compute(fraction: float) -> dict[str, Tensor]:
-        result = cached_scores(cfg, cache=cache, device=device)
+        result = cached_scores(cfg, cache=cache, device=device, progress=progress)
         ds, _ = load_data(cfg, device)
         steps = steps_for(cfg)
         accuracy = torch.zeros(len(seeds), dtype=torch.float64)
         per_class = torch.zeros(len(seeds), ds.num_classes, dtype=torch.float64)
-        for j, seed in enumerate(seeds):
+        label = curve_key(method, epoch, offset, mode, balanced)
+        bar = tqdm(seeds, desc=f"{label} at {fraction:g}", disable=not progress, leave=False)
+        for j, seed in enumerate(bar):
             kept = kept_indices(
                 result,
                 method,
@@ -516,6 +554,45 @@ def prune_curve(
         "class_accuracy": torch.stack([p["class_accuracy"] for p in parts]),
         "seeds": torch.tensor(seeds, dtype=torch.int64),
     }
+
+
+_CURVE_SPEC: tuple[str, ...] = ("method", "epoch", "fractions", "offset", "mode", "balanced")
+
+
+def prune_curves(
+    cfg: Mapping[str, Any],
+    specs: Mapping[str, Mapping[str, Any]],
+    seeds: Sequence[int],
+    *,
+    cache: Cache | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> dict[str, dict[str, Tensor]]:
+    """Several :func:`prune_curve` runs on one configuration, by name: ``specs`` maps a name to
+    one curve's ``method``, ``fractions`` and, optionally, ``epoch``, ``offset``, ``mode`` and
+    ``balanced``; every curve uses ``seeds``. ``progress`` shows one bar over the curves.
+    Returns ``{name: curve}`` in the order given."""
+    out = {}
+    names = list(specs)
+    from tqdm.auto import tqdm
+
+    for name in tqdm(names, desc="pruning curves", disable=not progress, leave=False):
+        spec = dict(specs[name])
+        unknown = sorted(set(spec) - set(_CURVE_SPEC))
+        if unknown or "method" not in spec or "fractions" not in spec:
+            raise ValueError(
+                f"specs[{name!r}] needs 'method' and 'fractions' and may hold {_CURVE_SPEC}, "
+                f"got keys {sorted(spec)}"
+            )
+        method, epoch, fractions = (
+            spec.pop("method"),
+            spec.pop("epoch", None),
+            spec.pop("fractions"),
+        )
+        out[name] = prune_curve(
+            cfg, method, epoch, fractions, seeds, cache=cache, device=device, **spec
+        )  # fmt: skip
+    return out
 
 
 def curve_key(
@@ -658,3 +735,171 @@ def _redraw_biases_(model: nn.Module, std: float, seed: int) -> None:
             if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)) and layer.bias is not None:
                 draw = torch.randn(layer.bias.shape, generator=g, dtype=torch.float64) * std
                 layer.bias.copy_(draw.to(layer.bias))
+
+
+# ----------------------------------------------------------------------------- per-run statistics
+
+
+def run_scores(result: Mapping[str, Tensor], method: str, epoch: int | None = None) -> Tensor:
+    """(runs, n) the score of ``method`` in each scoring run of a :func:`score_experiment`
+    result, not averaged (EL2N / GraNd at ``epoch``, forgetting events); the input norm, the same
+    in every run, as (1, n). :func:`method_scores` is the mean of these rows."""
+    if method not in METHODS or method == "random":
+        raise ValueError(f"method must be one of {METHODS[:-1]}, got {method!r}")
+    if method == "input_norm":
+        return result["input_norm"].reshape(1, -1)
+    if method == "forgetting":
+        return result["forgetting"]
+    epochs = result["epochs"].tolist()
+    if epoch not in epochs:
+        raise ValueError(
+            f"epoch must be one of the scored epochs {epochs} for {method}, got {epoch!r}"
+        )
+    return result[method][epochs.index(epoch)]
+
+
+def per_run_spearman(
+    result: Mapping[str, Tensor],
+    a: tuple[str, int | None],
+    b: tuple[str, int | None],
+) -> Tensor:
+    """(runs,) Spearman's rank correlation of score ``a`` with score ``b`` within each scoring
+    run (each a ``(method, epoch)`` pair as in :func:`run_scores`; the input norm pairs with
+    every run). Its spread over runs is the run-to-run variation that a bootstrap over examples
+    of the averaged scores leaves out."""
+    sa, sb = run_scores(result, *a), run_scores(result, *b)
+    runs = max(len(sa), len(sb))
+    sa, sb = sa.expand(runs, -1), sb.expand(runs, -1)
+    return torch.tensor([scores.spearman(sa[r], sb[r]) for r in range(runs)], dtype=torch.float64)
+
+
+def between_run_spearman(
+    result: Mapping[str, Tensor], method: str, epoch: int | None = None
+) -> Tensor:
+    """(runs (runs - 1) / 2,) Spearman's correlation of one score between every two scoring runs
+    r < s: how reproducible the score is from one run to the next."""
+    s = run_scores(result, method, epoch)
+    if len(s) < 2:
+        raise ValueError(f"between-run correlations need >= 2 scoring runs, got {len(s)}")
+    pairs = [(r, q) for r in range(len(s)) for q in range(r + 1, len(s))]
+    return torch.tensor([scores.spearman(s[r], s[q]) for r, q in pairs], dtype=torch.float64)
+
+
+def mean_interval(values: Tensor | Sequence[float], *, level: float = 0.95) -> stats.Interval:
+    """The mean of ``values`` (one per run) with Student's t-interval at ``level``
+    (:func:`gradcourse.stats.paired_interval` against zero); needs >= 2 values."""
+    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    return stats.paired_interval(v.numpy(), np.zeros(len(v)), level=level)
+
+
+def init_spearman(
+    cfg: Mapping[str, Any],
+    seeds: Sequence[int],
+    *,
+    bias_std: float | None = None,
+    cache: Cache | None = None,
+    device: str | torch.device | None = None,
+) -> Tensor:
+    """(len(seeds),) Spearman's correlation between GraNd at initialisation of each seed's
+    network (:func:`grand_at_init`, with ``bias_std``) and the input norm, on ``cfg``'s training
+    data: Kirsch's (2023) check, one value per initialisation. Cached when ``cache`` is given."""
+    cfg = config(**cfg)
+    seeds = check_ints("seeds", seeds, 0)
+    if bias_std is not None:
+        bias_std = float(check_nonnegative("bias_std", bias_std))
+
+    def compute() -> dict[str, Tensor]:
+        g = grand_at_init(cfg, seeds, bias_std=bias_std, device=device)
+        ds, _ = load_data(cfg)
+        norm = scores.input_norm_scores(ds.x_train).double()
+        rho = torch.tensor([scores.spearman(row, norm) for row in g], dtype=torch.float64)
+        return {"rho": rho}
+
+    if cache is None:
+        return compute()["rho"]
+    key = dict(cfg=_key(cfg), seeds=seeds, bias_std=bias_std)
+    return cache.get_or_compute("datadiet-init-rho", key, compute)["rho"]
+
+
+def first_layer_scales(cfg: Mapping[str, Any], seed: int) -> dict[str, float]:
+    """The standard deviations, over the training examples and units, of the first layer's
+    pre-activations W x (without the bias) and of its biases, for the MLP ``cfg`` builds from
+    ``seed``: how large the biases are next to what they are added to."""
+    cfg = config(**cfg)
+    if cfg["arch"] != "mlp":
+        raise ValueError(f"first_layer_scales needs arch='mlp', got {cfg['arch']!r}")
+    ds, _ = load_data(cfg)
+    net = make_model(cfg, ds.input_shape, ds.num_classes, seed=seed)
+    first = next(m for m in net.modules() if isinstance(m, nn.Linear))
+    with torch.no_grad():
+        pre = ds.x_train.flatten(1).to(first.weight) @ first.weight.T
+        return {"preactivation_std": float(pre.std()), "bias_std": float(first.bias.std())}
+
+
+def single_run(result: Mapping[str, Tensor], run: int) -> dict[str, Tensor]:
+    """A :func:`score_experiment` result holding scoring run ``run`` only, so that
+    :func:`method_scores` and :func:`kept_indices` rank by that run's scores alone."""
+    runs = len(result["test_accuracy"])
+    check_int("run", run, 0, runs - 1)
+    out = dict(result)
+    for key in ("el2n", "grand"):
+        out[key] = result[key][:, run : run + 1]
+    out["forgetting"] = result["forgetting"][run : run + 1]
+    out["test_accuracy"] = result["test_accuracy"][run : run + 1]
+    return out
+
+
+def class_shares(result: Mapping[str, Tensor], kept: Tensor, fraction: float) -> Tensor:
+    """(num_classes,) float64: each class's kept examples over its fair share, ``fraction``
+    times its size (1: the class keeps its share; 0: it is dropped; NaN: a class with no
+    training examples)."""
+    fraction = check_number("fraction", fraction, low=0, high=1, low_open=True)
+    size = class_counts(result, torch.arange(len(result["labels"]))).double()
+    share = class_counts(result, kept).double() / (fraction * size.clamp(min=1))
+    return torch.where(size > 0, share, torch.nan)
+
+
+def _least(shares: Tensor) -> float:
+    return float(shares[~shares.isnan()].min())
+
+
+def least_kept_shares(
+    result: Mapping[str, Tensor],
+    method: str,
+    epoch: int | None,
+    fraction: float,
+    *,
+    mode: str = "hardest",
+) -> Tensor:
+    """(1 + runs,) the smallest :func:`class_shares` of the subset that ``method`` keeps,
+    ranked by the averaged score (first) and by each scoring run's own score (then)."""
+    if method == "random":
+        raise ValueError("least_kept_shares ranks by a score; for random use random_least_shares")
+    results = [result] + [single_run(result, r) for r in range(len(result["test_accuracy"]))]
+    return torch.tensor(
+        [
+            _least(class_shares(r, kept_indices(r, method, epoch, fraction, mode=mode), fraction))
+            for r in results
+        ],
+        dtype=torch.float64,
+    )
+
+
+def random_least_shares(
+    result: Mapping[str, Tensor], fraction: float, seeds: Sequence[int]
+) -> Tensor:
+    """(len(seeds),) the smallest :func:`class_shares` of the random subset drawn from each seed
+    (the subsets :func:`prune_curve` trains on for ``"random"``): the control for a score that
+    starves a class."""
+    seeds = check_ints("seeds", seeds, 0)
+    return torch.tensor(
+        [
+            _least(
+                class_shares(
+                    result, kept_indices(result, "random", None, fraction, seed=s), fraction
+                )
+            )
+            for s in seeds
+        ],
+        dtype=torch.float64,
+    )
