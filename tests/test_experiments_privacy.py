@@ -134,3 +134,86 @@ def test_tanh_cnn_shapes():
     assert net(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
     # conv 16x1x8x8+16, conv 32x16x4x4+32, dense 512x32+32, dense 32x10+10, by hand
     assert sum(p.numel() for p in net.parameters()) == 1040 + 8224 + 16416 + 330
+
+
+def test_mirror_is_symmetric_and_removes_the_bias():
+    y = px.mean_data()
+    m = px.mirror(y)
+    assert len(m) == 2 * len(y) and float(m.mean()) == pytest.approx(float(y.mean()), abs=1e-12)
+    np.testing.assert_allclose(np.sort(m - m.mean()), -np.sort(m - m.mean())[::-1], atol=1e-12)
+    for c in (0.1, 0.3, 1.0, 3.0):
+        assert abs(pv.clipped_mean(y, c) - float(y.mean())) > 0.3  # biased on the data
+        assert pv.clipped_mean(m, c) == pytest.approx(float(m.mean()), abs=1e-9)  # not mirrored
+    with pytest.raises(ValueError, match="finite"):
+        px.mirror([1.0, math.nan])
+
+
+def test_largest_biased_clip_against_a_dense_scan():
+    y = px.mean_data()
+    mean, level = float(y.mean()), 0.1 * float(y.std())
+    c = px.largest_biased_clip(y, level)
+    largest = float((y - mean).abs().max())
+    assert 3.0 < c < largest
+    assert abs(pv.clipped_mean(y, c) - mean) >= level
+    # by brute force: above c the gap stays below the level
+    for t in np.linspace(c * (1 + 1e-6), largest, 400):
+        assert abs(pv.clipped_mean(y, t) - mean) < level
+    assert abs(pv.clipped_mean(y, c * (1 + 1e-6)) - mean) == pytest.approx(level, rel=1e-4)
+    # a level the gap never reaches, and a symmetric sample: no biased threshold
+    assert px.largest_biased_clip(y, 100.0) == 0.0
+    assert px.largest_biased_clip(px.mirror(y), level) == 0.0
+
+
+def test_farther_end_is_the_equivalence_statistic():
+    from gradcourse.stats import Interval
+
+    assert px.farther_end(Interval(0.0, -0.2, 0.1, 0.95, 5)) == 0.2
+    assert px.farther_end(Interval(0.5, 0.3, 0.7, 0.95, 5)) == 0.7
+    assert px.farther_end(Interval(-0.5, -0.7, -0.3, 0.95, 5)) == 0.7
+
+
+def test_parameter_noise_is_the_same_at_the_same_lr_times_clip():
+    assert px.parameter_noise(2.0, 0.7, 1.0, 256) == pytest.approx(2.0 * 0.7 / 256)
+    assert px.parameter_noise(20.0, 0.7, 0.1, 256) == pytest.approx(
+        px.parameter_noise(2.0, 0.7, 1.0, 256)
+    )
+    with pytest.raises(ValueError, match="lr must be"):
+        px.parameter_noise(0.0, 0.7, 1.0, 256)
+
+
+def test_parameter_noise_matches_dp_train():
+    """One DP-SGD step with zero gradients (a zero-weight linear model on zero inputs and a
+    frozen bias): the parameter moves by the noise alone; its spread is lr sigma C1 / b."""
+    torch.manual_seed(0)
+    model = nn.Linear(200, 1, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        model.weight.zero_()
+    x, y = torch.zeros(64, 200, dtype=torch.float64), torch.zeros(64, 1, dtype=torch.float64)
+    pv.dp_train(
+        model, x, y, method="dpsgd", loss="mse", lr=3.0, steps=1, batch_size=16, clip_norm=0.5,
+        noise_multiplier=2.0, seed=4,
+    )  # fmt: skip
+    spread = float(model.weight.detach().std())
+    assert spread == pytest.approx(px.parameter_noise(3.0, 2.0, 0.5, 16), rel=0.15)
+
+
+def test_cached_runs_match_cached_run(tmp_path):
+    cfg = px.config(**TINY)
+    cache = Cache(tmp_path)
+    jobs = {("dpsgd", s): (cfg, "dpsgd", 0.5, 3.0, s) for s in (0, 1)}
+    out = px.cached_runs(jobs, cache=cache, progress=False)
+    assert list(out) == list(jobs)
+    for (_, s), r in out.items():
+        again = px.cached_run(cfg, "dpsgd", 0.5, 3.0, s, cache=cache)
+        assert again["accuracy"] == r["accuracy"]
+
+
+def test_mean_trajectories_and_config_refuse_what_would_break_them():
+    with pytest.raises(ValueError, match="at least one value"):
+        px.mean_trajectories(np.array([]), "dpsgd", 1.0, lr=0.1, steps=3)
+    with pytest.raises(ValueError, match=r"y\[2\] is nan"):
+        px.mean_trajectories(np.array([0.0, 1.0, np.nan]), "dice", 1.0, lr=0.1, steps=3)
+    with pytest.raises(ValueError, match="theta0 must be a finite number"):
+        px.mean_trajectories(np.array([0.0, 1.0]), "dice", 1.0, lr=0.1, steps=3, theta0=np.inf)
+    with pytest.raises(ValueError, match="widths must be a sequence of ints"):
+        px.config(widths=128)

@@ -8,10 +8,14 @@ Two experiments:
   optimum (the mean) and the fixed point of clipped gradient descent
   (:func:`gradcourse.privacy.clipped_mean`) are known in closed form. Generated on purpose: the
   paper's point is a distance to a known optimum.
-- **Fashion-MNIST** (:func:`fashion_run`, :func:`cached_run`): test accuracy of SGD, DP-SGD and
-  DiceSGD at a target epsilon (delta from the configuration), Poisson sampling, the noise
-  multiplier from Opacus's RDP accountant; DiceSGD's noise as the authors' code calibrates it
-  (:func:`gradcourse.privacy.dice_noise_multiplier`).
+  :func:`mirror` (the same data made symmetric: no bias) and :func:`largest_biased_clip` (up to
+  which threshold the closed form's bias stays above a level) are its controls.
+- **Fashion-MNIST** (:func:`fashion_run`, :func:`cached_run`, :func:`cached_runs`): test accuracy
+  of SGD, DP-SGD and DiceSGD at a target epsilon (delta from the configuration), Poisson
+  sampling, the noise multiplier from Opacus's RDP accountant; DiceSGD's noise as the authors'
+  code calibrates it (:func:`gradcourse.privacy.dice_noise_multiplier`). Runs at two thresholds
+  are compared at the same lr * C1 (the authors' code divides the learning rate by C1), where
+  the noise on the parameters (:func:`parameter_noise`) is the same too.
 """
 
 from __future__ import annotations
@@ -28,17 +32,23 @@ from .. import data, models, pergrad, train
 from .. import privacy as pv
 from ..cache import Cache
 from ..checks import check_int, check_ints, check_nonnegative, check_number, check_positive
+from ..stats import Interval
 
 __all__ = [
     "ARCHS",
     "DEFAULTS",
     "cached_run",
+    "cached_runs",
     "config",
+    "farther_end",
     "fashion_run",
+    "largest_biased_clip",
     "load_data",
     "make_model",
     "mean_data",
     "mean_trajectories",
+    "mirror",
+    "parameter_noise",
     "sample_rate",
     "sigma_for",
     "steps_for",
@@ -59,7 +69,9 @@ DEFAULTS: dict[str, Any] = dict(
     delta=1e-5,
     feedback_ratio=1.0,  # DiceSGD's C2 / C1, as in the authors' default
     feedback_scale="sum",  # DiceSGD's error clipped on the summed update, as the authors' code
-    noise_factor=1.0,  # a control: the calibrated noise multiplier times this (1: as calibrated)
+    # the calibrated noise multiplier times this (1: as calibrated; > 1 a control with more
+    # noise, whose privacy only improves; < 1, e.g. DiceSGD's update at DP-SGD's noise: not private)
+    noise_factor=1.0,
     records=5,  # test accuracy and the clipped share recorded this many times per run (+ start)
 )
 
@@ -70,7 +82,7 @@ def config(**overrides: Any) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown configuration keys {unknown}; known: {sorted(DEFAULTS)}")
     cfg = {**DEFAULTS, **overrides}
-    cfg["widths"] = tuple(cfg["widths"])
+    cfg["widths"] = check_ints("widths", cfg["widths"], 1)
     check_int("n_train", cfg["n_train"], 10, 60_000)
     check_int("n_test", cfg["n_test"], 1, 10_000)
     check_int("data_seed", cfg["data_seed"], 0)
@@ -110,6 +122,52 @@ def mean_data(
     return y
 
 
+def mirror(y: Tensor | np.ndarray) -> Tensor:
+    """``y`` and its reflection about its mean, 2n values (float64) with the same mean: every
+    gradient theta - y_i at the mean has its mirror image, so clipping them is unbiased there
+    (symmetric gradients: Chen, Wu & Hong 2020) and the clipped fixed point is the mean. A
+    control for the clipping bias."""
+    y = torch.as_tensor(np.asarray(y, dtype=np.float64)).flatten()
+    if len(y) == 0 or not torch.isfinite(y).all():
+        raise ValueError("y must hold at least one finite number")
+    return torch.cat([y, 2 * y.mean() - y])
+
+
+def largest_biased_clip(y: Tensor | np.ndarray, level: float, *, points: int = 2000) -> float:
+    """The largest threshold C at which the clipped fixed point is still at least ``level``
+    from the mean: |clipped_mean(y, C) - mean(y)| >= level (the closed form,
+    :func:`gradcourse.privacy.clipped_mean`). Searched on ``points`` thresholds spaced
+    geometrically from 1e-3 to max |y_i - mean| (where the gap is 0), the last crossing then
+    bisected to 1e-9 relative. 0.0 when the gap never reaches ``level`` on that grid."""
+    y = torch.as_tensor(np.asarray(y, dtype=np.float64)).flatten()
+    level = check_positive("level", level)
+    check_int("points", points, 2)
+    mean = float(y.mean())
+    top = float((y - mean).abs().max())
+    if top == 0:
+        return 0.0
+
+    def gap(c: float) -> float:
+        return abs(pv.clipped_mean(y, c) - mean)
+
+    grid = np.geomspace(min(1e-3, top / 2), top, points)
+    above = np.array([gap(c) >= level for c in grid])
+    if not above.any():
+        return 0.0
+    lo = float(grid[np.nonzero(above)[0][-1]])
+    hi = float(grid[min(np.nonzero(above)[0][-1] + 1, points - 1)])
+    while hi - lo > 1e-9 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if gap(mid) >= level else (lo, mid)
+    return lo
+
+
+def farther_end(interval: Interval) -> float:
+    """max(|low|, |high|) of ``interval``: both of its ends lie within +- m of 0 exactly when
+    this is at most m (an equivalence test against a margin m fixed in advance)."""
+    return max(abs(interval.low), abs(interval.high))
+
+
 def mean_trajectories(
     y: Tensor | np.ndarray,
     method: str,
@@ -134,6 +192,12 @@ def mean_trajectories(
     if method not in ("dpsgd", "dice"):
         raise ValueError(f"method must be 'dpsgd' or 'dice', got {method!r}")
     y = np.asarray(y, dtype=np.float64).ravel()
+    if len(y) == 0:
+        raise ValueError("y must hold at least one value, got none")
+    if not np.isfinite(y).all():
+        first = int(np.flatnonzero(~np.isfinite(y))[0])
+        raise ValueError(f"y must hold finite numbers: y[{first}] is {y[first]}")
+    check_number("theta0", theta0)
     check_int("steps", steps, 1)
     lr, clip = check_positive("lr", lr), check_positive("clip", clip)
     check_number("feedback_ratio (C2 / C1)", feedback_ratio, low=1, allow_inf=True)
@@ -182,8 +246,9 @@ def sigma_for(cfg: Mapping[str, Any], method: str, clip: float, epsilon: float) 
     q and steps: 0 for ``"sgd"``; DP-SGD's from Opacus's RDP accountant
     (:func:`gradcourse.privacy.noise_multiplier`); for ``"dice"`` that times
     sqrt(1 + 2 C2 / C1) (:func:`gradcourse.privacy.dice_noise_multiplier`, the authors'
-    calibration, not an independent accountant); times ``noise_factor`` (1 unless a control
-    asks for more noise: the privacy then only improves)."""
+    calibration, not an independent accountant); times ``noise_factor`` (1 as calibrated; a
+    control may ask for more noise, whose privacy only improves, or for less, which is then
+    not a private run)."""
     cfg = config(**cfg)
     if method not in pv.METHODS:
         raise ValueError(f"method must be one of {pv.METHODS}, got {method!r}")
@@ -195,6 +260,18 @@ def sigma_for(cfg: Mapping[str, Any], method: str, clip: float, epsilon: float) 
     if method == "dice":
         sigma = pv.dice_noise_multiplier(sigma, clip, cfg["feedback_ratio"] * clip)
     return sigma * cfg["noise_factor"]
+
+
+def parameter_noise(lr: float, sigma: float, clip: float, batch_size: int) -> float:
+    """lr * sigma * C1 / b: the standard deviation of the Gaussian noise one update adds to each
+    parameter at the start of the schedule (DP-SGD's and DiceSGD's, :func:`gradcourse.privacy.dp_train`:
+    noise sigma C1 on the sum, divided by the expected batch b, times the step). Two runs with the
+    same lr * C1 and sigma have the same."""
+    check_positive("lr", lr)
+    check_nonnegative("sigma", sigma)
+    check_positive("clip", clip)
+    check_int("batch_size", batch_size, 1)
+    return lr * sigma * clip / batch_size
 
 
 def load_data(cfg: Mapping[str, Any], device: str | torch.device | None = None) -> data.Dataset:
@@ -330,3 +407,24 @@ def cached_run(
         return fashion_run(cfg, method, clip, epsilon, seed, device=device, progress=progress)
 
     return compute() if cache is None else cache.get_or_compute("privacy-fashion", key, compute)
+
+
+def cached_runs(
+    jobs: Mapping[Any, tuple[Mapping[str, Any], str, float, float, int]],
+    *,
+    cache: Cache | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    desc: str = "runs",
+) -> dict[Any, dict[str, Any]]:
+    """:func:`cached_run` for every job, ``{key: (cfg, method, clip, epsilon, seed)}``, with one
+    progress bar over the jobs (``tqdm.auto``; a cached job passes at once). Returns
+    ``{key: result}`` in the order of ``jobs``."""
+    from tqdm.auto import tqdm
+
+    out: dict[Any, dict[str, Any]] = {}
+    for key, (cfg, method, clip, epsilon, seed) in tqdm(
+        list(jobs.items()), desc=desc, disable=not progress, leave=False
+    ):
+        out[key] = cached_run(cfg, method, clip, epsilon, seed, cache=cache, device=device)
+    return out
