@@ -11,6 +11,12 @@ Five checks cover every number argument of the package:
 - :func:`check_positive` and :func:`check_nonnegative`: the two commonest cases of
   :func:`check_number`, a finite number > 0 and a finite number >= 0.
 
+And two for the tensors a user's numbers arrive in:
+
+- :func:`check_finite`: a tensor whose floating entries are all finite; the message names the
+  first example (index along dim 0) holding a nan or an infinity;
+- :func:`check_labels`: class labels for ``num_classes`` outputs, integers in range.
+
 The messages read, for example, ``lr must be a finite number > 0, got 0.0``, ``momentum must
 be a number in [0, 1), got 1.0`` or ``threshold must be a number > 0 (inf allowed), got -1``.
 """
@@ -34,6 +40,11 @@ def check_ints(
 ) -> tuple[int, ...]:
     """``values`` as a tuple if each is an int (not a bool) in [low, high] (or >= low), checked
     as :func:`check_int` names ``name[i]``; an empty sequence is refused when ``nonempty``."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        allowed = f"ints in [{low}, {high}]" if high is not None else f"ints >= {low}"
+        raise ValueError(
+            f"{name} must be a sequence of {allowed} (a tuple or list), got {values!r}"
+        )
     values = tuple(values)
     if nonempty and not values:
         allowed = f"int in [{low}, {high}]" if high is not None else f"int >= {low}"
@@ -94,3 +105,51 @@ def check_nonnegative(name: str, value: object) -> float:
     """``value`` as a float if it is a finite number >= 0 (:func:`check_number` with
     ``low=0``)."""
     return check_number(name, value, low=0)
+
+
+def check_finite(name: str, tensor: object) -> None:
+    """Nothing if ``tensor`` is not floating or all its entries are finite; else ValueError
+    naming ``name``, the first example (index along dim 0) with a nan or an infinity, and what
+    it holds: a nan input otherwise turns every clipped sum, score or gradient nan silently."""
+    import torch
+
+    if not isinstance(tensor, torch.Tensor) or not (
+        tensor.is_floating_point() or tensor.is_complex()
+    ):
+        return
+    if tensor.device.type == "meta":  # shapes and devices only: no values to check
+        return
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return
+    rows = finite.reshape(len(tensor), -1).all(dim=1) if tensor.ndim else finite.reshape(1)
+    first = int((~rows).nonzero()[0]) if tensor.ndim else 0
+    bad = tensor[first] if tensor.ndim else tensor
+    kinds = [k for k, m in (("nan", torch.isnan(bad)), ("inf", torch.isinf(bad))) if bool(m.any())]
+    where = f"example {first}" if tensor.ndim else "it"
+    raise ValueError(
+        f"{name} must hold finite numbers: {where} holds {' and '.join(kinds)} "
+        f"({int((~rows).sum())} of {rows.numel()} examples are not finite)"
+    )
+
+
+def check_labels(name: str, labels: object, num_classes: int) -> None:
+    """Nothing if ``labels`` is an integer tensor of class indices in [0, num_classes); else
+    ValueError naming ``name``, the dtype or the range found, and the range allowed."""
+    import torch
+
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(
+            f"{name} must be integer class labels in [0, {num_classes - 1}], got {got} (for "
+            "class probabilities pass a float tensor of shape (n, classes))"
+        )
+    if labels.dtype == torch.bool:
+        raise ValueError(f"{name} must be integer class labels, got bool")
+    if labels.device.type == "meta":  # shapes and devices only: no values to check
+        return
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"{name} must lie in [0, {num_classes - 1}] for a model with {num_classes} outputs, "
+            f"got labels from {int(labels.min())} to {int(labels.max())}"
+        )

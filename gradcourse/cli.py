@@ -15,21 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import queue
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .claims import check_record, format_table
-from .paths import build_root, repo_root, write_text_atomic
+from .paths import build_root, check_writable, write_text_atomic
 from .profile import PROFILES, resolve_profile_name
+from .runner import find_notebooks, notebooks_dir, run_notebook
 
 
 @dataclass
@@ -40,11 +36,6 @@ class NotebookInfo:
     title: str
     paper: str
     claims: list[str] = field(default_factory=list)
-
-
-def notebooks_dir() -> Path:
-    root = repo_root()
-    return (root / "notebooks") if root is not None else Path.cwd() / "notebooks"
 
 
 def describe(path: Path) -> NotebookInfo:
@@ -67,11 +58,6 @@ def describe(path: Path) -> NotebookInfo:
         if in_claims and item:
             claims.append(item.group(1).strip())
     return NotebookInfo(path, title, paper_match.group(1).strip() if paper_match else "", claims)
-
-
-def find_notebooks(directory: Path | None = None) -> list[Path]:
-    directory = directory or notebooks_dir()
-    return sorted(p for p in directory.glob("*.ipynb") if not p.name.startswith("."))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -103,8 +89,6 @@ def _resolve_notebook(name: str) -> Path:
     )
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
 #: How far a fresh run's measured numbers may sit from the recorded ones (``compare``): the
 #: ``ci`` profile is single-threaded and seeded, so numbers differ only through the rounding of
 #: the CPU's vector kernels (plain, AVX2, AVX-512) and the thread count, amplified by training.
@@ -114,124 +98,26 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 RTOL = 1e-2
 ATOL = 5e-3
 
-#: Longest single wait on a kernel channel (s); a longer wait is a loop of these.
-POLL_INTERVAL = 1.0
-
-
-def _repoll(channel: Any, interval: float = POLL_INTERVAL) -> None:
-    """Make ``channel.get_msg(timeout)`` wait in slices of at most ``interval`` seconds.
-
-    nbclient waits for a cell's reply with one ``get_msg`` of up to the cell timeout. After a
-    cell that displays ipywidgets, that single wait sometimes never wakes although the kernel
-    has replied and is idle (nbclient issue #312, nbconvert #2029): we saw ``gradcourse run``
-    hang for half an hour after notebook 04's widget cell, twice, on a loaded 2-core machine.
-    A fresh poll checks the socket again, so slicing the wait turns that hang into a delay of
-    at most ``interval``; the overall timeout is unchanged.
-    """
-    original = channel.get_msg
-
-    async def get_msg(timeout: float | None = None) -> dict[str, Any]:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = interval if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                return await original(timeout=min(interval, left))
-            except queue.Empty:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-
-    channel.get_msg = get_msg
-
-
-def _kernel_config(socket_dir: str) -> Any:
-    """Kernels talk to us over local IPC sockets where the OS has them (not TCP on localhost):
-    nothing is reachable from the network, and the kernel has no reason to print its warning
-    about unencrypted TCP into the user's terminal. Windows keeps TCP."""
-    from traitlets.config import Config
-
-    config = Config()
-    if os.name == "posix":
-        config.KernelManager.transport = "ipc"
-        # the socket files' prefix: absolute (the kernel runs in the notebook's folder) and
-        # short (a Unix socket path has ~100 characters at most)
-        config.KernelManager.ip = os.path.join(socket_dir, "k")
-    return config
-
-
-def run_notebook(
-    path: Path,
-    out_dir: Path,
-    profile: str,
-    *,
-    timeout: int = 3600,
-    progress: bool = True,
-) -> tuple[Path, float, str | None]:
-    """Execute one notebook with ``GRADCOURSE_PROFILE=profile`` in its own directory; write the
-    executed copy to ``out_dir``. Returns (output path, seconds, error message or None)."""
-    import nbformat
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
-    from tqdm.auto import tqdm
-
-    nb = nbformat.read(path, as_version=4)
-    socket_dir = tempfile.mkdtemp(prefix="gc-kernel-")
-    code_cells = sum(c.cell_type == "code" for c in nb.cells)
-    bar = tqdm(total=code_cells, desc=path.stem, unit="cell", disable=not progress)
-
-    class Client(NotebookClient):
-        async def async_start_new_kernel_client(self) -> Any:
-            kc = await super().async_start_new_kernel_client()
-            _repoll(kc.shell_channel)
-            _repoll(kc.iopub_channel)
-            return kc
-
-    client = Client(
-        nb,
-        config=_kernel_config(socket_dir),
-        timeout=timeout,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(path.parent.resolve())}},
-        on_cell_executed=lambda **_: bar.update(1),
-    )
-    env_before = {k: os.environ.get(k) for k in ("GRADCOURSE_PROFILE", "GRADCOURSE_BUILD")}
-    os.environ["GRADCOURSE_PROFILE"] = profile
-    os.environ["GRADCOURSE_BUILD"] = str(out_dir.resolve())
-    start, error = time.perf_counter(), None
-    try:
-        client.execute()
-    except CellExecutionError as exc:
-        error = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
-    except Exception as exc:  # kernel died, timeout: report, keep going with other notebooks
-        error = f"{type(exc).__name__}: {exc}"
-    finally:
-        bar.close()
-        shutil.rmtree(socket_dir, ignore_errors=True)
-        for key, value in env_before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    seconds = time.perf_counter() - start
-    if error is not None:
-        error = _ANSI.sub("", error)  # the kernel colours tracebacks for a terminal
-    from .site import source_digest, write_notebook
-
-    nb.metadata["gradcourse"] = {
-        "profile": profile,
-        "source_sha256": source_digest(path),
-        "error": error,
-        "seconds": round(seconds, 1),
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out_path = out_dir / path.name
-    write_notebook(nb, out_path)
-    return out_path, seconds, error
-
 
 def cmd_run(args: argparse.Namespace) -> int:
     profile = resolve_profile_name(args.profile)
-    out_dir = Path(args.out) if args.out else build_root()
     paths = [_resolve_notebook(n) for n in args.notebooks] or find_notebooks()
+    # every folder this run writes into, checked before the first notebook runs for minutes
+    try:
+        out_dir = Path(args.out) if args.out else build_root()
+        check_writable(
+            out_dir, "the executed notebooks and their claim records",
+            "Pass another folder with --out (or set GRADCOURSE_BUILD), or make this one writable.",
+        )  # fmt: skip
+        if args.record:
+            from .results import results_root
+
+            check_writable(
+                results_root() / profile, f"the recorded verdicts of profile {profile!r}",
+                "Set GRADCOURSE_RESULTS to a writable folder, or make this one writable.",
+            )  # fmt: skip
+    except OSError as exc:
+        raise SystemExit(f"gradcourse run: {exc}") from exc
     failures = 0
     for path in paths:
         print(f"running {path.name} (profile {profile}) ...", flush=True)
@@ -329,7 +215,14 @@ def cmd_site(args: argparse.Namespace) -> int:
 
     profile = resolve_profile_name(args.profile)
     start = time.perf_counter()
-    out, failed = build(profile, Path(args.build) if args.build else build_root(), quiet=args.quiet)
+    try:
+        build_dir = check_writable(
+            Path(args.build) if args.build else build_root(), "the executed notebooks and the site",
+            "Pass another folder with --build (or set GRADCOURSE_BUILD), or make this one writable.",
+        )  # fmt: skip
+    except OSError as exc:
+        raise SystemExit(f"gradcourse site: {exc}") from exc
+    out, failed = build(profile, build_dir, quiet=args.quiet)
     print(f"site at profile {profile}: {out / 'index.html'} ({time.perf_counter() - start:.0f} s)")
     if failed:
         print(f"these notebooks failed to execute (their pages show the error): {failed}")

@@ -24,14 +24,33 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.overrides import TorchFunctionMode
 
+from .checks import check_finite, check_labels
 from .losses import LossFn, get_loss, targets_for
 
 Params = dict[str, Tensor]
 
 
+def refuse_batch_statistics(model: nn.Module, consequence: str) -> None:
+    """Raise ValueError if ``model`` has a BatchNorm without running statistics
+    (``track_running_stats=False``): it normalises with the batch's own statistics in eval mode
+    too, so an example's output depends on the rest of its batch. ``consequence`` says what
+    breaks. The one check every route shares (per-example gradients, clipped sums, curvature,
+    the NTK)."""
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm) and not module.track_running_stats:
+            raise ValueError(
+                f"model has BatchNorm {name or type(module).__name__!r} with "
+                "track_running_stats=False: it normalises with batch statistics even in eval "
+                f"mode, so an example's output depends on the rest of the batch and {consequence}"
+            )
+
+
 def refuse_random_train_mode(model: nn.Module, consequence: str) -> None:
-    """Raise ValueError if ``model`` has BatchNorm or dropout in train mode: its output then
-    depends on the rest of the batch or on random masks. ``consequence`` says what breaks."""
+    """Raise ValueError if ``model`` has BatchNorm or dropout in train mode (its output then
+    depends on the rest of the batch or on random masks), or a BatchNorm without running
+    statistics in any mode (:func:`refuse_batch_statistics`). ``consequence`` says what
+    breaks."""
+    refuse_batch_statistics(model, consequence)
     for name, module in model.named_modules():
         if module.training and isinstance(module, _BatchNorm | _DropoutNd):
             kind = "BatchNorm" if isinstance(module, _BatchNorm) else "dropout"
@@ -185,7 +204,21 @@ class FunctionalModel:
     def targets(self, x: Tensor, y: Tensor) -> Tensor:
         """y as the loss takes it, made once outside ``vmap`` (where ``one_hot`` cannot read
         the labels): one-hot floats for ``"mse"`` on integer labels when the model has several
-        outputs (one forward pass of ``x[:1]``, under no_grad), else y unchanged."""
+        outputs (one forward pass of ``x[:1]``, under no_grad), else y unchanged.
+
+        Checked here, once for every route that builds on it (per-example gradients, clipped
+        sums, scores): x and a floating y hold finite numbers, and for ``"ce"`` the labels are
+        integers in range of the model's outputs (or class probabilities of their shape)."""
+        check_finite("x", x)
+        check_finite("y", y)
+        if self.loss_name == "ce":
+            with torch.no_grad():
+                out = self.outputs(self.params, x[:1])
+            classes = out.shape[1] if out.ndim > 1 else 1
+            if y.is_floating_point() and y.shape[1:] == out.shape[1:]:
+                return y  # class probabilities, as F.cross_entropy takes them
+            check_labels("y", y, classes)
+            return y
         if self.loss_name != "mse" or y.is_floating_point():
             return y
         with torch.no_grad():

@@ -60,6 +60,28 @@ def build_root() -> Path:
     return _location("GRADCOURSE_BUILD", "build")
 
 
+class NotWritable(OSError):
+    """A folder the course must write into cannot be written: the message names the folder and
+    the fix."""
+
+
+def check_writable(folder: str | os.PathLike[str], what: str, fix: str) -> Path:
+    """``folder`` (created if missing) if a file can be written into it now, checked by writing
+    and removing a temporary file; else :class:`NotWritable` naming ``what`` would have gone
+    there, the folder, the reason and ``fix``. For writers to call before they spend minutes
+    computing what they would write."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".gc-write-check.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise NotWritable(f"cannot write {what} into {path}: {reason}. {fix}") from exc
+    return path
+
+
 def _umask() -> int:
     """The process's umask: read from /proc where the kernel reports it, else by setting it and
     putting it back at once (not thread-safe, hence only the fallback)."""

@@ -54,10 +54,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
-from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
-from .functional import FunctionalModel, layers_used_elsewhere, module_mode, shared_parameters
+from .functional import (
+    FunctionalModel,
+    layers_used_elsewhere,
+    module_mode,
+    refuse_batch_statistics,
+    shared_parameters,
+)
 from .layers import capture_layers, rule_for
 from .losses import LossFn
 
@@ -101,13 +106,10 @@ def eval_mode(model: nn.Module) -> module_mode:
 
 
 def _check_batchnorm(model: nn.Module) -> None:
-    for name, m in model.named_modules():
-        if isinstance(m, _BatchNorm) and not m.track_running_stats:
-            raise ValueError(
-                f"model has BatchNorm {name!r} with track_running_stats=False: it normalises with "
-                "batch statistics even in eval mode, so an example's loss depends on the rest of "
-                "the batch and per-example gradients, losses and scores are not defined"
-            )
+    refuse_batch_statistics(
+        model,
+        "per-example gradients, losses and scores are not defined (the route runs in eval mode)",
+    )
 
 
 def _prepare(

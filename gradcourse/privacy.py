@@ -61,7 +61,7 @@ from torch.func import vmap
 from tqdm.auto import tqdm
 
 from . import pergrad
-from .checks import check_int, check_nonnegative, check_number, check_positive
+from .checks import check_finite, check_int, check_nonnegative, check_number, check_positive
 from .functional import flatten
 from .layers import capture_layers
 from .losses import LossFn, get_loss
@@ -94,16 +94,29 @@ ACCOUNTANTS: tuple[str, ...] = ("opacus", "dp_accounting")
 
 def clip(g: Tensor, threshold: float) -> Tensor:
     """Each row of ``g`` (n, P) scaled to norm at most ``threshold``: g_i * min(1, C / ||g_i||)
-    (a zero row stays zero; ``threshold=inf`` returns ``g`` unchanged). A 1-D ``g`` is one row."""
+    (a zero row stays zero; ``threshold=inf`` returns ``g`` unchanged). A 1-D ``g`` is one row.
+
+    The norms and the scaling are computed in float64 and the result cast back, so a float16
+    row whose norm overflows float16 is still scaled to norm C. A row holding a nan or an
+    infinity has no direction to keep: it is refused (ValueError naming the row)."""
     threshold = check_number("threshold", threshold, low=0, low_open=True, allow_inf=True)
+    if not isinstance(g, Tensor) or not g.is_floating_point():
+        got = g.dtype if isinstance(g, Tensor) else type(g).__name__
+        raise ValueError(f"g must be a floating-point tensor of gradients, got {got}")
+    if g.ndim == 0:
+        raise ValueError(
+            "g must be a vector (one gradient) or a matrix (one per row), got a 0-d tensor"
+        )
+    rows = g.reshape(1, -1) if g.ndim == 1 else g.reshape(len(g), -1)
+    check_finite("g", rows)
     if threshold == math.inf:
         return g
-    rows = g.reshape(1, -1) if g.ndim == 1 else g
-    norms = rows.norm(dim=1, keepdim=True)
+    wide = rows.double()
+    norms = wide.norm(dim=1, keepdim=True)
     factor = torch.where(
         norms > threshold, threshold / norms.clamp_min(1e-300), torch.ones_like(norms)
     )
-    return (rows * factor).reshape(g.shape)
+    return (wide * factor).to(g.dtype).reshape(g.shape)
 
 
 def clipped_mean(y: Tensor | np.ndarray, threshold: float) -> float:
@@ -202,14 +215,29 @@ def _clipped_sums(
             weights = [torch.ones(len(x), dtype=torch.float64)]
         else:
             norms = norms.detach().double().cpu()
+            bad = (~torch.isfinite(norms)).nonzero().flatten()
+            if len(bad):  # finite inputs (checked), yet a gradient overflowed: say which
+                raise ValueError(
+                    f"the gradient of example {int(bad[0])} is not finite (norm "
+                    f"{float(norms[bad[0]])}), {len(bad)} of {len(norms)} in the batch: its loss "
+                    "or the model's weights overflow; clipping it would hide that"
+                )
             weights = [torch.where(norms > threshold, threshold / norms.clamp_min(1e-300), 1.0)]
         if with_plain:
             weights.append(torch.ones_like(weights[0]))
         rows = []
         for k, w in enumerate(weights):
             total = (losses * w.to(x.device, fm.dtype)).sum()
-            grads = torch.autograd.grad(total, params, retain_graph=k < len(weights) - 1)
-            rows.append(flatten(grads))
+            grads = torch.autograd.grad(
+                total, params, retain_graph=k < len(weights) - 1, allow_unused=True
+            )
+            # a trainable parameter the loss does not use (an auxiliary head) gets zero
+            rows.append(
+                flatten(
+                    torch.zeros_like(p) if g is None else g
+                    for p, g in zip(params, grads, strict=True)
+                )
+            )
     return torch.stack(rows)
 
 
@@ -279,7 +307,17 @@ def dp_train(
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
     get_loss(loss)
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.ndim == 0 or y.ndim == 0:
+        raise ValueError("x and y must be tensors with one example per row (dim 0)")
     n = len(x)
+    if n == 0:
+        raise ValueError("x must hold at least one example, got 0")
+    if len(y) != n:
+        raise ValueError(
+            f"x and y must hold the same number of examples (dim 0), got {n} and {len(y)}"
+        )
+    check_finite("x", x)
+    check_finite("y", y)
     check_int("steps", steps, 1)
     check_int("batch_size", batch_size, 1, n)
     check_int("every", every, 1)

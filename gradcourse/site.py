@@ -19,7 +19,6 @@ notebook.
 from __future__ import annotations
 
 import copy
-import hashlib
 import html
 import re
 import shutil
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .paths import write_text_atomic
+from .runner import find_notebooks, run_notebook, source_digest, write_notebook
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
@@ -44,26 +44,6 @@ myst_enable_extensions = ["dollarmath"]
 exclude_patterns = ["_build"]
 suppress_warnings = ["mystnb.unknown_mime_type"]
 """
-
-
-def write_notebook(nb: Any, path: Path) -> Path:
-    """Write the notebook ``nb`` to ``path`` as ``nbformat.write`` does (validated, ending in a
-    newline), atomically (:func:`gradcourse.paths.write_text_atomic`)."""
-    import nbformat
-
-    text = nbformat.writes(nb)
-    return write_text_atomic(path, text if text.endswith("\n") else text + "\n")
-
-
-def source_digest(path: Path) -> str:
-    """sha256 of what an executed notebook depends on: its source and the library's code (an
-    executed copy records it, to tell when it is stale)."""
-    digest = hashlib.sha256(path.read_bytes())
-    package = Path(__file__).resolve().parent
-    for module in sorted(package.rglob("*.py")):
-        digest.update(str(module.relative_to(package)).encode())
-        digest.update(module.read_bytes())
-    return digest.hexdigest()
 
 
 def is_current(source: Path, executed: Path, profile: str) -> bool:
@@ -240,8 +220,6 @@ def build(
     site's folder and the notebooks that failed to execute (built all the same, showing
     their error)."""
     from sphinx.cmd.build import build_main
-
-    from .cli import find_notebooks, run_notebook
 
     executed_dir = build_dir / "executed" / profile
     executed, failed = [], []

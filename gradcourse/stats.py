@@ -5,7 +5,8 @@ subset loses at most 1 point against full data": the *upper* or *lower* end of a
 over seeds is compared with the margin, not the mean alone.
 
     diff = gc.stats.paired_interval(acc_pruned, acc_full)      # per-seed pairs
-    claims.check("pruned >= full - 1 point", diff.low, -0.01, compare=">=", kind="paper")
+    claims.check("pruned >= full - 1 point", diff.low, -0.01, compare=">=", kind="paper",
+                 refute=gc.claims.control("a random subset", random_diff.low))
 
     band = gc.stats.bootstrap(lambda g: slope(widths, g), groups, seed=0)   # resample per group
 """
@@ -61,8 +62,14 @@ def paired_interval(
         raise ValueError(f"a paired interval needs at least 2 pairs, got {len(x)}")
     from scipy.stats import t
 
-    d = x - y
-    mean, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
+    with np.errstate(over="ignore", invalid="ignore"):
+        d = x - y
+        mean, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
+    if not (np.isfinite(d).all() and math.isfinite(mean) and math.isfinite(se)):
+        raise ValueError(
+            "the paired differences a - b (or their spread) overflow float64: rescale a and b "
+            f"(largest |a| {np.abs(x).max():.3g}, largest |b| {np.abs(y).max():.3g})"
+        )
     half = float(t.ppf(0.5 + level / 2, df=len(d) - 1)) * se
     return Interval(mean, mean - half, mean + half, level, len(d))
 
@@ -88,8 +95,17 @@ def bootstrap(
         raise ValueError("bootstrap needs at least one group, each with at least 2 values")
     rng = np.random.default_rng(seed)
     estimate = float(statistic(data))
+    if not math.isfinite(estimate):
+        raise ValueError(f"the statistic is not finite on the data ({estimate}): no interval")
     draws = np.empty(num_resamples)
     for r in range(num_resamples):
         draws[r] = statistic([g[rng.integers(0, len(g), len(g))] for g in data])
+    bad = np.flatnonzero(~np.isfinite(draws))
+    if len(bad):
+        raise ValueError(
+            f"the statistic is not finite on {len(bad)} of {num_resamples} resamples (first: "
+            f"resample {bad[0]}, {draws[bad[0]]}), e.g. a slope fitted to resamples whose values "
+            "all coincide: the percentile interval would silently drop them"
+        )
     low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
     return Interval(estimate, float(low), float(high), level, min(len(g) for g in data))

@@ -89,3 +89,35 @@ def test_check_ints_names_the_bad_index_and_refuses_empty_only_when_asked():
         check_ints("widths", [True], 1)
     with pytest.raises(ValueError, match=r"channels must hold at least one int >= 1, got \(\)"):
         check_ints("channels", [], 1, nonempty=True)
+
+
+def test_check_finite_names_the_first_bad_example():
+    import torch
+
+    from gradcourse.checks import check_finite
+
+    check_finite("x", torch.ones(3, 2))
+    check_finite("y", torch.arange(3))  # integers have nothing to check
+    check_finite("x", torch.full((2,), float("nan"), device="meta"))  # no values on meta
+    x = torch.ones(4, 2, 2)
+    x[2, 1, 0], x[3, 0, 0] = float("-inf"), float("nan")
+    with pytest.raises(
+        ValueError, match=r"x must hold finite numbers: example 2 holds inf \(2 of 4"
+    ):
+        check_finite("x", x)
+    with pytest.raises(ValueError, match="it holds nan"):
+        check_finite("t", torch.tensor(float("nan")))
+
+
+def test_check_labels_names_the_range_and_the_dtype():
+    import torch
+
+    from gradcourse.checks import check_labels
+
+    check_labels("y", torch.tensor([0, 2, 1]), 3)
+    with pytest.raises(ValueError, match=r"integer class labels in \[0, 2\], got torch.float32"):
+        check_labels("y", torch.tensor([0.0, 1.0]), 3)
+    with pytest.raises(ValueError, match="got bool"):
+        check_labels("y", torch.tensor([True]), 3)
+    with pytest.raises(ValueError, match="got labels from -1 to 1"):
+        check_labels("y", torch.tensor([-1, 1]), 3)

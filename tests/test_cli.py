@@ -9,7 +9,10 @@ import nbformat
 import pytest
 
 from gradcourse import cli
-from gradcourse.claims import ClaimFailed, Claims
+from gradcourse.claims import ClaimFailed, Claims, rival
+
+# what would refute the test claims: a rival value outside its band (discriminating)
+REFUTE = rival("no effect", 0.0, band=(1.0, 2.0))
 
 ROOT = Path(__file__).resolve().parents[1]
 TOUR = ROOT / "notebooks" / "00_tour.ipynb"
@@ -100,12 +103,12 @@ def test_a_failed_run_replaces_the_previous_record(tmp_path, capsys):
     # run 1 passes and reports; run 2 fails a required claim before report(): `report` must
     # show run 2's failure, not run 1's verdicts as current
     first = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path, verbose=False)
-    first.check("c", 1.0, 1.0, kind="paper")
+    first.check("c", 1.0, 1.0, kind="paper", refute=REFUTE)
     first.report()
     assert cli.main(["report", "--dir", str(tmp_path)]) == 0
     second = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path, verbose=False)
     with pytest.raises(ClaimFailed):
-        second.check("c", 2.0, 1.0, holds_at=("ci",), kind="paper")
+        second.check("c", 2.0, 1.0, holds_at=("ci",), kind="paper", refute=REFUTE)
     capsys.readouterr()
     assert cli.main(["report", "--dir", str(tmp_path)]) == 1
     out = capsys.readouterr().out
@@ -115,11 +118,13 @@ def test_a_failed_run_replaces_the_previous_record(tmp_path, capsys):
 
 def test_a_run_that_stopped_in_another_cell_is_reported(tmp_path, capsys):
     old = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path, verbose=False)
-    old.check("a", 1.0, 1.0, kind="paper")
-    old.check("b", 1.0, 1.0, kind="paper")
+    old.check("a", 1.0, 1.0, kind="paper", refute=REFUTE)
+    old.check("b", 1.0, 1.0, kind="paper", refute=REFUTE)
     old.report()
     new = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path, verbose=False)
-    new.check("a", 1.0, 1.0, kind="paper")  # ... then a cell raised, before claim b and report()
+    new.check(
+        "a", 1.0, 1.0, kind="paper", refute=REFUTE
+    )  # ... then a cell raised, before claim b and report()
     assert cli.main(["report", "--dir", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "1 required here, 1 reproduced" in out
@@ -140,7 +145,7 @@ def test_a_run_that_stopped_in_another_cell_is_reported(tmp_path, capsys):
 )
 def test_report_names_and_skips_a_bad_file(tmp_path, capsys, content, why):
     good = Claims("P", notebook="good", profile="ci", out_dir=tmp_path, verbose=False)
-    good.check("c", 1.0, 1.0, kind="paper")
+    good.check("c", 1.0, 1.0, kind="paper", refute=REFUTE)
     good.report()
     capsys.readouterr()
     (tmp_path / "bad.claims.json").write_bytes(content)
@@ -232,10 +237,11 @@ def test_repoll_slices_long_waits_and_keeps_the_overall_timeout(monkeypatch) -> 
     import queue
     import types
 
-    from gradcourse.cli import _repoll
+    from gradcourse import runner
+    from gradcourse.runner import _repoll
 
     clock = [1000.0]
-    monkeypatch.setattr(cli, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(runner, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
 
     class Channel:
         def __init__(self, ready_after: int | None) -> None:
@@ -286,3 +292,51 @@ def test_update_readme_rewrites_only_the_scorecard_block(tmp_path, capsys):
     assert updated.startswith("intro é\n") and updated.endswith(f"{results.SCORECARD_END}\nrest\n")
     assert "old" not in updated and "| notebook |" in updated
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "results"]
+
+
+def test_the_runner_is_shared_and_the_cli_and_site_do_not_import_each_other():
+    import ast
+    from pathlib import Path
+
+    import gradcourse
+
+    package = Path(gradcourse.__file__).parent
+
+    def imports(name):
+        tree = ast.parse((package / f"{name}.py").read_text())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                found.add(node.module)
+        return found
+
+    assert "cli" not in imports("site") and "runner" in imports("site")
+    assert "runner" in imports("cli") and "cli" not in imports("runner")
+    assert "site" not in imports("runner")
+
+
+def test_run_refuses_an_unwritable_folder_before_running_anything(tmp_path, monkeypatch):
+    from gradcourse import runner
+
+    ran = []
+    monkeypatch.setattr(cli, "run_notebook", lambda *a, **k: ran.append(a))
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")  # root can write anywhere: a file in the way stops it
+    with pytest.raises(SystemExit, match=r"cannot write the executed notebooks .* --out"):
+        cli.main(["run", "00_tour", "--profile", "ci", "--out", str(blocked / "out")])
+    monkeypatch.setenv("GRADCOURSE_RESULTS", str(blocked / "results"))
+    with pytest.raises(SystemExit, match=r"recorded verdicts of profile 'ci'.*GRADCOURSE_RESULTS"):
+        cli.main(["run", "00_tour", "--profile", "ci", "--out", str(tmp_path / "ok"), "--record"])
+    with pytest.raises(SystemExit, match=r"cannot write the executed notebooks and the site"):
+        cli.main(["site", "--profile", "ci", "--build", str(blocked / "b")])
+    assert ran == [] and runner.find_notebooks()
+
+
+def test_check_writable_names_the_folder_and_leaves_nothing(tmp_path):
+    from gradcourse.paths import NotWritable, check_writable
+
+    assert check_writable(tmp_path / "new" / "sub", "x", "fix") == tmp_path / "new" / "sub"
+    assert list((tmp_path / "new" / "sub").iterdir()) == []
+    (tmp_path / "f").write_text("")
+    with pytest.raises(NotWritable, match=r"cannot write records into .*f/d: .*Do this\."):
+        check_writable(tmp_path / "f" / "d", "records", "Do this.")

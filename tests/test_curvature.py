@@ -535,3 +535,22 @@ def test_estimator_bad_arguments(tanh_ce):
         with pytest.raises(ValueError, match=word):
             call()
     assert math.isinf(C.hutchinson_trace(op, 1).stderr)
+
+
+def test_batchnorm_without_running_statistics_is_refused_in_eval_mode_too():
+    """The shared check of every route: such a BatchNorm uses the batch's statistics in eval
+    mode, so the products would depend on how the data are split into batches."""
+    from torch import nn
+
+    from gradcourse import curvature, ntk
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(4, 5), nn.BatchNorm1d(5, track_running_stats=False), nn.Tanh(), nn.Linear(5, 3)
+    ).eval()
+    x, y = torch.randn(6, 4), torch.arange(6) % 3
+    for build in (curvature.HessianOperator, curvature.GGNOperator):
+        with pytest.raises(ValueError, match="track_running_stats=False: .* curvature"):
+            build(net, "ce", (x, y))
+    with pytest.raises(ValueError, match="track_running_stats=False: .* NTK"):
+        ntk.empirical_ntk(net, x)

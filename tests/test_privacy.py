@@ -310,3 +310,94 @@ def test_feedback_noise_ratio_by_hand():
     assert pv.feedback_noise_ratio(1.2, 0.1, 0.1, 256, "sum") == pytest.approx(0.6)
     with pytest.raises(ValueError, match="feedback_scale must be one of"):
         pv.feedback_noise_ratio(1.0, 1.0, 1.0, 4, "batch")
+
+
+# ------------------------------------------------------------------- the edges (issue #28)
+
+
+class WithAux(nn.Module):
+    """A body the loss uses and an auxiliary head it does not: the head gets zero gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.aux = nn.Linear(6, 3), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_an_unused_trainable_parameter_gets_a_zero_clipped_gradient():
+    torch.manual_seed(0)
+    net = WithAux().double()
+    x, y = torch.randn(7, 6, dtype=F64), torch.arange(7) % 3
+    rows = []
+    for i in range(7):  # the reference: per-example gradients of the body, one at a time
+        g = torch.autograd.grad(
+            nn.functional.cross_entropy(net(x[i : i + 1]), y[i : i + 1]),
+            list(net.body.parameters()),
+        )
+        rows.append(torch.cat([t.flatten() for t in g]))
+    rows = torch.stack(rows)
+    c = float(rows.norm(dim=1).median())
+    got = pv.clipped_sum(net, "ce", x, y, c)
+    body = sum(p.numel() for p in net.body.parameters())
+    torch.testing.assert_close(got[:body], pv.clip(rows, c).sum(0), rtol=1e-10, atol=1e-12)
+    assert torch.equal(got[body:], torch.zeros(len(got) - body, dtype=F64))
+    before = [p.detach().clone() for p in net.aux.parameters()]
+    pv.dp_train(net, x, y, lr=0.1, steps=3, batch_size=3, noise_multiplier=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.aux.parameters(), strict=True))
+
+
+def test_non_finite_inputs_and_bad_labels_are_refused_by_name():
+    net = MLP(6, (5,), 3, seed=0, dtype=F64)
+    x, y = torch.randn(8, 6, dtype=F64), torch.arange(8) % 3
+    bad = x.clone()
+    bad[5, 2] = math.nan
+    with pytest.raises(ValueError, match="x must hold finite numbers: example 5 holds nan"):
+        pv.clipped_sum(net, "ce", bad, y, 1.0)
+    with pytest.raises(ValueError, match="example 5 holds nan"):
+        pv.dp_train(net, bad, y, lr=0.1, steps=2, batch_size=4)
+    from gradcourse import pergrad
+
+    with pytest.raises(ValueError, match="example 5 holds nan"):  # the same check, shared
+        pergrad.per_example_grad_norms(net, "ce", bad, y)
+    with pytest.raises(ValueError, match="integer class labels"):
+        pv.clipped_sum(net, "ce", x, y.double(), 1.0)
+    with pytest.raises(ValueError, match=r"lie in \[0, 2\] for a model with 3 outputs"):
+        pv.clipped_sum(net, "ce", x, y + 3, 1.0)
+    soft = torch.full((8, 3), 1 / 3, dtype=F64)  # class probabilities are a valid target
+    assert torch.isfinite(pv.clipped_sum(net, "ce", x, soft, 1.0)).all()
+
+
+def test_a_gradient_that_overflows_is_named_not_clipped_to_zero():
+    net = nn.Linear(4, 3)
+    with torch.no_grad():
+        net.weight.fill_(3e38)  # float32: finite weights, infinite logits
+    x, y = torch.ones(5, 4), torch.arange(5) % 3
+    with pytest.raises(ValueError, match="gradient of example 0 is not finite"):
+        pv.clipped_sum(net, "ce", x, y, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "message"),
+    [
+        (torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), "at least one example"),
+        (torch.zeros(8, 4), torch.zeros(10, dtype=torch.long), "got 8 and 10"),
+        (torch.zeros(8, 4), torch.zeros(5, dtype=torch.long), "got 8 and 5"),
+    ],
+)
+def test_dp_train_checks_its_batch_before_training(x, y, message):
+    with pytest.raises(ValueError, match=message):
+        pv.dp_train(nn.Linear(4, 3), x, y, lr=0.1, steps=3, batch_size=4)
+
+
+def test_clip_refuses_what_has_no_direction_and_keeps_float16_in_range():
+    with pytest.raises(ValueError, match="example 1 holds inf"):
+        pv.clip(torch.tensor([[1.0, 0.0], [math.inf, 0.0]]), 1.0)
+    with pytest.raises(ValueError, match="floating-point"):
+        pv.clip(torch.tensor([[3, 4]]), 1.0)
+    with pytest.raises(ValueError, match="0-d"):
+        pv.clip(torch.tensor(3.0), 1.0)
+    half = pv.clip(torch.tensor([[60000.0, 60000.0]], dtype=torch.float16), 1.0)
+    assert half.dtype == torch.float16
+    assert float(half.double().norm()) == pytest.approx(1.0, rel=1e-3)  # float16's rounding

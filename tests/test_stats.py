@@ -77,3 +77,23 @@ def test_bootstrap_coverage_of_a_mean():
 def test_bad_arguments_are_named(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_paired_interval_refuses_differences_that_overflow():
+    big = np.array([1e308, -1e308, 1e308])
+    with pytest.raises(ValueError, match="overflow float64"):
+        stats.paired_interval(big, -big)
+
+
+def test_bootstrap_refuses_a_statistic_that_is_not_finite_on_a_resample():
+    # the slope of a line through resampled points: a resample whose x values all coincide
+    # has no slope (0/0); dropping it silently would bias the percentiles
+    def slope(groups):
+        x = groups[0]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return float(np.polyfit(x, 2 * x, 1)[0]) if np.ptp(x) > 0 else float("nan")
+
+    with pytest.raises(ValueError, match="not finite on .* resamples"):
+        stats.bootstrap(slope, [np.array([0.0, 1.0])], num_resamples=50)
+    with pytest.raises(ValueError, match="not finite on the data"):
+        stats.bootstrap(lambda g: float("inf"), [np.array([0.0, 1.0])], num_resamples=50)
