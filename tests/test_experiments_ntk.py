@@ -262,6 +262,58 @@ def test_circle_fit_run_is_deterministic_and_fits():
     assert float(a["loss"][0]) < 1e-3
 
 
+def test_circle_predictors_against_solves_and_monte_carlo():
+    angles = [-2.5, -0.8, 0.6, 2.2]
+    p = nx.circle_predictors(angles, lr=1.0, steps=50, n_grid=11)
+    limit = nx.circle_limit(angles, lr=1.0, steps=50, n_grid=11)
+    torch.testing.assert_close(p["ntk"], limit["A"])
+    torch.testing.assert_close(p["std"], limit["std"])
+    task = nx.circle_task(angles, 11)
+    k_all = ntk.analytic_ntk(torch.cat([task["x_grid"], task["x"]]), depth=3, bias_scale=0.1)[0]
+    k_gt, k_tt = k_all[:11, 11:], k_all[11:, 11:]
+    torch.testing.assert_close(p["k_train"], k_tt)
+    # the NNGP posterior mean operator K(x, X) K^{-1}, by a solve
+    torch.testing.assert_close(p["nngp"], torch.linalg.solve(k_tt, k_gt.T).T, rtol=1e-8, atol=1e-9)
+    # the expected distance between the two own-predictions, by Monte Carlo over f0 ~ GP(0, K)
+    g = torch.Generator().manual_seed(0)
+    f0 = (
+        torch.randn(20_000, 11 + 4, generator=g, dtype=DT)
+        @ torch.linalg.cholesky(k_all + 1e-12 * torch.eye(15, dtype=DT)).T
+    )
+    runs = {"f0_grid": f0[:, :11], "f0_train": f0[:, 11:]}
+    diff = nx.own_predictions(runs, p["ntk"], p["y"]) - nx.own_predictions(runs, p["nngp"], p["y"])
+    mc = float(diff.pow(2).mean().sqrt())
+    assert p["distance"] == pytest.approx(mc, rel=0.02)
+    assert p["distance"] > 0.01
+
+
+def test_own_prediction_gaps_by_hand():
+    a = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]], dtype=DT)
+    y = torch.tensor([1.0, -1.0], dtype=DT)
+    runs = {
+        "f0_grid": torch.tensor([[0.1, 0.2, 0.3], [0.0, 0.0, 0.0]], dtype=DT),
+        "f0_train": torch.tensor([[0.5, 0.5], [0.0, 0.0]], dtype=DT),
+    }
+    own = nx.own_predictions(runs, a, y)
+    # net 0: f0 - A (f0(X) - Y) = (0.1, 0.2, 0.3) - A (-0.5, 1.5) = (0.6, -0.3, -1.2)
+    torch.testing.assert_close(own[0], torch.tensor([0.6, -0.3, -1.2], dtype=DT))
+    torch.testing.assert_close(own[1], a @ y)
+    runs["fT_grid"] = own + torch.tensor([[0.3], [0.0]], dtype=DT)
+    torch.testing.assert_close(
+        nx.own_prediction_gaps(runs, a, y), torch.tensor([0.3, 0.0]).double()
+    )
+
+
+def test_circle_fit_runs_stack_and_cache(tmp_path):
+    cache = Cache(tmp_path)
+    kw = dict(depth=1, steps=3, n_grid=5, lr=1.0, linearized=True)
+    runs = nx.circle_fit_runs([8, 16], [0, 2], [-1.0, 1.0], cache=cache, **kw)
+    assert runs[8]["fT_grid"].shape == (2, 5) and runs[16]["flin_grid"].shape == (2, 5)
+    one = nx.circle_fit_run(16, [-1.0, 1.0], seed=2, **kw)
+    torch.testing.assert_close(runs[16]["fT_grid"][1], one["fT_grid"])
+    assert len(list(tmp_path.glob("ntk-circle-fit-*.npz"))) == 4
+
+
 # ----------------------------------------------------------------------------- Fig. 3
 
 
@@ -288,8 +340,55 @@ def test_pc_run_records_and_follows_kernel_gd_when_wide():
     pred = nx.pc_prediction(pc["eigvals"], coeffs, lr=1.0, steps=20)
     dev = nx.line_deviation(run, pred)
     assert dev.max() < 0.1 * 0.5  # width 2048: within 10% of the target's size
+    stacked = nx.line_deviation({k: torch.stack([v, v]) for k, v in run.items()}, pred)
+    assert stacked.shape == (2, 21) and torch.equal(stacked[1], dev)
     with pytest.raises(ValueError, match="pcs"):
         nx.pc_run(8, x, pc["pcs"], [0.5])
+
+
+def test_pc_run_linearised_prediction_is_gd_on_the_linearised_net():
+    """proj_lin against GD run by hand on gc.ntk.linearize's model (Lee et al. 2019, eq. 5),
+    and the Rayleigh quotients against the explicit-Jacobian NTK."""
+    x = torch.randn(10, 3, generator=torch.Generator().manual_seed(2), dtype=DT)
+    pc = nx.kernel_pcs(x, depth=2, k=3)
+    coeffs, steps, lr = [0.3, 0.5, -0.4], 6, 1.0
+    run = nx.pc_run(16, x, pc["pcs"], coeffs, depth=2, seed=1, steps=steps, lr=lr)
+    assert run["proj_lin"].shape == (steps + 1, 3) and run["quot0"].shape == (3,)
+    model = nx.make_net(3, 16, 2, seed=1)
+    theta0 = ntk.empirical_ntk(model, x, method="jacobian")
+    torch.testing.assert_close(run["quot0"], nx.rayleigh_quotients(theta0, pc["pcs"]))
+    f_lin = ntk.linearize(model)
+    params = {k: v.clone() for k, v in f_lin.params0.items()}
+    with torch.no_grad():
+        f0 = model(x)[:, 0]
+    target = f0 + torch.tensor(coeffs, dtype=DT) @ pc["pcs"]
+
+    def cost(p):
+        return 0.5 * (f_lin(p, x)[:, 0] - target).pow(2).mean()
+
+    by_hand = [torch.zeros(3, dtype=DT)]
+    for _ in range(steps):
+        grads = torch.func.grad(cost)(params)
+        params = {k: v - lr * grads[k] for k, v in params.items()}
+        by_hand.append(pc["pcs"] @ (f_lin(params, x)[:, 0].detach() - f0) / 10)
+    torch.testing.assert_close(run["proj_lin"], torch.stack(by_hand), rtol=1e-8, atol=1e-10)
+
+
+def test_rayleigh_quotients_are_eigenvalues_on_eigenvectors():
+    x = torch.randn(12, 4, generator=torch.Generator().manual_seed(5), dtype=DT)
+    pc = nx.kernel_pcs(x, depth=2, k=3)
+    theta = nx.analytic(x, depth=2, beta=nx.PAPER_BETA)[1]
+    torch.testing.assert_close(nx.rayleigh_quotients(theta, pc["pcs"]), pc["eigvals"])
+
+
+def test_pc_runs_stack_and_cache(tmp_path):
+    cache = Cache(tmp_path)
+    kw = dict(dataset="mnist1d", n=20, depth=1, steps=4, lr=1.0)
+    runs = nx.pc_runs([8], [0, 1], [0.0, 0.5], cache=cache, **kw)
+    assert runs[8]["proj"].shape == (2, 5, 2) and runs[8]["proj_lin"].shape == (2, 5, 2)
+    one = nx.pc_experiment(8, [0.0, 0.5], seed=1, **kw)
+    torch.testing.assert_close(runs[8]["proj"][1], one["proj"])
+    assert len(list(tmp_path.glob("ntk-pc-lin-run-*.npz"))) == 2
 
 
 def test_pc_prediction_is_kernel_gradient_descent_along_the_pcs():
@@ -312,10 +411,22 @@ def test_half_times_and_prediction():
     torch.testing.assert_close(pred[0], torch.zeros(2, dtype=DT))
     torch.testing.assert_close(pred[3], torch.tensor([1 - 0.5**3, -2 * (1 - 0.9**3)], dtype=DT))
     t = nx.half_times(pred, [1.0, -2.0])
-    assert t.tolist() == [1.0, 7.0]  # 1 - 0.9^7 = 0.52 is the first above 1/2
+    # PC1 reaches exactly 1/2 at step 1; PC2 crosses between step 6 (1 - 0.9^6 = 0.469) and
+    # step 7 (0.522), interpolated linearly
+    lo, hi = 1 - 0.9**6, 1 - 0.9**7
+    assert t[0].item() == 1.0
+    assert t[1].item() == pytest.approx(6 + (0.5 - lo) / (hi - lo), rel=1e-12)
+    # the continuous half-time of the recursion, ln 2 / -ln(1 - lambda), to a small fraction
+    assert t[1].item() == pytest.approx(math.log(2) / -math.log(0.9), abs=0.05)
     assert math.isinf(nx.half_times(pred[:3], [1.0, -2.0])[1])
+    # already half-learnt at t = 0, and leading (seed) dimensions kept
+    assert nx.half_times(torch.full((4, 1), 0.7, dtype=DT), [1.0]).tolist() == [0.0]
+    stacked = nx.half_times(torch.stack([pred, pred]), [1.0, -2.0])
+    assert stacked.shape == (2, 2) and torch.equal(stacked[1], t)
     with pytest.raises(ValueError, match="non-zero"):
         nx.half_times(pred, [1.0, 0.0])
+    ratios = nx.half_time_ratios(torch.stack([t, 2 * t]), t)
+    torch.testing.assert_close(ratios, torch.full((2,), 1.5, dtype=DT))
 
 
 def test_pc_inputs_refuses_unknown_dataset():
@@ -359,13 +470,100 @@ def test_explore_kernel_extremes_and_cache(tmp_path, width, depth, beta):
 # ----------------------------------------------------------------------------- scaling statistics
 
 
-def test_init_grams_are_the_kernel_runs_initial_grams():
-    grams = nx.init_grams(32, [0, 3], depth=2, n_train=5)
+def test_init_kernels_are_the_kernel_runs_initial_kernels(tmp_path):
+    init = nx.init_kernels(32, [0, 3], depth=2, n_train=5, n_angles=7)
+    assert init["curve0"].shape == (2, 7) and init["gram0"].shape == (2, 5, 5)
     for i, seed in enumerate((0, 3)):
-        run = nx.kernel_run(32, depth=2, seed=seed, steps=1, n_train=5, n_angles=3)
-        torch.testing.assert_close(grams[i], run["gram0"])
+        run = nx.kernel_run(32, depth=2, seed=seed, steps=1, n_train=5, n_angles=7)
+        torch.testing.assert_close(init["gram0"][i], run["gram0"])
+        torch.testing.assert_close(init["curve0"][i], run["curve0"])
+    grams = nx.init_grams(32, [0, 3], depth=2, n_train=5)
+    torch.testing.assert_close(grams, init["gram0"])
     with pytest.raises(ValueError, match="seeds"):
         nx.init_grams(32, [])
+    cache = Cache(tmp_path)
+    kw = dict(depth=2, n_train=5, n_angles=7)
+    runs = nx.init_kernel_runs([16, 32], [0, 3], cache=cache, **kw)
+    torch.testing.assert_close(runs[32]["curve0"], init["curve0"])
+    assert len(list(tmp_path.glob("ntk-init-kernels-*.npz"))) == 2
+    again = nx.init_kernel_runs([32], [0, 3], cache=cache, **kw)
+    assert torch.equal(again[32]["gram0"], runs[32]["gram0"])
+
+
+def test_init_statistics_by_hand():
+    limit = torch.tensor([1.0, 2.0], dtype=DT)
+    curves = torch.tensor([[1.1, 2.2], [0.9, 2.0], [1.3, 1.9]], dtype=DT)
+    s = nx.init_statistics(curves, limit)
+    scale = math.sqrt((1 + 4) / 2)
+    mean = curves.mean(0)
+    std = curves.std(0)  # correction 1
+    assert s["mean_error"] == pytest.approx(float((mean - limit).pow(2).mean().sqrt()) / scale)
+    assert s["spread"] == pytest.approx(float(std.pow(2).mean().sqrt()) / scale)
+    assert s["mean_stderr"] == pytest.approx(s["spread"] / math.sqrt(3))
+    assert nx.spread(curves) == pytest.approx(s["spread"] * scale)
+    with pytest.raises(ValueError, match="curves"):
+        nx.init_statistics(curves[:1], limit)
+
+
+def test_limit_rivals_are_distances_from_the_limit():
+    r = nx.limit_rivals(depth=3, beta=0.1, n_angles=9)
+    assert set(r) == {
+        "the limit with beta = 0",
+        "the depth-4 limit",
+        "the depth-2 limit",
+        "the NNGP kernel",
+    }
+    xs = nx.circle(nx.angle_grid(9))
+    x0 = xs.new_tensor([[1.0, 0.0]])
+    lim = ntk.analytic_ntk(xs, x0, depth=3, bias_scale=0.1)[1][:, 0]
+    deeper = ntk.analytic_ntk(xs, x0, depth=4, bias_scale=0.1)[1][:, 0]
+    rel = float((deeper - lim).pow(2).mean().sqrt() / lim.pow(2).mean().sqrt())
+    assert r["the depth-4 limit"] == pytest.approx(rel)
+    assert all(v > 0.05 for v in r.values())
+    # at beta = 0 the "beta = 0" rival is the limit itself; depth 1 has no shallower rival
+    assert nx.limit_rivals(depth=1, beta=0.0, n_angles=9)["the limit with beta = 0"] == 0.0
+    assert "the depth-0 limit" not in nx.limit_rivals(depth=1, n_angles=9)
+
+
+def test_bootstrap_seeds_resamples_nets_within_each_sample():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(30, 3, generator=gen, dtype=DT) + 2.0
+    b = torch.randn(20, 3, generator=gen, dtype=DT)
+    band = nx.bootstrap_seeds(lambda u, v: float(u.mean() - v.mean()), a, b, seed=1)
+    # the same bootstrap on the per-net row means, through gradcourse.stats directly
+    from gradcourse import stats
+
+    ref = stats.bootstrap(
+        lambda g: float(g[0].mean() - g[1].mean()),
+        [a.mean(1).numpy(), b.mean(1).numpy()],
+        seed=1,
+    )
+    assert band.estimate == pytest.approx(ref.estimate)
+    assert band.low == pytest.approx(ref.low) and band.high == pytest.approx(ref.high)
+    assert band.low < 2.0 < band.high and band.n == 20
+    rms = nx.rms_band(torch.full((5,), 3.0, dtype=DT))
+    assert rms.estimate == rms.low == rms.high == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="at least one"):
+        nx.bootstrap_seeds(lambda: 0.0)
+
+
+def test_band_distance_is_signed():
+    from gradcourse.stats import Interval
+
+    band = Interval(-0.8, -1.1, -0.6, 0.9, 10)
+    assert nx.band_distance(band, -0.5) == pytest.approx(0.1)  # above the upper end
+    assert nx.band_distance(band, -1.0) == pytest.approx(-0.1)  # inside, 0.1 from the low end
+    assert nx.band_distance(band, -1.3) == pytest.approx(0.2)
+
+
+def test_bound_slack_by_hand():
+    # a quantity falling like width^-1 over widths 100..1600 against a width^-1/2 bound:
+    # at the widest width the bound allows 16^-1/2 = 1/4 of the narrow value, it measures 1/16
+    assert nx.bound_slack([100, 400, 1600], -1.0) == pytest.approx(4.0)
+    assert nx.bound_slack([100, 1600], -0.5) == pytest.approx(1.0)
+    assert nx.bound_slack([100, 1600], -0.25) < 1  # a violation
+    with pytest.raises(ValueError, match="widths"):
+        nx.bound_slack([100], -1.0)
 
 
 def test_relative_deviations_change_and_inflation_by_hand():
@@ -378,6 +576,13 @@ def test_relative_deviations_change_and_inflation_by_hand():
     runs = {"gram0": grams, "gramT": torch.stack([3 * limit, 2 * limit])}
     torch.testing.assert_close(nx.per_seed_change(runs), torch.tensor([2.0, 0.0]).double())
     torch.testing.assert_close(nx.per_seed_inflation(runs), torch.tensor([2.0, 0.0]).double())
+    torch.testing.assert_close(nx.per_seed_growth(runs), torch.tensor([2.0, 0.0]).double())
+    # a change orthogonal to the initial kernel inflates its norm but does not grow it
+    ortho = torch.tensor([[1.0, 0.0], [0.0, -1.0]], dtype=DT)
+    eye = torch.eye(2, dtype=DT)
+    turned = {"gram0": eye[None], "gramT": (eye + 0.5 * ortho)[None]}
+    assert float(nx.per_seed_growth(turned)[0]) == pytest.approx(0.0, abs=1e-15)
+    assert float(nx.per_seed_inflation(turned)[0]) == pytest.approx(math.sqrt(1.25) - 1)
 
 
 def test_slope_with_band_recovers_a_planted_power_law():

@@ -9,11 +9,17 @@ descent); this module adds what is specific to the paper's section 6:
   ReLU, beta = 0.1, scalar output) and full-batch GD on C = 1/n sum 1/2 (f - y)^2;
 - :func:`kernel_run`, :func:`kernel_runs`, :func:`kernel_statistics`  Fig. 1 and the scaling
   laws: Theta(x0, x) on the unit circle and the Gram matrix of the training inputs, at
-  initialisation and after training, against the analytic limit;
-- :func:`gaussian_limit`, :func:`circle_fit_run`  Fig. 2: the t -> infinity (or step-k)
-  Gaussian distribution of the trained infinite-width network, against trained finite nets;
-- :func:`kernel_pcs`, :func:`pc_run`  Fig. 3: training towards targets along the kernel's
-  principal components;
+  initialisation and after training, against the analytic limit; :func:`init_kernel_runs`,
+  :func:`init_statistics`  the same at initialisation only, over many untrained nets (cheap);
+  :func:`limit_rivals`  the curves of competing kernels, as distances from the limit;
+- :func:`gaussian_limit`, :func:`circle_fit_run`, :func:`circle_fit_runs`  Fig. 2: the
+  t -> infinity (or step-k) Gaussian distribution of the trained infinite-width network, against
+  trained finite nets; :func:`circle_predictors`, :func:`own_prediction_gaps`  each net against
+  its own infinite-width prediction (NTK, or the NNGP posterior as a rival);
+- :func:`kernel_pcs`, :func:`pc_run`, :func:`pc_runs`  Fig. 3: training towards targets along
+  the kernel's principal components, with each net's own linearised prediction;
+- :func:`bootstrap_seeds`, :func:`slope_with_band`, :func:`bound_slack`  intervals over
+  initialisations, and how much room a power-law bound leaves;
 - :func:`explore_kernel`  the notebook's sliders.
 
 Depth: Jacot's "depth L = 4" counts the linear layers (the network has layers 0..L), so it is
@@ -26,10 +32,12 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from .. import data, losses, models, ntk
+from .. import data, losses, models, ntk, stats
 from ..cache import Cache, cached  # cached: re-exported for the notebooks
 from ..checks import check_int, check_nonnegative, check_number, check_positive
 from ..train import Diverged
@@ -38,9 +46,6 @@ DTYPE = torch.float64
 #: Jacot et al.'s L = 4 linear layers = 3 hidden layers (our ``depth``).
 PAPER_DEPTH = 3
 PAPER_BETA = 0.1
-
-
-# ----------------------------------------------------------------------------- checks
 
 
 # ----------------------------------------------------------------------------- nets and data
@@ -224,53 +229,195 @@ def kernel_runs(
 ) -> dict[int, dict[str, Tensor]]:
     """:func:`kernel_run` for every width and seed (each cached on its own, so experiments that
     share widths share runs): width -> results stacked over seeds (leading dimension)."""
+    return _over_widths_and_seeds(
+        "ntk-kernel-run", kernel_run, widths, seeds, cache, device, progress, config
+    )
+
+
+def _over_widths_and_seeds(
+    name: str,
+    fn: Callable[..., dict[str, Tensor]],
+    widths: Sequence[int],
+    seeds: Sequence[int],
+    cache: Cache | None,
+    device: str | torch.device | None,
+    progress: bool,
+    config: Mapping[str, Any],
+) -> dict[int, dict[str, Tensor]]:
+    """``fn(width=w, seed=s, device=device, **config)`` for every width and seed, each cached
+    on its own under ``name``: width -> results stacked over seeds (leading dimension). A
+    ``tqdm.auto`` bar over the runs when ``progress``."""
     if not widths or not seeds:
         raise ValueError("widths and seeds must not be empty")
     out = {}
+    bar = tqdm(total=len(widths) * len(seeds), desc=name, disable=not progress, leave=False)
     for width in widths:
         runs = []
         for seed in seeds:
-            if progress:
-                print(f"\rwidth {width}, seed {seed} ", end="", flush=True)
+            bar.set_postfix(width=int(width), seed=int(seed))
             runs.append(
-                cached(
-                    cache,
-                    "ntk-kernel-run",
-                    kernel_run,
-                    width=int(width),
-                    seed=int(seed),
-                    device=device,
-                    **config,
-                )
+                cached(cache, name, fn, width=int(width), seed=int(seed), device=device, **config)
             )
+            bar.update()
         out[int(width)] = {k: torch.stack([r[k] for r in runs]) for k in runs[0]}
-    if progress:
-        print("\r", end="")
+    bar.close()
     return out
 
 
-def init_grams(
+def init_kernels(
     width: int,
     seeds: Sequence[int],
     *,
     depth: int = PAPER_DEPTH,
     beta: float = PAPER_BETA,
     n_train: int = 16,
+    n_angles: int = 61,
     data_seed: int = 0,
     device: str | torch.device | None = None,
-) -> Tensor:
-    """The empirical NTK Gram matrix Theta_0(X, X) on the training inputs of
-    :func:`gaussian_task` at initialisation, for every seed: (S, n, n), float64, CPU. No
-    training, so many initialisations are cheap (the statistics of Fig. 1 need them)."""
+) -> dict[str, Tensor]:
+    """:func:`kernel_run`'s kernels at initialisation only, for every seed: ``curve0`` (S, m),
+    Theta_0(x0, x) on the circle, and ``gram0`` (S, n, n), Theta_0(X, X) on the training inputs
+    of :func:`gaussian_task`; float64, CPU. No training, so many initialisations are cheap (the
+    statistics of Fig. 1 at initialisation need them)."""
     check_int("width", width, 1)
+    check_int("n_angles", n_angles, 2)
     if not seeds:
         raise ValueError("seeds must not be empty")
     x, _ = gaussian_task(n_train, seed=data_seed)
-    grams = []
+    curves, grams = [], []
     for seed in seeds:
-        model, x_on = _net_with(2, width, depth, beta, int(seed), device, x)
-        grams.append(ntk.empirical_ntk(model, x_on).cpu())
-    return torch.stack(grams)
+        model, x_on, xs, x0 = _net_with(
+            2, width, depth, beta, int(seed), device, x, *_probe_circle(n_angles)
+        )
+        curve, gram = _fig1_kernels(model, x0, xs, x_on)
+        curves.append(curve)
+        grams.append(gram)
+    return {"curve0": torch.stack(curves), "gram0": torch.stack(grams)}
+
+
+def init_grams(width: int, seeds: Sequence[int], **config: Any) -> Tensor:
+    """The Gram matrices Theta_0(X, X) of :func:`init_kernels`, (S, n, n)."""
+    return init_kernels(width, seeds, **config)["gram0"]
+
+
+def init_kernel_runs(
+    widths: Sequence[int],
+    seeds: Sequence[int],
+    *,
+    cache: Cache | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    **config: Any,
+) -> dict[int, dict[str, Tensor]]:
+    """:func:`init_kernels` for every width (each width cached on its own, with its seeds):
+    width -> ``curve0`` (S, m) and ``gram0`` (S, n, n). A ``tqdm.auto`` bar over the widths."""
+    if not widths or not seeds:
+        raise ValueError("widths and seeds must not be empty")
+    seeds = [int(s) for s in seeds]
+    return {
+        int(w): cached(
+            cache,
+            "ntk-init-kernels",
+            init_kernels,
+            width=int(w),
+            seeds=seeds,
+            device=device,
+            **config,
+        )
+        for w in tqdm(widths, desc="kernels at initialisation", disable=not progress, leave=False)
+    }
+
+
+def init_statistics(curves: Tensor, limit_curve: Tensor) -> dict[str, float]:
+    """Fig. 1's statistics at initialisation over S untrained nets, ``curves`` (S, m) of
+    Theta_0(x0, x) against the limit (m,), each relative to RMS(limit):
+
+    - ``mean_error``: RMS over angles of (mean over nets - limit);
+    - ``mean_stderr``: RMS over angles of the standard error of that mean (its sampling noise);
+    - ``spread``: RMS over angles of the standard deviation over nets (the fluctuation).
+    """
+    s = curves.shape[0]
+    if curves.ndim != 2 or s < 2 or curves.shape[1] != limit_curve.shape[0]:
+        raise ValueError(
+            f"curves must be (S >= 2, {limit_curve.shape[0]}), got {tuple(curves.shape)}"
+        )
+    scale = float(limit_curve.pow(2).mean().sqrt())
+    rms = lambda t: float(t.pow(2).mean().sqrt()) / scale  # noqa: E731
+    std = curves.std(0, correction=1)
+    return {
+        "mean_error": rms(curves.mean(0) - limit_curve),
+        "mean_stderr": rms(std / math.sqrt(s)),
+        "spread": rms(std),
+    }
+
+
+def spread(curves: Tensor) -> float:
+    """RMS over angles of the standard deviation over nets of ``curves`` (S, m): the kernel's
+    fluctuation (not normalised)."""
+    return float(curves.std(0, correction=1).pow(2).mean().sqrt())
+
+
+def limit_rivals(
+    *, depth: int = PAPER_DEPTH, beta: float = PAPER_BETA, n_angles: int = 61
+) -> dict[str, float]:
+    """How far competing kernels' curves Theta(x0, x) on the circle lie from the paper's limit
+    (depth ``depth``, bias scale ``beta``), as RMS(rival - limit) / RMS(limit): the value of
+    :func:`init_statistics`'s ``mean_error`` if the nets' mean were the rival. Rivals: the limit
+    with beta = 0 (no biases), with one hidden layer fewer and one more, and the NNGP kernel
+    Sigma (the covariance of the outputs, not the tangent kernel)."""
+    xs, x0 = _probe_circle(n_angles)
+    nngp, lim = analytic(xs, x0, depth=depth, beta=beta)
+    lim, scale = lim[:, 0], float(lim.pow(2).mean().sqrt())
+    rivals = {
+        "the limit with beta = 0": analytic(xs, x0, depth=depth, beta=0.0)[1][:, 0],
+        f"the depth-{depth + 1} limit": analytic(xs, x0, depth=depth + 1, beta=beta)[1][:, 0],
+        "the NNGP kernel": nngp[:, 0],
+    }
+    if depth > 1:
+        rivals[f"the depth-{depth - 1} limit"] = analytic(xs, x0, depth=depth - 1, beta=beta)[1][
+            :, 0
+        ]
+    return {k: float((v - lim).pow(2).mean().sqrt()) / scale for k, v in rivals.items()}
+
+
+def bootstrap_seeds(
+    statistic: Callable[..., float],
+    *samples: Tensor,
+    level: float = 0.9,
+    num_resamples: int = 2000,
+    seed: int = 0,
+) -> stats.Interval:
+    """A percentile bootstrap (:func:`gradcourse.stats.bootstrap`) of ``statistic(*samples)``,
+    where each sample is a tensor whose leading dimension indexes independent nets (seeds): each
+    resample draws, within every sample independently, as many nets as it has, with
+    replacement, and passes the resampled tensors to ``statistic``."""
+    if not samples:
+        raise ValueError("bootstrap_seeds needs at least one sample")
+    tensors = [torch.as_tensor(x) for x in samples]
+    groups = [np.arange(len(t), dtype=np.float64) for t in tensors]
+
+    def resampled(idx: list[np.ndarray]) -> float:
+        picks = [t[torch.as_tensor(i.astype(np.int64))] for t, i in zip(tensors, idx, strict=True)]
+        return float(statistic(*picks))
+
+    return stats.bootstrap(resampled, groups, level=level, num_resamples=num_resamples, seed=seed)
+
+
+def band_distance(band: stats.Interval, value: float) -> float:
+    """How far ``value`` lies outside the interval ``band`` (> 0), or, negated, how far inside
+    it from the nearer end (<= 0): max(low - value, value - high)."""
+    return float(max(band.low - value, value - band.high))
+
+
+def bound_slack(widths: Sequence[int], slope_high: float, bound_slope: float = -0.5) -> float:
+    """The room a power-law bound ``quantity <= C width^bound_slope`` leaves over the measured
+    widths, when the quantity falls with a log-log slope of at most ``slope_high`` (the upper
+    end of its interval): (w_max / w_min)^(bound_slope - slope_high), the bound over the
+    measured value at the widest width, the bound's constant set by the narrowest. >= 1 when
+    the measurement respects the bound; close to 1 when the bound is tight there."""
+    if len(widths) < 2 or min(widths) <= 0:
+        raise ValueError(f"widths must hold >= 2 positive widths, got {list(widths)!r}")
+    return float((max(widths) / min(widths)) ** (bound_slope - slope_high))
 
 
 def relative_deviations(grams: Tensor, limit: Tensor) -> Tensor:
@@ -292,7 +439,6 @@ def slope_with_band(
     (``"rms"``: sqrt of the mean square, for deviations; ``"mean"``), with a percentile
     bootstrap interval that resamples the initialisations within each width
     (:func:`gradcourse.stats.bootstrap`): a :class:`gradcourse.stats.Interval`."""
-    from .. import stats
     from ..plotting import loglog_slope
 
     if summary not in ("rms", "mean"):
@@ -317,6 +463,14 @@ def per_seed_change(runs: Mapping[str, Tensor]) -> Tensor:
 def per_seed_inflation(runs: Mapping[str, Tensor]) -> Tensor:
     """||Gram_T||_F / ||Gram_0||_F - 1 for each seed: how much the kernel grew in training."""
     return runs["gramT"].flatten(1).norm(dim=1) / runs["gram0"].flatten(1).norm(dim=1) - 1
+
+
+def per_seed_growth(runs: Mapping[str, Tensor]) -> Tensor:
+    """<Gram_T - Gram_0, Gram_0>_F / ||Gram_0||_F^2 for each seed: the signed part of the
+    kernel's change along the initial kernel (> 0: the kernel grows; a change orthogonal to
+    Gram_0 gives 0, whatever its size)."""
+    g0, d = runs["gram0"].flatten(1), (runs["gramT"] - runs["gram0"]).flatten(1)
+    return (d * g0).sum(1) / g0.pow(2).sum(1)
 
 
 def analytic_kernels(
@@ -494,6 +648,87 @@ def circle_fit_run(
     return {"f0_grid": f0_grid, "f0_train": f0_train, "fT_grid": ft_grid, "loss": loss[-1:], **out}
 
 
+def circle_fit_runs(
+    widths: Sequence[int],
+    seeds: Sequence[int],
+    train_angles: Sequence[float],
+    *,
+    cache: Cache | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    **config: Any,
+) -> dict[int, dict[str, Tensor]]:
+    """:func:`circle_fit_run` for every width and seed (each cached on its own): width ->
+    results stacked over seeds. A ``tqdm.auto`` bar over the runs when ``progress``."""
+    config = {"train_angles": [float(a) for a in train_angles], **config}
+    return _over_widths_and_seeds(
+        "ntk-circle-fit", circle_fit_run, widths, seeds, cache, device, progress, config
+    )
+
+
+def circle_predictors(
+    train_angles: Sequence[float],
+    *,
+    depth: int = PAPER_DEPTH,
+    beta: float = PAPER_BETA,
+    lr: float = 1.0,
+    steps: float = math.inf,
+    n_grid: int = 121,
+) -> dict[str, Tensor]:
+    """Two infinite-width predictions of a trained net on Fig. 2's grid from its own initial
+    function f0, both of the form f0(x) - A (f0(X) - Y):
+
+    - ``ntk``: A = Theta(x, X) Theta^{-1} (I - (I - lr Theta/n)^steps), kernel GD with the
+      limiting NTK (:func:`gaussian_limit`'s A; Jacot et al. 2018, section 5);
+    - ``nngp``: A = K(x, X) K^{-1}, the NNGP posterior mean given f0 (the rival: a net that
+      learnt like Bayesian inference with its prior covariance K = Sigma^(L)).
+
+    Also ``k_train`` K(X, X), ``y`` the targets (n,), ``std`` (m,) the Gaussian's standard
+    deviation after ``steps`` (:func:`circle_limit`) and ``distance``: the RMS over the grid of
+    the two predictions' difference, sqrt(E ||(A_ntk - A_nngp)(f0(X) - Y)||^2 / m) over
+    f0 ~ GP(0, K), from the kernels alone (no trained net)."""
+    task = circle_task(train_angles, n_grid)
+    x, xg, y = task["x"], task["x_grid"], task["y"][:, 0]
+    k_tt = analytic(x, depth=depth, beta=beta)[0]
+    k_gt = analytic(xg, x, depth=depth, beta=beta)[0]
+    limit = circle_limit(train_angles, depth=depth, beta=beta, lr=lr, steps=steps, n_grid=n_grid)
+    n = x.shape[0]
+    a_nngp = ntk.kernel_regression(k_tt, k_gt, torch.eye(n, dtype=DTYPE))
+    return {
+        "ntk": limit["A"],
+        "nngp": a_nngp,
+        "k_train": k_tt,
+        "y": y,
+        "std": limit["std"],
+        "distance": prediction_distance(limit["A"], a_nngp, k_tt, y),
+    }
+
+
+def prediction_distance(a1: Tensor, a2: Tensor, k_train: Tensor, y: Tensor) -> float:
+    """RMS over the m test points of f_1 - f_2, where f_i = f0(x) - A_i (f0(X) - Y), in
+    expectation over f0(X) ~ N(0, K(X, X)): sqrt((||D Y||^2 + tr(D K D^T)) / m), D = A_1 - A_2
+    (f0 on the test points cancels)."""
+    d = a1 - a2
+    m = d.shape[0]
+    return math.sqrt(float(((d @ y).pow(2).sum() + ((d @ k_train) * d).sum()) / m))
+
+
+def own_predictions(runs: Mapping[str, Tensor], a: Tensor, y: Tensor) -> Tensor:
+    """Each net's own infinite-width prediction f0(x) - A (f0(X) - Y) from its initial
+    function, (S, m), for :func:`circle_fit_runs`' results of one width."""
+    return runs["f0_grid"] - (runs["f0_train"] - y) @ a.T
+
+
+def own_prediction_gaps(runs: Mapping[str, Tensor], a: Tensor, y: Tensor) -> Tensor:
+    """Per net, the RMS over the grid of (trained function - its own prediction), (S,)."""
+    return (runs["fT_grid"] - own_predictions(runs, a, y)).pow(2).mean(1).sqrt()
+
+
+def rms_band(values: Tensor, **kwargs: Any) -> stats.Interval:
+    """sqrt(mean(values^2)) over nets, with :func:`bootstrap_seeds`' interval."""
+    return bootstrap_seeds(lambda v: float(v.pow(2).mean().sqrt()), values, **kwargs)
+
+
 # ----------------------------------------------------------------------------- Fig. 3
 
 
@@ -574,7 +809,13 @@ def pc_run(
     Records, at every step t, the coordinates of f_t - f_0 along the PCs,
     ``proj[t, k] = 1/N sum_i (f_t - f_0)(x_i) pcs[k](x_i)`` (kernel GD predicts
     coeffs[k] (1 - (1 - lr lambda_k)^t), lambda_k the eigenvalue of Theta/N), and ``orth[t]``,
-    the RMS over the batch of the part of f_t - f_0 outside the span of the PCs."""
+    the RMS over the batch of the part of f_t - f_0 outside the span of the PCs.
+
+    Also, from the net's own empirical NTK Theta_0 on x at initialisation: ``proj_lin``
+    (steps + 1, k), the same coordinates for kernel GD with Theta_0, i.e. GD on the net
+    linearised at its initialisation (Lee et al. 2019), and the Rayleigh quotients of the
+    kernel along each PC, pc^T Theta pc / N^2 (the eigenvalue of Theta/N that a PC would have
+    if it were an eigenvector), at initialisation (``quot0``) and after training (``quotT``)."""
     n = x.shape[0]
     if pcs.ndim != 2 or pcs.shape[1] != n or len(coeffs) != pcs.shape[0]:
         raise ValueError(f"pcs must be (k, {n}) with one coefficient per row of pcs")
@@ -583,7 +824,11 @@ def pc_run(
     )
     with torch.no_grad():
         f0 = model(x)[:, 0]
-    target = f0 + torch.as_tensor(coeffs, dtype=DTYPE, device=x.device) @ pcs
+    c = torch.as_tensor(coeffs, dtype=DTYPE, device=x.device)
+    target = f0 + c @ pcs
+    theta0 = ntk.empirical_ntk(model, x)
+    lin = ntk.kernel_gradient_descent(theta0, c @ pcs, lr, torch.arange(steps + 1)).train
+    proj_lin = (lin @ pcs.T / n).cpu()
     q = torch.linalg.qr(pcs.T).Q  # orthonormal basis of the PCs' span, (N, k)
     proj = torch.empty(steps + 1, pcs.shape[0], dtype=DTYPE)
     orth = torch.empty(steps + 1, dtype=DTYPE)
@@ -594,7 +839,22 @@ def pc_run(
         orth[t] = float((d - q @ (q.T @ d)).pow(2).mean().sqrt())
 
     loss = gradient_descent(model, x, target[:, None], lr=lr, steps=steps, record=record)
-    return {"proj": proj, "orth": orth, "loss": loss}
+    theta_t = ntk.empirical_ntk(model, x)
+    return {
+        "proj": proj,
+        "orth": orth,
+        "loss": loss,
+        "proj_lin": proj_lin,
+        "quot0": rayleigh_quotients(theta0, pcs).cpu(),
+        "quotT": rayleigh_quotients(theta_t, pcs).cpu(),
+    }
+
+
+def rayleigh_quotients(theta: Tensor, pcs: Tensor) -> Tensor:
+    """pc^T Theta pc / N^2 for each row of ``pcs`` (k, N) (normalised as functions, 1/N sum
+    pc^2 = 1): for an eigenvector of Theta, its eigenvalue of Theta / N. (k,)"""
+    n = pcs.shape[1]
+    return ((pcs @ theta) * pcs).sum(1) / n**2
 
 
 def pc_prediction(eigvals: Tensor, coeffs: Sequence[float], *, lr: float, steps: int) -> Tensor:
@@ -641,21 +901,31 @@ def explore_kernel(
 
 
 def half_times(proj: Tensor, coeffs: Sequence[float]) -> Tensor:
-    """For each column k of ``proj`` (steps + 1, k), the first step t at which proj[t, k] has
-    covered half of its target coeffs[k] (inf if never): the convergence time along PC k."""
+    """For each column k of ``proj`` (..., steps + 1, k), when proj[t, k] first covers half of
+    its target coeffs[k]: the convergence time along PC k, in steps, interpolated linearly
+    between the last step below one half and the first at or above it (so a half-time of a few
+    steps is resolved to a fraction of a step); 0 if already there at t = 0, inf if never.
+    Leading dimensions (e.g. seeds) are kept: (..., k)."""
     c = torch.as_tensor(coeffs, dtype=proj.dtype)
-    if proj.ndim != 2 or proj.shape[1] != c.numel() or bool((c == 0).any()):
-        raise ValueError("proj must be (steps + 1, k) with k non-zero coefficients")
-    reached = proj / c >= 0.5
-    first = torch.where(reached.any(0), reached.int().argmax(0).to(proj.dtype), math.inf)
-    return first
+    if proj.ndim < 2 or proj.shape[-1] != c.numel() or bool((c == 0).any()):
+        raise ValueError("proj must be (..., steps + 1, k) with k non-zero coefficients")
+    frac = proj / c
+    reached = frac >= 0.5
+    first = reached.int().argmax(-2)  # (..., k): the first step at or above one half
+    before = (first - 1).clamp_min(0)
+    hi = frac.gather(-2, first.unsqueeze(-2)).squeeze(-2)
+    lo = frac.gather(-2, before.unsqueeze(-2)).squeeze(-2)
+    step = torch.where(hi > lo, (0.5 - lo) / (hi - lo), torch.zeros_like(hi))
+    t = torch.where(first > 0, before.to(proj.dtype) + step, torch.zeros_like(hi))
+    return torch.where(reached.any(-2), t, torch.full_like(t, math.inf))
 
 
 def line_deviation(run: Mapping[str, Tensor], prediction: Tensor) -> Tensor:
     """The distance, at every step, of f_t - f_0 from kernel GD's prediction (a point moving on
     a straight line spanned by the PCs), in the empirical L2 norm:
-    sqrt(sum_k (proj_k - pred_k)^2 + orth^2), using that the PCs are orthonormal in that norm."""
-    return ((run["proj"] - prediction).pow(2).sum(1) + run["orth"].pow(2)).sqrt()
+    sqrt(sum_k (proj_k - pred_k)^2 + orth^2), using that the PCs are orthonormal in that norm.
+    Runs stacked over seeds (``proj`` (S, steps + 1, k)) give (S, steps + 1)."""
+    return ((run["proj"] - prediction).pow(2).sum(-1) + run["orth"].pow(2)).sqrt()
 
 
 def pc_experiment(
@@ -688,3 +958,28 @@ def pc_experiment(
         device=device,
     )
     return {**run, **pc, "labels": y.cpu()}
+
+
+def pc_runs(
+    widths: Sequence[int],
+    seeds: Sequence[int],
+    coeffs: Sequence[float],
+    *,
+    cache: Cache | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    **config: Any,
+) -> dict[int, dict[str, Tensor]]:
+    """:func:`pc_experiment` for every width and seed (each cached on its own): width ->
+    results stacked over seeds (``proj`` (S, steps + 1, k), ``proj_lin``, ``quot0``, ...). A
+    ``tqdm.auto`` bar over the runs when ``progress``."""
+    config = {"coeffs": [float(c) for c in coeffs], **config}
+    return _over_widths_and_seeds(
+        "ntk-pc-lin-run", pc_experiment, widths, seeds, cache, device, progress, config
+    )
+
+
+def half_time_ratios(measured: Tensor, predicted: Tensor) -> Tensor:
+    """measured / predicted half-times, averaged over the leading (seed) dimension of
+    ``measured`` (S, k) (``predicted`` (k,) or (S, k), paired with it): (k,)."""
+    return (measured / predicted).mean(0)
