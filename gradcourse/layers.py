@@ -261,29 +261,53 @@ class BatchNormRule(LayerRule):
 class capture_layers:
     """Context manager recording every forward call of the given layers: ``calls[name]`` is a
     list of (input, output) per call, the input detached and the output the graph node that
-    autograd can differentiate against (the hook hands the rest of the network a clone, so later
-    in-place ops such as ``ReLU(inplace=True)`` act on the clone, not on that node).
+    autograd can differentiate against.
 
         with capture_layers(layers) as cap:
             out = model(x)
         a, z = cap.calls["fc"][0]
-    """
 
-    def __init__(self, layers: Mapping[str, nn.Module]) -> None:
+    A later in-place op (``ReLU(inplace=True)``, ``z += r``) would overwrite that node, and a
+    gradient taken against it would then be the gradient at the overwritten values. With
+    ``clone=True`` (the default) the hook hands the rest of the network a clone, so such ops act
+    on the clone. With ``clone=False`` it saves that copy and records each output's version
+    counter instead: :meth:`overwritten` names the layers whose output an in-place op touched,
+    for the caller to run the forward pass again with clones (the rare case)."""
+
+    def __init__(self, layers: Mapping[str, nn.Module], *, clone: bool = True) -> None:
         self.layers = dict(layers)
+        self.clone = bool(clone)
         self.calls: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in self.layers}
+        self._versions: dict[str, list[int]] = {name: [] for name in self.layers}
         self._handles: list = []
 
     def _hook(self, name: str):
-        def capture(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        def capture(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
             self.calls[name].append((inputs[0].detach(), output))
-            return output.clone()
+            if self.clone:
+                return output.clone()
+            self._versions[name].append(output._version)
+            return None
 
         return capture
+
+    def overwritten(self) -> list[str]:
+        """The layers (with ``clone=False``) whose recorded output an in-place op has changed
+        since it was recorded (its version counter moved): gradients against it would be wrong.
+        Always empty with ``clone=True``: the recorded nodes are not handed on."""
+        if self.clone:
+            return []
+        return [
+            name
+            for name, calls in self.calls.items()
+            if any(z._version != v for (_, z), v in zip(calls, self._versions[name], strict=True))
+        ]
 
     def clear(self) -> None:
         """Forget the recorded calls (before the next forward pass)."""
         for found in self.calls.values():
+            found.clear()
+        for found in self._versions.values():
             found.clear()
 
     def __enter__(self) -> capture_layers:

@@ -298,19 +298,22 @@ def _trick_sq_norms(
     layers = _trick_setup(fm, x[:1])
     live = {n: p.detach().requires_grad_(True) for n, p in fm.params.items()}  # graph: outputs
     out = []
-    with capture_layers(layers) as cap:
-        for start, stop in tqdm(
-            _chunks(len(x), chunk_size),
-            desc="per-example grad norms",
-            disable=not progress,
-            leave=False,
-        ):
-            cap.clear()
-            xb, yb = x[start:stop], y[start:stop]
-            with torch.enable_grad():
+    clone = False  # differentiate against the layers' own outputs unless an in-place op
+    for start, stop in tqdm(
+        _chunks(len(x), chunk_size),
+        desc="per-example grad norms",
+        disable=not progress,
+        leave=False,
+    ):
+        xb, yb = x[start:stop], y[start:stop]
+        while True:  # overwrites one (then with copies, for this chunk and the next)
+            with capture_layers(layers, clone=clone) as cap, torch.enable_grad():
                 total = fm.loss(live, xb, yb) * len(xb)  # sum_i l_i
+            if clone or not cap.overwritten():
+                break
+            clone = True
+        with torch.enable_grad():
             out.append(_trick_pass(layers, cap, total, retain_graph=False))
-        cap.clear()
     return torch.cat(out)
 
 

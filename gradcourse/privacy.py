@@ -203,9 +203,15 @@ def _clipped_sums(
                 layers = pergrad._trick_setup(fm, x[:1])
             except pergrad._Unsupported:
                 norms = pergrad.per_example_grad_norms(model, loss, x, y, method="vmap")
-        with capture_layers(layers) as cap, torch.enable_grad():
-            losses = one(model(x), y)
-            if layers:
+        # the layers' outputs are differentiated against as they are (no copy) unless an
+        # in-place op overwrote one during the forward pass: then once more, with copies
+        for clone in (False, True):
+            with capture_layers(layers, clone=clone) as cap, torch.enable_grad():
+                losses = one(model(x), y)
+            if not cap.overwritten():
+                break
+        if layers:
+            with torch.enable_grad():
                 try:
                     sq = pergrad._trick_pass(layers, cap, losses.sum(), retain_graph=True)
                     norms = sq.sqrt()

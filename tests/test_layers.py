@@ -122,3 +122,24 @@ def test_a_conv_subclass_rule_with_scales_is_exact_on_both_routes():
             torch.testing.assert_close(got, loop_sq_norms(model, x, y), rtol=1e-12, atol=0)
     finally:
         del L._RULES[ScaledConv]
+
+
+def test_capture_without_copies_names_the_layers_an_in_place_op_overwrote():
+    import torch
+    from torch import nn
+
+    from gradcourse.layers import capture_layers
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2), nn.Tanh())
+    layers = {"0": net[0], "2": net[2]}
+    x = torch.randn(5, 3)
+    with capture_layers(layers, clone=False) as cap:
+        net(x)
+    assert cap.overwritten() == ["0"]  # the in-place ReLU wrote into layer 0's output
+    with capture_layers(layers, clone=True) as cap:
+        out = net(x)
+    assert cap.overwritten() == [] and torch.equal(out, net(x))
+    _, z = cap.calls["0"][0]
+    torch.testing.assert_close(z, net[0](x))  # the recorded node kept the pre-activation
+    cap.clear()
+    assert cap.calls == {"0": [], "2": []}

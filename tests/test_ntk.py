@@ -727,3 +727,22 @@ def test_layer_analysis_is_reused_only_while_the_model_is_unchanged() -> None:
         xs = randn(*shape, seed=2)
         torch.testing.assert_close(kernel(xs), explicit_ntk(wide, xs, xs))
     assert len(kernel._layouts) == 2
+
+
+def test_the_light_flop_count_equals_torchs_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gradcourse.functional import FunctionalModel
+    from gradcourse.models import MLP, SmallCNN
+    from gradcourse.ntk.empirical import _find_dense, _ForwardFlops
+
+    for net, x in (
+        (MLP(40, [64, 64], 1, parameterization="ntk", seed=0), torch.randn(1, 40)),
+        (SmallCNN(1, 10, conv_dim=1, channels=(16, 32), hidden=64, seed=0), torch.randn(1, 40)),
+    ):
+        fm = FunctionalModel(net, copy=False)
+        with FlopCounterMode(display=False) as reference:
+            _find_dense(fm, x)
+        with _ForwardFlops() as light:
+            _find_dense(fm, x)
+        assert light.total == reference.get_total_flops() > 0
