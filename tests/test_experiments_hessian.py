@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from reference import flat_params, mlp_by_hand
@@ -47,11 +49,32 @@ def test_count_outliers_refuses_bad_input(spectrum, kwargs, match):
         hx.count_outliers(torch.tensor(spectrum), **kwargs)
 
 
-def test_near_zero_fraction():
-    eig = torch.tensor([10.0, 5.0, 0.05, -0.05, 0.0])
-    assert hx.near_zero_fraction(eig, rel=0.01) == pytest.approx(0.6)
-    with pytest.raises(ValueError, match="rel must be a finite number > 0"):
-        hx.near_zero_fraction(eig, rel=0)
+def test_near_zero_fraction_and_nonbulk_count():
+    eig = torch.tensor([10.0, 5.0, 0.05, -0.05, 0.0, -0.2])
+    assert hx.near_zero_fraction(eig, rel=0.01) == pytest.approx(0.5)
+    assert hx.nonbulk_count(eig, rel=0.01) == 3  # 10, 5 and -0.2: relative to max|lambda|
+    assert hx.nonbulk_count(-eig, rel=0.01) == 3
+    assert hx.nonbulk_count(eig, rel=0.6) == 1
+    for fn in (hx.near_zero_fraction, hx.nonbulk_count):
+        with pytest.raises(ValueError, match="rel must be a finite number > 0"):
+            fn(eig, rel=0)
+        with pytest.raises(ValueError, match="empty"):
+            fn(torch.tensor([]))
+        with pytest.raises(ValueError, match="finite"):
+            fn(torch.tensor([1.0, float("inf")]))
+
+
+def test_parts_summary_on_planted_spectra():
+    hess = torch.tensor([10.0, 8.0, 4.0, 1.0, 0.5, 0.0])
+    between = torch.tensor([0.0, 0.0, 0.0, 4.4, 7.2, 10.0])  # any order
+    within = torch.tensor([0.0, 0.2, 0.8])
+    residual = torch.tensor([-0.5, 0.1, 0.3])
+    got = hx.parts_summary(hess, between, within, residual, k=3)
+    assert got["between_match"] == pytest.approx(0.1)  # 7.2 / 8 and 4.4 / 4 are both 10% off
+    assert got["within_ratio"] == pytest.approx(0.8 / 4.0)
+    assert got["residual_ratio"] == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="positive"):
+        hx.parts_summary(hess, between, within, residual, k=6)
 
 
 def _tiny_problem():
@@ -79,11 +102,30 @@ def test_interpolation_endpoints_are_the_two_models_losses():
 
 def test_barrier_of_a_convex_and_a_bumped_path():
     alphas = torch.linspace(0, 1, 11, dtype=torch.float64)
-    assert hx.barrier(alphas, (alphas - 0.5) ** 2) <= 1e-12  # convex: below its chord
+    # convex: under its chord (0.25) everywhere inside; the largest excess is at alpha = 0.1
+    assert hx.barrier(alphas, (alphas - 0.5) ** 2) == pytest.approx(0.16 - 0.25)
     bump = 1 - alphas + torch.sin(torch.pi * alphas)  # chord 1 - alpha, bump sin(pi alpha)
     assert hx.barrier(alphas, bump) == pytest.approx(1.0)
+    # a straight line: the ends, where rounding could leave 1e-16, are not looked at
+    line = 0.3 + 0.1 * alphas
+    assert abs(hx.barrier(alphas, line)) < 1e-15
+    assert hx.barrier(alphas, line + 1e-3 * (alphas == 0)) < 0  # a raised end is no barrier
     with pytest.raises(ValueError, match="must include 0 and 1"):
         hx.barrier(alphas[1:], bump[1:])
+    with pytest.raises(ValueError, match="strictly between"):
+        hx.barrier(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 2.0]))
+
+
+def test_value_at_loss_interpolates_at_the_first_crossing():
+    losses = torch.tensor([2.0, 1.0, 0.5, 0.6, 0.25])
+    values = torch.tensor([1.0, 3.0, 5.0, 7.0, 9.0])
+    assert hx.value_at_loss(losses, values, 0.75) == pytest.approx(4.0)  # between 1.0 and 0.5
+    assert hx.value_at_loss(losses, values, 0.55) == pytest.approx(4.8)  # first crossing only
+    assert hx.value_at_loss(losses, values, 1.0) == pytest.approx(3.0)
+    assert math.isnan(hx.value_at_loss(losses, values, 2.5))  # the path starts below it
+    assert math.isnan(hx.value_at_loss(losses, values, 0.1))  # the path never reaches it
+    with pytest.raises(ValueError, match="equal length"):
+        hx.value_at_loss(losses, values[:3], 0.5)
 
 
 def test_interpolate_refuses_mismatched_vectors():
@@ -140,7 +182,7 @@ def test_batch_switch_experiment_matches_hand_training_and_autograd_hessians():
             w = w - 3.0 * torch.func.grad(loss)(w, idx)
         return w
 
-    alphas = r["alphas"]
+    alphas, ends = r["alphas"], {}
     for name, (first, second) in (("large_small", (10, 5)), ("small_large", (5, 10))):
         start = phase(init, first, 0)
         end = phase(start, second, 1)
@@ -152,15 +194,39 @@ def test_batch_switch_experiment_matches_hand_training_and_autograd_hessians():
         for got, w in zip(r[f"{name}_top"], (start, end), strict=True):
             top = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, w)).max().item()
             assert got == pytest.approx(top, rel=1e-8), name
-        # the line and its barrier: the largest excess over the chord for alpha in [0, 1]
+        # the line and its barrier: the largest excess over the chord for alpha in (0, 1)
         hand = torch.stack([loss((1 - a) * start + a * end) for a in alphas])
         torch.testing.assert_close(r[f"{name}_loss"], hand, rtol=1e-10, atol=1e-12)
-        inside = (alphas >= 0) & (alphas <= 1)
+        inside = (alphas > 0) & (alphas < 1)
         chord = (1 - alphas) * loss(start) + alphas * loss(end)
         bump = (hand - chord)[inside].max().item()
         assert r[f"{name}_barrier"] == pytest.approx(bump, rel=1e-9, abs=1e-15)
         mean_loss = 0.5 * (loss(start) + loss(end)).item()
         assert r[f"{name}_relative_barrier"] == pytest.approx(bump / mean_loss, rel=1e-9, abs=1e-15)
+        ends[name] = (start, end)
+    # the large-batch path, recorded at the start and end of each of its two legs (path_every
+    # = 100 > 4 steps): the first phase, then 4 more steps at batch 10 with the phase-1 batches
+    large = ends["large_small"][0]
+    onward = phase(large, 10, 1)
+    assert r["path_step"].tolist() == [0.0, 4.0, 8.0]
+    for got, w in zip(r["path_loss"], (init, large, onward), strict=True):
+        assert got.item() == pytest.approx(loss(w).item(), rel=1e-10)
+    for got, w in zip(r["path_top"], (init, large, onward), strict=True):
+        top = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, w)).max().item()
+        assert got.item() == pytest.approx(top, rel=1e-8)
+    # the small-batch ends against the path at their loss
+    for name, small in (
+        ("large_small", ends["large_small"][1]),
+        ("small_large", ends["small_large"][0]),
+    ):
+        matched = hx.value_at_loss(r["path_loss"], r["path_top"], loss(small).item())
+        assert r[f"{name}_matched_top"] == pytest.approx(matched, nan_ok=True)
+    # the control: a second initialisation (seed 10,000) trained like the large-batch phase
+    other = phase(flat_params(models.MLP(2, (4,), 2, seed=10_000, dtype=torch.float64)), 10, 0)
+    line = torch.stack([loss((1 - a) * large + a * other) for a in alphas])
+    torch.testing.assert_close(r["independent_loss"], line, rtol=1e-10, atol=1e-12)
+    moved = ((other - large).norm() / large.norm()).item()
+    assert r["independent_distance"] == pytest.approx(moved, rel=1e-10)
 
 
 def test_slq_moments_match_the_exact_spectrum():
@@ -257,6 +323,7 @@ def test_spectrum_run_separable_blobs_gradient_is_the_kth_outlier():
     assert r["count"] == hx.count_outliers(r["eig_final"])
     assert int(torch.argmax(r["alignment"])) == 2 and r["alignment"].max() > 0.9
     assert r["count"] == 3 and r["count_projected"] == 2
+    assert r["count_random"] == 3  # the control: a random direction removed leaves K
     # G + R = H, so their traces add up (a sanity check of the bookkeeping)
     total = r["eig_ggn"].sum() + r["eig_residual"].sum()
     assert abs(float(total - r["eig_final"].sum())) < 1e-9 * float(r["eig_final"].abs().sum())
@@ -294,3 +361,82 @@ def test_explore_spectrum_at_the_slider_extremes(data):
         assert r["eig_final"].numel() == r["num_params"] and 0 <= r["count"] <= 20
     with pytest.raises(ValueError, match="data must be"):
         hx.explore_spectrum(3, 4, 1.0, 5, data="fashion")
+
+
+def test_spectrum_run_checkpoints_leave_the_run_unchanged_and_match_its_ends():
+    config = dict(widths=(4,), max_steps=30, grad_tol=1e-12, data_options=dict(n_train=30, dim=2))
+    plain = hx.spectrum_run("blobs", 3, **config)
+    r = hx.spectrum_run("blobs", 3, checkpoints=(0, 10, 30, 99), decompose=True, **config)
+    tol = dict(rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(r["eig_final"], plain["eig_final"], **tol)
+    assert r["ckpt_step"].tolist() == [0, 10, 30]  # 99 is past the end of the run
+    top20 = lambda eig: eig.flip(0)[:20]  # noqa: E731
+    torch.testing.assert_close(r["ckpt_top"][0], top20(r["eig_init"]), **tol)
+    torch.testing.assert_close(r["ckpt_top"][2], top20(r["eig_final"]), **tol)
+    short = hx.spectrum_run("blobs", 3, **{**config, "max_steps": 10})
+    torch.testing.assert_close(r["ckpt_top"][1], top20(short["eig_final"]), **tol)
+    assert r["ckpt_count"].tolist()[1:] == [short["count"], r["count"]]
+    assert r["ckpt_loss"][2].item() == pytest.approx(r["final_loss"], rel=1e-12)
+    assert r["ckpt_within_top"][2].item() == pytest.approx(r["eig_within"].max().item())
+    torch.testing.assert_close(r["ckpt_between_top"][2], top20(r["eig_between"]), **tol)
+    with pytest.raises(ValueError, match="checkpoints"):
+        hx.spectrum_run("blobs", 3, checkpoints=(-1,), **config)
+
+
+def test_initial_spectrum_is_the_untrained_run_and_varies_with_the_init_seed():
+    config = dict(widths=(4,), data_options=dict(n_train=30, dim=2))
+    run = hx.spectrum_run("blobs", 3, seed=1, max_steps=1, **config)
+    same = hx.initial_spectrum("blobs", 3, seed=1, decompose=True, **config)
+    torch.testing.assert_close(same["eig"], run["eig_init"], rtol=1e-12, atol=1e-14)
+    assert same["count"] == hx.count_outliers(same["eig"])
+    other = hx.initial_spectrum("blobs", 3, seed=1, init_seed=2, **config)
+    assert (other["eig"] - same["eig"]).abs().max() > 1e-3  # another net on the same data
+    # H = G + R and G = between + within, by traces
+    total = same["eig_between"].sum() + same["eig_within"].sum() + same["eig_residual"].sum()
+    assert total.item() == pytest.approx(same["eig"].sum().item(), rel=1e-9)
+
+
+def test_regime_table_collects_the_controls(tmp_path):
+    config = dict(widths=(4,), max_steps=20, data_options=dict(n_train=30, dim=2))
+    table = hx.regime_table("blobs", [2, 3], [0, 1], cache=Cache(tmp_path), progress=False,
+                            **config)  # fmt: skip
+    r = hx.spectrum_run("blobs", 3, seed=1, **config)
+    assert table["count_random"][1, 1] == r["count_random"]
+    assert table["count_init"][1, 1] == hx.count_outliers(r["eig_init"])
+    assert table["nonbulk"][1, 1] == hx.nonbulk_count(r["eig_final"])
+    assert table["align_max"][1, 1] == pytest.approx(r["alignment"].max().item())
+    top = r["eig_final"].max() / r["eig_final"].abs().mean()
+    assert table["top_over_mean"][1, 1].item() == pytest.approx(top.item())
+    assert table["median_init"].shape == (2,)
+    assert (table["inner_ratio"][1, 1].item(), table["gap_ratio"][1, 1].item()) == pytest.approx(
+        hx.outlier_gaps(r["eig_final"], 3)
+    )
+    assert len(list(tmp_path.glob(f"{hx.CACHE_PREFIX}-spectrum_run-*.npz"))) == 4
+
+
+def test_class_gradient_ratio_against_per_class_autograd():
+    model, x, y = _tiny_problem()
+    sizes, w = (2, 4, 3), flat_params(model)
+
+    def grad_of(idx):
+        return torch.func.grad(lambda v: _ce_by_hand(mlp_by_hand(v, x[idx], sizes), y[idx]))(w)
+
+    full = grad_of(torch.arange(len(y)))
+    shares = [float((y == c).double().mean()) for c in range(3)]
+    per_class = [grad_of(torch.nonzero(y == c).flatten()) for c in range(3)]
+    # the full gradient is the share-weighted sum of the class gradients
+    torch.testing.assert_close(sum(p * g for p, g in zip(shares, per_class, strict=True)), full)
+    expected = full.norm() / sum(p * g.norm() for p, g in zip(shares, per_class, strict=True))
+    got = hx.class_gradient_ratio(model, x, y, 3)
+    assert got == pytest.approx(expected.item(), rel=1e-10)
+    assert 0 < got <= 1
+
+
+def test_outlier_gaps_on_a_planted_spectrum():
+    spectrum = torch.tensor([100.0, 50.0, 40.0, 10.0, 2.0, 1.0, 0.5])  # K = 4: 10 is the gradient's
+    inner, gap = hx.outlier_gaps(spectrum[torch.randperm(7)], 4)
+    assert inner == pytest.approx(2.0)  # 100 / 50, the largest ratio inside the top 3
+    assert gap == pytest.approx(20.0)  # 40 / 2, across the 4th eigenvalue
+    assert hx.outlier_gaps(spectrum, 2) == (1.0, pytest.approx(100.0 / 40.0))
+    with pytest.raises(ValueError, match="positive"):
+        hx.outlier_gaps(torch.tensor([3.0, 2.0, -1.0]), 2)

@@ -7,21 +7,31 @@ The experiment functions of the notebook: configuration in, a dict of tensors an
 Lanczos quadrature) and :mod:`gradcourse.train`; this module adds what is specific to the paper:
 
 - :func:`count_outliers`  the outlier-counting rule (largest multiplicative gap at the top);
-- :func:`near_zero_fraction`  the size of the bulk (eigenvalues small relative to the top one);
+- :func:`near_zero_fraction`, :func:`nonbulk_count`  the size of the bulk (eigenvalues small
+  relative to the largest |eigenvalue|) and the number of eigenvalues outside it;
 - :func:`simplex_classes`, :func:`fashion_pca`  the other two data sets of the notebook:
   equidistant overlapping classes (Papyan's regime, a known ground truth) and Fashion-MNIST
   reduced by PCA (real images, small enough for the exact Hessian);
-- :func:`gradient_alignment`, :func:`project_out`  where the gradient sits in the spectrum;
+- :func:`gradient_alignment`, :func:`project_out`, :func:`outlier_gaps`  where the gradient
+  sits in the spectrum, and whether the gap rule can see the K - 1 outliers without it;
 - :func:`spectrum_run`  one run of any of the three: spectra, counts, the gradient diagnostic
-  and, on request, Papyan's class decomposition of the Gauss-Newton part;
+  (and its control, a random direction projected out), how far the class gradients cancel
+  (:func:`class_gradient_ratio`), on request Papyan's class
+  decomposition of the Gauss-Newton part and the spectrum at checkpoints along training;
+- :func:`initial_spectrum`  the same at initialisation only, for any initialisation seed (the
+  controls: an untrained net, a second independent initialisation);
+- :func:`regime_table`, :func:`cached_run`  many runs, each cached;
+- :func:`parts_summary`  how far the top of H is the between-class part's;
 - :func:`batch_switch_experiment`  large batch then small batch (and the reverse), as in
-  Sagun et al.'s section 4;
+  Sagun et al.'s section 4, with its controls (two independent solutions; the sharpness along
+  the large-batch path, :func:`value_at_loss`, to compare ends at the same loss);
 - :func:`interpolate`, :func:`barrier`  the loss on the straight line between two solutions;
 - :func:`slq_experiment`  the spectral density of a larger net, checked against exact moments.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -35,9 +45,8 @@ from ..checks import check_int, check_ints, check_positive
 from ..functional import FunctionalModel, flatten
 
 DTYPE = torch.float64
-
-
-# ----------------------------------------------------------------------------- checks
+#: prefix of this module's cache entries; raised when what a cached function returns changes
+CACHE_PREFIX = "hessian2"
 
 
 # ----------------------------------------------------------------------------- spectrum statistics
@@ -72,12 +81,24 @@ def count_outliers(eigenvalues: Tensor | Sequence[float], max_outliers: int = 20
 
 def near_zero_fraction(eigenvalues: Tensor | Sequence[float], rel: float = 0.01) -> float:
     """Fraction of eigenvalues with |lambda| <= ``rel`` * max |lambda| (the size of the bulk)."""
-    rel = check_positive("rel", rel)
+    eig = _as_spectrum(eigenvalues)
+    return float((eig.abs() <= check_positive("rel", rel) * eig.abs().max()).double().mean())
+
+
+def nonbulk_count(eigenvalues: Tensor | Sequence[float], rel: float = 0.01) -> int:
+    """Number of eigenvalues with |lambda| > ``rel`` * max |lambda|: those outside the bulk of
+    :func:`near_zero_fraction` (P times one minus that fraction)."""
+    eig = _as_spectrum(eigenvalues)
+    return int((eig.abs() > check_positive("rel", rel) * eig.abs().max()).sum())
+
+
+def _as_spectrum(eigenvalues: Tensor | Sequence[float]) -> Tensor:
     eig = torch.as_tensor(eigenvalues, dtype=torch.float64).flatten()
     if eig.numel() == 0:
         raise ValueError("eigenvalues must not be empty")
-    scale = float(eig.abs().max())
-    return float((eig.abs() <= rel * scale).double().mean())
+    if not bool(torch.isfinite(eig).all()):
+        raise ValueError("eigenvalues must be finite")
+    return eig
 
 
 # ----------------------------------------------------------------------------- blobs + MLP
@@ -196,6 +217,20 @@ def project_out(matrix: Tensor, direction: Tensor) -> Tensor:
     return matrix - torch.outer(u, mu) - torch.outer(mu, u) + (u @ mu) * torch.outer(u, u)
 
 
+def outlier_gaps(eigenvalues: Tensor | Sequence[float], k: int) -> tuple[float, float]:
+    """For a spectrum whose K-th eigenvalue is the gradient's (claim 3 of notebook 01): the
+    largest ratio lambda_i / lambda_{i+1} inside the top K - 1 (i < K - 1; 1.0 for K = 2) and
+    the ratio lambda_{K-1} / lambda_{K+1} across the gradient's eigenvalue, from the K - 1 class
+    outliers to the bulk. The gap rule finds K - 1 once the gradient is projected out only if
+    the second is the larger (and no ratio below is larger still)."""
+    check_int("k", k, 2)
+    top = _as_spectrum(eigenvalues).sort(descending=True).values
+    if top.numel() < k + 1 or not bool((top[: k + 1] > 0).all()):
+        raise ValueError(f"the top {k + 1} eigenvalues must be positive")
+    inner = float((top[: k - 2] / top[1 : k - 1]).max()) if k > 2 else 1.0
+    return inner, float(top[k - 2] / top[k])
+
+
 def _count_or_zero(eigenvalues: Tensor) -> int:
     """:func:`count_outliers`, or 0 for a spectrum without a positive eigenvalue."""
     return count_outliers(eigenvalues) if float(eigenvalues.max()) > 0 else 0
@@ -207,6 +242,56 @@ def _init_sagun_(model: nn.Module, seed: int) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device))
+
+
+def _model(x: Tensor, widths: Sequence[int], num_classes: int, seed: int, init: str) -> nn.Module:
+    if init not in ("lecun", "sagun"):
+        raise ValueError(f"init must be 'lecun' or 'sagun', got {init!r}")
+    model = models.MLP(x.shape[1], widths, num_classes, seed=seed, dtype=DTYPE, device=x.device)
+    if init == "sagun":
+        _init_sagun_(model, seed)
+    return model
+
+
+def _eigvals(matrix: Tensor) -> Tensor:
+    return torch.linalg.eigvalsh(matrix).cpu()
+
+
+def _parts(model: nn.Module, loss: str, batch: tuple[Tensor, Tensor], hess: Tensor, prefix=""):
+    """Spectra of G's between and within parts and of R = H - G (Papyan 2020, eq. 3)."""
+    parts = curvature.class_decomposition(model, loss, batch)
+    return {
+        f"{prefix}eig_ggn": _eigvals(parts.ggn),
+        f"{prefix}eig_residual": _eigvals(hess - parts.ggn),
+        f"{prefix}eig_between": _eigvals(parts.between),
+        f"{prefix}eig_within": _eigvals(parts.within),
+    }
+
+
+def _loss_gradient(model: nn.Module, loss: str, x: Tensor, y: Tensor, num_classes: int) -> Tensor:
+    targets = nn.functional.one_hot(y, num_classes).to(DTYPE) if loss == "mse" else y
+    value = curvature.GGNOperator(model, loss, (x, y)).batch_loss(
+        dict(model.named_parameters()), x, targets
+    )
+    params = list(model.parameters())
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params)]).detach()
+
+
+def class_gradient_ratio(
+    model: nn.Module, x: Tensor, y: Tensor, num_classes: int, loss: str = "ce"
+) -> float:
+    """|grad L| / sum_c pi_c |g_c|, with g_c the gradient of the mean loss over class c and
+    pi_c its share of the examples (so grad L = sum_c pi_c g_c): 0 when the class gradients
+    cancel (a stationary point, where they span at most K - 1 directions), 1 when they all
+    point the same way. Scale-free: it does not change when the loss is rescaled."""
+    grad = _loss_gradient(model, loss, x, y, num_classes)
+    total = 0.0
+    for c in range(num_classes):
+        mask = y == c
+        if mask.any():
+            g_c = _loss_gradient(model, loss, x[mask], y[mask], num_classes)
+            total += float(mask.double().mean()) * float(g_c.norm())
+    return float(grad.norm()) / total if total > 0 else math.nan
 
 
 def spectrum_run(
@@ -222,6 +307,7 @@ def spectrum_run(
     loss: str = "ce",
     decompose: bool = False,
     initial: bool = True,
+    checkpoints: Sequence[int] = (),
     data_options: Mapping[str, Any] | None = None,
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
@@ -234,45 +320,62 @@ def spectrum_run(
     and bias 0.1 N(0, 1), as in the authors' code). Training stops at ``max_steps`` or when
     |grad L| <= ``grad_tol``. Returns the spectra (ascending), the outlier count by
     :func:`count_outliers`, the gradient diagnostic (alignment with the top K + 2 eigenvectors,
-    the count once the gradient direction is projected out) and, with ``decompose``, the spectra
-    of G, R = H - G and of the between and within parts of G (:func:`curvature.class_decomposition`).
+    the count once the gradient direction is projected out, and its control: the count once a
+    random unit direction, drawn from ``seed``, is projected out instead) and, with
+    ``decompose``, the spectra of G, R = H - G and of the between and within parts of G
+    (:func:`curvature.class_decomposition`). ``checkpoints``: steps at which the run also takes
+    the exact Hessian along the way (keys ``ckpt_*``: the step, the loss, the count, the top 20
+    eigenvalues, and with ``decompose`` the largest within-part eigenvalue and the top 20 of the
+    between part); a checkpoint past the step training stopped at is left out.
     """
     check_int("num_classes", num_classes, 2)
     check_int("max_steps", max_steps, 1)
-    if init not in ("lecun", "sagun"):
-        raise ValueError(f"init must be 'lecun' or 'sagun', got {init!r}")
     if loss not in ("ce", "mse"):
         raise ValueError(f"loss must be 'ce' or 'mse', got {loss!r}")
     widths = check_ints("widths", widths, 1)
+    wanted = set(check_ints("checkpoints", checkpoints, 0))
     x, y = _dataset(data, num_classes, seed, device, **dict(data_options or {}))
-    model = models.MLP(x.shape[1], widths, num_classes, seed=seed, dtype=DTYPE, device=x.device)
-    if init == "sagun":
-        _init_sagun_(model, seed)
+    model = _model(x, widths, num_classes, seed, init)
     batch = (x, y)
 
-    def eigvals(matrix: Tensor) -> Tensor:
-        return torch.linalg.eigvalsh(matrix).cpu()
+    eig_init = _eigvals(curvature.exact_hessian(model, loss, batch)) if initial else None
+    keys = ("step", "loss", "count", "top", "within_top", "between_top")
+    ckpt: dict[str, list] = {key: [] for key in keys}
 
-    eig_init = eigvals(curvature.exact_hessian(model, loss, batch)) if initial else None
+    def at_checkpoint(step: int, net: nn.Module) -> None:
+        if step not in wanted:
+            return
+        hess = curvature.exact_hessian(net, loss, batch)
+        eig = _eigvals(hess)
+        top = eig.flip(0)[:20]
+        ckpt["step"].append(step)
+        ckpt["loss"].append(train.evaluate(net, x, y, loss=loss)["loss"])
+        ckpt["count"].append(_count_or_zero(eig))
+        ckpt["top"].append(torch.nn.functional.pad(top, (0, 20 - len(top)), value=math.nan))
+        if decompose:
+            parts = _parts(net, loss, batch, hess)
+            between = parts["eig_between"].flip(0)[:20]
+            ckpt["within_top"].append(float(parts["eig_within"].max()))
+            ckpt["between_top"].append(
+                torch.nn.functional.pad(between, (0, 20 - len(between)), value=math.nan)
+            )
+
     history = train.train(
         model, x, y, loss=loss, lr=lr, steps=max_steps, log_every=50, progress=False,
         stop_when=lambda h: train.grad_norm(model, x, y, loss=loss) <= grad_tol,
+        callback=at_checkpoint if wanted else None,
     )  # fmt: skip
     hess = curvature.exact_hessian(model, loss, batch)
-    eig = eigvals(hess)
-    params = [p for p in model.parameters()]
-    targets = x.new_zeros(0)  # unused for ce
-    if loss == "mse":
-        targets = nn.functional.one_hot(y, num_classes).to(DTYPE)
-    out_loss = curvature.GGNOperator(model, loss, batch).batch_loss(
-        {n: p for n, p in model.named_parameters()}, x, targets if loss == "mse" else y
-    )
-    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(out_loss, params)]).detach()
+    eig = _eigvals(hess)
+    grad = _loss_gradient(model, loss, x, y, num_classes)
     top = min(num_classes + 2, eig.numel())
     count = _count_or_zero(eig)
+    gen = torch.Generator().manual_seed(seed)
+    direction = torch.randn(eig.numel(), generator=gen, dtype=DTYPE).to(hess.device)
+    random_count = _count_or_zero(_eigvals(project_out(hess, direction)))
     if grad.norm() > 0:  # a net whose units are all dead has no gradient (and no outliers)
         alignment = gradient_alignment(hess, grad, top=top)
-        projected = _count_or_zero(eigvals(project_out(hess, grad)))
+        projected = _count_or_zero(_eigvals(project_out(hess, grad)))
     else:
         alignment, projected = torch.zeros(top, dtype=DTYPE), count
     out: dict[str, Any] = {
@@ -280,21 +383,102 @@ def spectrum_run(
         "num_params": int(eig.numel()),
         "count": count,
         "count_projected": projected,
+        "count_random": random_count,
         "alignment": alignment,
         "steps": int(history.step[-1]),
         "final_loss": float(history.loss[-1]),
         "accuracy": float(history.accuracy[-1]),
         "grad_norm": float(grad.norm()),
+        "class_gradient_ratio": class_gradient_ratio(model, x, y, num_classes, loss),
     }
     if eig_init is not None:
         out["eig_init"] = eig_init
     if decompose:
-        parts = curvature.class_decomposition(model, loss, batch)
-        out["eig_ggn"] = eigvals(parts.ggn)
-        out["eig_residual"] = eigvals(hess - parts.ggn)
-        out["eig_between"] = eigvals(parts.between)
-        out["eig_within"] = eigvals(parts.within)
+        out.update(_parts(model, loss, batch, hess))
+    if wanted:
+        out["ckpt_step"] = torch.tensor(ckpt["step"], dtype=torch.long)
+        out["ckpt_loss"] = torch.tensor(ckpt["loss"], dtype=DTYPE)
+        out["ckpt_count"] = torch.tensor(ckpt["count"], dtype=torch.long)
+        out["ckpt_top"] = torch.stack(ckpt["top"]) if ckpt["top"] else torch.zeros(0, 20)
+        if decompose:
+            out["ckpt_within_top"] = torch.tensor(ckpt["within_top"], dtype=DTYPE)
+            out["ckpt_between_top"] = (
+                torch.stack(ckpt["between_top"]) if ckpt["between_top"] else torch.zeros(0, 20)
+            )
     return out
+
+
+def initial_spectrum(
+    data: str = "blobs",
+    num_classes: int = 4,
+    *,
+    seed: int = 0,
+    init_seed: int | None = None,
+    widths: Sequence[int] = (16, 16),
+    init: str = "lecun",
+    loss: str = "ce",
+    decompose: bool = False,
+    data_options: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """The untrained net of :func:`spectrum_run`: the data of ``seed``, the initialisation of
+    ``init_seed`` (default ``seed``, i.e. :func:`spectrum_run`'s ``eig_init``). Returns
+    ``eig`` (the Hessian's spectrum, ascending), ``count`` and, with ``decompose``, the spectra
+    of the between and within parts of G and of R (``eig_between``, ``eig_within``,
+    ``eig_residual``, ``eig_ggn``): the controls of claims about training."""
+    check_int("num_classes", num_classes, 2)
+    if loss not in ("ce", "mse"):
+        raise ValueError(f"loss must be 'ce' or 'mse', got {loss!r}")
+    widths = check_ints("widths", widths, 1)
+    init_seed = seed if init_seed is None else check_int("init_seed", init_seed, 0)
+    x, y = _dataset(data, num_classes, seed, device, **dict(data_options or {}))
+    model = _model(x, widths, num_classes, init_seed, init)
+    hess = curvature.exact_hessian(model, loss, (x, y))
+    eig = _eigvals(hess)
+    out: dict[str, Any] = {"eig": eig, "count": _count_or_zero(eig), "num_params": eig.numel()}
+    if decompose:
+        out.update(_parts(model, loss, (x, y), hess))
+    return out
+
+
+def parts_summary(
+    hessian: Tensor, between: Tensor, within: Tensor, residual: Tensor, k: int
+) -> dict[str, float]:
+    """How far the top of H is the between-class part's (Papyan 2019, 2020), from the four
+    spectra of a run (any order):
+
+    - ``between_match``: max over i <= k of |lambda_i(between) / lambda_i(H) - 1|, the largest
+      relative mismatch between the top k eigenvalues of H and of the between part;
+    - ``within_ratio``: lambda_max(within) / lambda_k(H);
+    - ``residual_ratio``: max |lambda(R)| / lambda_max(H).
+    """
+    check_int("k", k, 1)
+    top = [torch.as_tensor(t, dtype=torch.float64).flatten().sort(descending=True).values
+           for t in (hessian, between, within)]  # fmt: skip
+    h, b, w = top
+    if h.numel() < k or b.numel() < k:
+        raise ValueError(f"k must be at most the number of eigenvalues, got k={k}")
+    if not bool((h[:k] > 0).all()):
+        raise ValueError(f"the top {k} eigenvalues of H must be positive")
+    res = torch.as_tensor(residual, dtype=torch.float64)
+    return {
+        "between_match": float((b[:k] / h[:k] - 1).abs().max()),
+        "within_ratio": float(w[0] / h[k - 1]),
+        "residual_ratio": float(res.abs().max() / h[0]),
+    }
+
+
+def _gaps_or_nan(eig: Tensor, k: int) -> tuple[float, float]:
+    try:
+        return outlier_gaps(eig, k)
+    except ValueError:  # fewer than K + 1 positive eigenvalues
+        return math.nan, math.nan
+
+
+def cached_run(cache: Cache | None, fn, **config: Any) -> Any:
+    """``fn(**config)`` (one of this module's experiment functions) through ``cache``, under
+    the name ``<CACHE_PREFIX>-<fn name>``; the device is not part of the key."""
+    return cached(cache, f"{CACHE_PREFIX}-{fn.__name__}", fn, **config)
 
 
 def regime_table(
@@ -309,42 +493,50 @@ def regime_table(
 ) -> dict[str, Any]:
     """:func:`spectrum_run` for every K in ``ks`` and seed in ``seeds`` (each run cached).
 
-    Arrays of shape (len(ks), len(seeds)): ``count``, ``count_projected``, ``align_at_k``
-    (cos^2 of the gradient with the K-th eigenvector), ``align_position`` (1-based position of
-    the eigenvector the gradient is closest to), ``frac_init`` (NaN for runs without the initial
-    spectrum), ``frac_final`` (:func:`near_zero_fraction`), ``final_loss``, ``accuracy``,
-    ``grad_norm``, ``steps``, ``top`` (the largest eigenvalue) and ``num_params``; and the
-    per-K medians over seeds of the two counts (``median_count``, ``median_projected``; the
-    lower median for an even number of seeds).
+    Arrays of shape (len(ks), len(seeds)): ``count``, ``count_projected``, ``count_random``,
+    ``count_init`` (NaN for runs without the initial spectrum), ``align_at_k`` (cos^2 of the
+    gradient with the K-th eigenvector), ``align_max`` and ``align_position`` (the largest
+    cos^2 and the 1-based position of the eigenvector it belongs to), ``frac_init`` (NaN
+    without the initial spectrum), ``frac_final`` (:func:`near_zero_fraction`), ``nonbulk``
+    (:func:`nonbulk_count`), ``top_over_mean`` (lambda_max / mean |lambda|), ``final_loss``,
+    ``accuracy``, ``grad_norm``, ``class_gradient_ratio``, ``steps``, ``top`` (the largest
+    eigenvalue), ``num_params``, ``inner_ratio`` and ``gap_ratio`` (:func:`outlier_gaps`, NaN
+    without K + 1 positive eigenvalues); and per-K medians over seeds (the lower median for an even number of
+    seeds) of the counts: ``median_count``, ``median_projected``, ``median_random``,
+    ``median_init``.
     """
     from tqdm.auto import tqdm
 
     ks, seeds = [int(k) for k in ks], [int(s) for s in seeds]
     if not ks or not seeds:
         raise ValueError("ks and seeds must not be empty")
-    keys = ("count", "count_projected", "align_at_k", "align_position", "frac_init",
-            "frac_final", "final_loss", "accuracy", "grad_norm", "steps", "top",
-            "num_params")  # fmt: skip
+    keys = ("count", "count_projected", "count_random", "count_init", "align_at_k", "align_max",
+            "align_position", "frac_init", "frac_final", "nonbulk", "top_over_mean",
+            "final_loss", "accuracy", "grad_norm", "class_gradient_ratio", "steps", "top",
+            "num_params", "inner_ratio", "gap_ratio")  # fmt: skip
     table = {key: torch.zeros(len(ks), len(seeds), dtype=torch.float64) for key in keys}
     bar = tqdm(total=len(ks) * len(seeds), desc=f"{data} runs", disable=not progress, leave=False)
     for i, k in enumerate(ks):
         for j, seed in enumerate(seeds):
-            r = cached(cache, f"hessian-{data}", spectrum_run, data=data, num_classes=k,
-                       seed=seed, device=device, **config)  # fmt: skip
-            align = r["alignment"]
-            values = (r["count"], r["count_projected"], float(align[k - 1]),
-                      int(torch.argmax(align)) + 1,
-                      near_zero_fraction(r["eig_init"]) if "eig_init" in r else math.nan,
-                      near_zero_fraction(r["eig_final"]), r["final_loss"], r["accuracy"],
-                      r["grad_norm"], r["steps"], float(r["eig_final"].max()),
-                      r["num_params"])  # fmt: skip
+            r = cached_run(cache, spectrum_run, data=data, num_classes=k, seed=seed,
+                           device=device, **config)  # fmt: skip
+            align, eig, has_init = r["alignment"], r["eig_final"], "eig_init" in r
+            values = (r["count"], r["count_projected"], r["count_random"],
+                      _count_or_zero(r["eig_init"]) if has_init else math.nan,
+                      float(align[k - 1]), float(align.max()), int(torch.argmax(align)) + 1,
+                      near_zero_fraction(r["eig_init"]) if has_init else math.nan,
+                      near_zero_fraction(eig), nonbulk_count(eig),
+                      float(eig.max() / eig.abs().mean()), r["final_loss"], r["accuracy"],
+                      r["grad_norm"], r["class_gradient_ratio"], r["steps"], float(eig.max()),
+                      r["num_params"], *_gaps_or_nan(eig, k))  # fmt: skip
             for key, value in zip(keys, values, strict=True):
                 table[key][i, j] = float(value)
             bar.update()
     bar.close()
     out: dict[str, Any] = {"ks": torch.tensor(ks), "seeds": torch.tensor(seeds), **table}
-    out["median_count"] = table["count"].median(dim=1).values
-    out["median_projected"] = table["count_projected"].median(dim=1).values
+    for name, key in (("median_count", "count"), ("median_projected", "count_projected"),
+                      ("median_random", "count_random"), ("median_init", "count_init")):  # fmt: skip
+        out[name] = table[key].median(dim=1).values
     return out
 
 
@@ -377,7 +569,7 @@ def explore_spectrum(
         data=data, num_classes=num_classes, widths=(width, width), lr=lr, max_steps=steps,
         data_options=options,
     )  # fmt: skip
-    return cached(cache, "hessian-explore", spectrum_run, device=device, **config)
+    return cached(cache, f"{CACHE_PREFIX}-explore", spectrum_run, device=device, **config)
 
 
 # ----------------------------------------------------------------------------- small vs large batch
@@ -413,10 +605,11 @@ def interpolate(
 
 
 def barrier(alphas: Tensor | Sequence[float], losses: Tensor | Sequence[float]) -> float:
-    """max over alpha in [0, 1] of L(alpha) - ((1 - alpha) L(0) + alpha L(1)).
+    """max over alpha strictly between 0 and 1 of L(alpha) - ((1 - alpha) L(0) + alpha L(1)).
 
-    Zero or below: no bump above the chord between the two solutions. Needs alpha = 0 and
-    alpha = 1 among ``alphas``.
+    At or below zero: no bump above the chord between the two solutions (below zero: the line
+    lies under its chord). The two ends themselves, where the chord meets the line up to
+    rounding, are left out. Needs alpha = 0, alpha = 1 and a value between them in ``alphas``.
     """
     a = torch.as_tensor(alphas, dtype=torch.float64)
     losses = torch.as_tensor(losses, dtype=torch.float64)
@@ -428,9 +621,33 @@ def barrier(alphas: Tensor | Sequence[float], losses: Tensor | Sequence[float]) 
     if not (at0.any() and at1.any()):
         raise ValueError("alphas must include 0 and 1 (the two solutions)")
     l0, l1 = losses[at0][0], losses[at1][0]
-    inside = (a >= 0) & (a <= 1)
+    inside = (a > 0) & (a < 1) & ~at0 & ~at1
+    if not inside.any():
+        raise ValueError("alphas must include a value strictly between 0 and 1")
     chord = (1 - a[inside]) * l0 + a[inside] * l1
     return float((losses[inside] - chord).max())
+
+
+def value_at_loss(
+    losses: Tensor | Sequence[float], values: Tensor | Sequence[float], target: float
+) -> float:
+    """A quantity recorded along a training path, read off where the path's loss first falls to
+    ``target``: linear in the loss between the two records around that crossing. NaN when the
+    path starts at or below ``target`` or never reaches it (no matched point on the path)."""
+    losses = torch.as_tensor(losses, dtype=torch.float64).flatten()
+    values = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if losses.shape != values.shape or losses.numel() < 2:
+        raise ValueError("losses and values must be 1-D, of equal length, at least 2")
+    if not math.isfinite(target):
+        raise ValueError(f"target must be a finite number, got {target!r}")
+    if losses[0] <= target:
+        return math.nan
+    below = torch.nonzero(losses <= target).flatten()
+    if below.numel() == 0:
+        return math.nan
+    i = int(below[0])
+    l0, l1, v0, v1 = losses[i - 1], losses[i], values[i - 1], values[i]
+    return float(v0 + (v1 - v0) * (l0 - target) / (l0 - l1))
 
 
 def _top_eigenvalue(model: nn.Module, x: Tensor, y: Tensor, seed: int) -> float:
@@ -449,53 +666,105 @@ def batch_switch_experiment(
     steps_first: int = 1_500,
     steps_second: int = 1_500,
     num_alphas: int = 41,
+    path_every: int = 100,
     data_options: Mapping[str, Any] | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Sagun et al.'s section 4 protocol: train one initialisation with SGD at ``large_batch``
     for ``steps_first`` updates, then continue from there with ``small_batch`` for
-    ``steps_second``; and the reverse (small first, then large), with the same lr throughout. For each switch: the distance the second phase
-    moved relative to the norm of the parameters at the switch, the training loss on the line
-    between the two ends (alpha in [-0.5, 1.5]), its :func:`barrier`, the barrier relative to
-    the mean loss of the two ends, and the top Hessian eigenvalue (Lanczos) at each end.
-    Keys are prefixed ``large_small_`` and ``small_large_``."""
+    ``steps_second``; and the reverse (small first, then large), with the same lr throughout.
+
+    For each switch (keys prefixed ``large_small_`` and ``small_large_``): the distance the
+    second phase moved relative to the norm of the parameters at the switch, the training loss
+    on the line between the two ends (alpha in [-0.5, 1.5]), its :func:`barrier`, the barrier
+    relative to the mean loss of the two ends, the top Hessian eigenvalue (Lanczos) and the
+    loss at each end; and ``matched_top``, the top eigenvalue of the large-batch path where
+    its loss equals the small-batch end's (:func:`value_at_loss`), with ``matched_ratio`` = the
+    small-batch end's top eigenvalue over it. The large-batch path is the first phase of
+    ``large_small`` continued at the large batch for ``steps_second`` more steps (the batches
+    its second phase would have drawn), recorded every ``path_every`` steps as ``path_step``,
+    ``path_loss`` and ``path_top``. The control of the barrier (keys ``independent_``): a second, independent
+    initialisation trained like the first phase of ``large_small``; the line between the two
+    large-batch solutions, its relative barrier and their relative distance."""
     check_int("large_batch", large_batch, 1)
     check_int("small_batch", small_batch, 1)
     check_int("steps_first", steps_first, 1)
     check_int("steps_second", steps_second, 1)
     check_int("num_alphas", num_alphas, 5)
+    check_int("path_every", path_every, 1)
     x, y = _dataset(data, num_classes, seed, device, **dict(data_options or {}))
     if large_batch > len(x) or small_batch > len(x):
         raise ValueError(f"batch sizes must be <= the {len(x)} training examples")
     alphas = torch.linspace(-0.5, 1.5, num_alphas, dtype=torch.float64)
     alphas = torch.unique(torch.cat([alphas, torch.tensor([0.0, 1.0], dtype=torch.float64)]))
     out: dict[str, Any] = {"alphas": alphas, "n_train": len(x)}
+
+    def net(init_seed: int) -> nn.Module:
+        return models.MLP(x.shape[1], tuple(widths), num_classes, seed=init_seed, dtype=DTYPE,
+                          device=x.device)  # fmt: skip
+
+    def sgd(model: nn.Module, batch: int, steps: int, phase: int, callback=None):
+        return train.train(
+            model, x, y, loss="ce", lr=lr, optimizer="sgd", batch_size=batch, steps=steps,
+            seed=seed + phase, log_every=10**9, progress=False, callback=callback,
+            every=path_every,
+        )  # fmt: skip
+
+    def on_path(step: int, model: nn.Module) -> dict[str, float]:
+        loss = train.evaluate(model, x, y, loss="ce")["loss"]
+        return {"loss": loss, "top": _top_eigenvalue(model, x, y, seed)}
+
+    def line_between(model: nn.Module, a: Tensor, b: Tensor, losses: list, prefix: str) -> None:
+        line = interpolate(model, a, b, x, y, alphas)
+        bump = barrier(alphas, line)
+        out.update({
+            f"{prefix}_loss": line,
+            f"{prefix}_barrier": bump,
+            f"{prefix}_relative_barrier": bump / (0.5 * (losses[0] + losses[1])),
+            f"{prefix}_distance": float((b - a).norm() / a.norm()),
+            f"{prefix}_end_loss": losses,
+        })  # fmt: skip
+
+    def end_of(model: nn.Module) -> tuple[Tensor, float]:
+        theta = flatten(p.detach() for p in model.parameters())
+        return theta, train.evaluate(model, x, y, loss="ce")["loss"]
+
     for name, (first, second) in (
         ("large_small", (large_batch, small_batch)),
         ("small_large", (small_batch, large_batch)),
     ):
-        model = models.MLP(x.shape[1], tuple(widths), num_classes, seed=seed, dtype=DTYPE,
-                           device=x.device)  # fmt: skip
+        model = net(seed)
         ends, tops, losses = [], [], []
         for phase, (batch, steps) in enumerate(((first, steps_first), (second, steps_second))):
-            train.train(
-                model, x, y, loss="ce", lr=lr, optimizer="sgd", batch_size=batch, steps=steps,
-                seed=seed + phase, log_every=10**9, progress=False,
-            )  # fmt: skip
-            ends.append(flatten(p.detach() for p in model.parameters()))
+            record = name == "large_small" and phase == 0
+            history = sgd(model, batch, steps, phase, on_path if record else None)
+            if record:  # the large-batch path, continued at the large batch past the switch
+                onward = copy.deepcopy(model)
+                more = sgd(onward, large_batch, steps_second, 1, on_path).records[1:]
+                records = history.records + [r | {"step": r["step"] + steps} for r in more]
+                for key in ("step", "loss", "top"):
+                    out[f"path_{key}"] = torch.tensor(
+                        [r[key] for r in records], dtype=torch.float64
+                    )
+            theta, loss = end_of(model)
+            ends.append(theta)
+            losses.append(loss)
             tops.append(_top_eigenvalue(model, x, y, seed))
-            losses.append(train.evaluate(model, x, y, loss="ce")["loss"])
-        line = interpolate(model, ends[0], ends[1], x, y, alphas)
-        bump = barrier(alphas, line)
+        line_between(model, ends[0], ends[1], losses, name)
+        small = 1 if first == large_batch else 0  # the small-batch end
+        matched = value_at_loss(out["path_loss"], out["path_top"], losses[small])
         out.update({
-            f"{name}_loss": line,
-            f"{name}_barrier": bump,
-            f"{name}_relative_barrier": bump / (0.5 * (losses[0] + losses[1])),
-            f"{name}_distance": float((ends[1] - ends[0]).norm() / ends[0].norm()),
             f"{name}_top": tops,
-            f"{name}_end_loss": losses,
+            f"{name}_matched_top": matched,
+            f"{name}_matched_ratio": tops[small] / matched,
         })  # fmt: skip
+        if name == "large_small":
+            large_end, large_loss = ends[0], losses[0]
+    other = net(seed + 10_000)
+    sgd(other, large_batch, steps_first, 0)
+    theta, loss = end_of(other)
+    line_between(other, large_end, theta, [large_loss, loss], "independent")
     return out
 
 
