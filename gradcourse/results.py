@@ -224,11 +224,16 @@ def verdict_table(notebook: str, current: Any = None, *, root: Path | None = Non
     names: list[str] = []
     for col in columns.values():
         names += [n for n in col if n not in names]
+    this_run = columns.get("this run")
     rows = []
     for name in names:
         first = next(col[name] for col in columns.values() if name in col)
         paper = "" if first.paper_value is None else _fmt(first.paper_value)
-        row = [name, first.kind, paper, first.expected_text, first.refutation_text]
+        # a claim this run no longer checks: a record made by an older version of the notebook
+        shown = (
+            name if this_run is None or name in this_run else f"{name} (not checked by this run)"
+        )
+        row = [shown, first.kind, paper, first.expected_text, first.refutation_text]
         for label, col in columns.items():
             ran = label == "this run" or recorded[label] is not None
             row.append(_cell(col.get(name), ran))

@@ -247,3 +247,18 @@ def test_verdict_table_takes_a_record_whose_machine_is_null(tmp_path):
     path.write_text(json.dumps(record))
     footer = results.verdict_table("nb", root=root).footer
     assert any(line.startswith("ci: ") and "? thread(s)" in line for line in footer)
+
+
+def test_verdict_table_names_the_claims_this_run_no_longer_checks(tmp_path):
+    root = tmp_path / "results"
+    results.record_run(
+        run("ci", tmp_path / "a").record(), notebook="nb", profile="ci", seconds=1, root=root
+    )
+    now = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path / "b", verbose=False)
+    now.check("required", 1.0, 1.0, rtol=0.1, kind="paper", refute=REFUTE)
+    names = [row[0] for row in results.verdict_table("nb", now, root=root).rows]
+    assert names == [
+        "required",
+        "gpu only (not checked by this run)",
+        "identity (not checked by this run)",
+    ]

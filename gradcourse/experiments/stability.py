@@ -367,8 +367,8 @@ def _sweep(
     ``columns`` of them, in that order, one array each. Cached under ``name`` and a config of
     the sweep's arguments and the experiment's ``settings``."""
     # version: bumped when the runs or either sweep's returned fields change (3: fresh batches;
-    # 4: the exact mean-square rates)
-    config = dict(version=4, lrs=[float(v) for v in lrs], batch_sizes=list(batch_sizes),
+    # 4: the exact mean-square rates; 5: the diagonal nets' exact thresholds)
+    config = dict(version=5, lrs=[float(v) for v in lrs], batch_sizes=list(batch_sizes),
                   **settings, steps=steps, loss_tol=loss_tol, seed=seed)  # fmt: skip
 
     def compute() -> dict[str, Any]:
@@ -463,6 +463,20 @@ def _rates(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, 
     sigma = stability.SigmaOperator(model, "mse", (x, y), curvature="ggn")
     hs = stability.per_example_matrices(sigma.per_example, _gradient_basis(model, x))
     return [stability.mean_square_rate(hs, lr, int(b)) for b in batch_sizes]
+
+
+def _ms_threshold(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
+) -> float:
+    """The exact mean-square threshold lr of SGD(B) at the model's parameters (Gauss-Newton
+    per-example curvatures in the span of the per-example gradients); nan where the curvature
+    vanishes on that span (a dead or zero net)."""
+    sigma = stability.SigmaOperator(model, "mse", (x, y), curvature="ggn")
+    hs = stability.per_example_matrices(sigma.per_example, _gradient_basis(model, x))
+    try:
+        return stability.mean_square_threshold(hs, int(batch_size))
+    except ValueError:
+        return math.nan
 
 
 def _wme_lambda(
@@ -619,11 +633,20 @@ def diagonal_sweep(
     tr(G) = 1/n sum_i sum_j (u_j^2 + v_j^2) x_ij^2, the weighted l1 norm
     2 sum_j m_j |u_j v_j| (m_j = 1/n sum_i x_ij^2) that it bounds (AM-GM, equality when |u| = |v|),
     ||beta||_1 and the test error. ``converged``: the training loss ended at or below
-    ``loss_tol``. ``init="random"`` draws u and v independently (u != v, so beta = u * v has
+    ``loss_tol``. ``ms_threshold``: the exact mean-square threshold lr of SGD at the run's batch
+    size at its endpoint (:func:`gradcourse.stability.mean_square_threshold`, Gauss-Newton
+    curvatures in the span of the gradients); over the run's lr it says how far the run sits from
+    the edge of mean-square stability (1: at the edge). ``init="random"`` draws u and v independently (u != v, so beta = u * v has
     both signs and the trace only bounds the weighted l1 norm); ``signed`` gives the teacher
     both signs (:func:`sparse_regression`)."""
     columns = ("lr", "batch_size", "trace", "weighted_l1", "l1", "train_loss", "test_loss",
-               "diverged", "converged")  # fmt: skip
+               "diverged", "converged", "ms_threshold")  # fmt: skip
+
+    def measure(model, x, y, lr, batch_size, diverged) -> dict[str, float]:
+        out = _diagonal_measures(model, x)
+        out["ms_threshold"] = math.nan if diverged else _ms_threshold(model, x, y, batch_size)
+        return out
+
     return _sweep(
         "stability-diagonal",
         dict(n=n, n_test=n_test, dim=dim, sparsity=sparsity, init_scale=init_scale, init=init,
@@ -632,7 +655,7 @@ def diagonal_sweep(
         lambda: models.DiagonalLinear(
             dim, init_scale=init_scale, init=init, seed=seed, dtype=torch.float64
         ),
-        lambda model, x, *run: _diagonal_measures(model, x),
+        measure,
         columns,
         lrs=lrs, batch_sizes=batch_sizes, steps=steps, loss_tol=loss_tol, seed=seed, cache=cache,
         progress=progress,
