@@ -740,6 +740,12 @@ def trace_bound(lr: float, batch_size: int, n: int) -> float:
     taking the trace, lr ((1 - c) tr H^2 + c mean_i ||g_i||^4) <= 2 tr H, and
     mean_i ||g_i||^4 >= (tr H)^2 (Jensen), so c lr (tr H)^2 <= 2 tr H. For B = 1:
     tr(H) <= 2 / lr. Infinite for B = n.
+
+    It also follows from exact mean-square stability, the weaker premise: the second-moment map
+    T(S) = E[(I - lr H_B) S (I - lr H_B)] is self-adjoint and positive, so a spectral radius
+    <= 1 gives <I, T(I)> <= <I, I>, that is lr E tr H_B^2 <= 2 tr H, and
+    E tr H_B^2 >= c mean_i ||g_i||^4 >= c (tr H)^2 as above. Two inequalities are dropped, so the
+    bound can hold with room at a minimum on the edge of stability.
     """
     lr = check_positive("lr", lr)
     c = sgd_noise_factor(batch_size, n)
