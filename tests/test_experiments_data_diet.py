@@ -60,6 +60,31 @@ def test_load_data_flips_exactly_the_noise_fraction_of_train_labels_only():
     assert (clean.n_train, clean.n_test) == (60, 40)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_label_noise_is_drawn_apart_from_subsets_and_batch_orders(seed):
+    # the flips once shared torch.Generator(data_seed)'s randperm with the random subset and
+    # the batch order of seed data_seed: the random half of seed 0 held every flipped label
+    cfg = dd.config(dataset="mnist1d", n_train=4000, n_test=10, noise=0.2, data_seed=seed)
+    _, flipped = dd.load_data(cfg)
+    n, k = len(flipped), len(flipped) // 2
+    result = {"labels": torch.zeros(n, dtype=torch.int64)}
+    subset = dd.kept_indices(result, "random", None, 0.5, seed=seed)
+    first_batches = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: n // 5]
+    # hypergeometric std of the share in a random half: sqrt(0.2 * 0.8 / k * (n - k) / (n - 1))
+    std = math.sqrt(0.2 * 0.8 / k * (n - k) / (n - 1))
+    for kept in (subset, first_batches):
+        share = float(flipped[kept].double().mean())
+        assert abs(share - 0.2) < 5 * std * math.sqrt(k / len(kept)), share
+    assert dd.noise_seed(seed) != seed and dd.noise_seed(seed) < 2**63
+    assert dd.noise_seed(seed) == dd.noise_seed(seed) != dd.noise_seed(seed + 1)
+
+
+def test_noisy_configurations_have_their_own_cache_key():
+    clean, noisy = dd.config(noise=0.0), dd.config(noise=0.2)
+    assert "noise_seed" not in dd._key(clean)
+    assert dd._key(noisy)["noise_seed"] == dd.noise_seed(0)
+
+
 def test_make_model_shapes():
     cfg = dd.config(**{**TINY, "arch": "small_cnn", "channels": (4,), "hidden": 8})
     cnn = dd.make_model(cfg, (40,), 10, seed=0)
@@ -211,6 +236,23 @@ def test_top_k_precision():
     assert dd.top_k_precision(perfect, flipped, k=4) == 0.5
     with pytest.raises(ValueError, match="same length"):
         dd.top_k_precision(perfect[:3], flipped)
+
+
+def test_top_k_per_run_and_random_top_k():
+    flipped = torch.tensor([True, False, True, False, False, False])
+    el2n = torch.tensor(
+        [[[6.0, 1, 5, 2, 3, 4], [6.0, 5, 1, 2, 3, 4]]], dtype=torch.float64
+    )  # (epochs, runs, n): run 0 finds both flipped labels, run 1 one of them
+    result = {"epochs": torch.tensor([1]), "el2n": el2n, "flipped": flipped}
+    assert dd.top_k_per_run(result, "el2n", 1).tolist() == [1.0, 0.5]
+    with pytest.raises(ValueError, match="no flipped label"):
+        dd.top_k_per_run({**result, "flipped": torch.zeros(6, dtype=torch.bool)}, "el2n", 1)
+    # a random ranking finds the noise rate on average
+    many = torch.rand(10_000, generator=torch.Generator().manual_seed(5)) < 0.2
+    shares = dd.random_top_k(many, range(20))
+    assert shares.shape == (20,)
+    assert abs(float(shares.mean()) - float(many.double().mean())) < 0.02
+    assert torch.equal(shares, dd.random_top_k(many, range(20)))  # seeded
 
 
 def test_balanced_kept_indices_keep_each_class_its_share(tiny_scores):

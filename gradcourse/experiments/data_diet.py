@@ -7,8 +7,9 @@ the pruning rule live in :mod:`gradcourse.scores` (EL2N, GraNd, forgetting event
 ``prune``, ``spearman``) and :mod:`gradcourse.pergrad`; training in :mod:`gradcourse.train`.
 This module adds what is specific to the paper's protocol:
 
-- :func:`load_data`, :func:`make_model`  the data set (Fashion-MNIST, MNIST-1D, scikit-learn's
-  digits or CIFAR-10, optionally with flipped labels) and net (``init="torch"``: PyTorch's
+- :func:`load_data`, :func:`make_model`, :func:`noise_seed`  the data set (Fashion-MNIST,
+  MNIST-1D, scikit-learn's digits or CIFAR-10, optionally with flipped labels, drawn from a
+  stream of their own) and net (``init="torch"``: PyTorch's
   default draw, non-zero biases);
 - :func:`score_experiment`  train ``len(score_seeds)`` networks once each on all the data and
   take EL2N and GraNd at every epoch of ``score_epochs`` (0 = initialisation), forgetting
@@ -29,16 +30,18 @@ This module adds what is specific to the paper's protocol:
 - :func:`single_run`, :func:`class_shares`, :func:`least_kept_shares`,
   :func:`random_least_shares`  what a subset keeps of each class, by the averaged score, by
   each run's score, and for the random subsets (the control);
-- :func:`top_k_precision`, :func:`top_k_band`, :func:`spearman_band`, :func:`find_curve`  the
-  statistics the claims use (accuracy differences are paired over seeds with
-  :func:`gradcourse.stats.paired_interval`).
+- :func:`top_k_precision`, :func:`top_k_per_run`, :func:`random_top_k`, :func:`top_k_band`,
+  :func:`spearman_band`, :func:`find_curve`  the statistics the claims use (accuracy
+  differences are paired over seeds with :func:`gradcourse.stats.paired_interval`).
 
 Every random choice is keyed by a seed (network init, batch order, random subsets, label noise),
-so running a configuration twice gives identical numbers on the same machine.
+so running a configuration twice gives identical numbers on the same machine. The label noise
+draws from a stream of its own (:func:`noise_seed`), never the one of a subset or batch order.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -130,8 +133,26 @@ def config(**overrides: Any) -> dict[str, Any]:
 
 
 def _key(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a configuration that determines results (everything but the device)."""
-    return {k: cfg[k] for k in DEFAULTS}
+    """The part of a configuration that determines results (everything but the device); with
+    label noise, also the seed of its own stream (:func:`noise_seed`)."""
+    key = {k: cfg[k] for k in DEFAULTS}
+    if cfg["noise"] > 0:
+        key["noise_seed"] = noise_seed(cfg["data_seed"])
+    return key
+
+
+def noise_seed(data_seed: int) -> int:
+    """The seed of the label noise of ``data_seed``: a stream of its own, derived from
+    ``("label_noise", data_seed)`` (SHA-256, 63 bits).
+
+    Random subsets (:func:`kept_indices`), batch orders and initialisations all draw from
+    ``torch.Generator().manual_seed(seed)`` with small integer seeds. Seeding the noise with
+    ``data_seed`` itself made ``randperm(n)`` of the flips the same permutation as that of the
+    random subset (and of the first epoch's batches) of seed ``data_seed``: the random half of
+    seed 0 held every flipped label (40% of it flipped at a noise rate of 20%)."""
+    check_int("data_seed", data_seed, 0)
+    digest = hashlib.sha256(f"label_noise/{data_seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 # ----------------------------------------------------------------------------- data and models
@@ -153,7 +174,8 @@ def available(dataset: str) -> bool:
 def load_data(cfg: Mapping[str, Any], device: str | torch.device | None = None):
     """``(dataset, flipped)``: the training split of ``n_train`` examples (class-balanced subset
     under ``data_seed``) with a fraction ``noise`` of its labels flipped
-    (:func:`gradcourse.data.label_noise`, seed ``data_seed``), the first ``n_test`` test
+    (:func:`gradcourse.data.label_noise`, seeded by :func:`noise_seed` of ``data_seed``: a
+    stream apart from the subsets and batch orders), the first ``n_test`` test
     examples (labels never flipped), and the boolean mask of flipped training labels.
 
     MNIST-1D comes from the cached 4,000 / 1,000 pool when that is large enough, else a larger
@@ -184,7 +206,9 @@ def load_data(cfg: Mapping[str, Any], device: str | torch.device | None = None):
     )
     flipped = torch.zeros(ds.n_train, dtype=torch.bool)
     if cfg["noise"] > 0:
-        noisy, flipped = data.label_noise(ds.y_train, cfg["noise"], ds.num_classes, seed=seed)
+        noisy, flipped = data.label_noise(
+            ds.y_train, cfg["noise"], ds.num_classes, seed=noise_seed(seed)
+        )
         ds = data.Dataset(ds.x_train, noisy, ds.x_test, ds.y_test, ds.num_classes, ds.name)
     return ds.to(device), flipped.cpu()
 
@@ -653,6 +677,34 @@ def top_k_precision(score: Tensor, flipped: Tensor, k: int | None = None) -> flo
     check_int("k", k, 1, len(score))
     top = scores.prune(score, k / len(score), mode="hardest")
     return float(flipped[top].double().mean())
+
+
+def top_k_per_run(result: Mapping[str, Tensor], method: str, epoch: int | None = None) -> Tensor:
+    """(runs,) :func:`top_k_precision` of each scoring run's own score (:func:`run_scores`)
+    against the flipped labels of a :func:`score_experiment` result: one value per run, the unit
+    of replication for an interval over runs (:func:`mean_interval`)."""
+    flipped = result["flipped"]
+    if int(flipped.sum()) == 0:
+        raise ValueError("the result has no flipped label (noise = 0)")
+    rows = run_scores(result, method, epoch)
+    return torch.tensor([top_k_precision(r, flipped) for r in rows], dtype=torch.float64)
+
+
+def random_top_k(flipped: Tensor, seeds: Sequence[int]) -> Tensor:
+    """(len(seeds),) :func:`top_k_precision` of a random ranking drawn from each seed (a
+    generator of its own, ``torch.Generator().manual_seed(seed)``): the control for a score
+    that finds flipped labels; its expectation is the noise rate."""
+    seeds = check_ints("seeds", seeds, 0)
+    if not seeds:
+        raise ValueError("seeds must hold at least one seed")
+    flipped = torch.as_tensor(flipped).flatten().bool()
+    out = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        out.append(
+            top_k_precision(torch.rand(len(flipped), generator=g, dtype=torch.float64), flipped)
+        )
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def top_k_band(
