@@ -6,7 +6,9 @@
   al. 2017, arXiv 1706.03825).
 - :func:`grad_cam`: Grad-CAM (Selvaraju et al., ICCV 2017, arXiv 1610.02391): the activations
   A_k of a named convolutional layer weighted by the spatial mean of d f_c / d A_k, summed over
-  channels k, through a ReLU, and resized to the input's spatial size.
+  channels k, through a ReLU, and resized to the input's spatial size; ``rectify=True`` takes
+  A_k after the ReLU that follows the layer, as Selvaraju et al. do, where a model applies
+  that ReLU as a function (no module to hook).
 - :func:`pgd`: projected gradient ascent on the loss within an l_inf or l_2 ball (Madry et al.
   2018, arXiv 1706.06083); :func:`adversarial_step` trains on its output.
 - :func:`mass_on`: the share of an attribution's absolute mass inside a mask (the BlockMNIST
@@ -107,11 +109,20 @@ def grad_cam(
     target: Tensor | int | None = None,
     *,
     resize: bool = True,
+    rectify: bool = False,
 ) -> Tensor:
     """Grad-CAM maps (n, H, W): ReLU(sum_k alpha_k A_k), A = the output (n, K, h, w) of the
     submodule named ``layer`` (a name from ``model.named_modules()``), alpha_k = the mean over
     the h x w positions of d f_c / d A_k, f_c the logit of ``target`` (default: the predicted
-    class). With ``resize``, bilinearly resized to the input's (H, W); else (n, h, w)."""
+    class). With ``resize``, bilinearly resized to the input's (H, W); else (n, h, w).
+
+    ``rectify``: A = ReLU(the layer's output), the rectified maps Selvaraju et al. weight, for a
+    layer whose output the model passes through a ReLU as a function (``F.relu``, no module to
+    hook). A forward hook replaces the layer's output by its ReLU, which leaves the model's
+    output unchanged (a ReLU of a ReLU is the same ReLU); where the output changes (a layer not
+    followed by a ReLU), a ValueError says so. d f_c / d A_k is then taken through the
+    model's own ReLU, whose derivative PyTorch sets to 0 at 0: it is 0 where A_k is, the same
+    alpha_k as without ``rectify``; only the maps they weight change."""
     modules = dict(model.named_modules())
     if layer not in modules or layer == "":
         conv = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
@@ -121,21 +132,32 @@ def grad_cam(
     c = _targets(model, x, target)
     saved: list[Tensor] = []
 
-    def keep(_module: nn.Module, _inputs: object, output: Tensor) -> None:
+    def keep(_module: nn.Module, _inputs: object, output: Tensor) -> Tensor | None:
+        if rectify and isinstance(output, Tensor):
+            output = F.relu(output)  # returned: the model runs on with the rectified maps
         saved.append(output)
+        return output if rectify else None
 
     handle = modules[layer].register_forward_hook(keep)
     try:
         with module_mode(model, False), torch.enable_grad():
             out = model(x.detach())
-            if not saved or saved[0].ndim != 4:
-                shape = None if not saved else tuple(saved[0].shape)
+            if not saved or not isinstance(saved[0], Tensor) or saved[0].ndim != 4:
+                shape = None if not saved else tuple(getattr(saved[0], "shape", ()))
                 raise ValueError(f"layer {layer!r} must output (n, K, h, w), got {shape}")
             acts = saved[0]
             chosen = out.gather(1, c.view(-1, 1)).sum()
             (dacts,) = torch.autograd.grad(chosen, acts)
     finally:
         handle.remove()
+    if rectify:
+        with module_mode(model, False), torch.no_grad():
+            unchanged = model(x.detach())
+        if not torch.allclose(out.detach(), unchanged, rtol=1e-5, atol=1e-6):
+            raise ValueError(
+                f"rectify=True needs a layer whose output the model passes through a ReLU next; "
+                f"rectifying {layer!r}'s output changed the model's output"
+            )
     alpha = dacts.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((alpha * acts).sum(dim=1)).detach()
     if resize:

@@ -125,6 +125,67 @@ def test_grad_cam_resizes_a_coarse_layer():
     )
 
 
+def test_grad_cam_rectified_is_grad_cam_after_the_relu():
+    """rectify=True against two references. CamNet (conv -> ReLU -> mean -> linear) in closed
+    form: R = relu(conv(x)), and d f_c / d R_k = w_ck / (h w) where R_k > 0, 0 where the
+    model's own ReLU is flat (PyTorch's derivative at 0), so alpha_k = w_ck p_k / (h w), p_k the
+    share of R_k's positions above zero. SmallCNN, whose ReLUs are functions, by hand: the
+    rectified maps as a leaf, the rest of the forward pass run on them, alpha the spatial mean
+    of d f_c / d R."""
+    model = CamNet()
+    x = torch.randn(3, 1, 5, 5, generator=torch.Generator().manual_seed(2), dtype=F64)
+    c = torch.tensor([0, 3, 1])
+    with torch.no_grad():
+        rect = F.relu(model.conv(x))
+    share_up = (rect > 0).double().mean(dim=(2, 3))  # (n, K)
+    alpha = model.fc.weight[c] * share_up / 25
+    expected = F.relu((alpha[:, :, None, None] * rect).sum(1))
+    got = at.grad_cam(model, x, "conv", c, resize=False, rectify=True)
+    torch.testing.assert_close(got, expected)
+    net = SmallCNN(1, 3, channels=(3, 4), hidden=8, pool_size=2, seed=5, dtype=F64)
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(9), dtype=F64)
+    c = torch.tensor([0, 1, 2, 2, 1, 0])
+    with torch.no_grad():
+        before = net(x)
+        h = F.max_pool2d(F.relu(net.convs[0](x)), 2)
+    r = F.relu(net.convs[1](h)).requires_grad_(True)
+    z = F.adaptive_avg_pool2d(F.max_pool2d(F.relu(r), 2), 2).flatten(1)
+    out = net.fc2(F.relu(net.fc1(z)))
+    torch.testing.assert_close(out.detach(), before)  # the hand forward pass is the model's
+    (dr,) = torch.autograd.grad(out.gather(1, c.view(-1, 1)).sum(), r)
+    alpha = dr.mean(dim=(2, 3), keepdim=True)
+    expected = F.relu((alpha * r.detach()).sum(1))
+    got = at.grad_cam(net, x, "convs.1", c, resize=False, rectify=True)
+    torch.testing.assert_close(got, expected)
+    # on the raw convolution outputs the negative parts enter the sum: the maps differ
+    raw = at.grad_cam(net, x, "convs.1", c, resize=False)
+    assert not torch.allclose(raw, got)
+    # the hook is gone and the model computes what it computed before
+    assert not net.convs[1]._forward_hooks
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), before)
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_grad_cam_rectify_refuses_a_layer_without_a_relu_after_it():
+    class NoRelu(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 3, 3, padding=1, dtype=F64)
+            self.fc = nn.Linear(3, 2, dtype=F64)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    model = NoRelu()
+    x = torch.randn(4, 1, 6, 6, generator=torch.Generator().manual_seed(1), dtype=F64)
+    at.grad_cam(model, x, "conv", 0)  # without rectify: the raw outputs, allowed
+    with pytest.raises(ValueError, match="needs a layer whose output the model passes through"):
+        at.grad_cam(model, x, "conv", 0, rectify=True)
+    assert not model.conv._forward_hooks
+
+
 def linear_pair():
     """Two-class linear logits W x: the cross-entropy's input gradient points along
     w_other - w_y whatever x is, so the best attack in a ball is known in closed form."""
