@@ -28,8 +28,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from .checks import check_int, check_nonnegative, check_number, check_positive
-from .functional import FunctionalModel, module_mode
+from .checks import (
+    check_finite,
+    check_int,
+    check_labels,
+    check_nonnegative,
+    check_number,
+    check_positive,
+)
+from .functional import FunctionalModel, module_mode, refuse_batch_statistics
 
 __all__ = [
     "NORMS",
@@ -47,16 +54,28 @@ NORMS: tuple[str, ...] = ("linf", "l2")
 
 def _targets(model: nn.Module, x: Tensor, target: Tensor | int | None) -> Tensor:
     """The class whose logit is explained, per example: given, one int for all, or (None) the
-    model's prediction."""
+    model's prediction. A given class must be an integer in range of the model's outputs (one
+    forward pass of ``x[:1]`` finds how many), checked here rather than inside ``gather``."""
+    if len(x) == 0:
+        raise ValueError("x must hold at least one example, got 0")
+    check_finite("x", x)
     if target is None:
         with torch.no_grad(), module_mode(model, False):
             return model(x).argmax(dim=1)
+    if isinstance(target, bool) or not isinstance(target, (int, Tensor)):
+        raise ValueError(
+            f"target must be an int, a tensor of class indices or None, got {target!r}"
+        )
     if isinstance(target, int):
-        return torch.full((len(x),), target, dtype=torch.long, device=x.device)
-    target = torch.as_tensor(target, device=x.device).long()
+        target = torch.full((len(x),), target, dtype=torch.long, device=x.device)
+    else:
+        target = torch.as_tensor(target, device=x.device)
     if target.shape != (len(x),):
         raise ValueError(f"target must have shape ({len(x)},), got {tuple(target.shape)}")
-    return target
+    with torch.no_grad(), module_mode(model, False):
+        classes = model(x[:1]).shape[-1]
+    check_labels("target", target, classes)
+    return target.long()
 
 
 def input_gradients(model: nn.Module, x: Tensor, target: Tensor | int | None = None) -> Tensor:
@@ -64,6 +83,7 @@ def input_gradients(model: nn.Module, x: Tensor, target: Tensor | int | None = N
     ``target`` (default: the predicted class). One ``vmap`` of ``grad`` over the examples."""
     if x.ndim < 2 or len(x) == 0:
         raise ValueError(f"x must be a batch (n, ...) with n >= 1, got shape {tuple(x.shape)}")
+    refuse_batch_statistics(model, "an example's input gradient is not defined")
     c = _targets(model, x, target)
     fm = FunctionalModel(model, params=dict(model.named_parameters()), copy=False)
 
@@ -129,14 +149,22 @@ def grad_cam(
         raise ValueError(f"layer must name a submodule, e.g. one of {conv}, got {layer!r}")
     if x.ndim != 4:
         raise ValueError(f"x must be images (n, C, H, W), got shape {tuple(x.shape)}")
+    refuse_batch_statistics(model, "an image's Grad-CAM map would depend on the batch")
     c = _targets(model, x, target)
     saved: list[Tensor] = []
 
     def keep(_module: nn.Module, _inputs: object, output: Tensor) -> Tensor | None:
-        if rectify and isinstance(output, Tensor):
-            output = F.relu(output)  # returned: the model runs on with the rectified maps
+        if not isinstance(output, Tensor):
+            saved.append(output)
+            return None
+        if not output.requires_grad:  # a frozen model (no parameter requires grad): the maps
+            output = output.detach().requires_grad_(True)  # are still differentiated against
+        if rectify:
+            output = F.relu(output)  # the model runs on with the rectified maps
         saved.append(output)
-        return output if rectify else None
+        # the model gets a copy, so an in-place op after the layer (ReLU(inplace=True)) acts on
+        # it and not on the maps differentiated against
+        return output.clone()
 
     handle = modules[layer].register_forward_hook(keep)
     try:
@@ -198,6 +226,15 @@ def pgd(
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     eps = check_nonnegative("eps", eps)
     check_int("steps", steps, 0)
+    if len(x) == 0 or len(y) != len(x):
+        raise ValueError(
+            f"x and y must hold the same number (>= 1) of examples, got {len(x)} and {len(y)}"
+        )
+    check_finite("x", x)
+    if clamp is not None:
+        low, high = (check_number(f"clamp[{i}]", v) for i, v in enumerate(clamp))
+        if not low < high:
+            raise ValueError(f"clamp must be (low, high) with low < high, got {tuple(clamp)}")
     step = (
         2.5 * eps / max(steps, 1) if step_size is None else check_positive("step_size", step_size)
     )
@@ -260,9 +297,22 @@ def mass_on(attribution: Tensor, mask: Tensor) -> Tensor:
     """Per example, the share of sum |attribution| that falls where ``mask`` is true:
     sum_{mask} |a| / sum |a| (nan when an attribution is all zero). ``mask`` broadcasts to the
     attribution's shape, e.g. (n, 1, H, W) masks for (n, C, H, W) gradients, or (n, H, W) for
-    Grad-CAM maps."""
+    Grad-CAM maps; a mask with the batch as its first dimension is aligned on it, so (n, H, W)
+    masks serve (n, C, H, W) gradients too. A mask shared by every example has no batch
+    dimension: (H, W), or (1, C, H, W)."""
     a = attribution.detach().abs()
     m = torch.as_tensor(mask, device=a.device).bool()
+    if a.ndim < 2:
+        raise ValueError(f"attribution must be a batch (n, ...), got shape {tuple(a.shape)}")
+    # a mask with a batch dimension is aligned on it: (n, H, W) for (n, C, H, W) masks every
+    # channel of example i with mask i (broadcasting from the right would pair mask i with
+    # channel i whenever n == C)
+    if (
+        2 <= m.ndim < a.ndim
+        and m.shape[0] == a.shape[0]
+        and m.shape[1:] == a.shape[a.ndim - m.ndim + 1 :]
+    ):
+        m = m.reshape(m.shape[0], *([1] * (a.ndim - m.ndim)), *m.shape[1:])
     try:
         m = torch.broadcast_to(m, a.shape)
     except RuntimeError as err:

@@ -311,3 +311,88 @@ def test_grad_cam_matches_captum_layer_grad_cam():
             ours = at.grad_cam(model, x, name, c, resize=False)
             theirs = LayerGradCam(model, module).attribute(x, target=c, relu_attributions=True)
             torch.testing.assert_close(ours, theirs[:, 0])
+
+
+# ------------------------------------------------------------------- the edges (issue #28)
+
+
+class ConvThenModuleReLU(nn.Module):
+    """A convolution followed by a ReLU *module* that may act in place on its output."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.act = nn.ReLU(inplace=inplace)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_grad_cam_is_unchanged_by_an_in_place_relu_after_the_layer_and_by_freezing():
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain, inplace = ConvThenModuleReLU(False), ConvThenModuleReLU(True)
+    inplace.load_state_dict(plain.state_dict())
+    reference = at.grad_cam(plain, x, "conv", 1)
+    torch.testing.assert_close(at.grad_cam(inplace, x, "conv", 1), reference)
+    inplace.requires_grad_(False)  # a pretrained net under analysis
+    torch.testing.assert_close(at.grad_cam(inplace, x, "conv", 1), reference)
+    assert not any(p.requires_grad for p in inplace.parameters())
+
+
+def test_a_target_out_of_range_or_of_the_wrong_type_is_refused_by_name():
+    model = tiny_cnn()
+    x = torch.randn(3, 1, 8, 8, dtype=F64)
+    for call in (
+        lambda t: at.input_gradients(model, x, t),
+        lambda t: at.grad_cam(model, x, at_last_conv(model), t),
+    ):
+        with pytest.raises(ValueError, match=r"target must lie in \[0, 2\]"):
+            call(3)
+        with pytest.raises(ValueError, match="target must be integer class labels"):
+            call(torch.tensor([0.0, 1.0, 2.0]))
+        with pytest.raises(ValueError, match="target must be an int"):
+            call(1.5)
+    bad = x.clone()
+    bad[1, 0, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="x must hold finite numbers: example 1"):
+        at.input_gradients(model, bad, 0)
+
+
+def at_last_conv(model: nn.Module) -> str:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][-1]
+
+
+def test_mass_on_aligns_a_per_example_mask_on_the_batch_even_when_n_equals_c():
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(3, 3, 4, 4, generator=gen)  # n = C = 3
+    mask = torch.rand(3, 4, 4, generator=gen) < 0.5
+    by_hand = torch.stack([(a[i].abs() * mask[i]).sum() / a[i].abs().sum() for i in range(3)])
+    torch.testing.assert_close(at.mass_on(a, mask), by_hand)
+    shared = mask[0]  # a mask without a batch dimension is shared by every example
+    by_hand = torch.stack([(a[i].abs() * shared).sum() / a[i].abs().sum() for i in range(3)])
+    torch.testing.assert_close(at.mass_on(a, shared), by_hand)
+
+
+def test_pgd_and_adversarial_training_refuse_empty_batches_and_reversed_bounds():
+    model, x, y = tiny_cnn(), torch.rand(4, 1, 8, 8, dtype=F64), torch.arange(4) % 3
+    with pytest.raises(ValueError, match=r"clamp must be \(low, high\) with low < high"):
+        at.pgd(model, x, y, eps=0.1, clamp=(1.0, 0.0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="at least one example|same number"):
+        at.adversarial_step(model, opt, x[:0], y[:0], eps=0.1)
+    with pytest.raises(ValueError, match="same number"):
+        at.pgd(model, x, y[:2], eps=0.1)
+
+
+def test_batchnorm_without_running_statistics_is_refused_as_by_every_route():
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 6 * 6, 3),
+    ).eval()  # fmt: skip
+    x = torch.randn(3, 1, 8, 8)
+    with pytest.raises(ValueError, match="track_running_stats=False: .* input gradient"):
+        at.input_gradients(net, x, 0)
+    with pytest.raises(ValueError, match="track_running_stats=False: .* Grad-CAM"):
+        at.grad_cam(net, x, "0", 0)

@@ -304,3 +304,17 @@ def test_seeds_and_images_interval_covers_a_redraw_of_both():
         ax.seeds_and_images_interval(np.ones(5))
     with pytest.raises(ValueError, match="finite"):
         ax.seeds_and_images_interval(np.full((3, 3), np.nan))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("classes", 1, "classes must be a sequence of ints"),
+        ("widths", 128, "widths must be a sequence of ints"),
+        ("channels", (8, 0), r"channels\[1\] must be an int >= 1"),
+        ("classes", (3, 3), "two different classes"),
+    ],
+)
+def test_config_checks_every_key_when_it_is_made(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        ax.config(**{key: value})

@@ -87,8 +87,9 @@ def config(**overrides: Any) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown configuration keys {unknown}; known: {sorted(DEFAULTS)}")
     cfg = {**DEFAULTS, **overrides}
-    for key in ("classes", "widths", "channels"):
-        cfg[key] = tuple(cfg[key])
+    cfg["classes"] = check_ints("classes", cfg["classes"], 0, 9)
+    cfg["widths"] = check_ints("widths", cfg["widths"], 1, nonempty=True)
+    cfg["channels"] = check_ints("channels", cfg["channels"], 1, nonempty=True)
     if len(cfg["classes"]) != 2 or len(set(cfg["classes"])) != 2:
         raise ValueError(f"classes must be two different classes, got {cfg['classes']}")
     if cfg["dataset"] not in DATASETS:
