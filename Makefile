@@ -7,7 +7,7 @@ LAB_ARGS ?=
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 PROFILE ?= auto
 
-.PHONY: lab test test-unit test-notebooks test-browser test-sweep chromium data data-or-warn lint format reproduce scorecard site clean help
+.PHONY: lab test test-unit test-notebooks test-student test-browser test-sweep chromium data data-or-warn lint format reproduce scorecard site student clean help
 
 help:
 	@echo "make lab        create .venv, install, open the course in JupyterLab (LAB_ARGS=--no-browser on a headless machine)"
@@ -15,6 +15,7 @@ help:
 	@echo "make test-browser  every notebook in JupyterLab in headless Chromium: run all, move each widget"
 	@echo "make reproduce  run every notebook (PROFILE=ci|cpu|gpu, default auto), record results/<profile>/, refresh the README scorecard"
 	@echo "make site       the course as a static site in build/site/<profile>/ (PROFILE=ci for a quick build)"
+	@echo "make student    the student version (exercise solutions removed, nbgrader) in build/student/"
 	@echo "make data       check that Fashion-MNIST is on disk (apt-get install as root when missing)"
 	@echo "make test-sweep unit tests and notebooks under each CPU capability and 1/2 threads"
 	@echo "make format     apply ruff's formatter and autofixes"
@@ -78,7 +79,13 @@ test-notebooks: $(VENV)/.installed-test
 		$(BIN)/python -m pytest --nbval-lax notebooks/ -q --durations=0 -p no:cacheprovider
 	$(BIN)/python -m gradcourse compare build/nbval-ci --profile ci
 
-test: data lint test-unit test-notebooks
+# The student version (solutions removed by nbgrader) executed at ci: every exercise must say
+# "not attempted" and every notebook run to its end on the library's implementations.
+test-student: $(VENV)/.installed-test
+	rm -rf build/student
+	GRADCOURSE_PROFILE=ci $(BIN)/python -m gradcourse student --run --profile ci --quiet
+
+test: data lint test-unit test-notebooks test-student
 
 # Results must not depend on the CPU's vector unit or the thread count: the unit tests and the
 # notebooks under each ATEN_CPU_CAPABILITY (default, avx2, and the machine's own) with 1 and 2
@@ -128,6 +135,10 @@ scorecard: $(VENV)/.installed
 SITE_PROFILE ?= $(if $(filter auto,$(PROFILE)),cpu,$(PROFILE))
 site: $(VENV)/.installed-site data
 	$(BIN)/python -m gradcourse site --profile $(SITE_PROFILE)
+
+# The student version of every notebook: each exercise's solution replaced by a stub.
+student: $(VENV)/.installed-test
+	$(BIN)/python -m gradcourse student
 
 clean:
 	rm -rf build .pytest_cache

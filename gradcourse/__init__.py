@@ -29,6 +29,7 @@ _SUBMODULES = (
     "cli",
     "curvature",
     "data",
+    "exercises",
     "experiments",
     "functional",
     "layers",

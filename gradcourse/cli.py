@@ -9,6 +9,9 @@
 - ``compare FRESH --profile ci``: a fresh run's verdicts against the recorded ones.
 - ``site [--profile P]``: the course as a static site in ``build/site/<P>/``.
 - ``data [--download]``: check that Fashion-MNIST is on disk (and valid), or download it.
+- ``exercises``: every coding exercise: its function, its task, what it is checked against.
+- ``student [--out DIR] [--run]``: the student version (exercise solutions removed by nbgrader) in
+  ``build/student/``; ``--run`` executes it and checks that every exercise says "not attempted".
 """
 
 from __future__ import annotations
@@ -273,6 +276,63 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_exercises(args: argparse.Namespace) -> int:
+    from .exercises import EXERCISES, describe
+
+    if args.name is not None and args.name not in EXERCISES:
+        print(f"error: no exercise {args.name!r}; known: {', '.join(sorted(EXERCISES))}")
+        return 2
+    print(describe(args.name))
+    return 0
+
+
+def cmd_student(args: argparse.Namespace) -> int:
+    """Write the student version of the notebooks; with ``--run``, execute it and check that
+    every exercise reports "not attempted" and that every notebook runs to its end."""
+    import nbformat
+
+    from .student import exercise_cells, feedback_lines, write_student_version
+
+    paths = [_resolve_notebook(n) for n in args.notebooks] or find_notebooks()
+    try:
+        out_dir = check_writable(
+            Path(args.out) if args.out else build_root() / "student", "the student version",
+            "Pass another folder with --out (or set GRADCOURSE_BUILD), or make this one writable.",
+        )  # fmt: skip
+    except OSError as exc:
+        raise SystemExit(f"gradcourse student: {exc}") from exc
+    written = write_student_version(paths, out_dir)
+    count = sum(len(exercise_cells(nbformat.read(p, as_version=4))) for p in written)
+    print(f"student version of {len(written)} notebook(s), {count} exercise(s): {out_dir}")
+    if not args.run:
+        return 0
+    profile = resolve_profile_name(args.profile)
+    problems = []
+    for path in written:
+        print(f"running the student version of {path.name} (profile {profile}) ...", flush=True)
+        out_path, seconds, error = run_notebook(
+            path, out_dir / "executed", profile, timeout=args.timeout, progress=not args.quiet
+        )
+        executed = nbformat.read(out_path, as_version=4)
+        lines = feedback_lines(executed)
+        expected = len(exercise_cells(nbformat.read(path, as_version=4)))
+        print(f"  {path.name}: {'ok' if error is None else 'FAILED: ' + error} in {seconds:.1f} s")
+        if error is not None:
+            problems.append(f"{path.name}: {error}")
+        if len(lines) != expected:
+            problems.append(
+                f"{path.name}: {len(lines)} exercise feedback line(s), {expected} exercises"
+            )
+        for mark, name, message in lines:
+            if mark != "…":
+                problems.append(
+                    f"{path.name}: exercise {name} did not say 'not attempted': {message}"
+                )
+    for line in problems:
+        print(f"  problem: {line}")
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradcourse", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -323,6 +383,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--download", action="store_true", help="download it with torchvision when it is missing"
     )
     p_data.set_defaults(func=cmd_data)
+    p_ex = sub.add_parser("exercises", help="the coding exercises and what each is checked against")
+    p_ex.add_argument("name", nargs="?", help="one exercise, e.g. 05.clip (default: all)")
+    p_ex.set_defaults(func=cmd_exercises)
+    p_student = sub.add_parser(
+        "student", help="the student version: exercise solutions removed (nbgrader)"
+    )
+    p_student.add_argument("notebooks", nargs="*", help="paths or name prefixes (default: all)")
+    p_student.add_argument("--out", help="output folder (default: build/student/)")
+    p_student.add_argument(
+        "--run", action="store_true", help="execute it and check every exercise is 'not attempted'"
+    )
+    p_student.add_argument("--profile", default="ci", help="profile of --run (default: ci)")
+    p_student.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    p_student.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_student.set_defaults(func=cmd_student)
     return parser
 
 

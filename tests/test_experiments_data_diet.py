@@ -124,6 +124,14 @@ def test_score_experiment_is_deterministic(tiny_scores):
         assert torch.equal(again[key], tiny_scores[key])
 
 
+def test_correctness_record_is_the_record_the_scoring_runs_forgetting_counts(tiny_scores):
+    cfg = dd.config(**TINY)
+    for r, seed in enumerate(cfg["score_seeds"]):
+        record = dd.correctness_record(cfg, seed)
+        assert record.dtype == torch.bool and record.shape == (cfg["epochs"], cfg["n_train"])
+        assert torch.equal(scores.forgetting_events(record), tiny_scores["forgetting"][r])
+
+
 def test_method_scores_and_kept_indices(tiny_scores):
     r = tiny_scores
     el2n = dd.method_scores(r, "el2n", 2)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradcourse import models
+from gradcourse import models, stability
 from gradcourse.cache import Cache
 from gradcourse.experiments import stability as sx
 
@@ -124,6 +124,14 @@ def test_linear_stability_thresholds_and_second_moments(tmp_path):
     rel = abs(r["mc_mean"][0, -1] - r["exact"][0, -1]) / r["exact"][0, -1]
     assert rel < 0.1
     assert r["mc_median"].shape == r["exact"].shape
+    # the matrices and the start it returns reproduce its exact second moments
+    hs, start = torch.as_tensor(r["hessians"]), torch.as_tensor(r["start"])
+    assert hs.shape == (8, 8, 8) and start.shape == (8,)
+    s = torch.outer(start, start)
+    step = stability.second_moment_map(hs, 3.0 * r["lr_star"], 2)
+    for _ in range(10):
+        s = step(s)
+    assert float(s.trace()) == pytest.approx(r["exact"][1, -1], rel=1e-9)
 
 
 def test_gradient_basis_spans_every_per_example_gradient():

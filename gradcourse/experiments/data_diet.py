@@ -390,6 +390,36 @@ def score_experiment(
     }
 
 
+def correctness_record(
+    cfg: Mapping[str, Any], seed: int, *, device: str | torch.device | None = None
+) -> Tensor:
+    """(epochs, n_train) bool: which training examples scoring run ``seed`` of
+    :func:`score_experiment` classifies correctly at the end of each epoch, the record its
+    forgetting events count. Trains that run again (the same model, data, batches and steps;
+    without the scores, which do not change the run)."""
+    cfg = config(**cfg)
+    ds, _ = load_data(cfg, device)
+    per_epoch = math.ceil(ds.n_train / cfg["batch_size"])
+    model = make_model(cfg, ds.input_shape, ds.num_classes, seed=seed, device=device)
+    recorder = scores.ForgettingRecorder(ds.x_train, ds.y_train)
+
+    def callback(step: int, net: nn.Module) -> None:
+        if step > 0:
+            recorder(step, net)
+
+    _train(
+        model,
+        ds.x_train,
+        ds.y_train,
+        cfg,
+        steps=cfg["epochs"] * per_epoch,
+        seed=seed,
+        callback=callback,
+        every=per_epoch,
+    )
+    return recorder.correct()
+
+
 def cached_scores(
     cfg: Mapping[str, Any],
     *,

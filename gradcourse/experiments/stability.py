@@ -529,9 +529,11 @@ def linear_stability(
     - at lr = factor * lr*, for each factor: lambda_max(A), the exact mean-square rate
       (:func:`mean_square_rate`), E||x_t||^2 / ||x_0||^2 from the top eigenvector of H by the
       exact recursion (:func:`sgd_second_moment`), and ``num_runs`` sampled runs
-      (:func:`sgd_run_norms`): their mean and their median (the typical run)."""
+      (:func:`sgd_run_norms`): their mean and their median (the typical run);
+    - the per-example matrices ``hessians`` (n, r, r) in that span and the ``start`` (r,) of the
+      recursion (the top eigenvector of H), for the notebook's exercises."""
     config = dict(
-        version=2,
+        version=3,
         batch_size=batch_size,
         factors=[float(f) for f in factors],
         n=n,
@@ -586,6 +588,8 @@ def linear_stability(
             "exact": np.stack(exact),
             "mc_mean": np.stack(mean),
             "mc_median": np.stack(median),
+            "hessians": hs.numpy(),
+            "start": start.numpy(),
         }
 
     return _cache(cache).get_or_compute("stability-linear", config, compute)

@@ -1,0 +1,985 @@
+"""Coding exercises a student writes and the notebook checks.
+
+Each notebook poses a few exercises: a short function on its core algorithm (per-example
+gradients, a Hessian-vector product, Lanczos, an empirical NTK, EL2N, a DP-SGD step, PGD,
+Grad-CAM). :func:`check` calls the student's function on seeded cases (small models, random
+inputs, edge cases) beside the library's own implementation (or an independent reference where
+the library has no such function) and returns a :class:`Feedback` that says specifically what
+is wrong: a wrong shape (transposed? a dimension of size 1 too many?), a constant factor (and
+which: the batch size, 1/n, 2), a wrong sign, entries off beyond a stated tolerance (where, by
+how much), an exception (which, at which line of the student's function), an input changed in
+place, or right (on which cases, to which tolerance). A stub that still raises
+``NotImplementedError`` is "not attempted yet". :func:`check` never raises: a notebook keeps
+running whatever the student wrote, and :func:`pick` falls back to the library's function until
+the student's passes.
+
+>>> fb = check("05.clip", my_clip)          # doctest: +SKIP
+>>> fb                                       # doctest: +SKIP
+✗ 05.clip: case 'three rows, C = 1': off by a constant factor ...
+
+:data:`EXERCISES` lists them; ``python -m gradcourse exercises`` prints the list.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Case",
+    "EXERCISES",
+    "Exercise",
+    "Feedback",
+    "check",
+    "compare",
+    "pick",
+]
+
+STATUSES = (
+    "right",
+    "not attempted",
+    "wrong type",
+    "wrong shape",
+    "not finite",
+    "wrong factor",
+    "wrong sign",
+    "wrong",
+    "raised",
+    "changed its input",
+    "unknown exercise",
+    "checker error",
+)
+_MARKS = {"right": "✓", "not attempted": "…"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One call of the student's function: ``fn(*args, **kwargs)``, named by ``label`` in the
+    feedback; ``factors`` names constants a wrong answer is often off by on this case (the
+    batch size, the number of probes, ...) so that the feedback can say which."""
+
+    label: str
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+    factors: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """What :func:`check` found. ``passed`` (and ``bool(feedback)``) is True only when the
+    function matched the reference on every case; ``status`` is one of :data:`STATUSES`."""
+
+    exercise: str
+    status: str
+    message: str
+    case: str | None = None
+    cases_passed: int = 0
+    cases_total: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "right"
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def __str__(self) -> str:
+        where = f"case {self.case!r}: " if self.case is not None and not self.passed else ""
+        return f"{_MARKS.get(self.status, '✗')} {self.exercise}: {where}{self.message}"
+
+    def __repr__(self) -> str:  # a notebook shows the feedback, not the dataclass
+        return str(self)
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """An exercise: the function a student writes (``signature``, ``task``), the reference it is
+    checked against (the library's implementation, named in ``against``), the seeded cases, and
+    the tolerance (``rtol``, ``atol``, as in :func:`torch.allclose`, in float64)."""
+
+    name: str
+    signature: str
+    task: str
+    against: str
+    reference: Callable[..., Any]
+    cases: Callable[[], list[Case]]
+    rtol: float = 1e-6
+    atol: float = 1e-9
+
+
+# --- comparing one output --------------------------------------------------------------------
+
+
+def _as_tensor(value: Any) -> Tensor | None:
+    if isinstance(value, Tensor):
+        t = value.detach().cpu()
+    elif isinstance(value, np.ndarray | np.generic):
+        t = torch.from_numpy(np.asarray(value))
+    elif isinstance(value, bool | int | float):
+        t = torch.tensor(value)
+    elif isinstance(value, list | tuple) and all(
+        isinstance(v, bool | int | float | np.generic) for v in value
+    ):
+        t = torch.tensor([float(v) for v in value])
+    else:
+        return None
+    if t.is_complex():
+        return None
+    return t.to(torch.float64)
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "None (did you forget `return`?)"
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor"
+    return f"a {type(value).__name__}"
+
+
+def _index(flat_index: int, shape: tuple[int, ...]) -> str:
+    if not shape:
+        return ""
+    idx = np.unravel_index(flat_index, shape)
+    return " at index [" + ", ".join(str(int(i)) for i in idx) + "]"
+
+
+_GENERIC_FACTORS = {"2": 2.0, "1/2": 0.5}
+
+
+def _named_factor(c: float, factors: Mapping[str, float]) -> str | None:
+    for name, value in {**factors, **_GENERIC_FACTORS}.items():
+        if value != 0 and math.isclose(c, value, rel_tol=1e-4):
+            return name
+    return None
+
+
+def compare(
+    got: Any,
+    want: Any,
+    *,
+    rtol: float = 1e-6,
+    atol: float = 1e-9,
+    factors: Mapping[str, float] | None = None,
+    what: str = "the result",
+) -> tuple[str, str]:
+    """(status, message) for one output ``got`` against the expected ``want``.
+
+    Both are compared as float64 tensors. In order: something that is not a tensor, an array
+    or a number (None: a forgotten ``return``); a different shape (transposed? a dimension of
+    size 1?); NaN or inf where the reference is finite; close (``torch.allclose`` with
+    ``rtol``, ``atol``): right; a constant multiple c * want (c = -1: the sign; else which of
+    ``factors``, e.g. {"the batch size b": 8}, or 2 or 1/2, c is, when one is); the right
+    magnitudes with some signs flipped; else the largest error, where, and the relative error.
+    """
+    factors = dict(factors or {})
+    w = _as_tensor(want)
+    if w is None:
+        raise TypeError(f"the reference returned {_describe(want)}: a checker bug")
+    g = _as_tensor(got)
+    if g is None:
+        return "wrong type", f"{what} should be a tensor (or a number); yours is {_describe(got)}"
+    if g.shape != w.shape:
+        hint = ""
+        if g.ndim == 2 and g.T.shape == w.shape:
+            hint = " (transposed?)"
+        elif g.numel() == w.numel() and g.squeeze().shape == w.squeeze().shape:
+            hint = " (a dimension of size 1 too many or too few?)"
+        elif g.numel() == 1 and w.numel() > 1:
+            hint = " (one number where one per entry is expected: did you reduce over a dimension?)"
+        elif g.ndim == w.ndim + 1 and g.shape[1:] == w.shape:
+            hint = " (an extra leading dimension: did you forget to reduce over it?)"
+        return (
+            "wrong shape",
+            f"{what} should have shape {tuple(w.shape)}; yours has {tuple(g.shape)}{hint}",
+        )
+    bad = ~torch.isfinite(g) & torch.isfinite(w)
+    if bad.any():
+        first = int(bad.flatten().nonzero()[0])
+        return (
+            "not finite",
+            f"{what} holds NaN or inf{_index(first, tuple(w.shape))} where the expected value "
+            f"is finite ({int(bad.sum())} of {w.numel()} entries)",
+        )
+    tolerance = f"rtol={rtol:g}, atol={atol:g}"
+    if torch.allclose(g, w, rtol=rtol, atol=atol, equal_nan=True):
+        return "right", f"matches (to {tolerance})"
+    wn = float((w * w).sum())
+    if wn > 0 and torch.isfinite(g).all():
+        c = float((g * w).sum()) / wn
+        if c != 0 and torch.allclose(g, c * w, rtol=rtol, atol=atol):
+            if math.isclose(c, -1.0, rel_tol=1e-4):
+                return "wrong sign", f"{what} has the wrong sign: yours is minus the expected value"
+            name = _named_factor(c, factors)
+            if name is None and c < 0:
+                named = _named_factor(-c, factors)
+                if named is not None:
+                    return (
+                        "wrong sign",
+                        f"{what} has the wrong sign and is off by a constant factor: yours is "
+                        f"{c:.6g} times the expected value (minus {named})",
+                    )
+            if name is None and w.numel() == 1:
+                c = math.nan  # any two numbers differ by a factor: say so only when it is named
+            because = f" (= {name})" if name is not None else ""
+            if not math.isnan(c):
+                return (
+                    "wrong factor",
+                    f"{what} is off by a constant factor: yours is {c:.6g}{because} times the "
+                    "expected value",
+                )
+        if torch.allclose(g.abs(), w.abs(), rtol=rtol, atol=atol):
+            flipped = int(((g * w) < 0).sum())
+            return (
+                "wrong sign",
+                f"{what} has the right magnitudes but {flipped} of {w.numel()} entries have the "
+                "wrong sign",
+            )
+    err = (g - w).abs()
+    err = torch.where(torch.isnan(err), torch.full_like(err, math.inf), err)
+    worst = int(err.flatten().argmax())
+    rel = float((g - w).norm() / w.norm()) if float(w.norm()) > 0 else math.inf
+    return (
+        "wrong",
+        f"{what} differs from the expected value: largest error {float(err.flatten()[worst]):.3g}"
+        f"{_index(worst, tuple(w.shape))} (expected {float(w.flatten()[worst]):.6g}, yours "
+        f"{float(g.flatten()[worst]):.6g}); relative error {rel:.2g} (tolerance {tolerance})",
+    )
+
+
+def _compare_outputs(
+    got: Any, want: Any, *, rtol: float, atol: float, factors: Mapping[str, float]
+) -> tuple[str, str]:
+    """Structured outputs: a tuple is compared entry by entry, a dict key by key."""
+    if isinstance(want, tuple):
+        if not isinstance(got, tuple | list) or len(got) != len(want):
+            return (
+                "wrong type",
+                f"the result should be a tuple of {len(want)} values; yours is {_describe(got)}"
+                + (f" of length {len(got)}" if isinstance(got, tuple | list) else ""),
+            )
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            status, msg = compare(g, w, rtol=rtol, atol=atol, factors=factors, what=f"output {i}")
+            if status != "right":
+                return status, msg
+        return "right", msg
+    if isinstance(want, Mapping):
+        if not isinstance(got, Mapping) or set(got) != set(want):
+            keys = sorted(got) if isinstance(got, Mapping) else None
+            return (
+                "wrong type",
+                f"the result should be a dict with keys {sorted(want)}; yours is "
+                f"{_describe(got)}" + (f" with keys {keys}" if keys is not None else ""),
+            )
+        for key in want:
+            status, msg = compare(
+                got[key], want[key], rtol=rtol, atol=atol, factors=factors, what=f"[{key!r}]"
+            )
+            if status != "right":
+                return status, msg
+        return "right", msg
+    return compare(got, want, rtol=rtol, atol=atol, factors=factors)
+
+
+# --- calling the student's function ----------------------------------------------------------
+
+
+def _where(exc: BaseException, fn: Callable) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    code = getattr(fn, "__code__", None)
+    mine = [f for f in frames if code is not None and f.filename == code.co_filename]
+    if mine:
+        f = mine[-1]
+        line = f.lineno - code.co_firstlineno + 1 if f.lineno is not None else "?"
+        inside = "" if f is frames[-1] else f", inside {frames[-1].name}()"
+        text = f": `{f.line.strip()}`" if f.line else ""
+        return f"at line {line} of your function{inside}{text}"
+    if len(frames) > 1:
+        return f"inside {frames[-1].name}()"
+    return ""
+
+
+def _tensors(obj: Any) -> list[Tensor]:
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, list | tuple):
+        return [t for v in obj for t in _tensors(v)]
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in _tensors(v)]
+    return []
+
+
+def _call(fn: Callable, case: Case) -> tuple[str | None, Any]:
+    """(None, output), or (status, message) when the call did not return normally."""
+    args, kwargs = copy.deepcopy((case.args, case.kwargs))
+    before = [t.detach().clone() for t in _tensors((args, kwargs))]
+    try:
+        out = fn(*args, **kwargs)
+    except NotImplementedError:
+        return "not attempted", "not attempted yet (the function still raises NotImplementedError)"
+    except Exception as exc:  # the student's code may raise anything; report it, never re-raise
+        where = _where(exc, fn)
+        return "raised", f"raised {type(exc).__name__}: {exc}" + (f" ({where})" if where else "")
+    after = _tensors((args, kwargs))
+    for old, new in zip(before, after, strict=True):
+        if old.shape != new.shape or not torch.equal(old, new.detach()):
+            return (
+                "changed its input",
+                "your function changed one of its input tensors in place (work on a copy, "
+                "or use out-of-place operations)",
+            )
+    return None, out
+
+
+# --- the registry ----------------------------------------------------------------------------
+
+EXERCISES: dict[str, Exercise] = {}
+
+
+def _register(exercise: Exercise) -> Exercise:
+    EXERCISES[exercise.name] = exercise
+    return exercise
+
+
+def check(name: str, fn: Callable) -> Feedback:
+    """Check ``fn`` against exercise ``name`` (a key of :data:`EXERCISES`) on every seeded case;
+    the first case where it goes wrong is named in the feedback. Never raises."""
+    exercise = EXERCISES.get(name)
+    if exercise is None:
+        known = ", ".join(sorted(EXERCISES))
+        return Feedback(str(name), "unknown exercise", f"no exercise {name!r}; known: {known}")
+    if not callable(fn):
+        return Feedback(name, "wrong type", f"expected a function, got {_describe(fn)}")
+    try:
+        cases = exercise.cases()
+        for done, case in enumerate(cases):
+            status, out = _call(fn, case)
+            if status is not None:
+                return Feedback(name, status, out, case.label, done, len(cases))
+            want = exercise.reference(*copy.deepcopy(case.args), **copy.deepcopy(case.kwargs))
+            status, msg = _compare_outputs(
+                out, want, rtol=exercise.rtol, atol=exercise.atol, factors=case.factors
+            )
+            if status != "right":
+                return Feedback(name, status, msg, case.label, done, len(cases))
+        labels = "; ".join(c.label for c in cases)
+        return Feedback(
+            name,
+            "right",
+            f"right: matches {exercise.against} on all {len(cases)} cases ({labels}) to "
+            f"rtol={exercise.rtol:g}, atol={exercise.atol:g}",
+            None,
+            len(cases),
+            len(cases),
+        )
+    except Exception as exc:  # a bug of ours must not stop the student's notebook
+        return Feedback(
+            name,
+            "checker error",
+            f"the checker itself failed ({type(exc).__name__}: {exc}); this is a gradcourse "
+            "bug, please report it",
+        )
+
+
+def pick(feedback: Feedback, mine: Callable, library: Callable, *, quiet: bool = False) -> Callable:
+    """``mine`` when ``feedback`` passed, else ``library``: the notebook goes on with the
+    student's function once it is right, and with the library's until then."""
+    chosen = mine if feedback.passed else library
+    if not quiet:
+        who = (
+            "your function" if feedback.passed else "the library's function (yours is not done yet)"
+        )
+        print(f"{feedback.exercise}: the cells below use {who}")
+    return chosen
+
+
+# --- seeded inputs ---------------------------------------------------------------------------
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _mlp(d_in: int, hidden: Sequence[int], d_out: int, seed: int, activation: str = "tanh"):
+    from .models import MLP
+
+    return MLP(d_in, list(hidden), d_out, activation=activation, seed=seed).double()
+
+
+def _cnn(seed: int):
+    from .models import SmallCNN
+
+    return SmallCNN(1, 3, channels=(4,), hidden=8, pool_size=2, seed=seed, dtype=torch.float64)
+
+
+def _classification(n: int, d: int, k: int, seed: int) -> tuple[Tensor, Tensor]:
+    g = _gen(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64), torch.randint(k, (n,), generator=g)
+
+
+def _symmetric(eigenvalues: Sequence[float], seed: int) -> Tensor:
+    q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=_gen(seed)))
+    q = q.double()
+    return q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
+
+
+def _flat_params(model: nn.Module) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+
+
+class _Matvec:
+    """A symmetric matrix as the function v -> A v a student's estimator calls (a class, so a
+    case deep-copies cleanly)."""
+
+    def __init__(self, a: Tensor) -> None:
+        self.a = a
+
+    def __call__(self, v: Tensor) -> Tensor:
+        return self.a @ v
+
+
+# --- 00: the toolkit -------------------------------------------------------------------------
+
+
+def _ref_grad_norms(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    from .pergrad import per_example_grad_norms
+
+    return per_example_grad_norms(model, "ce", x, y, method="vmap")
+
+
+def _cases_grad_norms() -> list[Case]:
+    out = []
+    for label, hidden, n, seed in (
+        ("MLP 5-7-3, 6 examples", [7], 6, 0),
+        ("MLP 4-6-6-3, 9 examples", [6, 6], 9, 1),
+        ("one example", [5], 1, 2),
+    ):
+        x, y = _classification(n, 5 if hidden == [7] or n == 1 else 4, 3, seed)
+        model = _mlp(x.shape[1], hidden, 3, seed)
+        out.append(Case(label, (model, x, y), factors={"n, the number of examples": n}))
+    return out
+
+
+_register(
+    Exercise(
+        "00.per_example_grad_norms",
+        "per_example_grad_norms(model, x, y) -> Tensor (n,)",
+        "the norm of each example's own gradient of the cross-entropy loss, over all of the "
+        "model's parameters, with vmap(grad) of a one-example loss (torch.func.functional_call)",
+        "gc.pergrad.per_example_grad_norms",
+        _ref_grad_norms,
+        _cases_grad_norms,
+    )
+)
+
+
+def _ref_hvp(model: nn.Module, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+    from .curvature import HessianOperator
+
+    return HessianOperator(model, "ce", (x, y), cache=False).matvec(v)
+
+
+def _cases_hvp() -> list[Case]:
+    out = []
+    for label, hidden, n, seed in (
+        ("MLP 4-6-3, 8 examples", [6], 8, 0),
+        ("MLP 4-5-5-3, 5 examples", [5, 5], 5, 1),
+        ("one example", [6], 1, 2),
+    ):
+        x, y = _classification(n, 4, 3, seed)
+        model = _mlp(4, hidden, 3, seed)
+        v = torch.randn(_flat_params(model).numel(), generator=_gen(seed + 10), dtype=torch.float64)
+        out.append(Case(label, (model, x, y, v), factors={"n, the number of examples": n}))
+    return out
+
+
+_register(
+    Exercise(
+        "00.hvp",
+        "hvp(model, x, y, v) -> Tensor (P,)",
+        "the Hessian of the mean cross-entropy loss over (x, y) times the flat vector v "
+        "(parameters in the order of model.parameters()), forward-over-reverse: jvp of grad",
+        "gc.curvature.HessianOperator",
+        _ref_hvp,
+        _cases_hvp,
+        rtol=1e-6,
+        atol=1e-10,
+    )
+)
+
+
+# --- 01: Hessian spectra ---------------------------------------------------------------------
+
+
+def _ref_hutchinson(matvec: Callable[[Tensor], Tensor], probes: Tensor) -> tuple[float, float]:
+    from .curvature.trace import _estimate
+
+    samples = torch.stack([p @ matvec(p) for p in probes])
+    est = _estimate(samples, 0.0, len(probes))
+    return est.value, est.stderr
+
+
+def _rademacher(m: int, p: int, seed: int) -> Tensor:
+    return torch.randint(2, (m, p), generator=_gen(seed)).double() * 2 - 1
+
+
+def _cases_hutchinson() -> list[Case]:
+    out = []
+    for label, eig, m, seed in (
+        (
+            "P = 12, 30 probes",
+            [3.0, 2.0, 1.5, 1.0, 0.5, 0.2, 0.1, 0.0, -0.1, -0.3, -0.5, -1.0],
+            30,
+            0,
+        ),
+        ("P = 6, 4 probes", [5.0, 1.0, 1.0, 0.5, 0.0, -2.0], 4, 1),
+    ):
+        a = _symmetric(eig, seed)
+        out.append(
+            Case(
+                label,
+                (_Matvec(a), _rademacher(m, len(eig), seed + 1)),
+                factors={"m, the number of probes": m, "sqrt(m)": math.sqrt(m)},
+            )
+        )
+    return out
+
+
+_register(
+    Exercise(
+        "01.hutchinson",
+        "hutchinson(matvec, probes) -> (estimate, standard_error)",
+        "Hutchinson's estimate of the trace of A from the probes v_1..v_m (rows of `probes`): "
+        "the mean of v_i . (A v_i), and its standard error (the sample standard deviation of "
+        "the m terms over sqrt(m))",
+        "gc.curvature.hutchinson_trace's estimate",
+        _ref_hutchinson,
+        _cases_hutchinson,
+    )
+)
+
+
+def _ref_ritz(matvec: Callable[[Tensor], Tensor], v0: Tensor, k: int) -> Tensor:
+    """An independent reference: an orthonormal basis of the Krylov space K_k(A, v0) by QR of
+    [v0, A v0, ..., A^{k-1} v0] (no Lanczos recurrence), and the eigenvalues of Q^T A Q."""
+    cols = [v0 / v0.norm()]
+    for _ in range(k - 1):
+        w = matvec(cols[-1])
+        cols.append(w / w.norm())
+    q, _ = torch.linalg.qr(torch.stack(cols, dim=1))
+    aq = torch.stack([matvec(c) for c in q.T], dim=1)
+    return torch.linalg.eigvalsh(q.T @ aq)
+
+
+def _cases_ritz() -> list[Case]:
+    out = []
+    for label, eig, k, seed in (
+        ("P = 10, k = 4", [4.0, 3.0, 2.5, 2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0], 4, 0),
+        ("P = 6, k = 6 (the whole spectrum)", [3.0, 1.0, 0.5, -0.2, -1.0, -4.0], 6, 1),
+        ("k = 1 (the Rayleigh quotient)", [2.0, 1.0, 0.0, -1.0], 1, 2),
+    ):
+        a = _symmetric(eig, seed)
+        v0 = 2.0 * torch.randn(len(eig), generator=_gen(seed + 1), dtype=torch.float64)
+        out.append(Case(label, (_Matvec(a), v0, k), factors={"||v0||^2": float(v0 @ v0)}))
+    return out
+
+
+_register(
+    Exercise(
+        "01.ritz_values",
+        "ritz_values(matvec, v0, k) -> Tensor (k,), ascending",
+        "k steps of Lanczos from v0 (normalised first), with full reorthogonalisation: the "
+        "eigenvalues of the k x k tridiagonal matrix T (alpha on its diagonal, beta beside it)",
+        "the eigenvalues of Q^T A Q, Q an orthonormal basis of the Krylov space (by QR)",
+        _ref_ritz,
+        _cases_ritz,
+        rtol=1e-8,
+        atol=1e-9,
+    )
+)
+
+
+# --- 02: SGD stability -----------------------------------------------------------------------
+
+
+def _ref_power(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int) -> float:
+    """The eigenvalue of largest magnitude, signed (exact, by eigvalsh of the matrix)."""
+    lam = torch.linalg.eigvalsh(matvec.a)
+    return float(lam[lam.abs().argmax()])
+
+
+def _cases_power() -> list[Case]:
+    out = []
+    for label, eig, seed in (
+        ("a positive top eigenvalue", [5.0, 2.0, 1.0, 0.5, -1.0, -0.5, 0.0, 0.2], 0),
+        ("a negative top eigenvalue (a saddle)", [1.0, 0.5, -0.2, -4.0, 0.1, 2.0], 1),
+    ):
+        v0 = torch.randn(len(eig), generator=_gen(seed + 1), dtype=torch.float64)
+        out.append(Case(label, (_Matvec(_symmetric(eig, seed)), v0, 200)))
+    return out
+
+
+_register(
+    Exercise(
+        "02.power_iteration",
+        "power_iteration(matvec, v0, iters) -> float",
+        "the eigenvalue of largest magnitude of A (signed) after `iters` steps of power "
+        "iteration from v0: the Rayleigh quotient v . A v of the normalised last iterate",
+        "the exact eigenvalues (torch.linalg.eigvalsh)",
+        _ref_power,
+        _cases_power,
+        rtol=1e-8,
+        atol=1e-9,
+    )
+)
+
+
+def _ref_second_moment(hessians: Tensor, lr: float, batch_size: int, s: Tensor) -> Tensor:
+    from .stability import second_moment_map
+
+    return second_moment_map(hessians, lr, batch_size)(s)
+
+
+def _cases_second_moment() -> list[Case]:
+    out = []
+    for label, n, r, b, seed in (
+        ("n = 5 examples, batch 2", 5, 3, 2, 0),
+        ("n = 4, batch 1", 4, 2, 1, 1),
+        ("batch = n (gradient descent)", 4, 3, 4, 2),
+    ):
+        g = _gen(seed)
+        a = torch.randn(n, r, r, generator=g, dtype=torch.float64)
+        hessians = a @ a.transpose(1, 2) / r
+        m = torch.randn(r, r, generator=g, dtype=torch.float64)
+        out.append(Case(label, (hessians, 0.3, b, m @ m.T), factors={"the batch size": b}))
+    return out
+
+
+_register(
+    Exercise(
+        "02.second_moment_map",
+        "second_moment_map(hessians, lr, batch_size, S) -> Tensor (r, r)",
+        "E[(I - lr H_B) S (I - lr H_B)] over batches B of `batch_size` distinct examples drawn "
+        "uniformly (H_B the mean of the batch's H_i): by enumerating the batches (tiny n), or "
+        "with E[H_B S H_B] = H S H + c_B (1/n sum_i H_i S H_i - H S H), "
+        "c_B = (n - B) / (B (n - 1))",
+        "gc.stability.second_moment_map",
+        _ref_second_moment,
+        _cases_second_moment,
+        rtol=1e-9,
+        atol=1e-12,
+    )
+)
+
+
+# --- 03: the neural tangent kernel -----------------------------------------------------------
+
+
+def _ref_ntk(model: nn.Module, x1: Tensor, x2: Tensor) -> Tensor:
+    from .ntk import empirical_ntk
+
+    return empirical_ntk(model, x1, x2, method="jacobian")
+
+
+def _cases_ntk() -> list[Case]:
+    out = []
+    for label, hidden, n1, n2, seed in (
+        ("MLP 3-16-1, 5 x 4 inputs", [16], 5, 4, 0),
+        ("MLP 3-8-8-1, 3 x 3 inputs", [8, 8], 3, 3, 1),
+        ("one input each", [16], 1, 1, 2),
+    ):
+        g = _gen(seed)
+        x1 = torch.randn(n1, 3, generator=g, dtype=torch.float64)
+        x2 = torch.randn(n2, 3, generator=g, dtype=torch.float64)
+        out.append(Case(label, (_mlp(3, hidden, 1, seed, "relu"), x1, x2)))
+    return out
+
+
+_register(
+    Exercise(
+        "03.empirical_ntk",
+        "empirical_ntk(model, x1, x2) -> Tensor (n1, n2)",
+        "the empirical NTK J(x1) J(x2)^T of a scalar-output model, J the Jacobian of the "
+        "outputs with respect to all parameters (vmap of jacrev, then a contraction per "
+        "parameter)",
+        "gc.ntk.empirical_ntk",
+        _ref_ntk,
+        _cases_ntk,
+    )
+)
+
+
+def _ref_flow(kernel: Tensor, y: Tensor, f0: Tensor, t: float) -> Tensor:
+    from .ntk import kernel_gradient_flow
+
+    return kernel_gradient_flow(kernel, y, t, f0_train=f0).train
+
+
+def _cases_flow() -> list[Case]:
+    out = []
+    for label, n, t, seed in (
+        ("n = 6, t = 3", 6, 3.0, 0),
+        ("n = 4, t = 0.5", 4, 0.5, 1),
+        ("t = 0 (nothing trained yet)", 5, 0.0, 2),
+    ):
+        g = _gen(seed)
+        a = torch.randn(n, n + 2, generator=g, dtype=torch.float64)
+        kernel = a @ a.T
+        y = torch.randn(n, generator=g, dtype=torch.float64)
+        f0 = 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+        out.append(Case(label, (kernel, y, f0, t), factors={"n": n}))
+    return out
+
+
+_register(
+    Exercise(
+        "03.kernel_flow",
+        "kernel_flow(kernel, y, f0, t) -> Tensor (n,)",
+        "the training outputs at time t of gradient flow on the mean squared error "
+        "1/n sum 1/2 (f_i - y_i)^2 under a fixed kernel Theta (n, n): "
+        "f_t = y + exp(-t Theta / n) (f0 - y), a matrix exponential",
+        "gc.ntk.kernel_gradient_flow",
+        _ref_flow,
+        _cases_flow,
+        rtol=1e-8,
+        atol=1e-10,
+    )
+)
+
+
+# --- 04: data diet ---------------------------------------------------------------------------
+
+
+def _ref_el2n(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    from .scores import el2n_scores
+
+    return el2n_scores(model, x, y)
+
+
+def _cases_el2n() -> list[Case]:
+    out = []
+    for label, k, n, seed in (
+        ("10 classes, 12 examples", 10, 12, 0),
+        ("2 classes, 5 examples", 2, 5, 1),
+        ("one example", 4, 1, 2),
+    ):
+        x, y = _classification(n, 6, k, seed)
+        out.append(Case(label, (_mlp(6, [8], k, seed), x, y)))
+    return out
+
+
+_register(
+    Exercise(
+        "04.el2n",
+        "el2n(model, x, y) -> Tensor (n,)",
+        "EL2N of each example: the norm of softmax(f(x_i)) minus the one-hot vector of y_i",
+        "gc.scores.el2n_scores",
+        _ref_el2n,
+        _cases_el2n,
+    )
+)
+
+
+def _ref_forgetting(correct: Tensor) -> Tensor:
+    from .scores import forgetting_events
+
+    return forgetting_events(correct)
+
+
+def _cases_forgetting() -> list[Case]:
+    g = _gen(0)
+    random = torch.rand(8, 20, generator=g) < 0.6
+    hand = torch.tensor(
+        [[1, 0, 0, 1], [0, 0, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 1], [1, 1, 0, 0]],
+        dtype=torch.bool,
+    ).T
+    return [
+        Case("8 records x 20 examples", (random,), factors={"T, the number of records": 8}),
+        Case(
+            "4 records, by hand, one example never right",
+            (hand,),
+            factors={"T, the number of records": 4},
+        ),
+    ]
+
+
+_register(
+    Exercise(
+        "04.forgetting_events",
+        "forgetting_events(correct) -> Tensor (n,)",
+        "from correct (T, n) booleans (example i right at record t), the number of forgetting "
+        "events of each example (right at t, wrong at t + 1); an example never right gets T",
+        "gc.scores.forgetting_events",
+        _ref_forgetting,
+        _cases_forgetting,
+    )
+)
+
+
+# --- 05: DP-SGD ------------------------------------------------------------------------------
+
+
+def _ref_clip(g: Tensor, threshold: float) -> Tensor:
+    from .privacy import clip
+
+    return clip(g, threshold)
+
+
+def _cases_clip() -> list[Case]:
+    gen = _gen(0)
+    g = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    g[1] *= 0.05  # below the threshold: unchanged
+    g[3] = 0.0  # a zero gradient stays zero
+    return [
+        Case("six rows, some below C = 1", (g, 1.0)),
+        Case(
+            "every row above C = 0.1", (torch.randn(4, 3, generator=gen, dtype=torch.float64), 0.1)
+        ),
+        Case(
+            "every row below C = 100",
+            (torch.randn(3, 7, generator=gen, dtype=torch.float64), 100.0),
+        ),
+    ]
+
+
+_register(
+    Exercise(
+        "05.clip",
+        "clip(g, C) -> Tensor (n, P)",
+        "each row g_i of g scaled to norm at most C: g_i min(1, C / ||g_i||); a zero row stays zero",
+        "gc.privacy.clip",
+        _ref_clip,
+        _cases_clip,
+    )
+)
+
+
+def _ref_dp_step(
+    model: nn.Module, x: Tensor, y: Tensor, threshold: float, sigma: float, z: Tensor
+) -> Tensor:
+    from .privacy import clipped_sum
+
+    return (clipped_sum(model, "ce", x, y, threshold) + sigma * threshold * z) / len(x)
+
+
+def _cases_dp_step() -> list[Case]:
+    out = []
+    for label, n, c, sigma, seed in (
+        ("no noise (sigma = 0), batch 8, C = 0.5", 8, 0.5, 0.0, 0),
+        ("sigma = 1, batch 6, C = 0.2", 6, 0.2, 1.0, 1),
+        ("sigma = 2, one example, C = 3", 1, 3.0, 2.0, 2),
+    ):
+        x, y = _classification(n, 4, 3, seed)
+        model = _mlp(4, [5], 3, seed)
+        z = torch.randn(_flat_params(model).numel(), generator=_gen(seed + 5), dtype=torch.float64)
+        out.append(
+            Case(label, (model, x, y, c, sigma, z), factors={"the batch size b": n, "1/b": 1 / n})
+        )
+    return out
+
+
+_register(
+    Exercise(
+        "05.dp_sgd_direction",
+        "dp_sgd_direction(model, x, y, C, sigma, z) -> Tensor (P,)",
+        "one DP-SGD update direction: the per-example gradients of the cross-entropy, each "
+        "clipped to norm C, summed, plus the noise sigma C z (z given), divided by the batch "
+        "size b; flat, in the order of model.parameters()",
+        "gc.privacy.clipped_sum",
+        _ref_dp_step,
+        _cases_dp_step,
+        rtol=1e-6,
+        atol=1e-10,
+    )
+)
+
+
+# --- 06: input gradients ---------------------------------------------------------------------
+
+
+def _ref_pgd(
+    model: nn.Module, x: Tensor, y: Tensor, eps: float, step_size: float, steps: int
+) -> Tensor:
+    from .attribution import pgd
+
+    adv = pgd(
+        model, x, y, eps=eps, norm="linf", steps=steps, step_size=step_size, random_start=False
+    )
+    return adv - x
+
+
+def _cases_pgd() -> list[Case]:
+    out = []
+    for label, steps, eps, step, seed in (
+        ("one step, eps = 0.1", 1, 0.1, 0.1, 0),
+        ("five steps of 0.05, eps = 0.1 (the projection binds)", 5, 0.1, 0.05, 1),
+    ):
+        g = _gen(seed)
+        x = torch.rand(4, 1, 8, 8, generator=g, dtype=torch.float64)
+        y = torch.randint(3, (4,), generator=g)
+        out.append(Case(label, (_cnn(seed), x, y, eps, step, steps), factors={"eps": eps}))
+    return out
+
+
+_register(
+    Exercise(
+        "06.pgd_linf",
+        "pgd_linf(model, x, y, eps, step_size, steps) -> Tensor, the perturbation delta",
+        "`steps` steps of projected gradient ascent on the cross-entropy in the l-infinity ball "
+        "of radius eps, from delta = 0: delta <- clamp(delta + step_size sign(grad), -eps, eps)",
+        "gc.attribution.pgd",
+        _ref_pgd,
+        _cases_pgd,
+        rtol=1e-9,
+        atol=1e-12,
+    )
+)
+
+
+def _ref_grad_cam(model: nn.Module, x: Tensor, layer: str, target: Tensor) -> Tensor:
+    from .attribution import grad_cam
+
+    return grad_cam(model, x, layer, target, resize=False)
+
+
+def _cases_grad_cam() -> list[Case]:
+    out = []
+    for label, n, seed in (("three images", 3, 0), ("one image", 1, 1)):
+        g = _gen(seed)
+        model = _cnn(seed)
+        layer = next(name for name, m in model.named_modules() if isinstance(m, nn.Conv2d))
+        x = torch.rand(n, 1, 8, 8, generator=g, dtype=torch.float64)
+        target = torch.randint(3, (n,), generator=g)
+        # the feature map is 8 x 8 at a conv layer of SmallCNN (same padding)
+        out.append(Case(label, (model, x, layer, target), factors={"h w, the positions": 64}))
+    return out
+
+
+_register(
+    Exercise(
+        "06.grad_cam",
+        "grad_cam(model, x, layer, target) -> Tensor (n, h, w)",
+        "Grad-CAM at the submodule named `layer`: A its output (n, K, h, w), alpha_k the mean "
+        "over positions of d logit_target / d A_k, the map ReLU(sum_k alpha_k A_k), not resized",
+        "gc.attribution.grad_cam",
+        _ref_grad_cam,
+        _cases_grad_cam,
+    )
+)
+
+
+def describe(name: str | None = None) -> str:
+    """The exercises (or one of them) as text: name, signature, task, what it is checked against."""
+    names = sorted(EXERCISES) if name is None else [name]
+    lines = []
+    for key in names:
+        e = EXERCISES[key]
+        lines.append(f"{e.name}: {e.signature}\n    {e.task}\n    checked against {e.against}")
+    return "\n".join(lines)

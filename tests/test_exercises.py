@@ -1,0 +1,565 @@
+"""gradcourse.exercises: every message the checker can give is reachable, every exercise accepts a
+right solution written the way a student would (independently of the library), and at least two
+plausible wrong solutions per exercise are caught with the right diagnosis."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, jacrev, jvp, vmap
+
+import gradcourse as gc
+from gradcourse.exercises import EXERCISES, STATUSES, Case, Exercise, check, compare, pick
+
+# --- right solutions, written as a student would (no gradcourse inside) -----------------------
+
+
+def _params(model):
+    return {k: v.detach() for k, v in model.named_parameters()}
+
+
+def grad_norms(model, x, y):
+    params = _params(model)
+
+    def loss_one(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    g = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    return torch.sqrt(sum(v.flatten(1).pow(2).sum(1) for v in g.values()))
+
+
+def hvp(model, x, y, v):
+    params = _params(model)
+    names, shapes = list(params), [p.shape for p in params.values()]
+    chunks = torch.split(v, [p.numel() for p in params.values()])
+    tangent = {n: c.reshape(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
+
+    def loss(p):
+        return F.cross_entropy(functional_call(model, p, (x,)), y)
+
+    _, out = jvp(grad(loss), (params,), (tangent,))
+    return torch.cat([out[n].reshape(-1) for n in names])
+
+
+def hutchinson(matvec, probes):
+    terms = torch.stack([v @ matvec(v) for v in probes])
+    return terms.mean(), terms.std() / math.sqrt(len(terms))
+
+
+def ritz_values(matvec, v0, k):
+    q = [v0 / v0.norm()]
+    alpha, beta = [], []
+    for j in range(k):
+        w = matvec(q[j])
+        alpha.append(w @ q[j])
+        basis = torch.stack(q, dim=1)
+        w = w - basis @ (basis.T @ w)
+        w = w - basis @ (basis.T @ w)
+        if j < k - 1:
+            beta.append(w.norm())
+            q.append(w / beta[-1])
+    t = torch.diag(torch.stack(alpha))
+    if k > 1:
+        b = torch.stack(beta)
+        t = t + torch.diag(b, 1) + torch.diag(b, -1)
+    return torch.linalg.eigvalsh(t)
+
+
+def power_iteration(matvec, v0, iters):
+    v = v0 / v0.norm()
+    for _ in range(iters):
+        w = matvec(v)
+        v = w / w.norm()
+    return float(v @ matvec(v))
+
+
+def second_moment_map(hessians, lr, batch_size, s):
+    eye = torch.eye(hessians.shape[1], dtype=hessians.dtype)
+    batches = list(itertools.combinations(range(len(hessians)), batch_size))
+    total = torch.zeros_like(s)
+    for b in batches:
+        step = eye - lr * hessians[list(b)].mean(0)
+        total = total + step @ s @ step
+    return total / len(batches)
+
+
+def empirical_ntk(model, x1, x2):
+    params = _params(model)
+
+    def f(p, x):
+        return functional_call(model, p, (x[None],)).squeeze()
+
+    j1 = vmap(jacrev(f), in_dims=(None, 0))(params, x1)
+    j2 = vmap(jacrev(f), in_dims=(None, 0))(params, x2)
+    return sum(j1[k].flatten(1) @ j2[k].flatten(1).T for k in params)
+
+
+def kernel_flow(kernel, y, f0, t):
+    n = len(y)
+    return y + torch.linalg.matrix_exp(-t * kernel / n) @ (f0 - y)
+
+
+def el2n(model, x, y):
+    with torch.no_grad():
+        p = torch.softmax(model(x), dim=1)
+    return (p - F.one_hot(y, p.shape[1]).to(p)).norm(dim=1)
+
+
+def forgetting(correct):
+    c = torch.as_tensor(correct).bool()
+    events = (c[:-1] & ~c[1:]).sum(0).double()
+    events[~c.any(0)] = c.shape[0]
+    return events
+
+
+def clip(g, c):
+    norms = g.norm(dim=1, keepdim=True)
+    return g * torch.clamp(c / norms.clamp_min(1e-300), max=1.0)
+
+
+def _per_example_flat(model, x, y):
+    params = _params(model)
+
+    def loss_one(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    g = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    return torch.cat([v.flatten(1) for v in g.values()], dim=1)
+
+
+def dp_sgd_direction(model, x, y, c, sigma, z):
+    g = _per_example_flat(model, x, y)
+    return (clip(g, c).sum(0) + sigma * c * z) / len(x)
+
+
+def pgd_linf(model, x, y, eps, step_size, steps):
+    delta = torch.zeros_like(x)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = F.cross_entropy(model(x + delta), y)
+        (g,) = torch.autograd.grad(loss, delta)
+        delta = (delta.detach() + step_size * g.sign()).clamp(-eps, eps)
+    return delta
+
+
+def grad_cam(model, x, layer, target):
+    saved = {}
+    handle = dict(model.named_modules())[layer].register_forward_hook(
+        lambda m, i, out: saved.update(a=out)
+    )
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    a = saved["a"]
+    (g,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), a)
+    alpha = g.mean(dim=(2, 3), keepdim=True)
+    return torch.relu((alpha * a).sum(1)).detach()
+
+
+SOLUTIONS = {
+    "00.per_example_grad_norms": grad_norms,
+    "00.hvp": hvp,
+    "01.hutchinson": hutchinson,
+    "01.ritz_values": ritz_values,
+    "02.power_iteration": power_iteration,
+    "02.second_moment_map": second_moment_map,
+    "03.empirical_ntk": empirical_ntk,
+    "03.kernel_flow": kernel_flow,
+    "04.el2n": el2n,
+    "04.forgetting_events": forgetting,
+    "05.clip": clip,
+    "05.dp_sgd_direction": dp_sgd_direction,
+    "06.pgd_linf": pgd_linf,
+    "06.grad_cam": grad_cam,
+}
+
+
+def test_every_exercise_has_a_solution_here_and_at_least_two_per_notebook():
+    assert set(SOLUTIONS) == set(EXERCISES)
+    per_notebook = {}
+    for name in EXERCISES:
+        per_notebook[name[:2]] = per_notebook.get(name[:2], 0) + 1
+    assert sorted(per_notebook) == ["00", "01", "02", "03", "04", "05", "06"]
+    assert min(per_notebook.values()) >= 2
+
+
+@pytest.mark.parametrize("name", sorted(SOLUTIONS))
+def test_a_right_solution_passes(name):
+    fb = check(name, SOLUTIONS[name])
+    assert fb.passed, str(fb)
+    assert fb.cases_passed == fb.cases_total >= 2
+    assert str(fb).startswith("✓") and "rtol=" in str(fb)
+
+
+@pytest.mark.parametrize("name", sorted(SOLUTIONS))
+def test_a_stub_is_not_attempted_and_does_not_raise(name):
+    def stub(*args, **kwargs):
+        raise NotImplementedError
+
+    fb = check(name, stub)
+    assert fb.status == "not attempted" and not fb
+    assert str(fb).startswith("…")
+
+
+# --- mutations: plausible wrong solutions, each caught with the right diagnosis ----------------
+
+
+def _mutants():
+    def norms_of_batch_grad(model, x, y):  # the batch's gradient, not each example's
+        params = _params(model)
+        g = grad(lambda p: F.cross_entropy(functional_call(model, p, (x,)), y))(params)
+        total = torch.sqrt(sum(v.pow(2).sum() for v in g.values()))
+        return total.expand(len(x))
+
+    def summed_loss_grad_norms(model, x, y):  # per-example grads of the loss summed, times n
+        return len(x) * grad_norms(model, x, y)
+
+    def squared_norms(model, x, y):
+        return grad_norms(model, x, y) ** 2
+
+    def hvp_of_summed_loss(model, x, y, v):
+        return len(x) * hvp(model, x, y, v)
+
+    def hvp_sign(model, x, y, v):
+        return -hvp(model, x, y, v)
+
+    def hutchinson_sum(matvec, probes):
+        est, se = hutchinson(matvec, probes)
+        return est * len(probes), se
+
+    def hutchinson_std_not_stderr(matvec, probes):
+        terms = torch.stack([v @ matvec(v) for v in probes])
+        return terms.mean(), terms.std()
+
+    def ritz_unnormalised(matvec, v0, k):  # forgot to normalise v0 (shows at k = 1)
+        if k == 1:
+            return (v0 @ matvec(v0)).reshape(1)
+        return ritz_values(matvec, v0, k)
+
+    def ritz_diagonal(matvec, v0, k):  # the alphas, not the eigenvalues of T
+        q = [v0 / v0.norm()]
+        alpha = []
+        for j in range(k):
+            w = matvec(q[j])
+            alpha.append(w @ q[j])
+            basis = torch.stack(q, dim=1)
+            w = w - basis @ (basis.T @ w)
+            q.append(w / w.norm())
+        return torch.sort(torch.stack(alpha)).values
+
+    def power_abs(matvec, v0, iters):  # the norm of A v: |lambda|, sign lost
+        return abs(power_iteration(matvec, v0, iters))
+
+    def power_squared(matvec, v0, iters):  # ||A v||^2
+        return power_iteration(matvec, v0, iters) ** 2
+
+    def moment_with_replacement(hessians, lr, batch_size, s):
+        eye = torch.eye(hessians.shape[1], dtype=hessians.dtype)
+        total = torch.zeros_like(s)
+        batches = list(itertools.product(range(len(hessians)), repeat=batch_size))
+        for b in batches:
+            step = eye - lr * hessians[list(b)].mean(0)
+            total = total + step @ s @ step
+        return total / len(batches)
+
+    def moment_without_noise(hessians, lr, batch_size, s):  # gradient descent's map
+        step = torch.eye(hessians.shape[1], dtype=hessians.dtype) - lr * hessians.mean(0)
+        return step @ s @ step
+
+    def ntk_transposed(model, x1, x2):
+        return empirical_ntk(model, x2, x1)
+
+    def ntk_last_layer_only(model, x1, x2):
+        params = _params(model)
+        last = list(params)[-2:]
+
+        def f(p, x):
+            return functional_call(model, {**params, **p}, (x[None],)).squeeze()
+
+        sub = {k: params[k] for k in last}
+        j1 = vmap(jacrev(f), in_dims=(None, 0))(sub, x1)
+        j2 = vmap(jacrev(f), in_dims=(None, 0))(sub, x2)
+        return sum(j1[k].flatten(1) @ j2[k].flatten(1).T for k in sub)
+
+    def flow_without_n(kernel, y, f0, t):
+        return y + torch.linalg.matrix_exp(-t * kernel) @ (f0 - y)
+
+    def flow_elementwise_exp(kernel, y, f0, t):
+        return y + torch.exp(-t * kernel / len(y)) @ (f0 - y)
+
+    def el2n_logits(model, x, y):
+        with torch.no_grad():
+            out = model(x)
+        return (out - F.one_hot(y, out.shape[1]).to(out)).norm(dim=1)
+
+    def el2n_squared(model, x, y):
+        return el2n(model, x, y) ** 2
+
+    def forgetting_counts_learning(correct):
+        c = torch.as_tensor(correct).bool()
+        events = (c[:-1] != c[1:]).sum(0).double()
+        events[~c.any(0)] = c.shape[0]
+        return events
+
+    def forgetting_never_zero(correct):
+        c = torch.as_tensor(correct).bool()
+        return (c[:-1] & ~c[1:]).sum(0).double()
+
+    def clip_normalise_all(g, c):
+        return c * g / g.norm(dim=1, keepdim=True)
+
+    def clip_elementwise(g, c):
+        return g.clamp(-c, c)
+
+    def dp_no_division(model, x, y, c, sigma, z):
+        return dp_sgd_direction(model, x, y, c, sigma, z) * len(x)
+
+    def dp_clip_the_mean(model, x, y, c, sigma, z):
+        g = _per_example_flat(model, x, y).mean(0, keepdim=True)
+        return clip(g, c)[0] + sigma * c * z / len(x)
+
+    def pgd_descent(model, x, y, eps, step_size, steps):
+        return pgd_linf(model, x, -y * 0 + y, eps, -step_size, steps).clamp(-eps, eps)
+
+    def pgd_no_projection(model, x, y, eps, step_size, steps):
+        delta = torch.zeros_like(x)
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            (g,) = torch.autograd.grad(F.cross_entropy(model(x + delta), y), delta)
+            delta = delta.detach() + step_size * g.sign()
+        return delta
+
+    def cam_without_relu(model, x, layer, target):
+        saved = {}
+        h = dict(model.named_modules())[layer].register_forward_hook(
+            lambda m, i, out: saved.update(a=out)
+        )
+        logits = model(x)
+        h.remove()
+        (g,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), saved["a"])
+        return (g.mean(dim=(2, 3), keepdim=True) * saved["a"]).sum(1).detach()
+
+    def cam_sum_over_positions(model, x, layer, target):
+        return 64 * grad_cam(model, x, layer, target)
+
+    return [
+        ("00.per_example_grad_norms", norms_of_batch_grad, "wrong", None),
+        ("00.per_example_grad_norms", summed_loss_grad_norms, "wrong factor", "n, the number"),
+        ("00.per_example_grad_norms", squared_norms, "wrong", None),
+        ("00.hvp", hvp_of_summed_loss, "wrong factor", "n, the number of examples"),
+        ("00.hvp", hvp_sign, "wrong sign", None),
+        ("01.hutchinson", hutchinson_sum, "wrong factor", "m, the number of probes"),
+        ("01.hutchinson", hutchinson_std_not_stderr, "wrong factor", "sqrt(m)"),
+        ("01.ritz_values", ritz_diagonal, "wrong", None),
+        ("01.ritz_values", ritz_unnormalised, "wrong factor", "||v0||^2"),
+        ("02.power_iteration", power_abs, "wrong sign", None),
+        ("02.power_iteration", power_squared, "wrong", None),
+        ("02.second_moment_map", moment_with_replacement, "wrong", None),
+        ("02.second_moment_map", moment_without_noise, "wrong", None),
+        ("03.empirical_ntk", ntk_transposed, "wrong shape", "transposed?"),
+        ("03.empirical_ntk", ntk_last_layer_only, "wrong", None),
+        ("03.kernel_flow", flow_without_n, "wrong", None),
+        ("03.kernel_flow", flow_elementwise_exp, "wrong", None),
+        ("04.el2n", el2n_logits, "wrong", None),
+        ("04.el2n", el2n_squared, "wrong", None),
+        ("04.forgetting_events", forgetting_counts_learning, "wrong", None),
+        ("04.forgetting_events", forgetting_never_zero, "wrong", None),
+        ("05.clip", clip_normalise_all, "not finite", None),
+        ("05.clip", clip_elementwise, "wrong", None),
+        ("05.dp_sgd_direction", dp_no_division, "wrong factor", "the batch size b"),
+        ("05.dp_sgd_direction", dp_clip_the_mean, "wrong", None),
+        ("06.pgd_linf", pgd_descent, "wrong sign", None),
+        ("06.pgd_linf", pgd_no_projection, "wrong", None),
+        ("06.grad_cam", cam_without_relu, "wrong", None),
+        ("06.grad_cam", cam_sum_over_positions, "wrong factor", "h w, the positions"),
+    ]
+
+
+MUTANTS = _mutants()
+
+
+@pytest.mark.parametrize(
+    ("name", "wrong", "status", "says"), MUTANTS, ids=[m[1].__name__ for m in MUTANTS]
+)
+def test_a_plausible_wrong_solution_is_caught_with_the_right_diagnosis(name, wrong, status, says):
+    fb = check(name, wrong)
+    assert not fb.passed
+    assert fb.status == status, str(fb)
+    if says is not None:
+        assert says in fb.message, str(fb)
+    assert fb.case is not None and fb.case in str(fb)
+
+
+def test_every_exercise_has_at_least_two_caught_mutants():
+    counts = {}
+    for name, *_ in MUTANTS:
+        counts[name] = counts.get(name, 0) + 1
+    assert set(counts) == set(EXERCISES)
+    assert min(counts.values()) >= 2
+
+
+# --- every message of the checker is reachable -------------------------------------------------
+
+
+def _toy(fn, want=lambda x: 2.0 * x, cases=None):
+    """An exercise whose reference doubles its input, for reaching each message."""
+    name = "toy"
+    EXERCISES[name] = Exercise(
+        name,
+        "toy(x)",
+        "twice x",
+        "2 x",
+        want,
+        cases
+        or (
+            lambda: [
+                Case("a 2 x 3 matrix", (torch.arange(1.0, 7.0).reshape(2, 3),), factors={"k": 3})
+            ]
+        ),
+    )
+    try:
+        return check(name, fn)
+    finally:
+        del EXERCISES[name]
+
+
+def test_right_states_its_tolerance_and_cases():
+    fb = _toy(lambda x: 2 * x + 1e-12)
+    assert fb.passed and "a 2 x 3 matrix" in fb.message and "rtol=1e-06" in fb.message
+
+
+def test_close_but_beyond_the_tolerance_is_wrong_with_where_and_how_much():
+    def off(x):
+        out = 2 * x
+        out[1, 2] += 1e-3
+        return out
+
+    fb = _toy(off)
+    assert fb.status == "wrong"
+    assert "at index [1, 2]" in fb.message and "expected 12" in fb.message
+    assert "tolerance rtol=1e-06" in fb.message
+
+
+@pytest.mark.parametrize(
+    ("fn", "status", "says"),
+    [
+        (lambda x: None, "wrong type", "forget `return`"),
+        (lambda x: "twelve", "wrong type", "str"),
+        (lambda x: (2 * x).T, "wrong shape", "transposed?"),
+        (lambda x: (2 * x)[None], "wrong shape", "size 1"),
+        (lambda x: (2 * x).sum(), "wrong shape", "reduce"),
+        (lambda x: (2 * x).expand(4, 2, 3), "wrong shape", "extra leading dimension"),
+        (lambda x: 2 * x / 0.0, "not finite", "NaN or inf"),
+        (lambda x: -2 * x, "wrong sign", "minus the expected"),
+        (lambda x: 4 * x, "wrong factor", "(= 2)"),
+        (lambda x: x, "wrong factor", "(= 1/2)"),
+        (lambda x: 6 * x, "wrong factor", "(= k)"),
+        (lambda x: -6 * x, "wrong sign", "minus k"),
+        (lambda x: 2.5 * x, "wrong factor", "1.25 times"),
+        (
+            lambda x: 2 * x * torch.tensor([[1.0, -1.0, 1.0], [1.0, 1.0, 1.0]]),
+            "wrong sign",
+            "1 of 6",
+        ),
+    ],
+)
+def test_each_diagnosis_is_reachable(fn, status, says):
+    fb = _toy(fn)
+    assert fb.status == status, str(fb)
+    assert says in fb.message, str(fb)
+
+
+def test_an_exception_names_its_type_and_the_line_of_the_students_function():
+    def broken(x):
+        y = 2 * x
+        return y @ y  # (2, 3) @ (2, 3)
+
+    fb = _toy(broken)
+    assert fb.status == "raised" and "RuntimeError" in fb.message
+    assert "line 3 of your function" in fb.message and "y @ y" in fb.message
+
+
+def test_an_exception_inside_a_called_function_names_both():
+    def broken(x):
+        return torch.linalg.cholesky(-torch.eye(2)) * x
+
+    fb = _toy(broken)
+    assert fb.status == "raised" and "line 2 of your function" in fb.message
+
+
+def test_an_input_changed_in_place_is_reported_and_the_reference_sees_the_original():
+    seen = []
+
+    def want(x):
+        seen.append(x.clone())
+        return 2 * x
+
+    def in_place(x):
+        return x.mul_(2)
+
+    fb = _toy(in_place, want=want)
+    assert fb.status == "changed its input"
+    assert not seen  # stopped before the reference: nothing compared against a changed input
+
+
+def test_tuples_and_dicts_are_compared_entry_by_entry():
+    x = torch.ones(3)
+    assert compare(x, x)[0] == "right"
+    fb = _toy(lambda x: (2 * x, x), want=lambda x: (2 * x, x.sum()))
+    assert fb.status == "wrong shape" and "output 1" in fb.message
+    fb = _toy(lambda x: 2 * x, want=lambda x: (2 * x, x))
+    assert fb.status == "wrong type" and "tuple of 2" in fb.message
+    fb = _toy(lambda x: {"a": 2 * x}, want=lambda x: {"a": 2 * x, "b": x})
+    assert fb.status == "wrong type" and "keys" in fb.message
+    fb = _toy(lambda x: {"a": 2 * x, "b": -x}, want=lambda x: {"a": 2 * x, "b": x})
+    assert fb.status == "wrong sign" and "['b']" in fb.message
+
+
+def test_numbers_arrays_and_lists_are_accepted():
+    import numpy as np
+
+    assert compare(3, 3.0)[0] == "right"
+    assert compare(np.array([1.0, 2.0]), torch.tensor([1.0, 2.0]))[0] == "right"
+    assert compare([1, 2], torch.tensor([1.0, 2.0]))[0] == "right"
+    assert compare(torch.tensor(2.0), 2.0)[0] == "right"
+
+
+def test_never_raises_unknown_exercise_not_a_function_or_a_checker_bug():
+    assert check("99.nothing", lambda: 0).status == "unknown exercise"
+    assert check("05.clip", 3).status == "wrong type"
+    fb = _toy(lambda x: 2 * x, cases=lambda: 1 / 0)
+    assert fb.status == "checker error" and "gradcourse bug" in fb.message
+
+
+def test_every_status_is_reachable_by_some_test_here():
+    reached = {
+        "right",
+        "not attempted",
+        "wrong type",
+        "wrong shape",
+        "not finite",
+        "wrong factor",
+        "wrong sign",
+        "wrong",
+        "raised",
+        "changed its input",
+        "unknown exercise",
+        "checker error",
+    }
+    assert reached == set(STATUSES)
+
+
+def test_pick_uses_the_students_function_only_once_it_passes(capsys):
+    mine, library = object(), object()
+    assert pick(check("05.clip", clip), mine, library) is mine
+    assert "your function" in capsys.readouterr().out
+    assert pick(check("05.clip", lambda g, c: g), mine, library, quiet=True) is library
+
+
+def test_describe_lists_every_exercise():
+    text = gc.exercises.describe()
+    for name, e in EXERCISES.items():
+        assert name in text and e.against in text
