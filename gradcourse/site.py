@@ -1,5 +1,6 @@
 """The course as a static site: every notebook executed, with its figures, its widgets' last
-output, its verdict table, and the course scorecard on the front page.
+output, its verdict table; the course map and the scorecard on the front page; and the API
+reference of the library, generated from its docstrings.
 
     python -m gradcourse site --profile cpu     # what `make site` runs
 
@@ -43,7 +44,54 @@ nb_render_markdown_format = "myst"  # the verdict tables are Markdown tables
 myst_enable_extensions = ["dollarmath"]
 exclude_patterns = ["_build"]
 suppress_warnings = ["mystnb.unknown_mime_type"]
+# the API reference (api.md): autodoc, the signatures with their types
+extensions.append("sphinx.ext.autodoc")
+autodoc_member_order = "bysource"
+autodoc_typehints = "signature"
+
+
+# The library's docstrings are plain text (ASCII math such as |x|, examples indented without
+# reST markup): each is shown as written, in a literal block, as help() does.
+def _as_written(app, what, name, obj, options, lines):
+    if lines:
+        lines[:] = ["::", "", *("    " + line if line.strip() else "" for line in lines), ""]
+
+
+def setup(app):
+    app.connect("autodoc-process-docstring", _as_written)
 """
+
+#: The modules of the API reference, in the order of the page: the library a researcher uses as
+#: a tool, then the course's machinery.
+API_MODULES = (
+    "pergrad", "curvature", "stability", "ntk", "scores", "privacy", "attribution", "functional",
+    "layers", "losses", "models", "train", "data", "stats", "claims", "results", "exercises",
+    "student", "cache", "checks", "plotting", "widgets",
+)  # fmt: skip
+
+
+def _api_page() -> str:
+    """The API reference: every module of :data:`API_MODULES` by autodoc (its public members,
+    their signatures and docstrings)."""
+    parts = [
+        "# API reference\n\n",
+        "The library the notebooks import (`import gradcourse as gc`), generated from its "
+        "docstrings. The notebooks' own experiment functions are in `gradcourse.experiments`.\n",
+    ]
+    for name in API_MODULES:
+        parts.append(
+            f"\n## `gradcourse.{name}`\n\n```{{eval-rst}}\n.. automodule:: gradcourse.{name}\n"
+            "   :members:\n```\n"
+        )
+    return "".join(parts)
+
+
+def _readme_section(readme: str, title: str) -> str:
+    """The body of the README's section ``## title`` ("" when it has none)."""
+    match = re.search(
+        rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", readme, re.MULTILINE | re.DOTALL
+    )
+    return match.group(1).strip() if match else ""
 
 
 def is_current(source: Path, executed: Path, profile: str) -> bool:
@@ -135,24 +183,26 @@ def freeze_widgets(nb: Any) -> int:
 def _front_page(titles: list[tuple[str, str]], scorecard: str, profile: str) -> str:
     from .paths import repo_root
 
-    intro = ""
+    intro, course_map = "", ""
     root = repo_root()
     if root is not None:
         readme = (root / "README.md").read_text(encoding="utf-8")
-        # the README's opening paragraphs, up to its first section
+        # the README's opening paragraphs, up to its first section, and its course map
         intro = readme.split("\n## ", 1)[0].split("\n", 1)[1].strip()
-    toc = "\n".join(stem for stem, _ in titles)
+        course_map = _readme_section(readme, "Course map")
+    toc = "\n".join([*(stem for stem, _ in titles), "api"])
     return (
         "# gradcourse\n\n"
         f"{intro}\n\n"
         f"The pages below were executed at the `{profile}` profile.\n\n"
-        "## Scorecard\n\n"
+        + (f"## Course map\n\n{course_map}\n\n" if course_map else "")
+        + "## Scorecard\n\n"
         f"{scorecard}\n\n"
         "## Notebooks\n\n"
         + "\n".join(f"- [{html.escape(title)}]({stem}.ipynb)" for stem, title in titles)
-        + "\n\n```{toctree}\n:hidden:\n:maxdepth: 1\n\n"
-        + toc
-        + "\n```\n"
+        + "\n\n## The library\n\n"
+        "The [API reference](api.md): every public function and class of `gradcourse`, from its "
+        "docstrings.\n" + "\n```{toctree}\n:hidden:\n:maxdepth: 1\n\n" + toc + "\n```\n"
     )
 
 
@@ -181,8 +231,8 @@ def refresh_verdict_tables(nb: Any, notebook: str, run_record: dict[str, Any] | 
 
 def prepare(executed: list[Path], src: Path, profile: str) -> Path:
     """Write the Sphinx source folder ``src``: the executed notebooks with frozen widgets and
-    freshly rendered verdict tables, the front page (the README's introduction and the
-    scorecard) and ``conf.py``."""
+    freshly rendered verdict tables, the front page (the README's introduction, its course map
+    and the scorecard), the API reference and ``conf.py``."""
     import json
 
     import nbformat
@@ -209,6 +259,7 @@ def prepare(executed: list[Path], src: Path, profile: str) -> Path:
         title = re.search(r"^#\s+(.+)$", first, flags=re.MULTILINE)
         titles.append((path.stem, title.group(1).strip() if title else path.stem))
     write_text_atomic(src / "index.md", _front_page(titles, scorecard(), profile))
+    write_text_atomic(src / "api.md", _api_page())
     write_text_atomic(src / "conf.py", CONF)
     return src
 

@@ -133,3 +133,33 @@ def test_write_notebook_writes_what_nbformat_writes_atomically(tmp_path):
     assert (tmp_path / "atomic.ipynb").read_bytes() == (tmp_path / "plain.ipynb").read_bytes()
     assert os.stat(tmp_path / "atomic.ipynb").st_mode & 0o777 == 0o640
     assert sorted(p.name for p in tmp_path.iterdir()) == ["atomic.ipynb", "plain.ipynb"]
+
+
+def test_the_api_reference_covers_every_listed_module_and_they_import():
+    import importlib
+
+    page = site._api_page()
+    for name in site.API_MODULES:
+        importlib.import_module(f"gradcourse.{name}")
+        assert f".. automodule:: gradcourse.{name}\n   :members:" in page
+
+
+def test_the_generated_conf_shows_docstrings_as_written():
+    namespace: dict = {}
+    exec(site.CONF, namespace)
+    assert "sphinx.ext.autodoc" in namespace["extensions"]
+    lines = ["Sum of |g_i|:", "", "    an example", "end"]
+    namespace["_as_written"](None, "function", "f", None, {}, lines)
+    assert lines == ["::", "", "    Sum of |g_i|:", "", "        an example", "    end", ""]
+    empty: list[str] = []
+    namespace["_as_written"](None, "function", "f", None, {}, empty)
+    assert empty == []
+
+
+def test_the_front_page_carries_the_readmes_course_map_and_links_the_api():
+    readme = "# t\n\nintro\n\n## Course map\n\nRead 00 first.\n\n| a |\n\n## Scorecard\n\nx\n"
+    assert site._readme_section(readme, "Course map") == "Read 00 first.\n\n| a |"
+    assert site._readme_section(readme, "Nothing") == ""
+    page = site._front_page([("00_tour", "00 · Tour")], "| scorecard |", "ci")
+    assert "## Course map" in page and "Read 00 first" in page  # from the repository's README
+    assert "(api.md)" in page and page.rstrip().endswith("00_tour\napi\n```")

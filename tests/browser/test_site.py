@@ -1,6 +1,7 @@
 """The course site (`make site`), built from a `ci` run, opened in headless Chromium: every
 notebook page loads and shows its figures (rendered, non-zero size) and its verdict table, the
-front page shows the scorecard, and no internal link is broken."""
+front page shows the course map and the scorecard, the API reference documents the library,
+and no internal link is broken."""
 
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def test_site_pages_figures_tables_and_links(browser, site):
     assert page.locator("h1").first.inner_text().strip().startswith("gradcourse")
     scorecard = page.locator("section#scorecard table")
     assert scorecard.count() == 1 and "notebook" in scorecard.inner_text()
+    course_map = page.locator("section#course-map table")
+    assert course_map.count() == 1 and "00_tour" in course_map.inner_text()
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "site_index.png"), full_page=True)
     to_visit, seen, broken = [index.as_uri()], set(), []
@@ -59,6 +62,11 @@ def test_site_pages_figures_tables_and_links(browser, site):
             elif target.suffix == ".html" and target.is_relative_to(site):
                 to_visit.append(target.as_uri())
     assert not broken, "broken internal links:\n" + "\n".join(broken)
+    api = site / "api.html"
+    assert api.as_uri() in seen, "the API reference is not reachable from the front page"
+    page.goto(api.as_uri())
+    for name in ("per_example_grad_norms", "lanczos", "empirical_ntk", "check"):
+        assert page.locator(f"dt[id$='.{name}']").count() >= 1, f"API reference: no {name}"
     for stem in NOTEBOOKS:
         path = site / f"{stem}.html"
         assert path.as_uri() in seen, f"{stem}: no page reachable from the front page"
@@ -72,7 +80,9 @@ def test_site_pages_figures_tables_and_links(browser, site):
         table = page.locator("section#verdicts table")
         assert table.count() >= 1, f"{stem}: no verdict table"
         header = table.first.locator("th").all_inner_texts()
-        assert header[:5] == ["claim", "kind", "paper", "expected", "this run"], header
+        assert header[:6] == ["claim", "kind", "paper", "expected", "refuted by", "this run"], (
+            header
+        )
         assert page.locator(".gc-static-note").count() >= 1, f"{stem}: its panel is not shown"
         table.first.screenshot(path=str(SCREENSHOTS / f"site_{stem}_verdicts.png"))
     context.close()
