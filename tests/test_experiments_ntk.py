@@ -306,9 +306,11 @@ def test_own_prediction_gaps_by_hand():
 
 def test_circle_fit_runs_stack_and_cache(tmp_path):
     cache = Cache(tmp_path)
-    kw = dict(depth=1, steps=3, n_grid=5, lr=1.0, linearized=True)
+    kw = dict(depth=1, steps=3, n_grid=5, lr=1.0, linearized=True, readout=True)
     runs = nx.circle_fit_runs([8, 16], [0, 2], [-1.0, 1.0], cache=cache, **kw)
     assert runs[8]["fT_grid"].shape == (2, 5) and runs[16]["flin_grid"].shape == (2, 5)
+    assert runs[8]["lin_dist"].shape == (2, 4) and runs[16]["fro_grid"].shape == (2, 5)
+    assert runs[8]["lin_steps"].tolist() == [[0, 1, 2, 3]] * 2
     one = nx.circle_fit_run(16, [-1.0, 1.0], seed=2, **kw)
     torch.testing.assert_close(runs[16]["fT_grid"][1], one["fT_grid"])
     assert len(list(tmp_path.glob("ntk-circle-fit-*.npz"))) == 4
@@ -503,6 +505,12 @@ def test_init_statistics_by_hand():
     assert nx.spread(curves) == pytest.approx(s["spread"] * scale)
     with pytest.raises(ValueError, match="curves"):
         nx.init_statistics(curves[:1], limit)
+    # the same statistics in another unit: divided by a given scale instead of RMS(limit)
+    e = nx.ensemble_statistics(curves, limit, scale=0.5)
+    assert e["spread"] == pytest.approx(s["spread"] * scale / 0.5)
+    assert e["mean_error"] == pytest.approx(s["mean_error"] * scale / 0.5)
+    with pytest.raises(ValueError, match="scale"):
+        nx.ensemble_statistics(curves, limit, scale=0.0)
 
 
 def test_limit_rivals_are_distances_from_the_limit():
@@ -554,16 +562,70 @@ def test_band_distance_is_signed():
     assert nx.band_distance(band, -0.5) == pytest.approx(0.1)  # above the upper end
     assert nx.band_distance(band, -1.0) == pytest.approx(-0.1)  # inside, 0.1 from the low end
     assert nx.band_distance(band, -1.3) == pytest.approx(0.2)
+    assert nx.farthest_end(band, -1.0) == pytest.approx(0.4)  # the upper end, -0.6
+    assert nx.farthest_end(band, -0.8) == pytest.approx(0.3)  # the lower end, -1.1
 
 
-def test_bound_slack_by_hand():
-    # a quantity falling like width^-1 over widths 100..1600 against a width^-1/2 bound:
-    # at the widest width the bound allows 16^-1/2 = 1/4 of the narrow value, it measures 1/16
-    assert nx.bound_slack([100, 400, 1600], -1.0) == pytest.approx(4.0)
-    assert nx.bound_slack([100, 1600], -0.5) == pytest.approx(1.0)
-    assert nx.bound_slack([100, 1600], -0.25) < 1  # a violation
-    with pytest.raises(ValueError, match="widths"):
-        nx.bound_slack([100], -1.0)
+def test_t_interval_is_students():
+    band = nx.t_interval(torch.tensor([1.0, 2.0, 3.0], dtype=DT), level=0.9)
+    # mean 2, standard deviation 1, t_{0.95, 2} = 2.919986
+    half = 2.919986 / math.sqrt(3)
+    assert band.estimate == pytest.approx(2.0)
+    assert band.low == pytest.approx(2.0 - half, rel=1e-6)
+    assert band.high == pytest.approx(2.0 + half, rel=1e-6)
+    assert band.n == 3 and band.level == 0.9
+
+
+def test_window_and_power_exponents():
+    # "ratio = 8^-1/2 within a factor 2": 8^-e in [8^-1/2 / 2, 2 * 8^-1/2] <=> e in 1/2 -+ 1/3
+    lo, hi = nx.window_exponents(8)
+    assert lo == pytest.approx(1 / 6) and hi == pytest.approx(5 / 6)
+    assert nx.window_exponents(4) == pytest.approx((0.0, 1.0))  # a x4 window accepts 0 and 1
+    with pytest.raises(ValueError, match="exceed 1"):
+        nx.window_exponents(1.0)
+    from gradcourse.stats import Interval
+
+    # a ratio narrow/wide of a quantity ~ width^-e, widths 128 and 1024: 8^e
+    band = Interval(8**0.5, 8**0.4, 8**0.7, 0.9, 40)
+    assert nx.power_exponents(band, 128 / 1024) == pytest.approx((0.4, 0.7))
+    # the same as wide/narrow
+    inverse = Interval(8**-0.5, 8**-0.7, 8**-0.4, 0.9, 40)
+    assert nx.power_exponents(inverse, 1024 / 128) == pytest.approx((0.4, 0.7))
+    with pytest.raises(ValueError, match="width ratio"):
+        nx.power_exponents(band, 1.0)
+    # a wide t-interval reaching below 0: the exponent is unbounded at that end
+    assert nx.power_exponents(Interval(0.3, -0.1, 0.7, 0.9, 3), 8) == (
+        pytest.approx(-math.log(0.7) / math.log(8)),
+        math.inf,
+    )
+
+
+def test_bound_ratio_by_hand():
+    widths = [50, 100, 200, 400]
+
+    def planted(values):  # every net at a width has the same distance: the RMS is that value
+        return [torch.full((4,), float(v), dtype=DT) for v in values]
+
+    # exactly on the bound c w^-1/2: the ratio is 1 at every wider width
+    on = nx.bound_ratio(widths, planted([w**-0.5 for w in widths]), w0=50)
+    assert on.estimate == pytest.approx(1.0) and on.low == pytest.approx(1.0)
+    # falling like w^-1: the tightest wider width is the next one, (100 / 50)^-1/2
+    fast = nx.bound_ratio(widths, planted([1 / w for w in widths]), w0=50)
+    assert fast.estimate == pytest.approx(2**-0.5)
+    # a bump at width 100 (d sqrt(w) 1.3 times its value at w0) is a violation, 1.3
+    bump = [50**-0.5, 1.3 * 100**-0.5, 200**-0.5, 400**-0.5]
+    assert nx.bound_ratio(widths, planted(bump), w0=50).estimate == pytest.approx(1.3)
+    # ... which a constant set at width 100 does not see
+    assert nx.bound_ratio(widths, planted(bump), w0=100).estimate == pytest.approx(1 / 1.3)
+    # the interval resamples nets within each width
+    gen = torch.Generator().manual_seed(0)
+    noisy = [w**-0.5 * (1 + 0.2 * torch.randn(10, generator=gen, dtype=DT)) for w in widths]
+    band = nx.bound_ratio(widths, noisy, w0=50)
+    assert band.low < band.estimate < band.high and band.n == 10
+    with pytest.raises(ValueError, match="w0"):
+        nx.bound_ratio(widths, planted(bump), w0=400)
+    with pytest.raises(ValueError, match="w0"):
+        nx.bound_ratio(widths, planted(bump), w0=60)
 
 
 def test_relative_deviations_change_and_inflation_by_hand():
@@ -643,4 +705,68 @@ def test_circle_fit_linearized_prediction_is_gd_on_the_linearised_net():
         params = {k: v - lr * grads[k] for k, v in params.items()}
     by_hand = f_lin(params, task["x_grid"])[:, 0].detach()
     torch.testing.assert_close(r["flin_grid"], by_hand, rtol=1e-8, atol=1e-10)
-    assert "flin_grid" not in nx.circle_fit_run(8, angles, steps=2, n_grid=9)
+    plain = nx.circle_fit_run(8, angles, steps=2, n_grid=9)
+    assert "flin_grid" not in plain and "lin_dist" not in plain and "fro_grid" not in plain
+    # lin_dist: the RMS over the grid of f_t - f_lin_t at every step t
+    assert r["lin_dist"].shape == (steps + 1,) and float(r["lin_dist"][0]) == 0.0
+    assert r["lin_steps"].tolist() == list(range(steps + 1))
+    final = float((r["fT_grid"] - r["flin_grid"]).pow(2).mean().sqrt())
+    assert float(r["lin_dist"][-1]) == pytest.approx(final, rel=1e-10)
+    shorter = nx.circle_fit_run(8, angles, steps=6, lr=lr, n_grid=9, linearized=True)
+    at_6 = float((shorter["fT_grid"] - shorter["flin_grid"]).pow(2).mean().sqrt())
+    assert float(r["lin_dist"][6]) == pytest.approx(at_6, rel=1e-10)
+    # every 4th step from 0, and the last: steps 0, 4, 8, 12, 15
+    sparse = nx.circle_fit_run(
+        8, angles, steps=steps, lr=lr, n_grid=9, linearized=True, record_every=4
+    )
+    assert sparse["lin_steps"].tolist() == [0, 4, 8, 12, 15]
+    torch.testing.assert_close(sparse["lin_dist"], r["lin_dist"][[0, 4, 8, 12, 15]])
+    torch.testing.assert_close(sparse["fT_grid"], r["fT_grid"])
+
+
+def test_circle_fit_readout_is_the_readout_layer_trained_to_convergence():
+    """fro_grid against the readout layer's minimum-change least-squares solution, set into the
+    net and evaluated: the limit of GD on the readout layer alone from its initialisation."""
+    angles, width = [-2.5, -0.8, 0.6, 2.2], 8
+    r = nx.circle_fit_run(width, angles, steps=3, n_grid=9, readout=True)
+    task = nx.circle_task(angles, 9)
+    model = nx.make_net(2, width, nx.PAPER_DEPTH, beta=nx.PAPER_BETA, seed=0)
+    last = model.layers[-1]
+    feats = {}
+    hook = last.register_forward_hook(lambda m, inp, out: feats.__setitem__("a", inp[0]))
+    with torch.no_grad():
+        f0 = model(task["x"])[:, 0]
+    hook.remove()
+    # the readout is f = sw W a / sqrt(n) + beta b: its gradient w.r.t. (W, b) is (sw a / sqrt(n), beta)
+    phi = torch.cat(
+        [last.weight_scale * feats["a"] / math.sqrt(width), torch.full((4, 1), last.bias_scale)],
+        dim=1,
+    ).double()
+    # the minimum-norm change that fits, the one GD from the initialisation converges to
+    delta = phi.T @ torch.linalg.solve(phi @ phi.T, (task["y"][:, 0] - f0)[:, None])
+    with torch.no_grad():
+        last.weight += delta[:width, 0][None, :]
+        last.bias += delta[width:, 0]
+        fitted = model(task["x_grid"])[:, 0]
+        assert torch.allclose(model(task["x"])[:, 0], task["y"][:, 0], atol=1e-10)
+    torch.testing.assert_close(r["fro_grid"], fitted, rtol=1e-6, atol=1e-7)  # a 4 x 4 solve
+    # the readout layer's own empirical NTK, the kernel used: GD on the readout alone for k
+    # steps (the other layers frozen, so they do not move) is kernel GD with it
+    net = nx.make_net(2, width, nx.PAPER_DEPTH, beta=nx.PAPER_BETA, seed=0)
+    params = dict(net.layers[-1].named_parameters(prefix=f"layers.{len(net.layers) - 1}"))
+    k_xx = ntk.empirical_ntk(net, task["x"], params=params)
+    k_gx = ntk.empirical_ntk(net, task["x_grid"], task["x"], params=params)
+    torch.testing.assert_close(k_xx, phi @ phi.T)
+    with torch.no_grad():
+        f0_grid = net(task["x_grid"])[:, 0]
+    for layer in net.layers[:-1]:
+        layer.requires_grad_(False)
+    before = net.layers[0].weight.clone()
+    nx.gradient_descent(net, task["x"], task["y"], lr=1.0, steps=50)
+    assert torch.equal(net.layers[0].weight, before)
+    with torch.no_grad():
+        gd = net(task["x_grid"])[:, 0]
+    kgd = ntk.kernel_gradient_descent(
+        k_xx, task["y"][:, 0], 1.0, 50, ntk_test_train=k_gx, f0_train=f0, f0_test=f0_grid
+    ).test
+    torch.testing.assert_close(gd, kgd, rtol=1e-8, atol=1e-10)

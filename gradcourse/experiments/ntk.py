@@ -10,16 +10,19 @@ descent); this module adds what is specific to the paper's section 6:
 - :func:`kernel_run`, :func:`kernel_runs`, :func:`kernel_statistics`  Fig. 1 and the scaling
   laws: Theta(x0, x) on the unit circle and the Gram matrix of the training inputs, at
   initialisation and after training, against the analytic limit; :func:`init_kernel_runs`,
-  :func:`init_statistics`  the same at initialisation only, over many untrained nets (cheap);
+  :func:`init_statistics`  the same at initialisation only, over many untrained nets (cheap;
+  :func:`ensemble_statistics` for any functions against a reference);
   :func:`limit_rivals`  the curves of competing kernels, as distances from the limit;
 - :func:`gaussian_limit`, :func:`circle_fit_run`, :func:`circle_fit_runs`  Fig. 2: the
   t -> infinity (or step-k) Gaussian distribution of the trained infinite-width network, against
   trained finite nets; :func:`circle_predictors`, :func:`own_prediction_gaps`  each net against
-  its own infinite-width prediction (NTK, or the NNGP posterior as a rival);
+  its own infinite-width prediction (NTK, or the NNGP posterior as a rival), and the same nets
+  with only their readout layer trained (the control);
 - :func:`kernel_pcs`, :func:`pc_run`, :func:`pc_runs`  Fig. 3: training towards targets along
   the kernel's principal components, with each net's own linearised prediction;
-- :func:`bootstrap_seeds`, :func:`slope_with_band`, :func:`bound_slack`  intervals over
-  initialisations, and how much room a power-law bound leaves;
+- :func:`bootstrap_seeds`, :func:`t_interval`, :func:`slope_with_band`, :func:`farthest_end`,
+  :func:`window_exponents`, :func:`power_exponents`, :func:`bound_ratio`  intervals over
+  initialisations, power laws against width, and a power-law bound checked as a bound;
 - :func:`explore_kernel`  the notebook's sliders.
 
 Depth: Jacot's "depth L = 4" counts the linear layers (the network has layers 0..L), so it is
@@ -330,22 +333,36 @@ def init_kernel_runs(
 
 def init_statistics(curves: Tensor, limit_curve: Tensor) -> dict[str, float]:
     """Fig. 1's statistics at initialisation over S untrained nets, ``curves`` (S, m) of
-    Theta_0(x0, x) against the limit (m,), each relative to RMS(limit):
+    Theta_0(x0, x) against the limit (m,), each relative to RMS(limit)
+    (:func:`ensemble_statistics`):
 
     - ``mean_error``: RMS over angles of (mean over nets - limit);
     - ``mean_stderr``: RMS over angles of the standard error of that mean (its sampling noise);
     - ``spread``: RMS over angles of the standard deviation over nets (the fluctuation).
     """
-    s = curves.shape[0]
-    if curves.ndim != 2 or s < 2 or curves.shape[1] != limit_curve.shape[0]:
+    return ensemble_statistics(curves, limit_curve)
+
+
+def ensemble_statistics(
+    functions: Tensor, reference: Tensor, *, scale: float | None = None
+) -> dict[str, float]:
+    """Statistics over S nets of their functions on a grid, ``functions`` (S, m), against a
+    reference (m,) (a limit, a predicted mean), each divided by ``scale`` (default RMS of the
+    reference): ``mean_error`` RMS over the grid of (mean over nets - reference),
+    ``mean_stderr`` RMS over the grid of the standard error of that mean, ``spread`` RMS over
+    the grid of the standard deviation over nets."""
+    s = functions.shape[0]
+    if functions.ndim != 2 or s < 2 or functions.shape[1] != reference.shape[0]:
         raise ValueError(
-            f"curves must be (S >= 2, {limit_curve.shape[0]}), got {tuple(curves.shape)}"
+            f"curves must be (S >= 2, {reference.shape[0]}), got {tuple(functions.shape)}"
         )
-    scale = float(limit_curve.pow(2).mean().sqrt())
+    scale = (
+        float(reference.pow(2).mean().sqrt()) if scale is None else check_positive("scale", scale)
+    )
     rms = lambda t: float(t.pow(2).mean().sqrt()) / scale  # noqa: E731
-    std = curves.std(0, correction=1)
+    std = functions.std(0, correction=1)
     return {
-        "mean_error": rms(curves.mean(0) - limit_curve),
+        "mean_error": rms(functions.mean(0) - reference),
         "mean_stderr": rms(std / math.sqrt(s)),
         "spread": rms(std),
     }
@@ -409,15 +426,76 @@ def band_distance(band: stats.Interval, value: float) -> float:
     return float(max(band.low - value, value - band.high))
 
 
-def bound_slack(widths: Sequence[int], slope_high: float, bound_slope: float = -0.5) -> float:
-    """The room a power-law bound ``quantity <= C width^bound_slope`` leaves over the measured
-    widths, when the quantity falls with a log-log slope of at most ``slope_high`` (the upper
-    end of its interval): (w_max / w_min)^(bound_slope - slope_high), the bound over the
-    measured value at the widest width, the bound's constant set by the narrowest. >= 1 when
-    the measurement respects the bound; close to 1 when the bound is tight there."""
-    if len(widths) < 2 or min(widths) <= 0:
-        raise ValueError(f"widths must hold >= 2 positive widths, got {list(widths)!r}")
-    return float((max(widths) / min(widths)) ** (bound_slope - slope_high))
+def farthest_end(band: stats.Interval, value: float) -> float:
+    """How far the farther end of the interval ``band`` lies from ``value``,
+    max(|low - value|, |high - value|): the whole interval lies within ``value`` +- this."""
+    return float(max(abs(band.low - value), abs(band.high - value)))
+
+
+def t_interval(values: Tensor | Sequence[float], *, level: float = 0.9) -> stats.Interval:
+    """The mean of independent per-run values (one per initialisation) with Student's
+    t-interval at ``level``, mean +- t_{n-1} s / sqrt(n) (:func:`gradcourse.stats.paired_interval`
+    against zeros); the interval to use with few runs, where a percentile bootstrap has too few
+    distinct resamples (3 runs give 10) to cover its level."""
+    v = torch.as_tensor(values, dtype=torch.float64).reshape(-1).numpy()
+    return stats.paired_interval(v, np.zeros_like(v), level=level)
+
+
+def window_exponents(width_ratio: float, factor: float = 2.0) -> tuple[float, float]:
+    """The exponents e a window "ratio = width_ratio^(-1/2), within a factor ``factor``"
+    accepts, when the ratio is width_ratio^(-e): 1/2 -+ ln(factor) / ln(width_ratio)."""
+    if width_ratio <= 1 or factor <= 1:
+        raise ValueError(f"width_ratio and factor must exceed 1, got {width_ratio}, {factor}")
+    half = math.log(factor) / math.log(width_ratio)
+    return 0.5 - half, 0.5 + half
+
+
+def power_exponents(band: stats.Interval, width_ratio: float) -> tuple[float, float]:
+    """The exponents e of a power law quantity ~ width^-e that a ratio of the quantity between
+    two widths, quantity(w1) / quantity(w2) with ``width_ratio`` = w1 / w2, implies at the ends of
+    its interval ``band``: e = -ln(ratio) / ln(width_ratio), (smaller, larger); an end at or below
+    0 gives an infinite exponent."""
+    if width_ratio <= 0 or width_ratio == 1:
+        raise ValueError(f"need a positive width ratio != 1, got {width_ratio}")
+    # an end at or below 0 (a t-interval of a ratio can reach it) implies an unbounded exponent
+    ends = [
+        -math.log(r) / math.log(width_ratio)
+        if r > 0
+        else math.copysign(math.inf, math.log(width_ratio))
+        for r in (band.low, band.high)
+    ]
+    return min(ends), max(ends)
+
+
+def bound_ratio(
+    widths: Sequence[int],
+    values: Sequence[Tensor],
+    *,
+    w0: int,
+    exponent: float = -0.5,
+    level: float = 0.9,
+    num_resamples: int = 2000,
+    seed: int = 0,
+) -> stats.Interval:
+    """A power-law bound ``d(w) <= C w^exponent`` for w >= w0 checked as a bound, its constant
+    C set at ``w0``: the largest d(w) w^-exponent / (d(w0) w0^-exponent) over the widths
+    w > w0 (<= 1 when the bound with that constant holds at every wider width; its inverse is
+    the bound's slack at the tightest width). d(w) is the RMS over the initialisations of
+    ``values`` (one tensor per width); the interval is a percentile bootstrap that resamples
+    the initialisations within each width (:func:`gradcourse.stats.bootstrap`)."""
+    widths = [int(w) for w in widths]
+    if len(widths) != len(values) or w0 not in widths or max(widths) <= w0:
+        raise ValueError(f"w0 must be one of the widths {widths} with a wider one, got {w0!r}")
+
+    def ratio(groups: list) -> float:
+        d = {
+            w: float((g * g).mean()) ** 0.5 * w**-exponent
+            for w, g in zip(widths, groups, strict=True)
+        }
+        return max(d[w] for w in widths if w > w0) / d[w0]
+
+    groups = [torch.as_tensor(v, dtype=torch.float64).numpy() for v in values]
+    return stats.bootstrap(ratio, groups, level=level, num_resamples=num_resamples, seed=seed)
 
 
 def relative_deviations(grams: Tensor, limit: Tensor) -> Tensor:
@@ -615,6 +693,8 @@ def circle_fit_run(
     lr: float = 1.0,
     n_grid: int = 121,
     linearized: bool = False,
+    readout: bool = False,
+    record_every: int = 1,
     device: str | torch.device | None = None,
 ) -> dict[str, Tensor]:
     """One network of Fig. 2: trained by GD on the points of :func:`circle_task`; its function
@@ -623,27 +703,56 @@ def circle_fit_run(
 
     With ``linearized``, also ``flin_grid``: the same ``steps`` of GD on the network linearised
     at its initialisation (Lee et al. 2019), i.e. kernel GD with the net's own empirical NTK at
-    initialisation (:func:`gradcourse.ntk.kernel_gradient_descent`), on the grid."""
+    initialisation (:func:`gradcourse.ntk.kernel_gradient_descent`), on the grid; and
+    ``lin_dist``, the RMS over the grid of f_t - f_lin_t at the steps ``lin_steps``: every
+    ``record_every``-th step from 0, and the last (Lee et al. 2019, Theorem 2.1 bound its
+    supremum over t; evaluating the net on the grid at every step would cost about as much as
+    training it).
+
+    With ``readout``, also ``fro_grid``: the same initial network with only its readout layer
+    (the last layer's weights and bias) trained, to convergence, on the same points: least
+    squares on fixed random features, i.e. kernel regression from f0 with the readout layer's
+    own empirical NTK (the kernel of those two parameters alone), whose limit at infinite
+    width is the NNGP kernel: a draw of the NNGP posterior (Lee et al. 2019, section 2.3)."""
+    check_int("record_every", record_every, 1)
     task = circle_task(train_angles, n_grid)
     model, x, y, xg = _net_with(
         2, width, depth, beta, seed, device, task["x"], task["y"], task["x_grid"]
     )
     f0_grid, f0_train = _function(model, xg), _function(model, x)
     out: dict[str, Tensor] = {}
+    if readout:
+        last = len(model.layers) - 1
+        params = dict(model.layers[last].named_parameters(prefix=f"layers.{last}"))
+        k_xx = ntk.empirical_ntk(model, x, params=params).cpu()
+        k_gx = ntk.empirical_ntk(model, xg, x, params=params).cpu()
+        out["fro_grid"] = ntk.kernel_regression(
+            k_xx, k_gx, task["y"][:, 0], f0_train=f0_train, f0_test=f0_grid
+        )
+    record = None
     if linearized:
         theta_xx = ntk.empirical_ntk(model, x).cpu()
         theta_gx = ntk.empirical_ntk(model, xg, x).cpu()
-        pred = ntk.kernel_gradient_descent(
+        lin = ntk.kernel_gradient_descent(
             theta_xx,
             task["y"][:, 0].cpu(),
             lr,
-            steps,
+            torch.arange(steps + 1),
             ntk_test_train=theta_gx,
             f0_train=f0_train,
             f0_test=f0_grid,
-        )
-        out["flin_grid"] = pred.test
-    loss = gradient_descent(model, x, y, lr=lr, steps=steps)
+        ).test  # (steps + 1, m)
+        out["flin_grid"] = lin[-1]
+        at = sorted(set(range(0, steps + 1, record_every)) | {steps})
+        lin_dist = torch.empty(len(at), dtype=DTYPE)
+        slot = {k: i for i, k in enumerate(at)}
+
+        def record(k: int, _: Tensor) -> None:
+            if k in slot:
+                lin_dist[slot[k]] = (_function(model, xg) - lin[k]).pow(2).mean().sqrt()
+
+        out["lin_dist"], out["lin_steps"] = lin_dist, torch.tensor(at)
+    loss = gradient_descent(model, x, y, lr=lr, steps=steps, record=record)
     ft_grid = _function(model, xg)
     return {"f0_grid": f0_grid, "f0_train": f0_train, "fT_grid": ft_grid, "loss": loss[-1:], **out}
 
@@ -662,7 +771,7 @@ def circle_fit_runs(
     results stacked over seeds. A ``tqdm.auto`` bar over the runs when ``progress``."""
     config = {"train_angles": [float(a) for a in train_angles], **config}
     return _over_widths_and_seeds(
-        "ntk-circle-fit", circle_fit_run, widths, seeds, cache, device, progress, config
+        "ntk-circle-fit-v2", circle_fit_run, widths, seeds, cache, device, progress, config
     )
 
 
