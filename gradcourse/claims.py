@@ -37,7 +37,8 @@ import math
 import os
 import platform
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -71,13 +72,29 @@ def _plain(value: Any) -> Any:
     return value
 
 
+#: Significant digits of the numbers in verdict texts: 4 in the printed verdicts, 3 in the
+#: verdict tables (:func:`significant_digits`), where many columns share a page's width.
+_DIGITS = [4]
+
+
+@contextmanager
+def significant_digits(digits: int) -> Iterator[None]:
+    """Within the block, verdict texts (measured, expected, refutations) show ``digits``
+    significant digits."""
+    _DIGITS.append(int(digits))
+    try:
+        yield
+    finally:
+        _DIGITS.pop()
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, float):
         if value == 0 or math.isnan(value) or math.isinf(value):
             return str(value)
-        return f"{value:.4g}"
+        return f"{value:.{_DIGITS[-1]}g}"
     if isinstance(value, list):
         return "[" + ", ".join(_fmt(v) for v in value) + "]"
     return str(value)

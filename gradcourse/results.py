@@ -23,7 +23,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .claims import Verdict, _fmt, check_record, counts, verdict_from_dict, write_json_atomic
+from .claims import (
+    Verdict,
+    _fmt,
+    check_record,
+    counts,
+    significant_digits,
+    verdict_from_dict,
+    write_json_atomic,
+)
 from .paths import repo_root
 from .profile import PROFILES
 
@@ -228,15 +236,16 @@ def verdict_table(notebook: str, current: Any = None, *, root: Path | None = Non
     rows = []
     for name in names:
         first = next(col[name] for col in columns.values() if name in col)
-        paper = "" if first.paper_value is None else _fmt(first.paper_value)
+        paper = "" if first.paper_value is None else _fmt(first.paper_value)  # as the paper has it
         # a claim this run no longer checks: a record made by an older version of the notebook
         shown = (
             name if this_run is None or name in this_run else f"{name} (not checked by this run)"
         )
-        row = [shown, first.kind, paper, first.expected_text, first.refutation_text]
-        for label, col in columns.items():
-            ran = label == "this run" or recorded[label] is not None
-            row.append(_cell(col.get(name), ran))
+        with significant_digits(3):  # measured values, at a page's width
+            row = [shown, first.kind, paper, first.expected_text, first.refutation_text]
+            for label, col in columns.items():
+                ran = label == "this run" or recorded[label] is not None
+                row.append(_cell(col.get(name), ran))
         rows.append(row)
     footer = [LEGEND]
     for p, rec in recorded.items():

@@ -262,3 +262,18 @@ def test_verdict_table_names_the_claims_this_run_no_longer_checks(tmp_path):
         "gpu only (not checked by this run)",
         "identity (not checked by this run)",
     ]
+
+
+def test_verdict_tables_show_three_significant_digits_and_the_paper_value_as_given(tmp_path):
+    from gradcourse.claims import control
+
+    claims = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path, verbose=False)
+    v = claims.check(
+        "precise", 0.123456, [0.05, 0.25], compare="in", kind="paper", paper_value=70.28,
+        unit="ratio", refute=control("random", 0.98765),
+    )  # fmt: skip
+    assert v.measured_text == "0.1235 ratio"  # printed verdicts keep four
+    row = results.verdict_table("nb", claims, root=tmp_path / "none").rows[0]
+    assert row[2] == "70.28"  # the paper's own number, not rounded
+    assert row[4] == "control random: measured 0.988 ratio -> discriminates"
+    assert row[5] == "0.123 ratio **✓**"
