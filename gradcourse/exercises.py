@@ -41,6 +41,7 @@ __all__ = [
     "check",
     "compare",
     "pick",
+    "reference",
 ]
 
 STATUSES = (
@@ -386,6 +387,14 @@ def check(name: str, fn: Callable) -> Feedback:
             f"the checker itself failed ({type(exc).__name__}: {exc}); this is a gradcourse "
             "bug, please report it",
         )
+
+
+def reference(name: str) -> Callable:
+    """The function exercise ``name`` is checked against, with the student's signature (the
+    library's implementation, or the independent reference where the library has none)."""
+    if name not in EXERCISES:
+        raise ValueError(f"no exercise {name!r}; known: {', '.join(sorted(EXERCISES))}")
+    return EXERCISES[name].reference
 
 
 def pick(feedback: Feedback, mine: Callable, library: Callable, *, quiet: bool = False) -> Callable:

@@ -563,3 +563,9 @@ def test_describe_lists_every_exercise():
     text = gc.exercises.describe()
     for name, e in EXERCISES.items():
         assert name in text and e.against in text
+
+
+def test_reference_is_the_checkers_reference_and_names_a_wrong_exercise():
+    assert gc.exercises.reference("05.clip") is EXERCISES["05.clip"].reference
+    with pytest.raises(ValueError, match="no exercise '99.x'"):
+        gc.exercises.reference("99.x")

@@ -440,3 +440,114 @@ def test_outlier_gaps_on_a_planted_spectrum():
     assert hx.outlier_gaps(spectrum, 2) == (1.0, pytest.approx(100.0 / 40.0))
     with pytest.raises(ValueError, match="positive"):
         hx.outlier_gaps(torch.tensor([3.0, 2.0, -1.0]), 2)
+
+
+# ----------------------------------------------------------------------------- round 2 additions
+
+
+def test_near_zero_fraction_relative_to_the_kth_eigenvalue():
+    eig = torch.tensor([100.0, 10.0, 5.0, 0.04, -0.045, 0.06, 0.0, 0.9], dtype=torch.float64)
+    # 1% of lambda_3 = 0.05: 0.04, -0.045 and 0.0 are at most that, 0.06 is not
+    assert hx.near_zero_fraction(eig, k=3) == pytest.approx(3 / 8)
+    # 1% of max |lambda| = 1.0: everything but 100, 10 and 5
+    assert hx.near_zero_fraction(eig) == pytest.approx(5 / 8)
+    # a larger top outlier leaves the lambda_K cut-off where it was
+    assert hx.near_zero_fraction(eig * torch.tensor([10.0] + [1.0] * 7), k=3) == pytest.approx(
+        3 / 8
+    )
+    with pytest.raises(ValueError, match="positive"):
+        hx.near_zero_fraction(torch.tensor([1.0, -1.0, -2.0]), k=2)
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, 3\]"):
+        hx.near_zero_fraction(torch.tensor([1.0, 0.5, 0.1]), k=4)
+
+
+def test_outlier_bulk_scales_on_a_planted_spectrum():
+    eig = torch.tensor([0.5, 8.0, -0.1, 2.0, 0.0, 0.2])
+    outliers, bulk = hx.outlier_bulk_scales(eig, 2)
+    assert outliers == pytest.approx(4.0)  # sqrt(8 * 2)
+    assert bulk == pytest.approx((0.5 + 0.1 + 0.0 + 0.2) / 4)
+    scaled = hx.outlier_bulk_scales(3 * eig, 2)
+    assert scaled == pytest.approx((12.0, 3 * bulk))  # both scale with the spectrum
+    with pytest.raises(ValueError, match="positive"):
+        hx.outlier_bulk_scales(torch.tensor([1.0, -1.0, -2.0]), 2)
+    with pytest.raises(ValueError, match="n_outliers"):
+        hx.outlier_bulk_scales(eig, 6)
+
+
+def test_subspace_overlaps_on_planted_eigenvectors():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.linalg.qr(torch.randn(8, 8, generator=gen, dtype=torch.float64)).Q
+    a = q @ torch.diag(torch.tensor([8.0, 6, 4, 2, 1, 0.5, 0.2, 0.1], dtype=torch.float64)) @ q.T
+    # b: the same top 2 eigenvectors in the other order, then q[:, 3] before q[:, 2]
+    order = [1, 0, 3, 2, 4, 5, 6, 7]
+    b = q[:, order] @ torch.diag(torch.linspace(9, 1, 8, dtype=torch.float64)) @ q[:, order].T
+    got = hx.subspace_overlaps(a, b, top=5)
+    # m = 1: q0 against q1 (0); m = 2: the same plane (1); m = 3: {q0, q1, q2} vs {q1, q0, q3}
+    # share 2 of 3 directions; m = 4, 5: the same subspaces again
+    torch.testing.assert_close(got, torch.tensor([0.0, 1.0, 2 / 3, 1.0, 1.0], dtype=torch.float64),
+                               atol=1e-10, rtol=0)  # fmt: skip
+    brute = [
+        float((q[:, :m].T @ q[:, order][:, :m]).pow(2).sum() / m) for m in range(1, 6)
+    ]  # the definition, from the planted bases
+    torch.testing.assert_close(got, torch.tensor(brute, dtype=torch.float64), atol=1e-10, rtol=0)
+    assert hx.subspace_overlaps(a, a, top=20).shape == (8,)  # at most P values
+    with pytest.raises(ValueError, match="square"):
+        hx.subspace_overlaps(a[:3], b)
+    with pytest.raises(ValueError, match="differ in shape"):
+        hx.subspace_overlaps(a, b[:4, :4])
+
+
+def test_bracket_at_loss_gives_the_records_around_the_crossing():
+    losses = torch.tensor([2.0, 1.0, 0.5, 0.6, 0.25])
+    values = torch.tensor([1.0, 3.0, 5.0, 7.0, 9.0])
+    assert hx.bracket_at_loss(losses, values, 0.75) == (3.0, 5.0)
+    assert hx.bracket_at_loss(losses, values, 0.55) == (3.0, 5.0)  # the first crossing
+    assert hx.bracket_at_loss(losses, -values, 0.75) == (-5.0, -3.0)  # smaller first
+    lo, hi = hx.bracket_at_loss(losses, values, 0.75)
+    assert lo <= hx.value_at_loss(losses, values, 0.75) <= hi
+    assert all(math.isnan(v) for v in hx.bracket_at_loss(losses, values, 0.1))
+    assert all(math.isnan(v) for v in hx.bracket_at_loss(losses, values, 2.5))
+
+
+def test_simplex_classes_standardized_keep_equidistant_means_at_every_noise():
+    for noise in (0.5, 3.0):
+        x, y = hx.simplex_classes(4, n_train=4_000, dim=6, noise=noise, standardize=True, seed=1)
+        torch.testing.assert_close(
+            x.mean(0), torch.zeros(6, dtype=torch.float64), atol=1e-12, rtol=0
+        )
+        torch.testing.assert_close(x.std(0, correction=0), torch.ones(6, dtype=torch.float64))
+        assert (x**2).sum(1).mean().item() == pytest.approx(6.0)  # the same scale at every noise
+        raw, _ = hx.simplex_classes(4, n_train=4_000, dim=6, noise=noise, seed=1)
+        # the same draw, each feature shifted and scaled
+        scale = raw.std(0, correction=0)
+        torch.testing.assert_close(x * scale + raw.mean(0), raw)
+        means = torch.stack([x[y == c].mean(0) for c in range(4)])
+        dist = torch.cdist(means, means)[torch.triu_indices(4, 4, 1).unbind()]
+        assert float(dist.max() / dist.min()) < 1.1  # still equidistant, up to sampling
+
+
+def test_regime_table_shares_and_scales_match_their_functions(tmp_path):
+    config = dict(widths=(6,), max_steps=30, data_options=dict(n_train=30, dim=2))
+    table = hx.regime_table("blobs", [3], [0], cache=Cache(tmp_path), progress=False, **config)
+    r = hx.spectrum_run("blobs", 3, seed=0, **config)
+    assert table["frac_final_k"][0, 0] == pytest.approx(hx.near_zero_fraction(r["eig_final"], k=3))
+    assert table["frac_init_k"][0, 0] == pytest.approx(hx.near_zero_fraction(r["eig_init"], k=3))
+    scales = hx.outlier_bulk_scales(r["eig_final"], 2)
+    assert (table["outlier_scale"][0, 0].item(), table["bulk_scale"][0, 0].item()) == pytest.approx(
+        scales
+    )
+
+
+def test_spectrum_run_overlap_of_h_and_the_between_part():
+    r = hx.spectrum_run("blobs", 3, widths=(5,), max_steps=50, decompose=True,
+                        data_options=dict(n_train=40, dim=3))  # fmt: skip
+    overlap = r["overlap_between"]
+    assert overlap.shape == (20,) and bool(((overlap >= -1e-12) & (overlap <= 1 + 1e-12)).all())
+    r0 = hx.initial_spectrum("blobs", 3, widths=(5,), decompose=True,
+                             data_options=dict(n_train=40, dim=3))  # fmt: skip
+    # the same net and data by hand: H, the between part, and the overlaps of their eigenvectors
+    x, y = hx.blobs(3, n_train=40, dim=3, seed=0)
+    model = models.MLP(3, (5,), 3, seed=0, dtype=torch.float64)
+    hess = curvature.exact_hessian(model, "ce", (x, y))
+    between = curvature.class_decomposition(model, "ce", (x, y)).between
+    torch.testing.assert_close(r0["overlap_between"], hx.subspace_overlaps(hess, between))

@@ -8,7 +8,8 @@ Lanczos quadrature) and :mod:`gradcourse.train`; this module adds what is specif
 
 - :func:`count_outliers`  the outlier-counting rule (largest multiplicative gap at the top);
 - :func:`near_zero_fraction`, :func:`nonbulk_count`  the size of the bulk (eigenvalues small
-  relative to the largest |eigenvalue|) and the number of eigenvalues outside it;
+  relative to the largest |eigenvalue|, or to lambda_K) and the number of eigenvalues outside
+  it; :func:`outlier_bulk_scales`  the scale of the outliers and of the bulk, each on its own;
 - :func:`simplex_classes`, :func:`fashion_pca`  the other two data sets of the notebook:
   equidistant overlapping classes (Papyan's regime, a known ground truth) and Fashion-MNIST
   reduced by PCA (real images, small enough for the exact Hessian);
@@ -21,10 +22,12 @@ Lanczos quadrature) and :mod:`gradcourse.train`; this module adds what is specif
 - :func:`initial_spectrum`  the same at initialisation only, for any initialisation seed (the
   controls: an untrained net, a second independent initialisation);
 - :func:`regime_table`, :func:`cached_run`  many runs, each cached;
-- :func:`parts_summary`  how far the top of H is the between-class part's;
+- :func:`parts_summary`, :func:`subspace_overlaps`  how far the top of H is the between-class
+  part's, by eigenvalues and by eigenvectors;
 - :func:`batch_switch_experiment`  large batch then small batch (and the reverse), as in
   Sagun et al.'s section 4, with its controls (two independent solutions; the sharpness along
-  the large-batch path, :func:`value_at_loss`, to compare ends at the same loss);
+  the large-batch path, :func:`value_at_loss` and :func:`bracket_at_loss`, to compare ends at
+  the same loss);
 - :func:`interpolate`, :func:`barrier`  the loss on the straight line between two solutions;
 - :func:`slq_experiment`  the spectral density of a larger net, checked against exact moments.
 """
@@ -46,7 +49,7 @@ from ..functional import FunctionalModel, flatten
 
 DTYPE = torch.float64
 #: prefix of this module's cache entries; raised when what a cached function returns changes
-CACHE_PREFIX = "hessian2"
+CACHE_PREFIX = "hessian3"
 
 
 # ----------------------------------------------------------------------------- spectrum statistics
@@ -79,10 +82,23 @@ def count_outliers(eigenvalues: Tensor | Sequence[float], max_outliers: int = 20
     return int(torch.argmax(ratios)) + 1
 
 
-def near_zero_fraction(eigenvalues: Tensor | Sequence[float], rel: float = 0.01) -> float:
-    """Fraction of eigenvalues with |lambda| <= ``rel`` * max |lambda| (the size of the bulk)."""
+def near_zero_fraction(
+    eigenvalues: Tensor | Sequence[float], rel: float = 0.01, k: int | None = None
+) -> float:
+    """Fraction of eigenvalues with |lambda| <= ``rel`` * a reference (the size of the bulk).
+
+    The reference is max |lambda| (``k`` None) or the k-th largest eigenvalue lambda_k, e.g.
+    the last of K outliers: a cut-off that does not rise when only the top outliers grow."""
     eig = _as_spectrum(eigenvalues)
-    return float((eig.abs() <= check_positive("rel", rel) * eig.abs().max()).double().mean())
+    check_positive("rel", rel)
+    if k is None:
+        ref = eig.abs().max()
+    else:
+        check_int("k", k, 1, eig.numel())
+        ref = eig.sort(descending=True).values[k - 1]
+        if not ref > 0:
+            raise ValueError(f"the {k}-th largest eigenvalue must be positive, got {float(ref):g}")
+    return float((eig.abs() <= rel * ref).double().mean())
 
 
 def nonbulk_count(eigenvalues: Tensor | Sequence[float], rel: float = 0.01) -> int:
@@ -90,6 +106,21 @@ def nonbulk_count(eigenvalues: Tensor | Sequence[float], rel: float = 0.01) -> i
     :func:`near_zero_fraction` (P times one minus that fraction)."""
     eig = _as_spectrum(eigenvalues)
     return int((eig.abs() > check_positive("rel", rel) * eig.abs().max()).sum())
+
+
+def outlier_bulk_scales(
+    eigenvalues: Tensor | Sequence[float], n_outliers: int
+) -> tuple[float, float]:
+    """The scale of the top ``n_outliers`` eigenvalues (their geometric mean) and of the rest, the
+    bulk (its mean |lambda|): how far a change of the data moves the outliers and the bulk
+    (Sagun et al. 2017, section 3), each measured on its own."""
+    eig = _as_spectrum(eigenvalues)
+    check_int("n_outliers", n_outliers, 1, eig.numel() - 1)
+    top = eig.sort(descending=True).values
+    if not bool((top[:n_outliers] > 0).all()):
+        raise ValueError(f"the top {n_outliers} eigenvalues must be positive")
+    outliers = float(top[:n_outliers].log().mean().exp())
+    return outliers, float(top[n_outliers:].abs().mean())
 
 
 def _as_spectrum(eigenvalues: Tensor | Sequence[float]) -> Tensor:
@@ -129,6 +160,7 @@ def simplex_classes(
     dim: int = 10,
     separation: float = 3.0,
     noise: float = 1.5,
+    standardize: bool = False,
     seed: int = 0,
     device: str | torch.device | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -138,7 +170,10 @@ def simplex_classes(
     distances separation * sqrt(2)), so no class is closer to another than the rest; with
     noise / separation = 1/2 the classes overlap and cross-entropy stays finite. Labels cycle
     through 0 .. K - 1 (balanced). Synthetic on purpose: Papyan's K - 1 needs classes that are
-    alike, a ground truth real data do not give.
+    alike, a ground truth real data do not give. ``standardize``: each feature centred and
+    divided by its standard deviation over the drawn set (:func:`gradcourse.data.standardize`),
+    so every ``noise`` gives inputs of the same scale (mean squared norm ``dim``); the class
+    means stay equidistant (the first K features are scaled alike).
     """
     check_int("num_classes", num_classes, 2)
     check_int("n_train", n_train, num_classes)
@@ -150,6 +185,8 @@ def simplex_classes(
     y = torch.arange(n_train) % num_classes
     x = separation * nn.functional.one_hot(y, dim).to(DTYPE)
     x = x + noise * torch.randn(n_train, dim, generator=g, dtype=DTYPE)
+    if standardize:
+        x = data.standardize(x, x[:0], dims=0)[0]
     return x.to(device), y.to(device)
 
 
@@ -257,14 +294,38 @@ def _eigvals(matrix: Tensor) -> Tensor:
     return torch.linalg.eigvalsh(matrix).cpu()
 
 
+def subspace_overlaps(a: Tensor, b: Tensor, top: int = 20) -> Tensor:
+    """How far the leading eigenvectors of two symmetric matrices span the same subspaces: for
+    m = 1 .. ``top``, |U_m^T V_m|_F^2 / m with U_m, V_m the top m eigenvectors of ``a`` and
+    ``b`` (largest eigenvalue first): the mean squared cosine of the m principal angles, 1 when
+    the two top-m subspaces coincide, about m / P for unrelated ones (Papyan 2020 compares the
+    top of the Hessian with the class means this way). Returns ``top`` values, float64 on the
+    CPU."""
+    check_int("top", top, 1)
+    for name, m in (("a", a), ("b", b)):
+        if m.ndim != 2 or m.shape[0] != m.shape[1]:
+            raise ValueError(f"{name} must be a square matrix, got shape {tuple(m.shape)}")
+    if a.shape != b.shape:
+        raise ValueError(f"a and b differ in shape: {tuple(a.shape)}, {tuple(b.shape)}")
+    top = min(top, a.shape[0])
+    u = torch.linalg.eigh(a).eigenvectors.flip(1)[:, :top]
+    v = torch.linalg.eigh(b).eigenvectors.flip(1)[:, :top]
+    cos2 = (u.T @ v) ** 2
+    m = torch.arange(1, top + 1, dtype=cos2.dtype, device=cos2.device)
+    sums = torch.stack([cos2[:i, :i].sum() for i in range(1, top + 1)])
+    return (sums / m).to("cpu", DTYPE)
+
+
 def _parts(model: nn.Module, loss: str, batch: tuple[Tensor, Tensor], hess: Tensor, prefix=""):
-    """Spectra of G's between and within parts and of R = H - G (Papyan 2020, eq. 3)."""
+    """Spectra of G's between and within parts and of R = H - G (Papyan 2020, eq. 3), and
+    :func:`subspace_overlaps` of H's top eigenvectors with the between part's."""
     parts = curvature.class_decomposition(model, loss, batch)
     return {
         f"{prefix}eig_ggn": _eigvals(parts.ggn),
         f"{prefix}eig_residual": _eigvals(hess - parts.ggn),
         f"{prefix}eig_between": _eigvals(parts.between),
         f"{prefix}eig_within": _eigvals(parts.within),
+        f"{prefix}overlap_between": subspace_overlaps(hess, parts.between),
     }
 
 
@@ -468,6 +529,20 @@ def parts_summary(
     }
 
 
+def _share_k_or_nan(eig: Tensor, k: int) -> float:
+    try:
+        return near_zero_fraction(eig, k=k)
+    except ValueError:  # lambda_K not positive
+        return math.nan
+
+
+def _scales_or_nan(eig: Tensor, n_outliers: int) -> tuple[float, float]:
+    try:
+        return outlier_bulk_scales(eig, n_outliers)
+    except ValueError:  # fewer than n_outliers positive eigenvalues
+        return math.nan, math.nan
+
+
 def _gaps_or_nan(eig: Tensor, k: int) -> tuple[float, float]:
     try:
         return outlier_gaps(eig, k)
@@ -497,7 +572,9 @@ def regime_table(
     ``count_init`` (NaN for runs without the initial spectrum), ``align_at_k`` (cos^2 of the
     gradient with the K-th eigenvector), ``align_max`` and ``align_position`` (the largest
     cos^2 and the 1-based position of the eigenvector it belongs to), ``frac_init`` (NaN
-    without the initial spectrum), ``frac_final`` (:func:`near_zero_fraction`), ``nonbulk``
+    without the initial spectrum), ``frac_final`` (:func:`near_zero_fraction`), ``frac_init_k``
+    and ``frac_final_k`` (the same with the cut-off relative to lambda_K), ``outlier_scale`` and
+    ``bulk_scale`` (:func:`outlier_bulk_scales` with K - 1 outliers), ``nonbulk``
     (:func:`nonbulk_count`), ``top_over_mean`` (lambda_max / mean |lambda|), ``final_loss``,
     ``accuracy``, ``grad_norm``, ``class_gradient_ratio``, ``steps``, ``top`` (the largest
     eigenvalue), ``num_params``, ``inner_ratio`` and ``gap_ratio`` (:func:`outlier_gaps`, NaN
@@ -511,7 +588,8 @@ def regime_table(
     if not ks or not seeds:
         raise ValueError("ks and seeds must not be empty")
     keys = ("count", "count_projected", "count_random", "count_init", "align_at_k", "align_max",
-            "align_position", "frac_init", "frac_final", "nonbulk", "top_over_mean",
+            "align_position", "frac_init", "frac_final", "frac_init_k", "frac_final_k",
+            "outlier_scale", "bulk_scale", "nonbulk", "top_over_mean",
             "final_loss", "accuracy", "grad_norm", "class_gradient_ratio", "steps", "top",
             "num_params", "inner_ratio", "gap_ratio")  # fmt: skip
     table = {key: torch.zeros(len(ks), len(seeds), dtype=torch.float64) for key in keys}
@@ -525,7 +603,10 @@ def regime_table(
                       _count_or_zero(r["eig_init"]) if has_init else math.nan,
                       float(align[k - 1]), float(align.max()), int(torch.argmax(align)) + 1,
                       near_zero_fraction(r["eig_init"]) if has_init else math.nan,
-                      near_zero_fraction(eig), nonbulk_count(eig),
+                      near_zero_fraction(eig),
+                      _share_k_or_nan(r["eig_init"], k) if has_init else math.nan,
+                      _share_k_or_nan(eig, k), *_scales_or_nan(eig, k - 1),
+                      nonbulk_count(eig),
                       float(eig.max() / eig.abs().mean()), r["final_loss"], r["accuracy"],
                       r["grad_norm"], r["class_gradient_ratio"], r["steps"], float(eig.max()),
                       r["num_params"], *_gaps_or_nan(eig, k))  # fmt: skip
@@ -648,6 +729,22 @@ def value_at_loss(
     i = int(below[0])
     l0, l1, v0, v1 = losses[i - 1], losses[i], values[i - 1], values[i]
     return float(v0 + (v1 - v0) * (l0 - target) / (l0 - l1))
+
+
+def bracket_at_loss(
+    losses: Tensor | Sequence[float], values: Tensor | Sequence[float], target: float
+) -> tuple[float, float]:
+    """The two recorded values around the crossing of :func:`value_at_loss` (the record before
+    the path's loss first falls to ``target`` and the one at or after it), smaller first: a
+    band for the matched value where the path is recorded sparsely. NaNs where
+    :func:`value_at_loss` is NaN."""
+    if math.isnan(value_at_loss(losses, values, target)):
+        return math.nan, math.nan
+    losses = torch.as_tensor(losses, dtype=torch.float64).flatten()
+    values = torch.as_tensor(values, dtype=torch.float64).flatten()
+    i = int(torch.nonzero(losses <= target).flatten()[0])
+    a, b = float(values[i - 1]), float(values[i])
+    return min(a, b), max(a, b)
 
 
 def _top_eigenvalue(model: nn.Module, x: Tensor, y: Tensor, seed: int) -> float:
