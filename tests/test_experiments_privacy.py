@@ -127,6 +127,10 @@ def test_the_clipped_share_counts_norms_above_the_threshold():
     tiny = px.fashion_run(cfg, "dpsgd", 1e-6, 3.0, 0)
     huge = px.fashion_run(cfg, "dpsgd", 1e6, 3.0, 0)
     assert np.all(tiny["clipped"] == 1.0) and np.all(huge["clipped"] == 0.0)
+    # the clipped gradients' mean length, as a fraction of the threshold: all at C, or far below
+    assert np.all(tiny["length"] == 1.0) and np.all(huge["length"] < 1e-4)
+    mid = px.fashion_run(cfg, "dpsgd", 0.05, 3.0, 0)
+    assert np.all(mid["length"] >= mid["clipped"]) and np.all(mid["length"] <= 1.0)
 
 
 def test_tanh_cnn_shapes():
@@ -217,3 +221,24 @@ def test_mean_trajectories_and_config_refuse_what_would_break_them():
         px.mean_trajectories(np.array([0.0, 1.0]), "dice", 1.0, lr=0.1, steps=3, theta0=np.inf)
     with pytest.raises(ValueError, match="widths must be a sequence of ints"):
         px.config(widths=128)
+
+
+def test_runs_are_deterministic_and_workers_give_the_same_bits(tmp_path):
+    """Seeded, single-threaded runs: the same job twice in this process, and in two worker
+    processes, gives identical numbers (not merely close ones)."""
+    cfg = px.config(**TINY)
+    jobs = {m: (cfg, m, 0.5, 3.0, s) for m, s in (("dpsgd", 0), ("dice", 1))}
+    here = px.cached_runs(jobs, progress=False)
+    again = px.cached_runs(jobs, progress=False)
+    cache = Cache(tmp_path)
+    pooled = px.cached_runs(jobs, cache=cache, progress=False, workers=2)
+    assert list(pooled) == list(jobs)
+    for key in jobs:
+        for field in ("curve", "clipped", "length"):
+            np.testing.assert_array_equal(here[key][field], again[key][field])
+            np.testing.assert_array_equal(here[key][field], pooled[key][field])
+        # stored by this process, read back unchanged
+        stored = px.cached_run(*jobs[key], cache=cache)
+        np.testing.assert_array_equal(stored["curve"], here[key]["curve"])
+    with pytest.raises(ValueError, match="workers must be an int"):
+        px.cached_runs(jobs, progress=False, workers=0)

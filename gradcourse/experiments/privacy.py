@@ -13,15 +13,22 @@ Two experiments:
 - **Fashion-MNIST** (:func:`fashion_run`, :func:`cached_run`, :func:`cached_runs`): test accuracy
   of SGD, DP-SGD and DiceSGD at a target epsilon (delta from the configuration), Poisson
   sampling, the noise multiplier from Opacus's RDP accountant; DiceSGD's noise as the authors'
-  code calibrates it (:func:`gradcourse.privacy.dice_noise_multiplier`). Runs at two thresholds
-  are compared at the same lr * C1 (the authors' code divides the learning rate by C1), where
-  the noise on the parameters (:func:`parameter_noise`) is the same too.
+  code calibrates it (:func:`gradcourse.privacy.dice_noise_multiplier`). Runs at different
+  thresholds are compared at the same lr * C1 (the authors' code divides the learning rate by
+  C1), where the noise on the parameters (:func:`parameter_noise`) is the same too; each run
+  records how long the clipped gradients are against C1 (``length``), which that noise does not
+  follow. :func:`cached_runs` trains several runs at a time in worker processes if asked, with
+  the same results bit for bit.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import multiprocessing
+import time
 from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
 import numpy as np
@@ -256,10 +263,17 @@ def sigma_for(cfg: Mapping[str, Any], method: str, clip: float, epsilon: float) 
         return 0.0
     epsilon = check_positive("epsilon", epsilon)
     clip = check_positive("clip", clip)
-    sigma = pv.noise_multiplier(epsilon, sample_rate(cfg), steps_for(cfg), cfg["delta"])
+    sigma = _noise_multiplier(epsilon, sample_rate(cfg), steps_for(cfg), cfg["delta"])
     if method == "dice":
         sigma = pv.dice_noise_multiplier(sigma, clip, cfg["feedback_ratio"] * clip)
     return sigma * cfg["noise_factor"]
+
+
+@functools.lru_cache(maxsize=64)
+def _noise_multiplier(epsilon: float, q: float, steps: int, delta: float) -> float:
+    """:func:`gradcourse.privacy.noise_multiplier`, remembered: the accountant's search takes
+    about a second, as long as a whole training run at ``ci``."""
+    return pv.noise_multiplier(epsilon, q, steps, delta)
 
 
 def parameter_noise(lr: float, sigma: float, clip: float, batch_size: int) -> float:
@@ -278,13 +292,16 @@ def load_data(cfg: Mapping[str, Any], device: str | torch.device | None = None) 
     """Fashion-MNIST: ``n_train`` training images (class-balanced subset under ``data_seed``,
     all 60,000 by default), the first ``n_test`` test images; flattened for the MLP."""
     cfg = config(**cfg)
-    ds = data.fashion_mnist(
-        n_train=cfg["n_train"],
-        n_test=cfg["n_test"],
-        seed=cfg["data_seed"],
-        flatten=cfg["arch"] == "mlp",
+    return _fashion(cfg["n_train"], cfg["n_test"], cfg["data_seed"], cfg["arch"] == "mlp").to(
+        device
     )
-    return ds.to(device)
+
+
+@functools.lru_cache(maxsize=2)
+def _fashion(n_train: int, n_test: int, seed: int, flatten: bool) -> data.Dataset:
+    """The CPU copy :func:`load_data` moves, kept for the next run (training never writes into
+    it)."""
+    return data.fashion_mnist(n_train=n_train, n_test=n_test, seed=seed, flatten=flatten)
 
 
 class TanhCNN(nn.Module):
@@ -339,8 +356,11 @@ def fashion_run(
     (C1; ignored by SGD) and target ``epsilon`` (ignored by SGD) from seed ``seed`` (weights,
     batches, noise). Returns the final test ``accuracy``, the noise multiplier ``sigma``,
     ``steps``, and at ``records`` + 1 evenly spaced steps (``step``) the test accuracy
-    (``curve``) and the share of per-example gradient norms above ``clip`` on a fixed probe of
-    512 training images (``clipped``)."""
+    (``curve``) and, on a fixed probe of 512 training images, the share of per-example gradient
+    norms above ``clip`` (``clipped``) and the mean length of the clipped gradients as a
+    fraction of ``clip``, mean_i min(||g_i||, C) / C (``length``: 1 when every gradient is
+    clipped; the noise, sigma C on the sum, does not shrink with it); ``seconds``, the wall time
+    of the training and its records."""
     cfg = config(**cfg)
     sigma = sigma_for(cfg, method, clip, epsilon)
     ds = load_data(cfg, device)
@@ -354,8 +374,10 @@ def fashion_run(
         return {
             "accuracy": _accuracy(net, ds.x_test, ds.y_test),
             "clipped": (norms > float(clip)).double().mean().item(),
+            "length": (norms.double().clamp(max=float(clip)) / float(clip)).mean().item(),
         }
 
+    start = time.perf_counter()
     rec = pv.dp_train(
         model,
         ds.x_train,
@@ -382,6 +404,27 @@ def fashion_run(
         "step": np.array([r["step"] for r in rec]),
         "curve": np.array([r["accuracy"] for r in rec]),
         "clipped": np.array([r["clipped"] for r in rec]),
+        "length": np.array([r["length"] for r in rec]),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+#: bumped when :func:`fashion_run` returns something new, so older cache entries are not read
+RESULT_VERSION = 2
+
+
+def _cache_key(
+    cfg: Mapping[str, Any], method: str, clip: float, epsilon: float, seed: int
+) -> dict[str, Any]:
+    if method == "sgd":  # SGD ignores clip and epsilon: one entry for all of them
+        clip, epsilon = 1.0, 1.0
+    return {
+        **cfg,
+        "method": method,
+        "clip": float(clip),
+        "epsilon": float(epsilon),
+        "seed": seed,
+        "result": RESULT_VERSION,
     }
 
 
@@ -399,14 +442,24 @@ def cached_run(
     """:func:`fashion_run` through ``cache`` (None: computed every time). SGD's runs are keyed
     without clip and epsilon, which it ignores."""
     cfg = config(**cfg)
-    if method == "sgd":
-        clip, epsilon = 1.0, 1.0
-    key = {**cfg, "method": method, "clip": float(clip), "epsilon": float(epsilon), "seed": seed}
 
     def compute() -> dict[str, Any]:
         return fashion_run(cfg, method, clip, epsilon, seed, device=device, progress=progress)
 
-    return compute() if cache is None else cache.get_or_compute("privacy-fashion", key, compute)
+    if cache is None:
+        return compute()
+    return cache.get_or_compute(
+        "privacy-fashion", _cache_key(cfg, method, clip, epsilon, seed), compute
+    )
+
+
+def _start_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _run_job(job: tuple[Mapping[str, Any], str, float, float, int]) -> dict[str, Any]:
+    cfg, method, clip, epsilon, seed = job
+    return fashion_run(cfg, method, clip, epsilon, seed, device="cpu")
 
 
 def cached_runs(
@@ -416,15 +469,51 @@ def cached_runs(
     device: str | torch.device | None = None,
     progress: bool = True,
     desc: str = "runs",
+    workers: int = 1,
 ) -> dict[Any, dict[str, Any]]:
     """:func:`cached_run` for every job, ``{key: (cfg, method, clip, epsilon, seed)}``, with one
     progress bar over the jobs (``tqdm.auto``; a cached job passes at once). Returns
-    ``{key: result}`` in the order of ``jobs``."""
+    ``{key: result}`` in the order of ``jobs``.
+
+    ``workers`` > 1 (on the CPU only) trains that many jobs at a time, each in its own process
+    with this process's thread count: the runs are seeded and single-threaded, so the results
+    are the same bits as one at a time (a test checks it); this process reads and writes the
+    cache."""
     from tqdm.auto import tqdm
 
+    workers = check_int("workers", workers, 1)
+    checked = {key: (config(**cfg), m, c, e, s) for key, (cfg, m, c, e, s) in jobs.items()}
     out: dict[Any, dict[str, Any]] = {}
-    for key, (cfg, method, clip, epsilon, seed) in tqdm(
-        list(jobs.items()), desc=desc, disable=not progress, leave=False
-    ):
-        out[key] = cached_run(cfg, method, clip, epsilon, seed, cache=cache, device=device)
-    return out
+    todo = dict(checked)
+    if cache is not None:
+        for key, job in checked.items():
+            hit = cache.load("privacy-fashion", _cache_key(*job))
+            if hit is not None:
+                out[key] = hit
+                del todo[key]
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    bar = tqdm(total=len(checked), initial=len(out), desc=desc, disable=not progress, leave=False)
+    if workers > 1 and on_cpu and len(todo) > 1:
+        context = multiprocessing.get_context("spawn")  # no forked torch or OpenMP state
+        with ProcessPoolExecutor(
+            min(workers, len(todo)), mp_context=context,
+            initializer=_start_worker, initargs=(torch.get_num_threads(),),
+        ) as pool:  # fmt: skip
+            futures = {pool.submit(_run_job, job): key for key, job in todo.items()}
+            for future in as_completed(futures):
+                key = futures[future]
+                result = future.result()
+                out[key] = (
+                    result
+                    if cache is None
+                    else cache.get_or_compute(
+                        "privacy-fashion", _cache_key(*todo[key]), lambda r=result: r
+                    )
+                )
+                bar.update()
+    else:
+        for key, (cfg, method, clip, epsilon, seed) in todo.items():
+            out[key] = cached_run(cfg, method, clip, epsilon, seed, cache=cache, device=device)
+            bar.update()
+    bar.close()
+    return {key: out[key] for key in jobs}
