@@ -180,6 +180,19 @@ def freeze_widgets(nb: Any) -> int:
 # The site
 
 
+def fold_solutions(nb: Any) -> int:
+    """Tag each exercise's solution cell (nbgrader's solution cells) ``hide-input``: the site
+    shows it folded, behind a toggle, so a reader can try the exercise first. Returns how many."""
+    from .student import exercise_cells
+
+    cells = exercise_cells(nb)
+    for cell in cells:
+        tags = cell.metadata.setdefault("tags", [])
+        if "hide-input" not in tags:
+            tags.append("hide-input")
+    return len(cells)
+
+
 def _front_page(titles: list[tuple[str, str]], scorecard: str, profile: str) -> str:
     from .paths import repo_root
 
@@ -247,6 +260,7 @@ def prepare(executed: list[Path], src: Path, profile: str) -> Path:
     for path in executed:
         nb = nbformat.read(path, as_version=4)
         freeze_widgets(nb)
+        fold_solutions(nb)
         record_path = path.with_name(f"{path.stem}.claims.json")
         run_record = (
             check_record(json.loads(record_path.read_text(encoding="utf-8")))

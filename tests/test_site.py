@@ -163,3 +163,20 @@ def test_the_front_page_carries_the_readmes_course_map_and_links_the_api():
     page = site._front_page([("00_tour", "00 · Tour")], "| scorecard |", "ci")
     assert "## Course map" in page and "Read 00 first" in page  # from the repository's README
     assert "(api.md)" in page and page.rstrip().endswith("00_tour\napi\n```")
+
+
+def test_solution_cells_are_folded_on_the_site_and_nothing_else():
+    nb = nbformat.v4.new_notebook()
+    solution = nbformat.v4.new_code_cell(
+        "def f():\n    ### BEGIN SOLUTION\n    return 1\n    ### END SOLUTION"
+    )
+    solution.metadata["nbgrader"] = {
+        "solution": True,
+        "grade": False,
+        "grade_id": "f",
+        "locked": False,
+    }
+    nb.cells = [nbformat.v4.new_code_cell("x = 1"), solution]
+    assert site.fold_solutions(nb) == 1 and site.fold_solutions(nb) == 1
+    assert nb.cells[1].metadata["tags"] == ["hide-input"]
+    assert "tags" not in nb.cells[0].metadata

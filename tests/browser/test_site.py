@@ -1,7 +1,7 @@
 """The course site (`make site`), built from a `ci` run, opened in headless Chromium: every
 notebook page loads and shows its figures (rendered, non-zero size) and its verdict table, the
-front page shows the course map and the scorecard, the API reference documents the library,
-and no internal link is broken."""
+front page shows the course map and the scorecard, the exercises' solutions are folded, the API
+reference documents the library, and no internal link is broken."""
 
 from __future__ import annotations
 
@@ -84,5 +84,8 @@ def test_site_pages_figures_tables_and_links(browser, site):
             header
         )
         assert page.locator(".gc-static-note").count() >= 1, f"{stem}: its panel is not shown"
+        folded = page.locator("details.above-input")  # the exercises' solutions, folded
+        assert folded.count() >= 2, f"{stem}: its exercises' solutions are not folded"
+        assert not any(folded.evaluate_all("els => els.map(e => e.open)")), stem
         table.first.screenshot(path=str(SCREENSHOTS / f"site_{stem}_verdicts.png"))
     context.close()
