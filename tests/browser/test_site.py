@@ -1,7 +1,7 @@
 """The course site (`make site`), built from a `ci` run, opened in headless Chromium: every
 notebook page loads and shows its figures (rendered, non-zero size) and its verdict table, the
-front page shows the course map and the scorecard, the exercises' solutions are folded, the API
-reference documents the library, and no internal link is broken."""
+front page shows the course map and the scorecard, the exercises' solutions are folded, formulas are
+typeset offline, the API reference documents the library, and no internal link is broken."""
 
 from __future__ import annotations
 
@@ -84,6 +84,9 @@ def test_site_pages_figures_tables_and_links(browser, site):
             header
         )
         assert page.locator(".gc-static-note").count() >= 1, f"{stem}: its panel is not shown"
+        if "$" in (ROOT / "notebooks" / f"{stem}.ipynb").read_text(encoding="utf-8"):
+            # its formulas typeset by the MathJax the site bundles (no network needed)
+            page.wait_for_function("document.querySelectorAll('mjx-container').length > 0")
         folded = page.locator("details.above-input")  # the exercises' solutions, folded
         assert folded.count() >= 2, f"{stem}: its exercises' solutions are not folded"
         assert not any(folded.evaluate_all("els => els.map(e => e.open)")), stem
