@@ -125,11 +125,11 @@ def _as_tensor(value: Any) -> Tensor | None:
     elif isinstance(value, np.ndarray | np.generic):
         t = torch.from_numpy(np.asarray(value))
     elif isinstance(value, bool | int | float):
-        t = torch.tensor(value)
+        t = torch.tensor(float(value), dtype=torch.float64)
     elif isinstance(value, list | tuple) and all(
         isinstance(v, bool | int | float | np.generic) for v in value
     ):
-        t = torch.tensor([float(v) for v in value])
+        t = torch.tensor([float(v) for v in value], dtype=torch.float64)
     else:
         return None
     if t.is_complex():
@@ -184,6 +184,13 @@ def compare(
     w = _as_tensor(want)
     if w is None:
         raise TypeError(f"the reference returned {_describe(want)}: a checker bug")
+    if isinstance(want, Tensor) and not isinstance(got, Tensor):
+        return (
+            "wrong type",
+            f"{what} should be a torch tensor (the cells below use tensor methods on it); yours "
+            f"is {_describe(got)}"
+            + (" (torch.as_tensor converts it)" if _as_tensor(got) is not None else ""),
+        )
     g = _as_tensor(got)
     if g is None:
         return "wrong type", f"{what} should be a tensor (or a number); yours is {_describe(got)}"
@@ -212,25 +219,36 @@ def compare(
     tolerance = f"rtol={rtol:g}, atol={atol:g}"
     if torch.allclose(g, w, rtol=rtol, atol=atol, equal_nan=True):
         return "right", f"matches (to {tolerance})"
+    rel = float((g - w).norm() / w.norm()) if float(w.norm()) > 0 else math.inf
+    low_precision = isinstance(got, Tensor) and got.dtype in (
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+    )
+    precision = (
+        f"; yours is {got.dtype}, the cases are float64: a tensor made without dtype= somewhere?"
+        if low_precision
+        else ""
+    )
     wn = float((w * w).sum())
     if wn > 0 and torch.isfinite(g).all():
         c = float((g * w).sum()) / wn
-        if c != 0 and torch.allclose(g, c * w, rtol=rtol, atol=atol):
+        named = _named_factor(c, factors)
+        near_one = abs(c - 1.0) < 1e-3  # close but beyond the tolerance: not a factor
+        if c != 0 and not near_one and torch.allclose(g, c * w, rtol=rtol, atol=atol):
             if math.isclose(c, -1.0, rel_tol=1e-4):
                 return "wrong sign", f"{what} has the wrong sign: yours is minus the expected value"
-            name = _named_factor(c, factors)
-            if name is None and c < 0:
-                named = _named_factor(-c, factors)
-                if named is not None:
+            if named is None and c < 0:
+                minus = _named_factor(-c, factors)
+                if minus is not None:
                     return (
                         "wrong sign",
                         f"{what} has the wrong sign and is off by a constant factor: yours is "
-                        f"{c:.6g} times the expected value (minus {named})",
+                        f"{c:.6g} times the expected value (minus {minus})",
                     )
-            if name is None and w.numel() == 1:
-                c = math.nan  # any two numbers differ by a factor: say so only when it is named
-            because = f" (= {name})" if name is not None else ""
-            if not math.isnan(c):
+            # any two numbers differ by a factor: for one number, say so only when it is named
+            if named is not None or w.numel() > 1:
+                because = f" (= {named})" if named is not None else ""
                 return (
                     "wrong factor",
                     f"{what} is off by a constant factor: yours is {c:.6g}{because} times the "
@@ -243,15 +261,18 @@ def compare(
                 f"{what} has the right magnitudes but {flipped} of {w.numel()} entries have the "
                 "wrong sign",
             )
-    err = (g - w).abs()
-    err = torch.where(torch.isnan(err), torch.full_like(err, math.inf), err)
-    worst = int(err.flatten().argmax())
-    rel = float((g - w).norm() / w.norm()) if float(w.norm()) > 0 else math.inf
+    # the entry that breaks the tolerance most (not merely the largest absolute error)
+    excess = (g - w).abs() - (atol + rtol * w.abs())
+    excess = torch.where(torch.isnan(excess), torch.full_like(excess, math.inf), excess)
+    worst = int(excess.flatten().argmax())
+    digits = ".10g" if rel < 1e-4 else ".6g"
+    close = " (close, but beyond the tolerance)" if rel < 1e-4 else ""
     return (
         "wrong",
-        f"{what} differs from the expected value: largest error {float(err.flatten()[worst]):.3g}"
-        f"{_index(worst, tuple(w.shape))} (expected {float(w.flatten()[worst]):.6g}, yours "
-        f"{float(g.flatten()[worst]):.6g}); relative error {rel:.2g} (tolerance {tolerance})",
+        f"{what} differs from the expected value{close}: the entry{_index(worst, tuple(w.shape))} "
+        f"is off by {float((g - w).abs().flatten()[worst]):.3g} (expected "
+        f"{float(w.flatten()[worst]):{digits}}, yours {float(g.flatten()[worst]):{digits}}); "
+        f"relative error {rel:.2g} (tolerance {tolerance}){precision}",
     )
 
 
@@ -307,6 +328,17 @@ def _where(exc: BaseException, fn: Callable) -> str:
     return ""
 
 
+def _raised_by(exc: BaseException, fn: Callable) -> bool:
+    """Whether ``exc`` was raised by the student's function itself (a stub's ``raise``), not by
+    a library function it called (torch raises NotImplementedError for missing kernels)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    code = getattr(fn, "__code__", None)
+    if not frames or code is None:
+        return False
+    last = frames[-1]
+    return last.filename == code.co_filename and last.name == code.co_name
+
+
 def _tensors(obj: Any) -> list[Tensor]:
     if isinstance(obj, Tensor):
         return [obj]
@@ -321,13 +353,27 @@ def _call(fn: Callable, case: Case) -> tuple[str | None, Any]:
     """(None, output), or (status, message) when the call did not return normally."""
     args, kwargs = copy.deepcopy((case.args, case.kwargs))
     before = [t.detach().clone() for t in _tensors((args, kwargs))]
+    modules = [
+        m for a in (*args, *kwargs.values()) if isinstance(a, nn.Module) for m in a.modules()
+    ]
+    hooks = [len(m._forward_hooks) + len(m._backward_hooks) for m in modules]
     try:
         out = fn(*args, **kwargs)
-    except NotImplementedError:
-        return "not attempted", "not attempted yet (the function still raises NotImplementedError)"
     except Exception as exc:  # the student's code may raise anything; report it, never re-raise
+        if isinstance(exc, NotImplementedError) and _raised_by(exc, fn):
+            return (
+                "not attempted",
+                "not attempted yet (the function still raises NotImplementedError)",
+            )
         where = _where(exc, fn)
         return "raised", f"raised {type(exc).__name__}: {exc}" + (f" ({where})" if where else "")
+    if [len(m._forward_hooks) + len(m._backward_hooks) for m in modules] != hooks:
+        return (
+            "changed its input",
+            "your function left a hook registered on the model: remove it "
+            "(handle = module.register_forward_hook(...); ...; handle.remove()), or it runs on "
+            "every later forward pass",
+        )
     after = _tensors((args, kwargs))
     for old, new in zip(before, after, strict=True):
         if old.shape != new.shape or not torch.equal(old, new.detach()):
@@ -434,8 +480,8 @@ def _classification(n: int, d: int, k: int, seed: int) -> tuple[Tensor, Tensor]:
 
 
 def _symmetric(eigenvalues: Sequence[float], seed: int) -> Tensor:
-    q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=_gen(seed)))
-    q = q.double()
+    n = len(eigenvalues)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=_gen(seed), dtype=torch.float64))
     return q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
 
 
@@ -472,7 +518,8 @@ def _cases_grad_norms() -> list[Case]:
     ):
         x, y = _classification(n, 5 if hidden == [7] or n == 1 else 4, 3, seed)
         model = _mlp(x.shape[1], hidden, 3, seed)
-        out.append(Case(label, (model, x, y), factors={"n, the number of examples": n}))
+        factors = {"n, the number of examples": n, "1/n: the gradient of the mean loss": 1 / n}
+        out.append(Case(label, (model, x, y), factors=factors))
     return out
 
 
@@ -555,7 +602,14 @@ def _cases_hutchinson() -> list[Case]:
             Case(
                 label,
                 (_Matvec(a), _rademacher(m, len(eig), seed + 1)),
-                factors={"m, the number of probes": m, "sqrt(m)": math.sqrt(m)},
+                factors={
+                    "m, the number of probes": m,
+                    "sqrt(m)": math.sqrt(m),
+                    "1/sqrt(m)": 1 / math.sqrt(m),
+                    "sqrt((m-1)/m): the population std (ddof=0), not the sample std": math.sqrt(
+                        (m - 1) / m
+                    ),
+                },
             )
         )
     return out
@@ -778,8 +832,11 @@ def _cases_el2n() -> list[Case]:
         ("10 classes, 12 examples", 10, 12, 0),
         ("2 classes, 5 examples", 2, 5, 1),
         ("one example", 4, 1, 2),
+        ("10 classes, labels 0-6 only (the classes are the model's outputs)", 10, 9, 3),
     ):
         x, y = _classification(n, 6, k, seed)
+        if seed == 3:
+            y = y % 7
         out.append(Case(label, (_mlp(6, [8], k, seed), x, y)))
     return out
 
@@ -862,7 +919,8 @@ _register(
     Exercise(
         "05.clip",
         "clip(g, C) -> Tensor (n, P)",
-        "each row g_i of g scaled to norm at most C: g_i min(1, C / ||g_i||); a zero row stays zero",
+        "each row g_i of g scaled to norm at most C: exactly g_i min(1, C / ||g_i||), with no "
+        "small constant added to the norm; a zero row stays zero",
         "gc.privacy.clip",
         _ref_clip,
         _cases_clip,
@@ -959,6 +1017,8 @@ def _ref_grad_cam(model: nn.Module, x: Tensor, layer: str, target: Tensor) -> Te
 
 
 def _cases_grad_cam() -> list[Case]:
+    from .models import SmallCNN
+
     out = []
     for label, n, seed in (("three images", 3, 0), ("one image", 1, 1)):
         g = _gen(seed)
@@ -968,6 +1028,17 @@ def _cases_grad_cam() -> list[Case]:
         target = torch.randint(3, (n,), generator=g)
         # the feature map is 8 x 8 at a conv layer of SmallCNN (same padding)
         out.append(Case(label, (model, x, layer, target), factors={"h w, the positions": 64}))
+    g = _gen(2)
+    deeper = SmallCNN(1, 3, channels=(4, 4), hidden=8, pool_size=2, seed=2, dtype=torch.float64)
+    x = torch.rand(2, 1, 8, 8, generator=g, dtype=torch.float64)
+    target = torch.randint(3, (2,), generator=g)
+    out.append(
+        Case(
+            "the second convolution, after pooling (a 4 x 4 map: not resized)",
+            (deeper, x, "convs.1", target),
+            factors={"h w, the positions": 16},
+        )
+    )
     return out
 
 

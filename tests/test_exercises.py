@@ -439,7 +439,7 @@ def test_close_but_beyond_the_tolerance_is_wrong_with_where_and_how_much():
 
     fb = _toy(off)
     assert fb.status == "wrong"
-    assert "at index [1, 2]" in fb.message and "expected 12" in fb.message
+    assert "index [1, 2]" in fb.message and "expected 12" in fb.message
     assert "tolerance rtol=1e-06" in fb.message
 
 
@@ -518,13 +518,34 @@ def test_tuples_and_dicts_are_compared_entry_by_entry():
     assert fb.status == "wrong sign" and "['b']" in fb.message
 
 
-def test_numbers_arrays_and_lists_are_accepted():
+def test_numbers_where_the_reference_is_a_number_tensors_where_it_is_a_tensor():
     import numpy as np
 
     assert compare(3, 3.0)[0] == "right"
-    assert compare(np.array([1.0, 2.0]), torch.tensor([1.0, 2.0]))[0] == "right"
-    assert compare([1, 2], torch.tensor([1.0, 2.0]))[0] == "right"
     assert compare(torch.tensor(2.0), 2.0)[0] == "right"
+    assert compare(np.float64(2.0), 2.0)[0] == "right"
+    # the cells after a check call tensor methods on the student's result
+    status, message = compare(np.array([1.0, 2.0]), torch.tensor([1.0, 2.0]))
+    assert status == "wrong type" and "torch tensor" in message and "torch.as_tensor" in message
+    assert compare([1.0, 2.0], torch.tensor([1.0, 2.0]))[0] == "wrong type"
+
+
+def test_python_numbers_are_compared_in_float64():
+    x = 1.0 + 1e-9  # not a float32 number
+    assert compare(torch.tensor(x, dtype=torch.float64), x, rtol=1e-13, atol=0)[0] == "right"
+    assert compare(x, 1.0, rtol=1e-13, atol=0)[0] == "wrong"
+
+
+def test_close_but_beyond_the_tolerance_names_the_worst_entry_and_float32():
+    want = torch.tensor([1000.0, 1e-3, 5.0], dtype=torch.float64)
+    got = want.clone()
+    got[0] += 1e-4  # the largest absolute error, within rtol * 1000
+    got[1] += 1e-6  # a smaller error that breaks the tolerance
+    status, message = compare(got, want, rtol=1e-6, atol=1e-9)
+    assert status == "wrong" and "at index [1]" in message and "close, but beyond" in message
+    status, message = compare(want.float(), want + 1e-3 * want, rtol=1e-6, atol=1e-9)
+    assert status == "wrong" and "times" not in message  # a factor near 1 is not a factor
+    assert "torch.float32" in message and "dtype=" in message
 
 
 def test_never_raises_unknown_exercise_not_a_function_or_a_checker_bug():
@@ -569,3 +590,61 @@ def test_reference_is_the_checkers_reference_and_names_a_wrong_exercise():
     assert gc.exercises.reference("05.clip") is EXERCISES["05.clip"].reference
     with pytest.raises(ValueError, match="no exercise '99.x'"):
         gc.exercises.reference("99.x")
+
+
+def test_more_plausible_mistakes_from_a_student_review_are_caught_with_their_diagnosis():
+    def mean_loss_norms(model, x, y):  # the gradient of the mean over the batch: 1/n
+        return grad_norms(model, x, y) / len(x)
+
+    fb = check("00.per_example_grad_norms", mean_loss_norms)
+    assert fb.status == "wrong factor" and "1/n" in fb.message
+
+    def population_std(matvec, probes):
+        terms = torch.stack([v @ matvec(v) for v in probes])
+        return terms.mean(), terms.std(correction=0) / math.sqrt(len(terms))
+
+    fb = check("01.hutchinson", population_std)
+    assert fb.status == "wrong factor" and "ddof=0" in fb.message and "output 1" in fb.message
+
+    def std_over_m(matvec, probes):
+        terms = torch.stack([v @ matvec(v) for v in probes])
+        return terms.mean(), terms.std() / len(terms)
+
+    fb = check("01.hutchinson", std_over_m)
+    assert fb.status == "wrong factor" and "1/sqrt(m)" in fb.message
+
+    def el2n_one_hot_from_labels(model, x, y):  # one_hot(y) sized by the largest label present
+        with torch.no_grad():
+            p = torch.softmax(model(x), dim=1)
+        return (p - F.one_hot(y).to(p)).norm(dim=1)
+
+    fb = check("04.el2n", el2n_one_hot_from_labels)
+    assert not fb.passed and fb.case.startswith("10 classes, labels 0-6")
+
+    def cam_resized(model, x, layer, target):
+        maps = grad_cam(model, x, layer, target)
+        return F.interpolate(maps[:, None], size=x.shape[-2:], mode="bilinear")[:, 0]
+
+    fb = check("06.grad_cam", cam_resized)
+    assert fb.status == "wrong shape" and "after pooling" in fb.case
+
+    def cam_hook_left(model, x, layer, target):
+        saved = {}
+        dict(model.named_modules())[layer].register_forward_hook(lambda m, i, o: saved.update(a=o))
+        logits = model(x)
+        (g,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), saved["a"])
+        return torch.relu((g.mean(dim=(2, 3), keepdim=True) * saved["a"]).sum(1)).detach()
+
+    fb = check("06.grad_cam", cam_hook_left)
+    assert fb.status == "changed its input" and "hook" in fb.message
+
+
+def test_a_not_implemented_error_from_torch_is_an_error_not_a_stub():
+    def calls_missing_kernel(x):
+        raise_inside()
+
+    def raise_inside():
+        raise NotImplementedError("no kernel for this op")
+
+    fb = _toy(calls_missing_kernel)
+    assert fb.status == "raised" and "no kernel" in fb.message
