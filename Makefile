@@ -7,7 +7,7 @@ LAB_ARGS ?=
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 PROFILE ?= auto
 
-.PHONY: lab test test-unit test-notebooks test-student test-browser test-sweep chromium data data-or-warn lint format reproduce scorecard site student clean help
+.PHONY: lab lab-student test test-unit test-notebooks test-student test-browser test-sweep chromium data data-or-warn lint format reproduce scorecard site student clean help
 
 help:
 	@echo "make lab        create .venv, install, open the course in JupyterLab (LAB_ARGS=--no-browser on a headless machine)"
@@ -16,6 +16,7 @@ help:
 	@echo "make reproduce  run every notebook (PROFILE=ci|cpu|gpu, default auto), record results/<profile>/, refresh the README scorecard"
 	@echo "make site       the course as a static site in build/site/<profile>/ (PROFILE=ci for a quick build)"
 	@echo "make student    the student version (exercise solutions removed, nbgrader) in build/student/"
+	@echo "make lab-student   JupyterLab on the student version"
 	@echo "make data       check that Fashion-MNIST is on disk (apt-get install as root when missing)"
 	@echo "make test-sweep unit tests and notebooks under each CPU capability and 1/2 threads"
 	@echo "make format     apply ruff's formatter and autofixes"
@@ -139,6 +140,10 @@ site: $(VENV)/.installed-site data
 # The student version of every notebook: each exercise's solution replaced by a stub.
 student: $(VENV)/.installed-test
 	$(BIN)/python -m gradcourse student
+
+# JupyterLab on the student version (built first).
+lab-student: student data-or-warn
+	$(BIN)/jupyter lab build/student/ $(ROOT_FLAG) $(LAB_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

@@ -301,9 +301,11 @@ def cmd_student(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except OSError as exc:
         raise SystemExit(f"gradcourse student: {exc}") from exc
-    written = write_student_version(paths, out_dir)
+    written, kept = write_student_version(paths, out_dir, force=args.force)
     count = sum(len(exercise_cells(nbformat.read(p, as_version=4))) for p in written)
     print(f"student version of {len(written)} notebook(s), {count} exercise(s): {out_dir}")
+    for path in kept:
+        print(f"  kept {path}: it holds your work (--force replaces it with a fresh copy)")
     if not args.run:
         return 0
     profile = resolve_profile_name(args.profile)
@@ -393,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_student.add_argument("--out", help="output folder (default: build/student/)")
     p_student.add_argument(
         "--run", action="store_true", help="execute it and check every exercise is 'not attempted'"
+    )
+    p_student.add_argument(
+        "--force", action="store_true", help="replace notebooks that hold a student's work"
     )
     p_student.add_argument("--profile", default="ci", help="profile of --run (default: ci)")
     p_student.add_argument("--timeout", type=int, default=3600, help="seconds per cell")

@@ -62,18 +62,30 @@ def student_version(nb: Any) -> Any:
     return out
 
 
-def write_student_version(notebooks: list[Path], out_dir: Path) -> list[Path]:
-    """The student version of each notebook, written to ``out_dir`` under the same name."""
+def write_student_version(
+    notebooks: list[Path], out_dir: Path, *, force: bool = False
+) -> tuple[list[Path], list[Path]]:
+    """The student version of each notebook, written to ``out_dir`` under the same name.
+    Returns (written, kept): a notebook already there whose cells differ from a fresh student
+    version holds a student's work and is kept, unless ``force``."""
     import nbformat
 
     from .runner import write_notebook
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, kept = [], []
     for path in notebooks:
-        nb = nbformat.read(path, as_version=4)
-        written.append(write_notebook(student_version(nb), out_dir / path.name))
-    return written
+        fresh = student_version(nbformat.read(path, as_version=4))
+        target = out_dir / path.name
+        if target.exists() and not force:
+            old = nbformat.read(target, as_version=4)
+            if [(c.cell_type, c.source) for c in old.cells] != [
+                (c.cell_type, c.source) for c in fresh.cells
+            ]:
+                kept.append(target)
+                continue
+        written.append(write_notebook(fresh, target))
+    return written, kept
 
 
 def feedback_lines(executed_nb: Any) -> list[tuple[str, str, str]]:

@@ -98,3 +98,18 @@ def test_exercises_command_lists_them(capsys):
     assert cli.main(["exercises"]) == 0
     assert "05.clip" in capsys.readouterr().out
     assert cli.main(["exercises", "99.none"]) == 2
+
+
+def test_building_again_keeps_a_students_work_unless_forced(tmp_path, capsys):
+    src = tmp_path / "99_toy.ipynb"
+    nbformat.write(_notebook(), src)
+    out = tmp_path / "student"
+    assert cli.main(["student", str(src), "--out", str(out)]) == 0
+    mine = nbformat.read(out / "99_toy.ipynb", as_version=4)
+    mine.cells[1].source = mine.cells[1].source.replace("raise NotImplementedError()", "return g")
+    nbformat.write(mine, out / "99_toy.ipynb")
+    assert cli.main(["student", str(src), "--out", str(out)]) == 0
+    assert "kept" in capsys.readouterr().out
+    assert "return g" in nbformat.read(out / "99_toy.ipynb", as_version=4).cells[1].source
+    assert cli.main(["student", str(src), "--out", str(out), "--force"]) == 0
+    assert "return g" not in nbformat.read(out / "99_toy.ipynb", as_version=4).cells[1].source
