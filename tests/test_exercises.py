@@ -555,20 +555,26 @@ def test_never_raises_unknown_exercise_not_a_function_or_a_checker_bug():
     assert fb.status == "checker error" and "gradcourse bug" in fb.message
 
 
-def test_every_status_is_reachable_by_some_test_here():
+def test_every_status_is_reachable():
+    def stub(x):
+        raise NotImplementedError
+
+    def in_place(x):
+        return x.mul_(2)
+
     reached = {
-        "right",
-        "not attempted",
-        "wrong type",
-        "wrong shape",
-        "not finite",
-        "wrong factor",
-        "wrong sign",
-        "wrong",
-        "raised",
-        "changed its input",
-        "unknown exercise",
-        "checker error",
+        _toy(lambda x: 2 * x).status,  # right
+        _toy(stub).status,  # not attempted
+        _toy(lambda x: None).status,  # wrong type
+        _toy(lambda x: (2 * x).T).status,  # wrong shape
+        _toy(lambda x: 2 * x / 0.0).status,  # not finite
+        _toy(lambda x: 4 * x).status,  # wrong factor
+        _toy(lambda x: -2 * x).status,  # wrong sign
+        _toy(lambda x: 2 * x + 1).status,  # wrong
+        _toy(lambda x: x @ x).status,  # raised
+        _toy(in_place).status,  # changed its input
+        check("99.none", stub).status,  # unknown exercise
+        _toy(lambda x: 2 * x, cases=lambda: 1 / 0).status,  # checker error
     }
     assert reached == set(STATUSES)
 
