@@ -15,7 +15,7 @@ the student's passes.
 
 >>> fb = check("05.clip", my_clip)          # doctest: +SKIP
 >>> fb                                       # doctest: +SKIP
-✗ 05.clip: case 'three rows, C = 1': off by a constant factor ...
+✗ 05.clip: case 'six rows, some below C = 1': the result holds NaN or inf at index [3, 0] ...
 
 :data:`EXERCISES` lists them; ``python -m gradcourse exercises`` prints the list.
 """
@@ -40,6 +40,7 @@ __all__ = [
     "Feedback",
     "check",
     "compare",
+    "describe",
     "pick",
     "reference",
 ]
