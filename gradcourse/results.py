@@ -20,6 +20,7 @@ import os
 import platform
 import re
 from collections.abc import Sequence
+from html import escape as html_escape
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,21 @@ def _cell(v: Verdict | None, recorded: bool) -> str:
     return f"{v.measured_text} **{mark}**" if v.required else f"{v.measured_text} {mark}"
 
 
+def split_claim_name(name: str) -> tuple[str, str]:
+    """(short name, detail) of a claim named "what it says (how it is tested)": the detail is the
+    last parenthesis when it closes the name (not one inside the statement); ("name", "")
+    otherwise."""
+    if not name.endswith(")"):
+        return name, ""
+    depth = 0
+    for i in range(len(name) - 1, -1, -1):
+        depth += {")": 1, "(": -1}.get(name[i], 0)
+        if depth == 0:
+            short = name[:i].rstrip()
+            return (short, name[i + 1 : -1]) if short and name[i - 1 : i] == " " else (name, "")
+    return name, ""
+
+
 class VerdictTable:
     """The closing table of a notebook: one row per claim, the paper's value, this run and the
     recorded runs at each profile. Shown as Markdown in Jupyter, as text by ``print``."""
@@ -202,17 +218,33 @@ class VerdictTable:
     def __init__(self, header: Sequence[str], rows: list[list[str]], footer: list[str]):
         self.header, self.rows, self.footer = list(header), rows, footer
 
-    def _repr_markdown_(self) -> str:
+    def _markdown(self, *, html: bool) -> str:
         def esc(text: str) -> str:
             return text.replace("|", "\\|")
 
+        def claim(name: str) -> str:
+            if not html:
+                return esc(name)
+            short, detail = split_claim_name(name)
+            detail_html = html_escape(detail)
+            return esc(html_escape(short)) + (
+                f"<br><small>{esc(detail_html)}</small>" if detail else ""
+            )
+
         lines = ["| " + " | ".join(self.header) + " |"]
         lines.append("|" + "---|" * len(self.header))
-        lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in self.rows]
+        lines += [
+            "| " + " | ".join([claim(row[0]), *(esc(c) for c in row[1:])]) + " |"
+            for row in self.rows
+        ]
         return "\n".join(lines + [""] + [f"{line}  " for line in self.footer])
 
+    def _repr_markdown_(self) -> str:
+        """In Jupyter and on the site: each claim's name, with its test in small type below."""
+        return self._markdown(html=True)
+
     def __str__(self) -> str:
-        return self._repr_markdown_()
+        return self._markdown(html=False)
 
 
 def verdict_table(notebook: str, current: Any = None, *, root: Path | None = None) -> VerdictTable:

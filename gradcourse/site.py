@@ -44,6 +44,8 @@ nb_render_markdown_format = "myst"  # the verdict tables are Markdown tables
 myst_enable_extensions = ["dollarmath"]
 exclude_patterns = ["_build"]
 suppress_warnings = ["mystnb.unknown_mime_type"]
+html_static_path = ["_static"]
+html_css_files = ["gradcourse.css"]
 # the API reference (api.md): autodoc, the signatures with their types
 extensions.append("sphinx.ext.autodoc")
 autodoc_member_order = "bysource"
@@ -59,6 +61,14 @@ def _as_written(app, what, name, obj, options, lines):
 
 def setup(app):
     app.connect("autodoc-process-docstring", _as_written)
+"""
+
+#: The site's own style: verdict tables keep readable columns (they scroll sideways in the
+#: theme's table container rather than squeeze nine columns into the text's width).
+CSS = """section#verdicts table { min-width: 72rem; font-size: 0.82rem; }
+section#verdicts table td:nth-child(1) { min-width: 14rem; }
+section#verdicts table td:nth-child(5) { min-width: 18rem; }
+section#verdicts table small { font-size: 0.92em; color: var(--pst-color-text-muted); }
 """
 
 #: The modules of the API reference, in the order of the page: the library a researcher uses as
@@ -274,6 +284,8 @@ def prepare(executed: list[Path], src: Path, profile: str) -> Path:
         titles.append((path.stem, title.group(1).strip() if title else path.stem))
     write_text_atomic(src / "index.md", _front_page(titles, scorecard(), profile))
     write_text_atomic(src / "api.md", _api_page())
+    (src / "_static").mkdir()
+    write_text_atomic(src / "_static" / "gradcourse.css", CSS)
     write_text_atomic(src / "conf.py", CONF)
     return src
 

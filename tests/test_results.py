@@ -277,3 +277,21 @@ def test_verdict_tables_show_three_significant_digits_and_the_paper_value_as_giv
     assert row[2] == "70.28"  # the paper's own number, not rounded
     assert row[4] == "control random: measured 0.988 ratio -> discriminates"
     assert row[5] == "0.123 ratio **✓**"
+
+
+def test_claim_names_show_their_test_below_in_tables_and_stay_plain_in_print(tmp_path):
+    assert results.split_claim_name("P: a beats b (lower end > 0)") == (
+        "P: a beats b",
+        "lower end > 0",
+    )
+    assert results.split_claim_name("sharpness / (2/η), η=0.05") == (
+        "sharpness / (2/η), η=0.05",
+        "",
+    )
+    assert results.split_claim_name("f(x) (a (nested) test)") == ("f(x)", "a (nested) test")
+    assert results.split_claim_name("g(x)") == ("g(x)", "")
+    claims = Claims("P", notebook="nb", profile="ci", out_dir=tmp_path, verbose=False)
+    claims.check("a < b (upper end < 0)", -1.0, 0.0, compare="<", kind="paper", refute=REFUTE)
+    table = results.verdict_table("nb", claims, root=tmp_path / "none")
+    assert "| a &lt; b<br><small>upper end &lt; 0</small> |" in table._repr_markdown_()
+    assert "| a < b (upper end < 0) |" in str(table) and "<br>" not in str(table)

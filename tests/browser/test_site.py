@@ -83,6 +83,8 @@ def test_site_pages_figures_tables_and_links(browser, site):
         assert header[:6] == ["claim", "kind", "paper", "expected", "refuted by", "this run"], (
             header
         )
+        # the site's style: the table keeps readable columns and scrolls sideways
+        assert table.first.evaluate("t => getComputedStyle(t).minWidth") != "0px", stem
         assert page.locator(".gc-static-note").count() >= 1, f"{stem}: its panel is not shown"
         if "$" in (ROOT / "notebooks" / f"{stem}.ipynb").read_text(encoding="utf-8"):
             # its formulas typeset by the MathJax the site bundles (no network needed)
