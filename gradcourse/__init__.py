@@ -44,6 +44,7 @@ _SUBMODULES = (
     "scores",
     "stability",
     "stats",
+    "subspace",
     "train",
     "widgets",
 )

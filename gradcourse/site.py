@@ -74,7 +74,8 @@ section#verdicts table small { font-size: 0.92em; color: var(--pst-color-text-mu
 #: The modules of the API reference, in the order of the page: the library a researcher uses as
 #: a tool, then the course's machinery.
 API_MODULES = (
-    "pergrad", "curvature", "stability", "ntk", "scores", "privacy", "attribution", "functional",
+    "pergrad", "curvature", "stability", "ntk", "scores", "privacy", "attribution", "subspace",
+    "functional",
     "layers", "losses", "models", "train", "data", "stats", "claims", "results", "exercises",
     "student", "cache", "checks", "plotting", "widgets",
 )  # fmt: skip
