@@ -2,7 +2,7 @@
 
 Each notebook poses a few exercises: a short function on its core algorithm (per-example
 gradients, a Hessian-vector product, Lanczos, an empirical NTK, EL2N, a DP-SGD step, PGD,
-Grad-CAM). :func:`check` calls the student's function on seeded cases (small models, random
+Grad-CAM, subspace training, an intrinsic dimension). :func:`check` calls the student's function on seeded cases (small models, random
 inputs, edge cases) beside the library's own implementation (or an independent reference where
 the library has no such function) and returns a :class:`Feedback` that says specifically what
 is wrong: a wrong shape (transposed? a dimension of size 1 too many?), a constant factor (and
@@ -1052,6 +1052,105 @@ _register(
         "gc.attribution.grad_cam",
         _ref_grad_cam,
         _cases_grad_cam,
+    )
+)
+
+
+# --- 07: intrinsic dimension -----------------------------------------------------------------
+
+
+def _ref_subspace_forward(
+    model: nn.Module,
+    theta0: Tensor,
+    P: Tensor,
+    theta_d: Tensor,
+    x: Tensor,  # noqa: N803
+) -> Tensor:
+    from .subspace import Projection, SubspaceModel
+
+    class _Matrix(Projection):
+        def __init__(self, matrix: Tensor) -> None:
+            super().__init__(*matrix.shape)
+            self.register_buffer("p", matrix)
+
+        def forward(self, v: Tensor) -> Tensor:
+            return self.p @ v
+
+    net = copy.deepcopy(model)
+    with torch.no_grad():  # theta0 as the network's own parameters, as SubspaceModel takes it
+        torch.nn.utils.vector_to_parameters(theta0, [p for p in net.parameters()])
+    sub = SubspaceModel(net, _Matrix(P))
+    with torch.no_grad():
+        sub.theta_d.copy_(theta_d)
+        return sub(x)
+
+
+def _cases_subspace_forward() -> list[Case]:
+    out = []
+    for label, net, x_shape, d, seed, zero in (
+        ("MLP 5-7-3, d = 4", _mlp(5, [7], 3, 0), (6, 5), 4, 0, False),
+        ("MLP 5-7-6-2, d = 1", _mlp(5, [7, 6], 2, 1), (3, 5), 1, 1, False),
+        ("CNN (convolution and linear layers), d = 6", _cnn(2), (4, 1, 8, 8), 6, 2, False),
+        ("MLP 5-7-3, theta_d = 0: the network at theta0", _mlp(5, [7], 3, 3), (6, 5), 3, 3, True),
+    ):
+        g = _gen(seed)
+        D = sum(p.numel() for p in net.parameters())  # noqa: N806
+        theta0 = torch.randn(D, generator=g, dtype=torch.float64)  # not the net's own values
+        P = torch.randn(D, d, generator=g, dtype=torch.float64) / math.sqrt(D)  # noqa: N806
+        theta_d = (
+            torch.zeros(d, dtype=torch.float64)
+            if zero
+            else torch.randn(d, generator=g, dtype=torch.float64)
+        )
+        x = torch.randn(*x_shape, generator=g, dtype=torch.float64)
+        out.append(Case(label, (net, theta0, P, theta_d, x)))
+    return out
+
+
+_register(
+    Exercise(
+        "07.subspace_forward",
+        "subspace_forward(model, theta0, P, theta_d, x) -> Tensor, the model's output",
+        "the model's output on x with its parameters set to theta0 + P theta_d (theta0 flat (D,), "
+        "P (D, d), flat in the order of model.named_parameters()), differentiable in theta_d",
+        "gc.subspace.SubspaceModel",
+        _ref_subspace_forward,
+        _cases_subspace_forward,
+    )
+)
+
+
+def _ref_d_int(ds: Sequence[int], acc: Sequence[float], threshold: float) -> float:
+    from .experiments.intrinsic import crossing
+
+    return crossing(ds, acc, threshold)
+
+
+def _cases_d_int() -> list[Case]:
+    grid = [100, 200, 400, 800, 1600]
+    return [
+        Case("crossing between 200 and 400", (grid, [0.5, 0.6, 0.75, 0.85, 0.9], 0.7)),
+        Case("crossing between 800 and 1600", (grid, [0.3, 0.4, 0.5, 0.6, 0.9], 0.8)),
+        Case("the threshold met exactly at 400", (grid, [0.5, 0.6, 0.7, 0.85, 0.9], 0.7)),
+        Case(
+            "a curve that dips after its first crossing", (grid, [0.5, 0.8, 0.7, 0.9, 0.95], 0.75)
+        ),
+        Case("the first grid d already reaches it", (grid, [0.8, 0.85, 0.9, 0.9, 0.9], 0.7)),
+        Case("an uneven grid", ([50, 75, 300, 1000], [0.2, 0.55, 0.65, 0.8], 0.6)),
+        Case("a curve that never reaches it (inf)", (grid, [0.5, 0.6, 0.7, 0.75, 0.78], 0.8)),
+    ]
+
+
+_register(
+    Exercise(
+        "07.d_int",
+        "d_int(ds, acc, threshold) -> float",
+        "the smallest d at which the accuracy curve reaches threshold: the first grid d with "
+        "acc >= threshold, interpolated linearly in log d from the grid point before it (the "
+        "first grid d when it already reaches it, math.inf when no grid d does)",
+        "gc.experiments.intrinsic.crossing",
+        _ref_d_int,
+        _cases_d_int,
     )
 )
 

@@ -330,6 +330,49 @@ class SmallCNN(nn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
 
+class LeNet(nn.Module):
+    """LeNet-5 for 28x28 images (LeCun et al. 1998), the network of Li et al. 2018's MNIST runs:
+    conv5 (6 channels, no padding) - ReLU - maxpool2 - conv5 (16) - ReLU - maxpool2 - linear 120
+    - ReLU - linear 84 - ReLU - linear ``num_classes``. With 10 classes D = 44,426 parameters,
+    the paper's count. Takes (n, 1, 28, 28) or (n, 28, 28). Weights use PyTorch's default
+    distribution U(-1/sqrt(fan_in), 1/sqrt(fan_in)), drawn from the seed."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        *,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        check_int("num_classes", num_classes, 1)
+        g = _generator(seed)
+        self.num_classes = num_classes
+        shapes = [
+            (nn.Conv2d, 1, 6, 5),
+            (nn.Conv2d, 6, 16, 5),
+            (nn.Linear, 16 * 4 * 4, 120),
+            (nn.Linear, 120, 84),
+            (nn.Linear, 84, num_classes),
+        ]
+        layers = []
+        for kind, *args in shapes:
+            layer = torch.nn.utils.skip_init(kind, *args, dtype=dtype)
+            _default_init_(layer, g)
+            layers.append(layer)
+        self.conv1, self.conv2, self.fc1, self.fc2, self.fc3 = layers
+        self.to(device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2).flatten(1)
+        x = F.relu(self.fc2(F.relu(self.fc1(x))))
+        return self.fc3(x)
+
+
 # ----------------------------------------------------------------------------- ResNet-18
 
 
@@ -428,6 +471,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "two_layer_relu": two_layer_relu,
     "diagonal_linear": DiagonalLinear,
     "small_cnn": SmallCNN,
+    "lenet": LeNet,
     "resnet18": resnet18,
 }
 

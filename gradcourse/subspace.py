@@ -20,6 +20,9 @@ Three projections, as in the paper (their properties as the authors' code builds
   ones is one in expectation (not exactly, as for the other two). d > L takes ceil(d / L)
   independent blocks, summed. Memory O(L) per block, whatever d.
 
+:class:`CoordinateProjection` (not the paper's) trains d randomly chosen parameters, the
+axis-aligned subspace to compare random directions with.
+
 Every column is normalised over the whole network (one norm over all D coordinates, not per
 layer), as the authors do. :class:`SubspaceModel` wraps a model: its only parameter is
 theta_d, and its forward pass is the model's with theta0 + P theta_d.
@@ -38,6 +41,7 @@ from .checks import check_int, check_number
 from .functional import FunctionalModel
 
 __all__ = [
+    "CoordinateProjection",
     "DenseProjection",
     "FastfoodProjection",
     "PROJECTIONS",
@@ -229,7 +233,36 @@ class FastfoodProjection(Projection):
         return v.sum(0)[: self.D]
 
 
-PROJECTIONS = {"dense": DenseProjection, "sparse": SparseProjection, "fastfood": FastfoodProjection}
+class CoordinateProjection(Projection):
+    """d distinct coordinates of theta, chosen uniformly at random: P's columns are standard
+    basis vectors, so theta_d trains those d parameters of the network and the others stay at
+    theta0. Not one of the paper's projections: the axis-aligned subspace to compare random
+    directions with (the same d, the same network). Stores d indices."""
+
+    def __init__(
+        self, D: int, d: int, *, seed: int = 0, dtype: torch.dtype = torch.float32
+    ) -> None:  # noqa: N803
+        super().__init__(D, d)
+        if d > D:
+            raise ValueError(f"d={d} coordinates cannot be chosen among D={D}")
+        self.register_buffer("index", _distinct(D, d, _generator(seed)))
+        self._dtype = dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def forward(self, theta_d: Tensor) -> Tensor:
+        self._check(theta_d)
+        return theta_d.new_zeros(self.D).index_put((self.index,), theta_d)
+
+
+PROJECTIONS = {
+    "dense": DenseProjection,
+    "sparse": SparseProjection,
+    "fastfood": FastfoodProjection,
+    "coordinates": CoordinateProjection,
+}
 
 
 def make_projection(

@@ -159,6 +159,24 @@ def grad_cam(model, x, layer, target):
     return torch.relu((alpha * a).sum(1)).detach()
 
 
+def subspace_forward(model, theta0, P, theta_d, x):  # noqa: N803
+    theta = theta0 + P @ theta_d
+    names, shapes = zip(*[(n, p.shape) for n, p in model.named_parameters()], strict=True)
+    chunks = torch.split(theta, [math.prod(s) for s in shapes])
+    params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
+    return functional_call(model, params, (x,))
+
+
+def d_int(ds, acc, threshold):
+    for k, a in enumerate(acc):
+        if a >= threshold:
+            if k == 0:
+                return float(ds[0])
+            frac = (threshold - acc[k - 1]) / (a - acc[k - 1])
+            return math.exp(math.log(ds[k - 1]) + frac * math.log(ds[k] / ds[k - 1]))
+    return math.inf
+
+
 SOLUTIONS = {
     "00.per_example_grad_norms": grad_norms,
     "00.hvp": hvp,
@@ -174,6 +192,8 @@ SOLUTIONS = {
     "05.dp_sgd_direction": dp_sgd_direction,
     "06.pgd_linf": pgd_linf,
     "06.grad_cam": grad_cam,
+    "07.subspace_forward": subspace_forward,
+    "07.d_int": d_int,
 }
 
 
@@ -182,7 +202,7 @@ def test_every_exercise_has_a_solution_here_and_at_least_two_per_notebook():
     per_notebook = {}
     for name in EXERCISES:
         per_notebook[name[:2]] = per_notebook.get(name[:2], 0) + 1
-    assert sorted(per_notebook) == ["00", "01", "02", "03", "04", "05", "06"]
+    assert sorted(per_notebook) == ["00", "01", "02", "03", "04", "05", "06", "07"]
     assert min(per_notebook.values()) >= 2
 
 
@@ -321,6 +341,44 @@ def _mutants():
         g = _per_example_flat(model, x, y).mean(0, keepdim=True)
         return clip(g, c)[0] + sigma * c * z / len(x)
 
+    def subspace_own_params(model, theta0, P, theta_d, x):  # noqa: N803
+        # the network's own parameters as theta0, not the theta0 given
+        own = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        return subspace_forward(model, own, P, theta_d, x)
+
+    def subspace_transposed_reshape(model, theta0, P, theta_d, x):  # noqa: N803
+        # each weight matrix filled column-first: W.T's layout read into W
+        theta = theta0 + P @ theta_d
+        params, start = {}, 0
+        for n, p in model.named_parameters():
+            chunk = theta[start : start + p.numel()]
+            start += p.numel()
+            params[n] = chunk.view(p.shape[::-1]).transpose(0, -1) if p.dim() > 1 else chunk
+        return functional_call(model, params, (x,))
+
+    def d_int_linear_in_d(ds, acc, threshold):
+        for k, a in enumerate(acc):
+            if a >= threshold:
+                if k == 0:
+                    return float(ds[0])
+                frac = (threshold - acc[k - 1]) / (a - acc[k - 1])
+                return ds[k - 1] + frac * (ds[k] - ds[k - 1])
+        return math.inf
+
+    def d_int_last_grid_point_when_never(ds, acc, threshold):
+        d = d_int(ds, acc, threshold)
+        return float(ds[-1]) if d == math.inf else d
+
+    def d_int_last_below(ds, acc, threshold):  # the last crossing, not the first
+        below = [k for k, a in enumerate(acc) if a < threshold]
+        if not below:
+            return float(ds[0])
+        k = below[-1] + 1
+        if k == len(acc):
+            return math.inf
+        frac = (threshold - acc[k - 1]) / (acc[k] - acc[k - 1])
+        return math.exp(math.log(ds[k - 1]) + frac * math.log(ds[k] / ds[k - 1]))
+
     def pgd_descent(model, x, y, eps, step_size, steps):
         return pgd_linf(model, x, -y * 0 + y, eps, -step_size, steps).clamp(-eps, eps)
 
@@ -375,6 +433,11 @@ def _mutants():
         ("06.pgd_linf", pgd_no_projection, "wrong", None),
         ("06.grad_cam", cam_without_relu, "wrong", None),
         ("06.grad_cam", cam_sum_over_positions, "wrong factor", "h w, the positions"),
+        ("07.subspace_forward", subspace_own_params, "wrong", None),
+        ("07.subspace_forward", subspace_transposed_reshape, "wrong", None),
+        ("07.d_int", d_int_linear_in_d, "wrong", None),
+        ("07.d_int", d_int_last_below, "wrong", None),
+        ("07.d_int", d_int_last_grid_point_when_never, "wrong", None),
     ]
 
 

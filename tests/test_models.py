@@ -15,6 +15,7 @@ from gradcourse.models import (
     MLP,
     BasicBlock,
     DiagonalLinear,
+    LeNet,
     NTKLinear,
     SmallCNN,
     build_model,
@@ -298,6 +299,24 @@ def test_small_cnn_init_is_the_documented_uniform():
     fc1_bound = 1 / math.sqrt(64 * 4 * 4)
     assert float(model.fc1.weight.detach().abs().max()) <= fc1_bound
     assert float(model.fc1.weight.detach().abs().max()) > 0.99 * fc1_bound
+
+
+def test_lenet_has_the_papers_parameter_count_and_is_the_explicit_formula():
+    """D = 44,426 with 10 classes (Li et al. 2018's LeNet), and its forward pass is the
+    documented composition written out with torch.nn.functional."""
+    model = LeNet(seed=2)
+    assert count_params(model) == 44_426 and build_model("lenet", seed=2) is not model
+    x = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    h = F.max_pool2d(F.relu(F.conv2d(x, model.conv1.weight, model.conv1.bias)), 2)
+    h = F.max_pool2d(F.relu(F.conv2d(h, model.conv2.weight, model.conv2.bias)), 2).flatten(1)
+    h = F.relu(F.linear(h, model.fc1.weight, model.fc1.bias))
+    h = F.relu(F.linear(h, model.fc2.weight, model.fc2.bias))
+    torch.testing.assert_close(model(x), F.linear(h, model.fc3.weight, model.fc3.bias))
+    torch.testing.assert_close(model(x[:, 0]), model(x))  # (n, 28, 28) accepted
+    assert torch.equal(LeNet(seed=2).fc1.weight, model.fc1.weight)
+    assert not torch.equal(LeNet(seed=3).fc1.weight, model.fc1.weight)
+    bound = 1 / math.sqrt(6 * 5 * 5)
+    assert float(model.conv2.weight.abs().max()) <= bound
 
 
 def randomize_batchnorm_(model: nn.Module, seed: int) -> None:

@@ -380,3 +380,24 @@ def test_input_gradients_gpu_profile_configs(tmp_path):
     for method in ax.METHODS:
         mass = ax.attribution_mass(model, ds.x_test, ds.y_test, top, method, samples=2)
         assert mass.shape == (20,)
+
+
+def test_intrinsic_dimension_gpu_profile_configs(tmp_path):
+    """Notebook 07's gpu profile: its configurations are accepted (all 60,000 training images),
+    every grid is increasing, and a subspace run with its settings trains at toy size."""
+    from gradcourse.experiments import intrinsic as ix
+
+    gpu = notebook_config("07_intrinsic_dimension.ipynb", "gpu")
+    full = ix.config(**gpu["data"], arch="lenet", d=max(gpu["lenet_shuffled"]))
+    assert full["n_train"] == 60_000 and full["n_test"] == 10_000
+    for key in ("fc", "lenet", "lenet_shuffled"):
+        assert list(gpu[key]) == sorted(set(gpu[key]))
+    mem = gpu["memorise"]
+    ix.config(
+        **{**gpu["data"], "n_train": mem["n_train"], "epochs": mem["epochs"]}, random_labels=True
+    )
+    toy = ix.config(
+        **{**gpu["data"], "n_train": 60, "n_test": 20, "epochs": 1}, batch_size=20, d=gpu["fc"][0]
+    )
+    rec = ix.cached_run(toy, gpu["seeds"][-1], cache=Cache(tmp_path / "cache"), device=CPU)
+    assert rec["steps"] == 3 and 0.0 <= rec["accuracy"] <= 1.0

@@ -19,7 +19,7 @@ from gradcourse.subspace import (
     make_projection,
 )
 
-KINDS = ("dense", "sparse", "fastfood")
+KINDS = ("dense", "sparse", "fastfood", "coordinates")
 
 
 @pytest.mark.parametrize("length", [1, 2, 8, 64])
@@ -60,6 +60,17 @@ def test_projections_are_seeded(kind):
 def test_dense_and_sparse_columns_have_unit_norm_over_the_whole_network(kind):
     m = make_projection(kind, 300, 20, seed=0, dtype=torch.float64).matrix()
     torch.testing.assert_close(m.norm(dim=0), torch.ones(20, dtype=torch.float64))
+
+
+def test_coordinates_are_distinct_standard_basis_vectors():
+    m = make_projection("coordinates", 30, 12, seed=4, dtype=torch.float64).matrix()
+    assert set(m.flatten().tolist()) == {0.0, 1.0}
+    assert torch.equal(m.sum(0), torch.ones(12))  # one coordinate per column
+    assert float(m.sum(1).max()) == 1.0  # distinct coordinates
+    full = make_projection("coordinates", 30, 30, seed=4, dtype=torch.float64).matrix()
+    assert torch.equal(full.sum(0), torch.ones(30)) and torch.equal(full.sum(1), torch.ones(30))
+    with pytest.raises(ValueError, match="cannot be chosen"):
+        make_projection("coordinates", 30, 31)
 
 
 def test_sparse_density_is_one_over_sqrt_d_and_its_entries_have_equal_magnitude():
