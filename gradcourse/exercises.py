@@ -1077,12 +1077,14 @@ def _ref_subspace_forward(
             return self.p @ v
 
     net = copy.deepcopy(model)
+    for p in net.parameters():  # a model already wrapped (its parameters frozen) is fine too
+        p.requires_grad_(True)
     with torch.no_grad():  # theta0 as the network's own parameters, as SubspaceModel takes it
         torch.nn.utils.vector_to_parameters(theta0, [p for p in net.parameters()])
     sub = SubspaceModel(net, _Matrix(P))
-    with torch.no_grad():
-        sub.theta_d.copy_(theta_d)
-        return sub(x)
+    # theta_d as SubspaceModel's parameter, differentiably (the notebook's fallback needs the
+    # gradient with respect to theta_d)
+    return torch.func.functional_call(sub, {"theta_d": theta_d}, (x,))
 
 
 def _cases_subspace_forward() -> list[Case]:
@@ -1151,6 +1153,85 @@ _register(
         "gc.experiments.intrinsic.crossing",
         _ref_d_int,
         _cases_d_int,
+    )
+)
+
+
+# --- 08: scale-invariant weights -------------------------------------------------------------
+
+
+def _ref_project_radial(w: Tensor, update: Tensor) -> Tensor:
+    from .optim import scale_invariant_projection
+
+    # a gradient orthogonal to every row of w passes AdamP's test per row, so the library
+    # projects each row: the same operation the exercise asks for (eps = 0: no regulariser)
+    unit = w / w.norm(dim=1, keepdim=True)
+    g = torch.randn(w.shape, generator=_gen(99), dtype=w.dtype)
+    g = g - unit * (unit * g).sum(dim=1, keepdim=True)
+    out, projected = scale_invariant_projection(w, g, update, eps=0.0)
+    if not projected:
+        raise RuntimeError("the reference did not project: a checker bug")
+    return out
+
+
+def _cases_project_radial() -> list[Case]:
+    g = _gen(0)
+    out = []
+    for label, shape in (
+        ("a 5 x 8 weight", (5, 8)),
+        ("a 1 x 6 weight (one row)", (1, 6)),
+        ("a 4 x 30 weight", (4, 30)),
+    ):
+        w = torch.randn(*shape, generator=g, dtype=torch.float64) * 3
+        out.append(Case(label, (w, torch.randn(*shape, generator=g, dtype=torch.float64))))
+    w = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    out.append(Case("an update along the rows of w (all radial: the result is 0)", (w, 2 * w)))
+    return out
+
+
+_register(
+    Exercise(
+        "08.project_radial",
+        "project_radial(w, update) -> Tensor, the shape of update",
+        "each row of update minus its component along the same row of w: u - (u . w_hat) w_hat "
+        "with w_hat = w_row / ||w_row|| (AdamP's projection, per output row)",
+        "gc.optim.scale_invariant_projection",
+        _ref_project_radial,
+        _cases_project_radial,
+        atol=1e-12,
+    )
+)
+
+
+def _ref_norm_prediction(
+    norm0_sq: float, update_norms_sq: Sequence[float], lr: float, beta: float
+) -> Tensor:
+    from .optim import momentum_norm_prediction
+
+    return momentum_norm_prediction(norm0_sq, update_norms_sq, lr, beta)
+
+
+def _cases_norm_prediction() -> list[Case]:
+    g = _gen(1)
+    p = (torch.rand(12, generator=g, dtype=torch.float64) + 0.5).tolist()
+    return [
+        Case("12 steps, beta = 0.9", (4.0, p, 0.1, 0.9)),
+        Case("12 steps, beta = 0 (plain SGD)", (4.0, p, 0.1, 0.0)),
+        Case("12 steps, beta = 0.99, lr = 0.5", (1.0, p, 0.5, 0.99)),
+        Case("one step", (2.0, p[:1], 0.3, 0.9)),
+    ]
+
+
+_register(
+    Exercise(
+        "08.norm_prediction",
+        "norm_prediction(norm0_sq, update_norms_sq, lr, beta) -> Tensor (T + 1,)",
+        "||w_t||^2 for t = 0..T of heavy-ball SGD on a scale-invariant weight, from ||w_0||^2 "
+        "and the momentum buffers' squared norms ||p_t||^2: ||w_{t+1}||^2 = ||w_t||^2 + "
+        "lr^2 ||p_t||^2 + 2 lr^2 sum_{k<t} beta^(t-k) ||p_k||^2",
+        "gc.optim.momentum_norm_prediction",
+        _ref_norm_prediction,
+        _cases_norm_prediction,
     )
 )
 

@@ -16,8 +16,9 @@ Scale-invariant Weights", ICLR 2021, arXiv 2006.08217).
   ``adamp`` package (tested step by step against it).
 - :class:`DiffGrad` (Dubey et al., IEEE TNNLS 2019, arXiv 1909.11015): Adam whose first moment
   is scaled per coordinate by the friction xi = sigmoid(|g_{t-1} - g_t|), as the authors' fixed
-  ``diffGrad_v2.py`` computes it; ``aliased=True`` reproduces the published code, whose previous
-  gradient was the current one (xi = 1/2 at every step: Adam at half the learning rate).
+  ``diffGrad_v2.py`` computes it; ``aliased=True`` reproduces the published code, whose stored
+  previous gradient was the current gradient tensor itself under PyTorch's in-place
+  ``zero_grad`` of before 2.0 (xi = 1/2 from the second step on: Adam at half the learning rate).
 - Measurements: :func:`weight_norms`, :func:`effective_steps`, :func:`angular_update`,
   :func:`momentum_norm_prediction`.
 """
@@ -210,8 +211,9 @@ class DiffGrad(torch.optim.Optimizer):
     weight_decay w (an L2 term); Adam's moments m, v of g; the friction xi = sigmoid(|g_prev -
     g|) per coordinate (g_prev = 0 at the first step); w -= lr sqrt(1 - beta2^t) / (1 - beta1^t)
     xi m / (sqrt(v) + eps). ``aliased=True``: the published ``diffGrad.py``, whose stored
-    previous gradient was the current gradient tensor itself, so |g_prev - g| = 0 and xi = 1/2
-    at every step. ``state[p]["xi"]`` keeps the last step's friction."""
+    previous gradient (zeros at the start) was afterwards the live gradient tensor itself (with
+    PyTorch's in-place ``zero_grad`` of before 2.0, the next backward pass writes into it), so
+    |g_prev - g| = 0 and xi = 1/2 from the second step on. ``state[p]["xi"]`` keeps the last step's friction."""
 
     def __init__(
         self,
@@ -256,7 +258,8 @@ class DiffGrad(torch.optim.Optimizer):
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 m.mul_(beta1).add_(g, alpha=1 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                previous = g if group["aliased"] else state["previous_grad"]
+                # the published code's stored gradient starts at 0, then is the live gradient
+                previous = g if group["aliased"] and t > 1 else state["previous_grad"]
                 xi = torch.sigmoid((previous - g).abs())
                 state["previous_grad"] = g.clone()
                 state["xi"] = xi

@@ -177,6 +177,19 @@ def d_int(ds, acc, threshold):
     return math.inf
 
 
+def project_radial(w, update):
+    unit = w / w.norm(dim=1, keepdim=True)
+    return update - unit * (unit * update).sum(dim=1, keepdim=True)
+
+
+def norm_prediction(norm0_sq, update_norms_sq, lr, beta):
+    out, carry = [float(norm0_sq)], 0.0
+    for p in update_norms_sq:
+        out.append(out[-1] + lr**2 * p + 2 * lr**2 * carry)
+        carry = beta * (carry + p)
+    return torch.tensor(out, dtype=torch.float64)
+
+
 SOLUTIONS = {
     "00.per_example_grad_norms": grad_norms,
     "00.hvp": hvp,
@@ -194,6 +207,8 @@ SOLUTIONS = {
     "06.grad_cam": grad_cam,
     "07.subspace_forward": subspace_forward,
     "07.d_int": d_int,
+    "08.project_radial": project_radial,
+    "08.norm_prediction": norm_prediction,
 }
 
 
@@ -202,7 +217,7 @@ def test_every_exercise_has_a_solution_here_and_at_least_two_per_notebook():
     per_notebook = {}
     for name in EXERCISES:
         per_notebook[name[:2]] = per_notebook.get(name[:2], 0) + 1
-    assert sorted(per_notebook) == ["00", "01", "02", "03", "04", "05", "06", "07"]
+    assert sorted(per_notebook) == ["00", "01", "02", "03", "04", "05", "06", "07", "08"]
     assert min(per_notebook.values()) >= 2
 
 
@@ -365,6 +380,23 @@ def _mutants():
                 return ds[k - 1] + frac * (ds[k] - ds[k - 1])
         return math.inf
 
+    def project_whole_tensor(w, update):  # one radial direction for the whole tensor
+        unit = w / w.norm()
+        return update - unit * (unit * update).sum()
+
+    def project_unnormalised(w, update):  # w_row, not w_row / ||w_row||
+        return update - w * (w * update).sum(dim=1, keepdim=True)
+
+    def norm_without_momentum_term(norm0_sq, update_norms_sq, lr, beta):
+        return norm_prediction(norm0_sq, update_norms_sq, lr, 0.0)
+
+    def norm_momentum_term_once(norm0_sq, update_norms_sq, lr, beta):  # the 2 forgotten
+        out, carry = [float(norm0_sq)], 0.0
+        for p in update_norms_sq:
+            out.append(out[-1] + lr**2 * p + lr**2 * carry)
+            carry = beta * (carry + p)
+        return torch.tensor(out, dtype=torch.float64)
+
     def d_int_last_grid_point_when_never(ds, acc, threshold):
         d = d_int(ds, acc, threshold)
         return float(ds[-1]) if d == math.inf else d
@@ -438,6 +470,10 @@ def _mutants():
         ("07.d_int", d_int_linear_in_d, "wrong", None),
         ("07.d_int", d_int_last_below, "wrong", None),
         ("07.d_int", d_int_last_grid_point_when_never, "wrong", None),
+        ("08.project_radial", project_whole_tensor, "wrong", None),
+        ("08.project_radial", project_unnormalised, "wrong", None),
+        ("08.norm_prediction", norm_without_momentum_term, "wrong", None),
+        ("08.norm_prediction", norm_momentum_term_once, "wrong", None),
     ]
 
 
@@ -717,3 +753,25 @@ def test_a_not_implemented_error_from_torch_is_an_error_not_a_stub():
 
     fb = _toy(calls_missing_kernel)
     assert fb.status == "raised" and "no kernel" in fb.message
+
+
+def test_subspace_forward_reference_takes_a_model_whose_parameters_are_frozen():
+    """Notebook 07 hands the reference the network inside a SubspaceModel (parameters frozen):
+    the student version, which falls back to the reference, must run on it."""
+    from gradcourse.exercises import reference
+    from gradcourse.subspace import SubspaceModel
+
+    net = gc.models.MLP(5, [7], 3, seed=0).double()
+    sub = SubspaceModel(net, "dense", 4, seed=0)
+    theta_d = torch.randn(4, dtype=torch.float64)
+    with torch.no_grad():
+        sub.theta_d.copy_(theta_d)
+    td = theta_d.clone().requires_grad_(True)
+    x = torch.ones(2, 5, dtype=torch.float64)
+    td = theta_d.clone().requires_grad_(True)
+    got = reference("07.subspace_forward")(sub.model, sub.theta0, sub.projection.matrix(), td, x)
+    torch.testing.assert_close(got, sub(x))
+    # differentiable in theta_d, as the notebook's fallback needs: the same gradient as sub's
+    (g,) = torch.autograd.grad(got.sum(), td)
+    (want,) = torch.autograd.grad(sub(x).sum(), sub.theta_d)
+    torch.testing.assert_close(g, want)

@@ -401,3 +401,20 @@ def test_intrinsic_dimension_gpu_profile_configs(tmp_path):
     )
     rec = ix.cached_run(toy, gpu["seeds"][-1], cache=Cache(tmp_path / "cache"), device=CPU)
     assert rec["steps"] == 3 and 0.0 <= rec["accuracy"] <= 1.0
+
+
+def test_scale_invariance_gpu_profile_configs(tmp_path):
+    """Notebook 08's gpu profile: its configurations are accepted (all 60,000 training images,
+    every optimiser and weight decay of the notebook), and a run with its settings trains at toy
+    size."""
+    from gradcourse.experiments import scale as sx
+
+    gpu = notebook_config("08_scale_invariance.ipynb", "gpu")
+    assert gpu["data"]["n_train"] == 60_000 and len(gpu["seeds"]) >= 5
+    for opt in sx.OPTIMIZERS:
+        sx.config(**gpu["data"], optimizer=opt)
+    toy = sx.config(
+        **{**gpu["data"], "n_train": 64, "n_test": 20, "epochs": 1}, width=8, batch_size=32
+    )
+    rec = sx.cached_run(toy, gpu["seeds"][-1], cache=Cache(tmp_path / "cache"), device=CPU)
+    assert len(rec["steps"]) >= 1 and 0.0 <= rec["accuracy"] <= 1.0
