@@ -85,6 +85,27 @@ def _check_common(lr: float, weight_decay: float, delta: float, wd_ratio: float)
     check_number("wd_ratio", wd_ratio, low=0, high=1)
 
 
+def _check_betas(betas: tuple[float, float]) -> None:
+    for i, b in enumerate(betas):
+        check_number(f"betas[{i}]", b, low=0, high=1, high_open=True)
+
+
+def _adam_moments(
+    state: dict, p: Tensor, g: Tensor, betas: tuple[float, float]
+) -> tuple[int, Tensor, Tensor]:
+    """Adam's moment updates in ``state`` (created at the first call): the step count t and the
+    moments m, v of g (not bias-corrected), updated in place and returned."""
+    if "step" not in state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(p)
+        state["exp_avg_sq"] = torch.zeros_like(p)
+    state["step"] += 1
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m.mul_(betas[0]).add_(g, alpha=1 - betas[0])
+    v.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
+    return state["step"], m, v
+
+
 class SGDP(torch.optim.Optimizer):
     """SGD with momentum and AdamP's projection (Heo et al. 2021): buf = momentum buf +
     (1 - dampening) g; the update is buf (Nesterov: g + momentum buf), projected by
@@ -164,8 +185,7 @@ class AdamP(torch.optim.Optimizer):
         nesterov: bool = False,
     ) -> None:
         _check_common(lr, weight_decay, delta, wd_ratio)
-        for i, b in enumerate(betas):
-            check_number(f"betas[{i}]", b, low=0, high=1, high_open=True)
+        _check_betas(betas)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         delta=delta, wd_ratio=wd_ratio, nesterov=nesterov)  # fmt: skip
         super().__init__(params, defaults)
@@ -183,15 +203,7 @@ class AdamP(torch.optim.Optimizer):
                     continue
                 g = p.grad
                 state = self.state[p]
-                if "step" not in state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = state["step"]
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(g, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                t, m, v = _adam_moments(state, p, g, group["betas"])
                 denom = v.sqrt() / math.sqrt(1 - beta2**t) + group["eps"]
                 first = beta1 * m + (1 - beta1) * g if group["nesterov"] else m
                 update = first / denom
@@ -227,8 +239,7 @@ class DiffGrad(torch.optim.Optimizer):
         check_number("lr", lr, low=0)
         check_number("eps", eps, low=0)
         check_number("weight_decay", weight_decay, low=0)
-        for i, b in enumerate(betas):
-            check_number(f"betas[{i}]", b, low=0, high=1, high_open=True)
+        _check_betas(betas)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         aliased=aliased)  # fmt: skip
         super().__init__(params, defaults)
@@ -248,16 +259,9 @@ class DiffGrad(torch.optim.Optimizer):
                 if group["weight_decay"] != 0:
                     g = g + group["weight_decay"] * p
                 state = self.state[p]
-                if "step" not in state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
+                if "previous_grad" not in state:
                     state["previous_grad"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = state["step"]
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(g, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                t, m, v = _adam_moments(state, p, g, group["betas"])
                 # the published code's stored gradient starts at 0, then is the live gradient
                 previous = g if group["aliased"] and t > 1 else state["previous_grad"]
                 xi = torch.sigmoid((previous - g).abs())
