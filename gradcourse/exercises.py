@@ -1236,6 +1236,117 @@ _register(
 )
 
 
+# --- 10: coherent gradients -----------------------------------------------------------------
+
+
+def _ref_coherence_ratio(grads: Tensor) -> Tensor:
+    from .coherence import coherence_of
+
+    return coherence_of(grads).ratio
+
+
+def _cases_coherence_ratio() -> list[Case]:
+    g = _gen(10)
+    shared = torch.randn(1, 30, generator=g, dtype=torch.float64)
+    return [
+        Case(
+            "8 random gradients in 50 dimensions",
+            (torch.randn(8, 50, generator=g, dtype=torch.float64),),
+        ),
+        Case(
+            "5 identical gradients (the ratio is m = 5)",
+            (shared.repeat(5, 1),),
+            factors={"m": 5.0},
+        ),
+        Case(
+            "4 orthogonal gradients (the ratio is 1)", (torch.eye(4, 6, dtype=torch.float64) * 3,)
+        ),
+        Case(
+            "20 gradients sharing a common part",
+            (shared + 0.5 * torch.randn(20, 30, generator=g, dtype=torch.float64),),
+            factors={"m": 20.0},
+        ),
+        Case(
+            "a (6, 3, 4) stack: each example's gradient is a 3 x 4 matrix",
+            (torch.randn(6, 3, 4, generator=g, dtype=torch.float64) + 1,),
+            factors={"m": 6.0},
+        ),
+    ]
+
+
+_register(
+    Exercise(
+        "10.coherence_ratio",
+        "coherence_ratio(grads) -> float",
+        "alpha / alpha_perp = ||sum_i g_i||^2 / sum_i ||g_i||^2 for per-example gradients given "
+        "as a tensor (m, ...) (example i's gradient is grads[i], of any shape)",
+        "gc.coherence.coherence_of(grads).ratio",
+        _ref_coherence_ratio,
+        _cases_coherence_ratio,
+        rtol=1e-9,
+    )
+)
+
+
+def _ref_median_of_means(g: Tensor, k: int) -> Tensor:
+    from .coherence import median_of_means
+
+    return median_of_means(g, k)
+
+
+def _cases_median_of_means() -> list[Case]:
+    g = _gen(11)
+    return [
+        Case(
+            "9 examples, 4 coordinates, k = 3 (M3)",
+            (torch.randn(9, 4, generator=g, dtype=torch.float64), 3),
+        ),
+        Case(
+            "10 examples, k = 3 (groups of 4, 3 and 3)",
+            (torch.randn(10, 5, generator=g, dtype=torch.float64), 3),
+        ),
+        Case(
+            "8 examples, k = 4 (an even number of groups)",
+            (torch.randn(8, 3, generator=g, dtype=torch.float64), 4),
+        ),
+        Case(
+            "7 examples, k = 1 (the mean)", (torch.randn(7, 2, generator=g, dtype=torch.float64), 1)
+        ),
+        Case(
+            "one outlier among 12 examples, k = 3",
+            (
+                torch.cat(
+                    [
+                        torch.randn(11, 3, generator=g, dtype=torch.float64),
+                        torch.full((1, 3), 100.0, dtype=torch.float64),
+                    ]
+                ),
+                3,
+            ),
+        ),
+        Case(
+            "6 examples of 2 x 3 gradients, k = 3",
+            (torch.randn(6, 2, 3, generator=g, dtype=torch.float64), 3),
+        ),
+    ]
+
+
+_register(
+    Exercise(
+        "10.median_of_means",
+        "median_of_means(g, k) -> Tensor, the shape of g[0]",
+        "split the m examples of g (m, ...) in order into k groups (torch.tensor_split), take "
+        "each group's mean, then the coordinate-wise median of the k means (for an even k, the "
+        "mean of the two middle values)",
+        "gc.coherence.median_of_means",
+        _ref_median_of_means,
+        _cases_median_of_means,
+        rtol=1e-9,
+        atol=1e-12,
+    )
+)
+
+
 def describe(name: str | None = None) -> str:
     """The exercises (or one of them) as text: name, signature, task, what it is checked against."""
     names = sorted(EXERCISES) if name is None else [name]

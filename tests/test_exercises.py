@@ -190,6 +190,18 @@ def norm_prediction(norm0_sq, update_norms_sq, lr, beta):
     return torch.tensor(out, dtype=torch.float64)
 
 
+def coherence_ratio(grads):
+    g = grads.reshape(len(grads), -1)
+    return float(g.sum(0).pow(2).sum() / g.pow(2).sum())
+
+
+def median_of_means(g, k):
+    means = torch.stack([part.mean(0) for part in torch.tensor_split(g, k)])
+    return (
+        means.median(0).values if k % 2 else means.sort(0).values[k // 2 - 1 : k // 2 + 1].mean(0)
+    )
+
+
 SOLUTIONS = {
     "00.per_example_grad_norms": grad_norms,
     "00.hvp": hvp,
@@ -209,6 +221,8 @@ SOLUTIONS = {
     "07.d_int": d_int,
     "08.project_radial": project_radial,
     "08.norm_prediction": norm_prediction,
+    "10.coherence_ratio": coherence_ratio,
+    "10.median_of_means": median_of_means,
 }
 
 
@@ -217,7 +231,7 @@ def test_every_exercise_has_a_solution_here_and_at_least_two_per_notebook():
     per_notebook = {}
     for name in EXERCISES:
         per_notebook[name[:2]] = per_notebook.get(name[:2], 0) + 1
-    assert sorted(per_notebook) == ["00", "01", "02", "03", "04", "05", "06", "07", "08"]
+    assert sorted(per_notebook) == ["00", "01", "02", "03", "04", "05", "06", "07", "08", "10"]
     assert min(per_notebook.values()) >= 2
 
 
@@ -387,6 +401,19 @@ def _mutants():
     def project_unnormalised(w, update):  # w_row, not w_row / ||w_row||
         return update - w * (w * update).sum(dim=1, keepdim=True)
 
+    def coherence_alpha_not_ratio(grads):  # alpha, the ratio divided by m
+        return coherence_ratio(grads) / len(grads)
+
+    def coherence_sum_of_norms(grads):  # (sum ||g_i||)^2 in the denominator
+        g = grads.reshape(len(grads), -1)
+        return float(g.sum(0).pow(2).sum() / g.norm(dim=1).sum() ** 2)
+
+    def median_lower_middle(g, k):  # torch.median's lower middle for an even k
+        return torch.stack([p.mean(0) for p in torch.tensor_split(g, k)]).median(0).values
+
+    def median_of_examples(g, k):  # the median of the examples, no group means
+        return g.median(0).values
+
     def norm_without_momentum_term(norm0_sq, update_norms_sq, lr, beta):
         return norm_prediction(norm0_sq, update_norms_sq, lr, 0.0)
 
@@ -474,6 +501,10 @@ def _mutants():
         ("08.project_radial", project_unnormalised, "wrong", None),
         ("08.norm_prediction", norm_without_momentum_term, "wrong", None),
         ("08.norm_prediction", norm_momentum_term_once, "wrong", None),
+        ("10.coherence_ratio", coherence_alpha_not_ratio, "wrong", None),
+        ("10.coherence_ratio", coherence_sum_of_norms, "wrong", None),
+        ("10.median_of_means", median_lower_middle, "wrong", None),
+        ("10.median_of_means", median_of_examples, "wrong", None),
     ]
 
 
