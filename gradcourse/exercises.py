@@ -1347,6 +1347,78 @@ _register(
 )
 
 
+# --- 11: batch size and gradient noise ------------------------------------------------------
+
+
+def _ref_log_bisection(
+    stable: Callable[[float], bool], low: float, high: float, iters: int
+) -> float:
+    from .batchsize import largest_stable_lr
+
+    return largest_stable_lr(stable, low, high, iters=iters)
+
+
+def _threshold(c: float) -> Callable[[float], bool]:
+    def stable(lr: float) -> bool:
+        return lr <= c
+
+    return stable
+
+
+def _cases_log_bisection() -> list[Case]:
+    return [
+        Case("threshold 0.37 in [1e-3, 10], 20 halvings", (_threshold(0.37), 1e-3, 10.0, 20)),
+        Case("threshold 2.0 in [1e-3, 1e3], 12 halvings", (_threshold(2.0), 1e-3, 1e3, 12)),
+        Case("threshold 5e-5 in [1e-6, 10], 8 halvings", (_threshold(5e-5), 1e-6, 10.0, 8)),
+        Case("one halving", (_threshold(0.5), 0.01, 100.0, 1)),
+        Case("stable everywhere: the answer is high", (_threshold(1e9), 0.01, 100.0, 10)),
+    ]
+
+
+_register(
+    Exercise(
+        "11.log_bisection",
+        "log_bisection(stable, low, high, iters) -> float",
+        "the largest lr in [low, high] with stable(lr) True, by bisection of log(lr): return high "
+        "if stable(high); otherwise iters times test the midpoint of [log lo, log hi] and keep the "
+        "half that brackets the threshold; return exp(log lo), the last stable rate",
+        "gc.batchsize.largest_stable_lr",
+        _ref_log_bisection,
+        _cases_log_bisection,
+        rtol=1e-12,
+    )
+)
+
+
+def _ref_noise_std(eta: float, gamma: float, t: int) -> float:
+    from .batchsize import GradientNoise
+
+    return math.sqrt(GradientNoise(eta, gamma).variance(t))
+
+
+def _cases_noise_std() -> list[Case]:
+    return [
+        Case("eta = 0.01, gamma = 0.55, t = 0", (0.01, 0.55, 0)),
+        Case("eta = 0.3, gamma = 0.55, t = 10", (0.3, 0.55, 10)),
+        Case("eta = 1.0, gamma = 0.55, t = 999", (1.0, 0.55, 999)),
+        Case("eta = 0.3, gamma = 0 (no annealing), t = 50", (0.3, 0.0, 50)),
+    ]
+
+
+_register(
+    Exercise(
+        "11.noise_std",
+        "noise_std(eta, gamma, t) -> float",
+        "the standard deviation of Neelakantan et al.'s gradient noise at step t: its variance "
+        "is eta / (1 + t)^gamma",
+        "gc.batchsize.GradientNoise(eta, gamma).variance(t) ** 0.5",
+        _ref_noise_std,
+        _cases_noise_std,
+        rtol=1e-12,
+    )
+)
+
+
 def describe(name: str | None = None) -> str:
     """The exercises (or one of them) as text: name, signature, task, what it is checked against."""
     names = sorted(EXERCISES) if name is None else [name]

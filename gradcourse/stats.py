@@ -21,7 +21,7 @@ import numpy as np
 
 from .checks import check_int, check_number
 
-__all__ = ["Interval", "paired_interval", "bootstrap"]
+__all__ = ["Interval", "paired_interval", "bootstrap", "sign_test"]
 
 
 @dataclass(frozen=True)
@@ -109,3 +109,20 @@ def bootstrap(
         )
     low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
     return Interval(estimate, float(low), float(high), level, min(len(g) for g in data))
+
+
+def sign_test(
+    a: Sequence[bool] | np.ndarray, b: Sequence[bool] | np.ndarray
+) -> tuple[int, int, float]:
+    """The one-sided sign test that paired successes ``a`` beat ``b`` (same seed i on both
+    sides): among the discordant pairs, ``wins`` (a_i and not b_i) and ``losses`` (b_i and not
+    a_i), the probability of at least ``wins`` wins out of wins + losses fair coin flips (the
+    exact binomial tail; 1.0 with no discordant pair). Returns (wins, losses, p)."""
+    x = np.asarray(a, dtype=bool).ravel()
+    y = np.asarray(b, dtype=bool).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"a and b must be paired (same length), got {len(x)} and {len(y)}")
+    wins, losses = int(np.sum(x & ~y)), int(np.sum(y & ~x))
+    n = wins + losses
+    p = sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n if n else 1.0
+    return wins, losses, float(p)

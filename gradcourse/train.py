@@ -180,6 +180,8 @@ def train(
     raise_on_divergence: bool = True,
     sampling: str = "epoch",
     schedule: str = "constant",
+    grad_noise: float = 0.0,
+    grad_noise_gamma: float = 0.55,
     device: str | torch.device | None = None,
 ) -> History:
     """Train ``model`` in place on (x, y) with GD or SGD (see the module docstring for the update).
@@ -196,6 +198,10 @@ def train(
     - ``stop_when(history)`` is asked after each logged step; True ends the run there.
     - ``schedule``: update t uses ``lr * lr_factor(schedule, t, T)`` over the run's T updates
       (:func:`lr_factor`; ``"step"`` is Paul et al.'s step decay, ``"cosine"`` a cosine decay).
+    - ``grad_noise`` = eta > 0 adds annealed Gaussian noise to every gradient before the step,
+      of variance eta / (1 + t)^``grad_noise_gamma`` at update t (Neelakantan et al. 2015;
+      :class:`gradcourse.batchsize.GradientNoise`, seeded from ``seed``); 0 (the default) adds
+      none.
     - ``loss="mse"`` on integer labels trains on one-hot targets (:func:`losses.targets_for`).
     - ``device``: move the model there first (default: where the model is); x and y follow the
       model. The model is in train mode during the run, then its previous modes are restored.
@@ -230,6 +236,13 @@ def train(
     check_int("seed", seed, 0)
     get_loss(loss)  # validates the name
     lr_factor(schedule, 0, total)  # validates the name
+    check_nonnegative("grad_noise", grad_noise)
+    check_nonnegative("grad_noise_gamma", grad_noise_gamma)
+    noise = None
+    if grad_noise > 0:
+        from .batchsize import GradientNoise
+
+        noise = GradientNoise(grad_noise, grad_noise_gamma, seed=seed)
 
     if device is not None:
         model.to(device)
@@ -282,6 +295,8 @@ def train(
                     break
                 opt.zero_grad(set_to_none=True)
                 value.backward()
+                if noise is not None:
+                    noise.add_(params)
                 if schedule != "constant":
                     for group in opt.param_groups:
                         group["lr"] = lr * lr_factor(schedule, t, total)

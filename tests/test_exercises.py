@@ -202,6 +202,23 @@ def median_of_means(g, k):
     )
 
 
+def log_bisection(stable, low, high, iters):
+    if stable(high):
+        return high
+    lo, hi = math.log(low), math.log(high)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if stable(math.exp(mid)):
+            lo = mid
+        else:
+            hi = mid
+    return math.exp(lo)
+
+
+def noise_std(eta, gamma, t):
+    return math.sqrt(eta / (1 + t) ** gamma)
+
+
 SOLUTIONS = {
     "00.per_example_grad_norms": grad_norms,
     "00.hvp": hvp,
@@ -223,6 +240,8 @@ SOLUTIONS = {
     "08.norm_prediction": norm_prediction,
     "10.coherence_ratio": coherence_ratio,
     "10.median_of_means": median_of_means,
+    "11.log_bisection": log_bisection,
+    "11.noise_std": noise_std,
 }
 
 
@@ -231,7 +250,19 @@ def test_every_exercise_has_a_solution_here_and_at_least_two_per_notebook():
     per_notebook = {}
     for name in EXERCISES:
         per_notebook[name[:2]] = per_notebook.get(name[:2], 0) + 1
-    assert sorted(per_notebook) == ["00", "01", "02", "03", "04", "05", "06", "07", "08", "10"]
+    assert sorted(per_notebook) == [
+        "00",
+        "01",
+        "02",
+        "03",
+        "04",
+        "05",
+        "06",
+        "07",
+        "08",
+        "10",
+        "11",
+    ]
     assert min(per_notebook.values()) >= 2
 
 
@@ -401,6 +432,30 @@ def _mutants():
     def project_unnormalised(w, update):  # w_row, not w_row / ||w_row||
         return update - w * (w * update).sum(dim=1, keepdim=True)
 
+    def bisection_in_lr_not_log(stable, low, high, iters):  # the midpoint of lr, not of log lr
+        if stable(high):
+            return high
+        lo, hi = low, high
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if stable(mid) else (lo, mid)
+        return lo
+
+    def bisection_returns_the_unstable_end(stable, low, high, iters):
+        if stable(high):
+            return high
+        lo, hi = math.log(low), math.log(high)
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if stable(math.exp(mid)) else (lo, mid)
+        return math.exp(hi)
+
+    def noise_variance_not_std(eta, gamma, t):  # the ports' pitfall
+        return eta / (1 + t) ** gamma
+
+    def noise_gamma_on_t_not_1_plus_t(eta, gamma, t):
+        return math.sqrt(eta / max(t, 1) ** gamma)
+
     def coherence_alpha_not_ratio(grads):  # alpha, the ratio divided by m
         return coherence_ratio(grads) / len(grads)
 
@@ -505,6 +560,10 @@ def _mutants():
         ("10.coherence_ratio", coherence_sum_of_norms, "wrong", None),
         ("10.median_of_means", median_lower_middle, "wrong", None),
         ("10.median_of_means", median_of_examples, "wrong", None),
+        ("11.log_bisection", bisection_in_lr_not_log, "wrong", None),
+        ("11.log_bisection", bisection_returns_the_unstable_end, "wrong", None),
+        ("11.noise_std", noise_variance_not_std, "wrong", None),
+        ("11.noise_std", noise_gamma_on_t_not_1_plus_t, "wrong", None),
     ]
 
 

@@ -3,6 +3,8 @@ and the percentile bootstrap against a hand-written resampling and by its covera
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from scipy import stats as sps
@@ -97,3 +99,18 @@ def test_bootstrap_refuses_a_statistic_that_is_not_finite_on_a_resample():
         stats.bootstrap(slope, [np.array([0.0, 1.0])], num_resamples=50)
     with pytest.raises(ValueError, match="not finite on the data"):
         stats.bootstrap(lambda g: float("inf"), [np.array([0.0, 1.0])], num_resamples=50)
+
+
+def test_sign_test_against_scipy_binomtest():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a, b = rng.random(25) < 0.7, rng.random(25) < 0.4
+        wins, losses, p = stats.sign_test(a, b)
+        assert wins == int(np.sum(a & ~b)) and losses == int(np.sum(b & ~a))
+        if wins + losses:
+            want = sps.binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue
+            assert math.isclose(p, want, rel_tol=1e-12)
+    assert stats.sign_test([True, False], [True, False]) == (0, 0, 1.0)
+    assert stats.sign_test([True] * 5, [False] * 5) == (5, 0, 1 / 32)
+    with pytest.raises(ValueError, match="paired"):
+        stats.sign_test([True], [True, False])

@@ -1,0 +1,251 @@
+"""Notebook 11, batch size, learning rate and noise: the mini-batch Hessian's spectrum against
+the full one and the largest stable learning rate against the batch size (Granziol, Zohren &
+Roberts 2022, arXiv 2006.09092), and annealed gradient noise for a very deep network (Neelakantan
+et al. 2015, arXiv 1511.06807).
+
+Three experiments, each cached:
+
+- :func:`spectrum_run`: at a checkpoint of a tanh MLP trained briefly on Fashion-MNIST
+  (:func:`checkpoint`), :func:`gradcourse.batchsize.minibatch_spectrum` over a grid of batch
+  sizes;
+- :func:`stable_lr_run`: at the same checkpoint, the largest learning rate at which SGD or Adam
+  still lowers the full training loss in a fixed number of steps
+  (:func:`gradcourse.batchsize.loss_decreases`), by bisection;
+- :func:`deep_run`: a 20-layer, width-50 ReLU MLP from a poor or a good initialisation, trained
+  by SGD with momentum, with or without annealed gradient noise; its test accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import batchsize as bsz
+from .. import data, models
+from ..cache import Cache
+from ..checks import check_int, check_number, check_positive
+
+__all__ = [
+    "DEFAULTS",
+    "cached",
+    "checkpoint",
+    "config",
+    "deep_model",
+    "deep_run",
+    "load",
+    "spectrum_run",
+    "stable_lr_run",
+]
+
+DEFAULTS: dict[str, Any] = dict(
+    n_train=2_000,
+    n_test=1_000,
+    data_seed=0,
+    width=100,  # the spectrum / stability MLP: 784 -> width -> width -> 10, tanh
+    warmup_epochs=2,  # SGD epochs (rate 0.1, batch 100) to the checkpoint
+    spectrum_sizes=(32, 64, 128, 256, 512, 1024),
+    draws=8,
+    lr_sizes=(16, 32, 64, 128, 256, 512, 1024, 2000),
+    lr_steps=50,
+    deep_depth=20,
+    deep_width=50,
+    deep_n_train=5_000,
+    deep_steps=1_500,
+    deep_lr=0.01,
+    deep_batch=100,
+    deep_poor_std=0.12,  # ours: the scale where plain SGD fails on some seeds (a probe)
+)
+
+
+def config(**overrides: Any) -> dict[str, Any]:
+    """:data:`DEFAULTS` updated with ``overrides`` (unknown keys refused) and checked."""
+    unknown = sorted(set(overrides) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown configuration keys {unknown}; known: {sorted(DEFAULTS)}")
+    cfg = {**DEFAULTS, **overrides}
+    check_int("n_train", cfg["n_train"], 20, 60_000)
+    check_int("n_test", cfg["n_test"], 10, 10_000)
+    check_int("data_seed", cfg["data_seed"], 0)
+    check_int("width", cfg["width"], 1)
+    check_int("warmup_epochs", cfg["warmup_epochs"], 0)
+    for key in ("spectrum_sizes", "lr_sizes"):
+        sizes = tuple(int(b) for b in cfg[key])
+        if not sizes:
+            raise ValueError(f"{key} must hold at least one batch size")
+        for b in sizes:
+            check_int(f"{key}[i]", b, 1, cfg["n_train"])
+        cfg[key] = sizes
+    for b in cfg["spectrum_sizes"]:
+        check_int("spectrum_sizes[i]", b, 1, cfg["n_train"] - 1)
+    check_int("draws", cfg["draws"], 1)
+    check_int("lr_steps", cfg["lr_steps"], 1)
+    check_int("deep_depth", cfg["deep_depth"], 1)
+    check_int("deep_width", cfg["deep_width"], 1)
+    check_int("deep_n_train", cfg["deep_n_train"], 10, 60_000)
+    check_int("deep_steps", cfg["deep_steps"], 1)
+    check_positive("deep_lr", cfg["deep_lr"])
+    check_int("deep_batch", cfg["deep_batch"], 1, cfg["deep_n_train"])
+    check_positive("deep_poor_std", cfg["deep_poor_std"])
+    return cfg
+
+
+_DATA: dict[tuple[Any, ...], data.Dataset] = {}
+
+
+def load(n_train: int, n_test: int, data_seed: int) -> data.Dataset:
+    """Fashion-MNIST, class-balanced subsets, flattened and standardised; kept in memory."""
+    key = (n_train, n_test, data_seed)
+    if key not in _DATA:
+        _DATA[key] = data.fashion_mnist(
+            n_train=n_train, n_test=n_test, seed=data_seed, flatten=True
+        )
+    return _DATA[key]
+
+
+def checkpoint(cfg: Mapping[str, Any]) -> nn.Module:
+    """The tanh MLP 784 -> width -> width -> 10 (PyTorch's default initialisation, seed 0),
+    trained by SGD (rate 0.1, batch 100) for ``warmup_epochs`` epochs on the ``n_train`` images:
+    the point at which the Hessians and the stable rates are measured. Deterministic."""
+    cfg = config(**cfg)
+    ds = load(cfg["n_train"], cfg["n_test"], cfg["data_seed"])
+    model = models.MLP(28 * 28, [cfg["width"]] * 2, 10, activation="tanh", seed=0)
+    models.torch_default_init_(model, 0)
+    if cfg["warmup_epochs"]:
+        from ..train import train
+
+        train(
+            model,
+            ds.x_train,
+            ds.y_train,
+            loss="ce",
+            lr=0.1,
+            optimizer="sgd",
+            batch_size=100,
+            epochs=cfg["warmup_epochs"],
+            seed=0,
+            progress=False,
+        )
+    return model
+
+
+def spectrum_run(cfg: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    """:func:`gradcourse.batchsize.minibatch_spectrum` at the checkpoint over
+    ``spectrum_sizes``, ``draws`` batches each (drawn from ``seed``)."""
+    cfg = config(**cfg)
+    ds = load(cfg["n_train"], cfg["n_test"], cfg["data_seed"])
+    model = checkpoint(cfg)
+    t0 = time.perf_counter()
+    spec = bsz.minibatch_spectrum(
+        model, "ce", ds.x_train, ds.y_train, cfg["spectrum_sizes"], draws=cfg["draws"], seed=seed
+    )
+    return {
+        "batch_sizes": np.array(spec.batch_sizes),
+        "lambda_full": spec.lambda_full,
+        "lambda_batch": spec.lambda_batch,
+        "deviation": spec.deviation,
+        "noise_scale": spec.noise_scale,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def stable_lr_run(
+    cfg: Mapping[str, Any], optimizer: str, batch_size: int, seed: int
+) -> dict[str, Any]:
+    """The largest rate at which ``lr_steps`` steps of ``optimizer`` on batches of
+    ``batch_size`` (drawn from ``seed``) leave the full training loss no higher than at the
+    checkpoint: :func:`gradcourse.batchsize.largest_stable_lr` over [1e-3, 1e3] for SGD and
+    [1e-6, 10] for Adam, 12 halvings of the log bracket (the result is below the threshold by at
+    most a factor (1e6)^(1/4096) for SGD, 0.34%, and (1e7)^(1/4096) for Adam, 0.39%)."""
+    cfg = config(**cfg)
+    ds = load(cfg["n_train"], cfg["n_test"], cfg["data_seed"])
+    model = checkpoint(cfg)
+    stable = bsz.loss_decreases(
+        model,
+        "ce",
+        ds.x_train,
+        ds.y_train,
+        optimizer=optimizer,
+        batch_size=batch_size,
+        steps=cfg["lr_steps"],
+        seed=seed,
+    )
+    low, high = (1e-3, 1e3) if optimizer == "sgd" else (1e-6, 10.0)
+    t0 = time.perf_counter()
+    lr = bsz.largest_stable_lr(stable, low, high, iters=12)
+    return {"lr": lr, "seconds": time.perf_counter() - t0}
+
+
+def deep_model(cfg: Mapping[str, Any], init: str, seed: int) -> nn.Module:
+    """The deep ReLU MLP 784 -> ``deep_width`` x ``deep_depth`` -> 10 with zero biases and
+    weights drawn from ``seed``: ``init="poor"``, N(0, ``deep_poor_std``^2) everywhere (below
+    He's scale, so each layer shrinks the signal; Neelakantan et al.'s own "poor" initialisation
+    could not be read); ``"good"``, He's N(0, 2/fan_in)."""
+    cfg = config(**cfg)
+    if init not in ("poor", "good"):
+        raise ValueError(f"init must be 'poor' or 'good', got {init!r}")
+    model = models.MLP(28 * 28, [cfg["deep_width"]] * cfg["deep_depth"], 10, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.layers:
+            std = cfg["deep_poor_std"] if init == "poor" else math.sqrt(2.0 / layer.in_features)
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * std)
+            layer.bias.zero_()
+    return model
+
+
+def deep_run(cfg: Mapping[str, Any], init: str, eta: float, seed: int) -> dict[str, Any]:
+    """Train :func:`deep_model` by SGD with momentum 0.9 at ``deep_lr`` for ``deep_steps`` steps
+    of ``deep_batch`` examples (drawn with replacement from ``seed``), cross-entropy, with
+    annealed gradient noise of variance ``eta`` / (1 + t)^0.55 added to each gradient
+    (:class:`gradcourse.batchsize.GradientNoise`; eta = 0: none). Returns the test accuracy, the
+    training loss every 100 steps, whether the loss became non-finite (``diverged``: the run
+    stops there and its accuracy is that of the broken weights, a failure) and the seconds it
+    took."""
+    cfg = config(**cfg)
+    check_number("eta", eta, low=0)
+    ds = load(cfg["deep_n_train"], cfg["n_test"], cfg["data_seed"])
+    model = deep_model(cfg, init, seed)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg["deep_lr"], momentum=0.9)
+    noise = bsz.GradientNoise(eta, 0.55, seed=seed + 1)
+    gen = torch.Generator().manual_seed(seed + 2)
+    losses = []
+    diverged = False
+    t0 = time.perf_counter()
+    for t in range(cfg["deep_steps"]):
+        idx = torch.randint(0, len(ds.x_train), (cfg["deep_batch"],), generator=gen)
+        value = F.cross_entropy(model(ds.x_train[idx]), ds.y_train[idx])
+        if not torch.isfinite(value):
+            diverged = True
+            break
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        noise.add_(model.parameters())
+        opt.step()
+        if t % 100 == 0:
+            losses.append(float(value.detach()))
+    with torch.no_grad():
+        acc = float((model(ds.x_test).argmax(1) == ds.y_test).float().mean())
+    return {
+        "test_acc": acc,
+        "losses": np.array(losses),
+        "diverged": diverged,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def cached(
+    cache: Cache | None, name: str, fn, *args: Any, cfg: Mapping[str, Any], **key: Any
+) -> dict[str, Any]:
+    """``fn(cfg, *args)`` through ``cache`` under ``name``, keyed by the configuration and
+    ``key`` (which names ``args``)."""
+    cfg = config(**cfg)
+    if cache is None:
+        return fn(cfg, *args)
+    return cache.get_or_compute(name, {**cfg, **key}, lambda: fn(cfg, *args))

@@ -1,0 +1,203 @@
+"""gradcourse.batchsize against dense Hessians, closed forms and many draws; gc.train's gradient
+noise off by default and of the stated variance when on."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradcourse as gc
+from gradcourse import batchsize as bs
+
+
+def _small(seed=0):
+    torch.manual_seed(seed)
+    model = gc.models.MLP(4, [5], 3, activation="tanh", seed=seed).double()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(40, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,), generator=g)
+    return model, x, y
+
+
+def _dense_hessian(model, x, y):
+    params = dict(model.named_parameters())
+    names = list(params)
+    shapes = [params[k].shape for k in names]
+    sizes = [params[k].numel() for k in names]
+
+    def f(flat):
+        chunks = torch.split(flat, sizes)
+        p = {k: c.reshape(s) for k, c, s in zip(names, chunks, shapes, strict=True)}
+        out = torch.func.functional_call(model, p, (x,))
+        return nn.functional.cross_entropy(out, y)
+
+    flat = torch.cat([params[k].detach().flatten() for k in names])
+    return torch.autograd.functional.hessian(f, flat)
+
+
+def test_minibatch_spectrum_against_dense_hessians_of_the_same_batches():
+    model, x, y = _small()
+    spec = bs.minibatch_spectrum(model, "ce", x, y, [4, 16], draws=3, seed=5, tol=1e-10)
+    h_full = _dense_hessian(model, x, y)
+    assert math.isclose(spec.lambda_full, float(torch.linalg.eigvalsh(h_full)[-1]), rel_tol=1e-7)
+    gen = torch.Generator().manual_seed(5)  # the same draws, in the same order
+    for i, b in enumerate((4, 16)):
+        for j in range(3):
+            idx = torch.randperm(40, generator=gen)[:b]
+            h_b = _dense_hessian(model, x[idx], y[idx])
+            assert math.isclose(
+                spec.lambda_batch[i, j], float(torch.linalg.eigvalsh(h_b)[-1]), rel_tol=1e-6
+            )
+            want = float(torch.linalg.eigvalsh(h_b - h_full).abs().max())
+            assert math.isclose(spec.deviation[i, j], want, rel_tol=1e-6)
+    assert np.allclose(spec.noise_scale, np.sqrt(1 / np.array([4, 16]) - 1 / 40))
+
+
+def test_minibatch_spectrum_refuses_bad_batch_sizes():
+    model, x, y = _small()
+    with pytest.raises(ValueError, match="batch_sizes"):
+        bs.minibatch_spectrum(model, "ce", x, y, [40])
+    with pytest.raises(ValueError, match="at least one"):
+        bs.minibatch_spectrum(model, "ce", x, y, [])
+
+
+def test_power_law_recovers_a_known_exponent_and_its_band_covers_it():
+    rng = np.random.default_rng(0)
+    x = np.array([1, 2, 4, 8, 16, 32], dtype=float)
+    ys = 3.0 * x[:, None] ** -0.5 * np.exp(rng.normal(0, 0.05, (6, 20)))
+    fit = bs.power_law(x, ys, seed=1)
+    assert abs(fit.slope + 0.5) < 0.03
+    assert fit.low < -0.5 < fit.high and fit.high - fit.low < 0.1
+    exact = bs.power_law(x, np.repeat((2.0 * x**1.5)[:, None], 4, axis=1))
+    assert math.isclose(exact.slope, 1.5, rel_tol=1e-10) and math.isclose(
+        exact.low, 1.5, rel_tol=1e-10
+    )
+    with pytest.raises(ValueError, match="positive"):
+        bs.power_law(x, -ys)
+
+
+@pytest.mark.parametrize("lam", [0.5, 3.0, 40.0])
+def test_loss_decreases_on_a_quadratic_with_gd_is_exactly_lr_below_two_over_lambda(lam):
+    # f(w) = lam/2 (w . x)^2 averaged over examples x = +-1: a quadratic of curvature lam in w
+    class Quad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+
+        def forward(self, x):
+            return self.w * x
+
+    def loss(out, target):
+        return 0.5 * lam * (out - target).pow(2).mean()
+
+    x = torch.tensor([[1.0], [-1.0]] * 5, dtype=torch.float64)
+    y = torch.zeros(10, 1, dtype=torch.float64)
+    stable = bs.loss_decreases(Quad(), loss, x, y, optimizer="sgd", batch_size=10, steps=7)
+    got = bs.largest_stable_lr(stable, 1e-3, 1e3, iters=40)
+    assert math.isclose(got, 2.0 / lam, rel_tol=1e-9)
+    assert stable(0.99 * 2 / lam) and not stable(1.01 * 2 / lam)
+
+
+def test_largest_stable_lr_brackets():
+    assert bs.largest_stable_lr(lambda lr: True, 1e-3, 10.0) == 10.0
+    with pytest.raises(ValueError, match="stable\\(low\\) fails"):
+        bs.largest_stable_lr(lambda lr: False, 1e-3, 10.0)
+    got = bs.largest_stable_lr(lambda lr: lr <= 0.37, 1e-3, 10.0, iters=20)
+    assert got <= 0.37 and got > 0.37 * (1e4) ** (-(2**-20)) * 0.999
+
+
+def test_loss_decreases_leaves_the_model_alone_and_uses_the_same_batches_for_every_lr():
+    model, x, y = _small()
+    before = [p.detach().clone() for p in model.parameters()]
+    stable = bs.loss_decreases(model, "ce", x, y, optimizer="adam", batch_size=8, steps=5, seed=3)
+    a, b = stable(1e-3), stable(1e-3)
+    assert a == b
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert not stable(1e6)
+    with pytest.raises(ValueError, match="optimizer must be"):
+        bs.loss_decreases(model, "ce", x, y, optimizer="rmsprop", batch_size=8, steps=5)
+
+
+def test_gradient_noise_has_the_papers_variance_schedule_over_many_draws():
+    noise = bs.GradientNoise(0.3, 0.55, seed=2)
+    p = nn.Parameter(torch.zeros(200_000, dtype=torch.float64))
+    for t in range(4):
+        p.grad = torch.zeros_like(p)
+        sd = noise.add_([p])
+        want = 0.3 / (1 + t) ** 0.55
+        assert math.isclose(sd**2, want, rel_tol=1e-12)
+        var = float(p.grad.var())
+        assert abs(var / want - 1) < 0.02  # 200,000 draws: relative sd of the variance ~0.3%
+        assert abs(float(p.grad.mean())) < 5 * math.sqrt(want / 200_000)
+
+
+def test_gradient_noise_zero_adds_nothing_and_skips_parameters_without_grad():
+    p, q = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    assert bs.GradientNoise(0.0).add_([p, q]) == 0.0
+    assert torch.equal(p.grad, torch.full((3,), 2.0)) and q.grad is None
+    with pytest.raises(ValueError, match="eta"):
+        bs.GradientNoise(-1.0)
+
+
+def _train(noise, seed=0):
+    model, x, y = _small(1)
+    gc.train.train(
+        model,
+        x,
+        y,
+        loss="ce",
+        lr=0.1,
+        optimizer="sgd",
+        batch_size=8,
+        steps=6,
+        seed=seed,
+        progress=False,
+        grad_noise=noise,
+    )
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_train_has_no_gradient_noise_by_default_and_adds_it_when_asked():
+    model, x, y = _small(1)
+    gc.train.train(
+        model,
+        x,
+        y,
+        loss="ce",
+        lr=0.1,
+        optimizer="sgd",
+        batch_size=8,
+        steps=6,
+        seed=0,
+        progress=False,
+    )
+    default = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert torch.equal(default, _train(0.0))
+    noisy = _train(0.1)
+    assert not torch.allclose(noisy, default)
+    assert torch.equal(noisy, _train(0.1))  # seeded: reproducible
+    with pytest.raises(ValueError, match="grad_noise"):
+        _train(-0.1)
+
+
+def test_gradient_moments_against_a_per_example_loop_and_noise_fraction_limits():
+    model, x, y = _small()
+    rows = []
+    for i in range(len(x)):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        rows.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    g = torch.stack(rows)
+    mean, var = bs.gradient_moments(model, "ce", x, y, chunk_size=7)
+    assert torch.allclose(mean, g.mean(0), rtol=1e-10, atol=1e-13)
+    assert torch.allclose(var, g.var(0, unbiased=False), rtol=1e-9, atol=1e-13)
+    # B = N: no noise; the fraction falls as B grows
+    assert bs.noise_fraction(mean, var, 40, 40) == 0.0
+    fr = [bs.noise_fraction(mean, var, b, 40) for b in (1, 4, 16, 39)]
+    assert all(a > b for a, b in zip(fr, fr[1:], strict=False)) and 0 < fr[-1] < fr[0] < 1
+    # a coordinate with zero mean is all noise; one with zero variance none
+    m2, v2 = torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0])
+    assert math.isclose(bs.noise_fraction(m2, v2, 5, 10), 0.5)

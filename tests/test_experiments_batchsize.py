@@ -1,0 +1,95 @@
+"""gradcourse.experiments.batchsize: configuration checks, the checkpoint, and each experiment's
+result against an independent recomputation on a small setting."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gradcourse import batchsize as bs
+from gradcourse.experiments import batchsize as bx
+
+SMALL = dict(
+    n_train=120,
+    n_test=50,
+    width=8,
+    warmup_epochs=1,
+    spectrum_sizes=(8, 32),
+    draws=2,
+    lr_sizes=(8, 120),
+    lr_steps=3,
+    deep_depth=4,
+    deep_width=6,
+    deep_n_train=200,
+    deep_steps=250,
+    deep_batch=20,
+)
+
+
+def test_config_refuses_unknown_keys_and_bad_values_by_name():
+    with pytest.raises(ValueError, match="unknown configuration keys"):
+        bx.config(draw=3)
+    with pytest.raises(ValueError, match="spectrum_sizes"):
+        bx.config(n_train=100, spectrum_sizes=(8, 100), lr_sizes=(8,))
+    with pytest.raises(ValueError, match="lr_sizes"):
+        bx.config(n_train=100, spectrum_sizes=(8,), lr_sizes=(8, 101))
+    with pytest.raises(ValueError, match="deep_poor_std"):
+        bx.config(deep_poor_std=0.0)
+
+
+def test_the_checkpoint_is_deterministic():
+    a, b = bx.checkpoint(SMALL), bx.checkpoint(SMALL)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_spectrum_run_equals_the_library_call_at_the_checkpoint():
+    cfg = bx.config(**SMALL)
+    r = bx.spectrum_run(cfg, 3)
+    ds = bx.load(cfg["n_train"], cfg["n_test"], cfg["data_seed"])
+    spec = bs.minibatch_spectrum(
+        bx.checkpoint(cfg), "ce", ds.x_train, ds.y_train, (8, 32), draws=2, seed=3
+    )
+    assert np.allclose(r["deviation"], spec.deviation) and np.allclose(
+        r["lambda_batch"], spec.lambda_batch
+    )
+    assert r["lambda_full"] == spec.lambda_full
+
+
+def test_stable_lr_run_sits_at_the_criterions_threshold():
+    cfg = bx.config(**SMALL)
+    lr = bx.stable_lr_run(cfg, "sgd", 8, 0)["lr"]
+    ds = bx.load(cfg["n_train"], cfg["n_test"], cfg["data_seed"])
+    stable = bs.loss_decreases(
+        bx.checkpoint(cfg),
+        "ce",
+        ds.x_train,
+        ds.y_train,
+        optimizer="sgd",
+        batch_size=8,
+        steps=3,
+        seed=0,
+    )
+    assert stable(lr)
+    assert not stable(lr * (1e6) ** (2**-12) * 1.01)  # one bisection step above is unstable
+
+
+def test_deep_model_initialisations():
+    cfg = bx.config(**SMALL)
+    poor, good = bx.deep_model(cfg, "poor", 1), bx.deep_model(cfg, "good", 1)
+    w_poor = poor.layers[1].weight
+    assert abs(float(w_poor.std()) - 0.12) < 0.04 and float(poor.layers[1].bias.abs().max()) == 0
+    assert abs(float(good.layers[1].weight.std()) - math.sqrt(2 / 6)) < 0.2
+    with pytest.raises(ValueError, match="init must be"):
+        bx.deep_model(cfg, "bad", 1)
+
+
+def test_deep_run_is_reproducible_and_noise_changes_it():
+    cfg = bx.config(**SMALL)
+    a, b = bx.deep_run(cfg, "good", 0.0, 2), bx.deep_run(cfg, "good", 0.0, 2)
+    assert a["test_acc"] == b["test_acc"] and np.array_equal(a["losses"], b["losses"])
+    c = bx.deep_run(cfg, "good", 0.5, 2)
+    assert not np.array_equal(a["losses"][1:], c["losses"][1:])
+    assert a["losses"][0] == c["losses"][0]  # the first loss is before any (noisy) step
+    assert not a["diverged"]
+    assert bx.deep_run(cfg, "good", 1e12, 2)["diverged"]  # absurd noise: a non-finite loss
