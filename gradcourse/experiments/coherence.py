@@ -30,6 +30,7 @@ from .. import data, models
 from ..cache import Cache
 from ..checks import check_int, check_number, check_positive
 from ..functional import flatten
+from . import seeded_run, seeded_runs
 
 __all__ = [
     "AGGREGATORS",
@@ -290,14 +291,7 @@ def cached_run(
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """:func:`train_run` through ``cache`` (keyed by the full configuration and the seed)."""
-    cfg = config(**cfg)
-
-    def compute() -> dict[str, Any]:
-        return train_run(cfg, seed, device=device)
-
-    if cache is None:
-        return compute()
-    return cache.get_or_compute("coherence-run", {**cfg, "seed": seed}, compute)
+    return seeded_run("coherence-run", train_run, config(**cfg), seed, cache=cache, device=device)
 
 
 def cached_runs(
@@ -310,12 +304,7 @@ def cached_runs(
 ) -> dict[Any, dict[str, Any]]:
     """:func:`cached_run` for every job ``{key: (cfg, seed)}`` under one progress bar (a cached
     run passes at once). Returns ``{key: record}`` in job order."""
-    from tqdm.auto import tqdm
-
-    out: dict[Any, dict[str, Any]] = {}
-    for key, (cfg, seed) in tqdm(list(jobs.items()), desc=desc, disable=not progress, leave=False):
-        out[key] = cached_run(cfg, seed, cache=cache, device=device)
-    return out
+    return seeded_runs(cached_run, jobs, cache=cache, device=device, progress=progress, desc=desc)
 
 
 # ----------------------------------------------------------------------------- analysis

@@ -28,6 +28,7 @@ from ..cache import Cache
 from ..checks import check_int, check_ints, check_number, check_positive
 from ..stats import Interval, bootstrap
 from ..subspace import PROJECTIONS, SubspaceModel
+from . import seeded_run, seeded_runs
 
 __all__ = [
     "ARCHS",
@@ -251,14 +252,7 @@ def cached_run(
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """:func:`train_run` through ``cache`` (keyed by the full configuration and the seed)."""
-    cfg = config(**cfg)
-
-    def compute() -> dict[str, Any]:
-        return train_run(cfg, seed, device=device)
-
-    if cache is None:
-        return compute()
-    return cache.get_or_compute("intrinsic-run", {**cfg, "seed": seed}, compute)
+    return seeded_run("intrinsic-run", train_run, config(**cfg), seed, cache=cache, device=device)
 
 
 def cached_runs(
@@ -271,12 +265,7 @@ def cached_runs(
 ) -> dict[Any, dict[str, Any]]:
     """:func:`cached_run` for every job ``{key: (cfg, seed)}`` under one progress bar
     (``tqdm.auto``; a cached run passes at once). Returns ``{key: record}`` in job order."""
-    from tqdm.auto import tqdm
-
-    out: dict[Any, dict[str, Any]] = {}
-    for key, (cfg, seed) in tqdm(list(jobs.items()), desc=desc, disable=not progress, leave=False):
-        out[key] = cached_run(cfg, seed, cache=cache, device=device)
-    return out
+    return seeded_runs(cached_run, jobs, cache=cache, device=device, progress=progress, desc=desc)
 
 
 def mean_curve(acc: Any) -> np.ndarray:

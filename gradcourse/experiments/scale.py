@@ -25,6 +25,7 @@ from .. import data
 from .. import optim as go
 from ..cache import Cache
 from ..checks import check_int, check_number, check_positive
+from . import seeded_run
 
 __all__ = [
     "DEFAULTS",
@@ -275,14 +276,7 @@ def cached_run(
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """:func:`train_run` through ``cache`` (keyed by the full configuration and the seed)."""
-    cfg = config(**cfg)
-
-    def compute() -> dict[str, Any]:
-        return train_run(cfg, seed, device=device)
-
-    if cache is None:
-        return compute()
-    return cache.get_or_compute("scale-run", {**cfg, "seed": seed}, compute)
+    return seeded_run("scale-run", train_run, config(**cfg), seed, cache=cache, device=device)
 
 
 def norm_identity_run(
