@@ -24,12 +24,15 @@ warnings.filterwarnings(
 
 _SUBMODULES = (
     "attribution",
+    "batchsize",
     "cache",
     "claims",
     "cli",
     "coherence",
+    "corpus",
     "curvature",
     "data",
+    "directional",
     "exercises",
     "experiments",
     "functional",

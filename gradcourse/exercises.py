@@ -1419,6 +1419,93 @@ _register(
 )
 
 
+# --- 09: Adam against SGD on transformers ----------------------------------------------------
+
+
+def _ref_clip_top(g: Tensor, fraction: float) -> Tensor:
+    from .directional import clip_coordinates
+
+    return clip_coordinates(g, fraction)
+
+
+def _heavy(n: int, seed: int) -> Tensor:
+    """Coordinates with a heavy tail: Gaussian times a log-normal scale."""
+    gen = _gen(seed)
+    scale = torch.exp(2.0 * torch.randn(n, generator=gen, dtype=torch.float64))
+    return torch.randn(n, generator=gen, dtype=torch.float64) * scale
+
+
+def _cases_clip_top() -> list[Case]:
+    skew = _heavy(50, 3)
+    skew[skew.abs().argmax()] = -1e3  # the largest coordinate negative
+    return [
+        Case("1000 heavy-tailed coordinates, fraction 0.1", (_heavy(1000, 0), 0.1)),
+        Case("1000 coordinates, fraction 0.5 (Pan & Li's rho for Adam)", (_heavy(1000, 1), 0.5)),
+        Case(
+            "37 coordinates, fraction 0.25 (floor(9.25) = 9 above the threshold)",
+            (_heavy(37, 2), 0.25),
+        ),
+        Case("fraction 0: nothing is clipped", (_heavy(20, 4), 0.0)),
+        Case("the largest coordinate is negative: it keeps its sign", (skew, 0.1)),
+    ]
+
+
+_register(
+    Exercise(
+        "09.clip_top",
+        "clip_top(g, fraction) -> Tensor, the shape of g",
+        "clip every coordinate of the flat gradient g into [-tau, tau], tau the "
+        "(floor(fraction * d) + 1)-th largest |g_i| of its d coordinates (one global threshold)",
+        "gc.directional.clip_coordinates",
+        _ref_clip_top,
+        _cases_clip_top,
+        rtol=1e-12,
+    )
+)
+
+
+def _ref_adam_direction(grads: Tensor, beta1: float, beta2: float, eps: float) -> Tensor:
+    from .directional import PseudoUpdates
+
+    pseudo = PseudoUpdates(betas=(beta1, beta2), eps=eps)
+    for g in grads:
+        pseudo.update(g)
+    return pseudo.directions()["adam"]
+
+
+def _cases_adam_direction() -> list[Case]:
+    def grads(t: int, p: int, seed: int) -> Tensor:
+        return torch.stack([_heavy(p, seed + i) for i in range(t)])
+
+    return [
+        Case("one gradient: about sign(g)", (grads(1, 30, 0), 0.9, 0.999, 1e-8)),
+        Case("5 gradients, betas (0.9, 0.999)", (grads(5, 30, 10), 0.9, 0.999, 1e-8)),
+        Case("20 gradients, betas (0.5, 0.9)", (grads(20, 12, 20), 0.5, 0.9, 1e-8)),
+        Case(
+            "8 gradients, beta1 = 0 (RMSprop with bias correction)",
+            (grads(8, 12, 40), 0.0, 0.99, 1e-8),
+        ),
+        Case("6 gradients, a large eps = 0.1", (grads(6, 12, 50), 0.9, 0.999, 0.1)),
+    ]
+
+
+_register(
+    Exercise(
+        "09.adam_direction",
+        "adam_direction(grads, beta1, beta2, eps) -> Tensor (P,)",
+        "feed the gradients grads[0], grads[1], ... (shape (T, P)) to Adam's moments "
+        "m = beta1 m + (1 - beta1) g and v = beta2 v + (1 - beta2) g^2 (both from 0), and return "
+        "Adam's direction m_hat / (sqrt(v_hat) + eps) with m_hat = m / (1 - beta1^T), "
+        "v_hat = v / (1 - beta2^T)",
+        "gc.directional.PseudoUpdates(...).directions()['adam'] (torch.optim.Adam's step / lr)",
+        _ref_adam_direction,
+        _cases_adam_direction,
+        rtol=1e-9,
+        atol=1e-12,
+    )
+)
+
+
 def describe(name: str | None = None) -> str:
     """The exercises (or one of them) as text: name, signature, task, what it is checked against."""
     names = sorted(EXERCISES) if name is None else [name]

@@ -8,7 +8,9 @@ per-example and stability code share when they call ``torch.func.functional_call
   example of a Jacobian or of per-example gradients);
 - :func:`place`, :func:`place_batch`  a batch on the model's device, floats in its dtype;
 - :func:`shared_parameters`, :func:`layers_used_elsewhere`  tied weights, for per-layer rules;
-- :func:`refuse_random_train_mode`, :class:`module_mode`, :func:`model_device_dtype`.
+- :func:`refuse_random_train_mode`, :class:`module_mode`, :func:`model_device_dtype`;
+- :func:`math_attention`  attention by its math kernel, which every route here differentiates
+  twice or forward-mode (PyTorch's fused CPU kernel supports neither).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.overrides import TorchFunctionMode
@@ -28,6 +31,16 @@ from .checks import check_finite, check_labels
 from .losses import LossFn, get_loss, targets_for
 
 Params = dict[str, Tensor]
+
+
+def math_attention():
+    """A context in which ``F.scaled_dot_product_attention`` (and so ``nn.MultiheadAttention``
+    and ``nn.TransformerEncoderLayer``) uses its math kernel: plain differentiable operations.
+    PyTorch's fused kernels on the CPU have no double backward and no forward-mode AD
+    ("derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented"), which Hessian-vector products need; the math kernel gives the same values
+    to rounding. :meth:`FunctionalModel.outputs` and the live Hessian operator run under it."""
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def refuse_batch_statistics(model: nn.Module, consequence: str) -> None:
@@ -198,8 +211,10 @@ class FunctionalModel:
         return place_batch(x, y, self.device, self.dtype)
 
     def outputs(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        """The model's outputs f(x; params), the frozen tensors held fixed."""
-        return functional_call(self.model, {**self.frozen, **params}, (x,))
+        """The model's outputs f(x; params), the frozen tensors held fixed (attention by its
+        math kernel, :func:`math_attention`, so that every derivative of it exists)."""
+        with math_attention():
+            return functional_call(self.model, {**self.frozen, **params}, (x,))
 
     def targets(self, x: Tensor, y: Tensor) -> Tensor:
         """y as the loss takes it, made once outside ``vmap`` (where ``one_hot`` cannot read

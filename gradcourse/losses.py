@@ -33,6 +33,17 @@ def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(outputs, targets)
 
 
+def token_cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token cross-entropy (nats per token) of (n, T, vocab) logits against (n, T)
+    integer targets: every position of every sequence weighs the same."""
+    if outputs.ndim != 3 or targets.shape != outputs.shape[:2]:
+        raise ValueError(
+            f"outputs must be (n, T, vocab) and targets (n, T), got {tuple(outputs.shape)} "
+            f"and {tuple(targets.shape)}"
+        )
+    return F.cross_entropy(outputs.flatten(0, 1), targets.flatten())
+
+
 def get_loss(loss: str | LossFn) -> LossFn:
     """Return the loss function for ``"mse"`` or ``"ce"``; a callable is passed through."""
     if callable(loss):

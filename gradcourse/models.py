@@ -5,6 +5,8 @@
 - :class:`DiagonalLinear`: f(x) = <u * v, x> (Woodworth et al. 2020; HaoChen et al. 2021).
 - :class:`SmallCNN`: two conv-relu-pool stages and a small classifier, for 1-D or 2-D inputs.
 - :func:`resnet18`: the CIFAR ResNet-18 of He et al. 2016 (3x3 stem, no max-pool), as in Data Diet.
+- :class:`CausalTransformer`: a small GPT-style language model over tokens (pre-LayerNorm
+  blocks of causal self-attention and a GELU MLP; Radford et al. 2019), for notebook 09.
 
 Every model builds its parameters from its own ``torch.Generator(seed)`` on the CPU (the global
 RNG is never touched) and then moves to ``device``, so a seed gives the same network on every
@@ -458,6 +460,93 @@ def resnet18(
     return ResNet18(num_classes, in_channels=in_channels, seed=seed, device=device, dtype=dtype)
 
 
+class _Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.fc = nn.Linear(width, 4 * width)
+        self.out = nn.Linear(4 * width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, t, w = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(w, dim=-1)
+        q, k, v = (z.view(n, t, self.heads, w // self.heads).transpose(1, 2) for z in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(n, t, w))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class CausalTransformer(nn.Module):
+    """A small causal language model: token and learned position embeddings, ``depth``
+    pre-LayerNorm blocks (``heads``-head causal self-attention by
+    ``F.scaled_dot_product_attention``, then a 4x GELU MLP), a final LayerNorm and an untied
+    linear head. Input (n, T) integer tokens with T <= ``context``; output (n, T, vocab)
+    logits, position t predicting token t + 1 (:func:`gradcourse.losses.token_cross_entropy`).
+
+    Initialisation as GPT-2 (Radford et al. 2019): weights and embeddings ~ N(0, 0.02^2),
+    biases 0, LayerNorm gain 1, and the projections back into the residual stream scaled by
+    1/sqrt(2 depth); drawn from ``torch.Generator(seed)``.
+    """
+
+    def __init__(
+        self,
+        vocab: int = 256,
+        context: int = 64,
+        width: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        *,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        vocab = check_int("vocab", vocab, 2)
+        self.context = check_int("context", context, 1)
+        width = check_int("width", width, 1)
+        depth = check_int("depth", depth, 1)
+        heads = check_int("heads", heads, 1)
+        if width % heads:
+            raise ValueError(f"width must be a multiple of heads ({heads}), got {width}")
+        self.vocab = vocab
+        self.embed = nn.Embedding(vocab, width)
+        self.position = nn.Parameter(torch.empty(self.context, width))
+        self.blocks = nn.Sequential(*[_Block(width, heads) for _ in range(depth)])
+        self.ln = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+        g = _generator(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("bias"):
+                    p.zero_()
+                elif ".ln" in name or name.startswith("ln"):
+                    p.fill_(1.0)
+                else:
+                    std = (
+                        0.02 / math.sqrt(2 * depth)
+                        if name.endswith(("proj.weight", "out.weight"))
+                        else 0.02
+                    )
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        if device is not None:
+            self.to(device)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        if tokens.ndim != 2 or tokens.is_floating_point():
+            raise ValueError(
+                f"tokens must be an (n, T) integer tensor, got {tuple(tokens.shape)} {tokens.dtype}"
+            )
+        t = tokens.shape[1]
+        if t > self.context:
+            raise ValueError(f"sequence length must be at most context={self.context}, got {t}")
+        x = self.embed(tokens) + self.position[:t]
+        return self.head(self.ln(self.blocks(x)))
+
+
 # ----------------------------------------------------------------------------- registry
 
 
@@ -473,6 +562,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": SmallCNN,
     "lenet": LeNet,
     "resnet18": resnet18,
+    "causal_transformer": CausalTransformer,
 }
 
 

@@ -219,6 +219,21 @@ def noise_std(eta, gamma, t):
     return math.sqrt(eta / (1 + t) ** gamma)
 
 
+def clip_top(g, fraction):
+    tau = g.abs().sort(descending=True).values[int(len(g) * fraction)]
+    return g.clamp(-tau, tau)
+
+
+def adam_direction(grads, beta1, beta2, eps):
+    m = torch.zeros_like(grads[0])
+    v = torch.zeros_like(grads[0])
+    for g in grads:
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+    t = len(grads)
+    return (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
+
+
 SOLUTIONS = {
     "00.per_example_grad_norms": grad_norms,
     "00.hvp": hvp,
@@ -238,6 +253,8 @@ SOLUTIONS = {
     "07.d_int": d_int,
     "08.project_radial": project_radial,
     "08.norm_prediction": norm_prediction,
+    "09.clip_top": clip_top,
+    "09.adam_direction": adam_direction,
     "10.coherence_ratio": coherence_ratio,
     "10.median_of_means": median_of_means,
     "11.log_bisection": log_bisection,
@@ -260,6 +277,7 @@ def test_every_exercise_has_a_solution_here_and_at_least_two_per_notebook():
         "06",
         "07",
         "08",
+        "09",
         "10",
         "11",
     ]
@@ -450,6 +468,44 @@ def _mutants():
             lo, hi = (mid, hi) if stable(math.exp(mid)) else (lo, mid)
         return math.exp(hi)
 
+    def clip_top_next_index(g, fraction):  # the (floor(rho d) + 2)-th largest: one too many
+        tau = g.abs().sort(descending=True).values[min(int(len(g) * fraction) + 1, len(g) - 1)]
+        return g.clamp(-tau, tau)
+
+    def clip_top_signed_threshold(g, fraction):  # the largest g_i, not the largest |g_i|
+        tau = g.sort(descending=True).values[int(len(g) * fraction)].abs()
+        return g.clamp(-tau, tau)
+
+    def clip_top_to_zero(g, fraction):  # drops the top coordinates instead of clipping them
+        tau = g.abs().sort(descending=True).values[int(len(g) * fraction)]
+        return torch.where(g.abs() > tau, torch.zeros_like(g), g)
+
+    def adam_without_bias_correction(grads, beta1, beta2, eps):
+        m = torch.zeros_like(grads[0])
+        v = torch.zeros_like(grads[0])
+        for g in grads:
+            m = beta1 * m + (1 - beta1) * g
+            v = beta2 * v + (1 - beta2) * g * g
+        return m / (v.sqrt() + eps)
+
+    def adam_eps_inside_sqrt(grads, beta1, beta2, eps):
+        m = torch.zeros_like(grads[0])
+        v = torch.zeros_like(grads[0])
+        for g in grads:
+            m = beta1 * m + (1 - beta1) * g
+            v = beta2 * v + (1 - beta2) * g * g
+        t = len(grads)
+        return (m / (1 - beta1**t)) / (v / (1 - beta2**t) + eps).sqrt()
+
+    def adam_square_of_mean(grads, beta1, beta2, eps):  # v from m^2, not from g^2
+        m = torch.zeros_like(grads[0])
+        v = torch.zeros_like(grads[0])
+        for g in grads:
+            m = beta1 * m + (1 - beta1) * g
+            v = beta2 * v + (1 - beta2) * m * m
+        t = len(grads)
+        return (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
+
     def noise_variance_not_std(eta, gamma, t):  # the ports' pitfall
         return eta / (1 + t) ** gamma
 
@@ -556,6 +612,12 @@ def _mutants():
         ("08.project_radial", project_unnormalised, "wrong", None),
         ("08.norm_prediction", norm_without_momentum_term, "wrong", None),
         ("08.norm_prediction", norm_momentum_term_once, "wrong", None),
+        ("09.clip_top", clip_top_next_index, "wrong", None),
+        ("09.clip_top", clip_top_signed_threshold, "wrong", None),
+        ("09.clip_top", clip_top_to_zero, "wrong", None),
+        ("09.adam_direction", adam_without_bias_correction, "wrong", None),
+        ("09.adam_direction", adam_eps_inside_sqrt, "wrong", None),
+        ("09.adam_direction", adam_square_of_mean, "wrong", None),
         ("10.coherence_ratio", coherence_alpha_not_ratio, "wrong", None),
         ("10.coherence_ratio", coherence_sum_of_norms, "wrong", None),
         ("10.median_of_means", median_lower_middle, "wrong", None),

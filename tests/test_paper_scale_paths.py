@@ -418,3 +418,23 @@ def test_scale_invariance_gpu_profile_configs(tmp_path):
     )
     rec = sx.cached_run(toy, gpu["seeds"][-1], cache=Cache(tmp_path / "cache"), device=CPU)
     assert len(rec["steps"]) >= 1 and 0.0 <= rec["accuracy"] <= 1.0
+
+
+def test_adam_vs_sgd_gpu_profile_configs(tmp_path):
+    """Notebook 09's gpu profile: its configurations are accepted (the larger transformer, every
+    optimiser, the MLP control on all 60,000 images), and a trajectory and a training run with
+    its settings run at toy size."""
+    from gradcourse.experiments import adam_sgd as ax
+
+    gpu = notebook_config("09_adam_vs_sgd_transformers.ipynb", "gpu")
+    assert gpu["data"]["n_train"] == 60_000 and len(gpu["train_seeds"]) >= 5
+    for opt in ax.OPTIMISERS:
+        ax.config(**gpu["data"], optimizer=opt)
+    ax.config(**{**gpu["data"], "task": "mlp"})
+    small = dict(corpus_bytes=20_000, batch_size=2, steps=2, every=2, pretrain_steps=1)
+    toy = ax.config(**{**gpu["data"], **small, "width": 8, "heads": 2, "depth": 1, "context": 16})
+    cache = Cache(tmp_path / "cache")
+    rec = ax.cached_trajectories({0: (toy, gpu["seeds"][-1])}, cache=cache, device=CPU)[0]
+    assert rec["S"].shape[0] == 1 and np.isfinite(rec["S"]).all()
+    run = ax.cached_trainings({0: (toy, gpu["train_seeds"][-1])}, cache=cache, device=CPU)[0]
+    assert not run["diverged"]

@@ -29,7 +29,14 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
 from ..checks import check_int
-from ..functional import FunctionalModel, Params, flatten, place_batch, refuse_random_train_mode
+from ..functional import (
+    FunctionalModel,
+    Params,
+    flatten,
+    math_attention,
+    place_batch,
+    refuse_random_train_mode,
+)
 from ..losses import LossFn, get_loss, targets_for
 
 Batch = tuple[Tensor, Tensor]
@@ -419,7 +426,7 @@ class LiveHessianOperator(CurvatureOperator):
             raise ValueError("model has no parameters that require grad")
         first = params[0]
         x, y = place_batch(x, y, first.device, first.dtype)
-        with torch.enable_grad():
+        with torch.enable_grad(), math_attention():  # the fused CPU attention has no 2nd derivative
             out = model(x)
             if isinstance(loss, str):
                 y = targets_for(loss, y, out.shape[1] if out.ndim > 1 else 1, out.dtype)
