@@ -29,7 +29,6 @@ _SUBMODULES = (
     "claims",
     "cli",
     "coherence",
-    "corpus",
     "curvature",
     "data",
     "directional",

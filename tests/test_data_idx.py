@@ -19,7 +19,7 @@ import gradcourse.data as D
 @pytest.fixture(autouse=True)
 def no_system_copy(tmp_path, monkeypatch):
     """Hide the Debian copy unless a test puts one back, so the tests see only their files."""
-    monkeypatch.setattr(D, "SYSTEM_FASHION_MNIST", tmp_path / "no-system-copy")
+    monkeypatch.setattr(D.images, "SYSTEM_FASHION_MNIST", tmp_path / "no-system-copy")
 
 
 def fashion_folder(root: Path) -> Path:
@@ -153,7 +153,7 @@ def test_fashion_mnist_subsets(tmp_path):
 def test_fashion_mnist_search_order(tmp_path, monkeypatch):
     system = tmp_path / "system"
     _write_fake_idx_folder(system, n_train=20, n_test=10, gz=True, seed=1)
-    monkeypatch.setattr(D, "SYSTEM_FASHION_MNIST", system)
+    monkeypatch.setattr(D.images, "SYSTEM_FASHION_MNIST", system)
     root = tmp_path / "root"
     assert D.fashion_mnist(root=root).source == str(system)  # nothing under root: Debian's copy
     _write_fake_idx_folder(fashion_folder(root), n_train=30, n_test=10, seed=2)
@@ -187,7 +187,7 @@ def test_bad_file_names_folder_file_and_remedy(tmp_path, name, content, message)
 def test_the_remedy_depends_on_whose_folder_holds_the_bad_file(tmp_path, monkeypatch):
     system = tmp_path / "system"
     _write_fake_idx_folder(system, n_train=20, n_test=10, gz=True)
-    monkeypatch.setattr(D, "SYSTEM_FASHION_MNIST", system)
+    monkeypatch.setattr(D.images, "SYSTEM_FASHION_MNIST", system)
     user = fashion_folder(tmp_path / "root")
     _write_fake_idx_folder(user, n_train=20, n_test=10)
     (user / "train-labels-idx1-ubyte").write_bytes(b"")
@@ -240,7 +240,7 @@ def test_missing_files_say_where_and_how(tmp_path):
         D.fashion_mnist(root=tmp_path)
     text = str(info.value)
     assert "t10k-labels-idx1-ubyte" in text and str(folder) in text
-    assert str(D.SYSTEM_FASHION_MNIST) in text
+    assert str(D.images.SYSTEM_FASHION_MNIST) in text
     assert "sudo apt-get install dataset-fashion-mnist" in text and "download=True" in text
 
 
@@ -306,7 +306,7 @@ def test_mnist_rejects_an_empty_file_and_a_bad_label(tmp_path, write_fake_mnist)
 @pytest.fixture
 def real_fashion_mnist(monkeypatch, tmp_path):
     system = Path("/usr/share/datasets/fashion-mnist")
-    monkeypatch.setattr(D, "SYSTEM_FASHION_MNIST", system)  # the real Debian path
+    monkeypatch.setattr(D.images, "SYSTEM_FASHION_MNIST", system)  # the real Debian path
     monkeypatch.setenv("GRADCOURSE_DATA", str(tmp_path / "empty"))  # and no copy of the user's
     if not (system / "t10k-labels-idx1-ubyte.gz").is_file():
         pytest.skip("Fashion-MNIST is not installed here (make data installs it)")

@@ -224,12 +224,18 @@ def clip_top(g, fraction):
     return g.clamp(-tau, tau)
 
 
-def adam_direction(grads, beta1, beta2, eps):
+def adam_moments(grads, beta1, beta2, second=lambda g, m: g * g):
+    """Adam's moments after grads; ``second`` gives what v averages (g^2; a mutant: m^2)."""
     m = torch.zeros_like(grads[0])
     v = torch.zeros_like(grads[0])
     for g in grads:
         m = beta1 * m + (1 - beta1) * g
-        v = beta2 * v + (1 - beta2) * g * g
+        v = beta2 * v + (1 - beta2) * second(g, m)
+    return m, v
+
+
+def adam_direction(grads, beta1, beta2, eps):
+    m, v = adam_moments(grads, beta1, beta2)
     t = len(grads)
     return (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
 
@@ -481,28 +487,16 @@ def _mutants():
         return torch.where(g.abs() > tau, torch.zeros_like(g), g)
 
     def adam_without_bias_correction(grads, beta1, beta2, eps):
-        m = torch.zeros_like(grads[0])
-        v = torch.zeros_like(grads[0])
-        for g in grads:
-            m = beta1 * m + (1 - beta1) * g
-            v = beta2 * v + (1 - beta2) * g * g
+        m, v = adam_moments(grads, beta1, beta2)
         return m / (v.sqrt() + eps)
 
     def adam_eps_inside_sqrt(grads, beta1, beta2, eps):
-        m = torch.zeros_like(grads[0])
-        v = torch.zeros_like(grads[0])
-        for g in grads:
-            m = beta1 * m + (1 - beta1) * g
-            v = beta2 * v + (1 - beta2) * g * g
+        m, v = adam_moments(grads, beta1, beta2)
         t = len(grads)
         return (m / (1 - beta1**t)) / (v / (1 - beta2**t) + eps).sqrt()
 
     def adam_square_of_mean(grads, beta1, beta2, eps):  # v from m^2, not from g^2
-        m = torch.zeros_like(grads[0])
-        v = torch.zeros_like(grads[0])
-        for g in grads:
-            m = beta1 * m + (1 - beta1) * g
-            v = beta2 * v + (1 - beta2) * m * m
+        m, v = adam_moments(grads, beta1, beta2, second=lambda g, m: m * m)
         t = len(grads)
         return (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
 

@@ -4,7 +4,7 @@ Two tasks, one protocol:
 
 - ``task="transformer"``: a small causal transformer (:class:`gradcourse.models.CausalTransformer`)
   learning the next byte of real Python source (the standard library,
-  :func:`gradcourse.corpus.python_source`), windows of ``context`` bytes;
+  :func:`gradcourse.data.python_source`), windows of ``context`` bytes;
 - ``task="mlp"``, the non-transformer control: a ReLU MLP 784 -> ``mlp_width`` x 2 -> 10 on
   ``n_train`` Fashion-MNIST images, cross-entropy.
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import corpus, data, losses, models
+from .. import data, losses, models
 from ..cache import Cache
 from ..checks import check_int, check_number, check_positive
 from ..directional import (
@@ -143,10 +143,8 @@ def load(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if cfg["task"] == "transformer":
         key: tuple[Any, ...] = ("transformer", cfg["corpus_bytes"])
         if key not in _DATA:
-            train = corpus.python_source("train", max_bytes=cfg["corpus_bytes"])
-            val = corpus.python_source(
-                "validation", max_bytes=max(cfg["corpus_bytes"] // 4, 10_000)
-            )
+            train = data.python_source("train", max_bytes=cfg["corpus_bytes"])
+            val = data.python_source("validation", max_bytes=max(cfg["corpus_bytes"] // 4, 10_000))
             _DATA[key] = dict(train=train, validation=val)
     else:
         key = ("mlp", cfg["n_train"])
@@ -223,9 +221,7 @@ def batches(cfg: Mapping[str, Any], seed: int, device: Any = None):
     gen = torch.Generator().manual_seed(1000 + seed)
     while True:
         if cfg["task"] == "transformer":
-            x, y = corpus.token_windows(
-                d["train"], cfg["batch_size"], cfg["context"], generator=gen
-            )
+            x, y = data.token_windows(d["train"], cfg["batch_size"], cfg["context"], generator=gen)
         else:
             i = torch.randint(0, len(d["y"]), (cfg["batch_size"],), generator=gen)
             x, y = d["x"][i], d["y"][i]
@@ -240,7 +236,7 @@ def _validation(cfg: Mapping[str, Any], seed: int, device: Any) -> list[tuple[Te
     out = []
     for _ in range(cfg["val_batches"]):
         if cfg["task"] == "transformer":
-            x, y = corpus.token_windows(d["validation"], 64, cfg["context"], generator=gen)
+            x, y = data.token_windows(d["validation"], 64, cfg["context"], generator=gen)
         else:
             i = torch.randint(0, len(d["y_val"]), (64,), generator=gen)
             x, y = d["x_val"][i], d["y_val"][i]
@@ -417,40 +413,32 @@ def train_run(cfg: Mapping[str, Any], seed: int, *, device: Any = None) -> dict[
     )
 
 
-def _trajectory(cfg, seed, *, cache=None, device=None):
-    return seeded_run(
-        "adam-sgd-trajectory", trajectory_run, config(**cfg), seed, cache=cache, device=device
+def _runner(name: str, run, desc: str, what: str):
+    """A function running ``run(cfg, seed)`` for every job ``{key: (cfg, seed)}``, each cached
+    under ``name`` and its configuration and seed, under one progress bar."""
+
+    def one(cfg, seed, *, cache=None, device=None):
+        return seeded_run(name, run, config(**cfg), seed, cache=cache, device=device)
+
+    def many(
+        jobs: Mapping[Any, tuple[Mapping[str, Any], int]],
+        *,
+        cache: Cache | None = None,
+        device: Any = None,
+        progress: bool = True,
+    ) -> dict[Any, dict[str, Any]]:
+        return seeded_runs(one, jobs, cache=cache, device=device, progress=progress, desc=desc)
+
+    many.__doc__ = (
+        f":func:`{what}` for every job ``{{key: (cfg, seed)}}``, cached, one progress bar."
     )
+    return many
 
 
-def _training(cfg, seed, *, cache=None, device=None):
-    return seeded_run("adam-sgd-train", train_run, config(**cfg), seed, cache=cache, device=device)
-
-
-def cached_trajectories(
-    jobs: Mapping[Any, tuple[Mapping[str, Any], int]],
-    *,
-    cache: Cache | None = None,
-    device: Any = None,
-    progress: bool = True,
-) -> dict[Any, dict[str, Any]]:
-    """:func:`trajectory_run` for every job ``{key: (cfg, seed)}``, cached, one progress bar."""
-    return seeded_runs(
-        _trajectory, jobs, cache=cache, device=device, progress=progress, desc="trajectories"
-    )
-
-
-def cached_trainings(
-    jobs: Mapping[Any, tuple[Mapping[str, Any], int]],
-    *,
-    cache: Cache | None = None,
-    device: Any = None,
-    progress: bool = True,
-) -> dict[Any, dict[str, Any]]:
-    """:func:`train_run` for every job ``{key: (cfg, seed)}``, cached, one progress bar."""
-    return seeded_runs(
-        _training, jobs, cache=cache, device=device, progress=progress, desc="training runs"
-    )
+cached_trajectories = _runner(
+    "adam-sgd-trajectory", trajectory_run, "trajectories", "trajectory_run"
+)
+cached_trainings = _runner("adam-sgd-train", train_run, "training runs", "train_run")
 
 
 def tuned_lr(runs: Mapping[float, Mapping[str, Any]]) -> float:

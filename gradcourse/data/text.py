@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checks import check_int
+from ..checks import check_int
 
 __all__ = ["Corpus", "python_source", "stdlib_files", "token_windows", "CORPUS_SPLITS"]
 

@@ -1,4 +1,4 @@
-"""gradcourse.corpus (stdlib Python source as bytes), the causal transformer and its loss."""
+"""gradcourse.data.text (stdlib Python source as bytes), the causal transformer and its loss."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import gradcourse as gc
-from gradcourse.corpus import python_source, stdlib_files, token_windows
+from gradcourse.data import python_source, stdlib_files, token_windows
 
 
 def _tree(tmp_path: Path) -> Path:
