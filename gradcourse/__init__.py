@@ -32,6 +32,7 @@ _SUBMODULES = (
     "curvature",
     "data",
     "directional",
+    "distributed",
     "exercises",
     "experiments",
     "functional",

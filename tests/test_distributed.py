@@ -1,0 +1,132 @@
+"""gradcourse.distributed on real gloo workers: the launcher, DGC / Gradient Dropping / dense
+exchange, and byte accounting."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gradcourse import distributed as gd
+from gradcourse.distributed import SparseSGD, WorkerError, launch, warmup_sparsity
+from gradcourse.experiments import compression as cx
+
+
+def test_launcher_refuses_a_local_function():
+    def local(rank, world):
+        return rank
+
+    with pytest.raises(ValueError, match="top level of an importable module"):
+        launch(local, 2)
+
+
+def test_launcher_returns_results_and_reports_a_worker_error():
+    assert launch(cx.echo_worker, 2, "hi") == [(0, 2, "hi"), (1, 2, "hi")]
+    with pytest.raises(WorkerError, match=r"worker 1 of 2 raised[\s\S]*boom from rank 1"):
+        launch(cx.failing_worker, 2, 1, timeout=10)
+
+
+def test_exchanges_match_their_single_process_references():
+    """One run of 2 workers, 12 steps each on its own gradients, returns every rank's parameters
+    for dense, DGC at sparsity 0 without masking, DGC at sparsity 0 with masking, DGC at 0.9 and
+    Gradient Dropping at 0.9; compared here with the same updates computed in one process."""
+    out = launch(cx.exchange_check_worker, 2, 12)
+    for method in out[0]:
+        assert torch.equal(out[0][method]["params"], out[1][method]["params"]), method  # replicas
+    grads = [cx.synthetic_grads(rank, 12) for rank in range(2)]  # (steps, P) per rank
+    mean = (grads[0] + grads[1]) / 2
+    lr, m = cx.CHECK_LR, cx.CHECK_MOMENTUM
+
+    # dense and DGC at sparsity 0 without masking: SGD with momentum on the mean gradient
+    theta, b = cx.check_start(), torch.zeros_like(mean[0])
+    for t in range(12):
+        b = mean[t] if t == 0 else m * b + mean[t]
+        theta = theta - lr * b
+    torch.testing.assert_close(out[0]["dense"]["params"], theta)
+    torch.testing.assert_close(out[0]["dgc_s0_nomask"]["params"], theta)
+    # with masking at sparsity 0 every coordinate is sent each step: momentum is erased
+    plain = cx.check_start() - lr * mean.sum(0)
+    torch.testing.assert_close(out[0]["dgc_s0_mask"]["params"], plain)
+
+    # DGC at sparsity 0.9, by hand per worker: momentum correction, accumulation, top-k, masking
+    P = mean.shape[1]
+    k = math.ceil(0.1 * P)
+    theta = cx.check_start()
+    u = [torch.zeros(P), torch.zeros(P)]
+    v = [torch.zeros(P), torch.zeros(P)]
+    for t in range(12):
+        total = torch.zeros(P)
+        for r in range(2):
+            u[r] = m * u[r] + grads[r][t]
+            v[r] = v[r] + u[r]
+            idx = v[r].abs().topk(k).indices
+            total[idx] += v[r][idx]
+            v[r][idx] = 0
+            u[r][idx] = 0
+        theta = theta - lr * total / 2
+    torch.testing.assert_close(out[0]["dgc_s90"]["params"], theta)
+
+    # Gradient Dropping at 0.9: accumulate g, send top-k, momentum SGD on the sparse sum
+    theta, b = cx.check_start(), torch.zeros(P)
+    v = [torch.zeros(P), torch.zeros(P)]
+    for t in range(12):
+        total = torch.zeros(P)
+        for r in range(2):
+            v[r] = v[r] + grads[r][t]
+            idx = v[r].abs().topk(k).indices
+            total[idx] += v[r][idx]
+            v[r][idx] = 0
+        G = total / 2
+        b = G if t == 0 else m * b + G
+        theta = theta - lr * b
+    torch.testing.assert_close(out[0]["gd_s90"]["params"], theta)
+
+
+def test_bytes_match_the_collectives_traffic():
+    out = launch(cx.exchange_check_worker, 2, 3)
+    P = cx.CHECK_PARAMS
+    dense = out[0]["dense"]
+    assert dense["payload"] == 3 * P * 4 and dense["calls"] == 3  # one float32 all-reduce a step
+    sparse = out[0]["dgc_s90"]
+    k = math.ceil(0.1 * P)
+    assert sparse["payload"] == 3 * k * (4 + 8)  # float32 values and int64 indices
+    if dense["wire"] is not None:  # Linux: a ring all-reduce of 2 workers writes about B bytes
+        assert dense["wire"] >= 3 * P * 4
+        assert dense["wire"] <= 3 * (P * 4 + 4096)
+
+
+def test_warmup_follows_the_papers_schedule():
+    assert [warmup_sparsity(s, 0.999, 400) for s in (0, 100, 200, 300, 400)] == pytest.approx(
+        [0.75, 0.9375, 0.984375, 0.99609375, 0.999]
+    )
+    assert warmup_sparsity(5, 0.5, 400) == 0.5  # the warm-up never goes sparser than asked
+    with pytest.raises(ValueError, match="final"):
+        warmup_sparsity(0, 1.0, 10)
+
+
+def test_sparse_sgd_checks_its_arguments():
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ValueError, match="method"):
+        SparseSGD(p, lr=0.1, method="topk")
+    with pytest.raises(ValueError, match="sparsity"):
+        SparseSGD(p, lr=0.1, sparsity=1.0)
+    with pytest.raises(ValueError, match="requires grad"):
+        SparseSGD([torch.zeros(3)], lr=0.1)
+    assert gd.METHODS == ("dense", "dgc", "gd")
+
+
+def test_training_workers_stay_replicas_and_count_their_payload():
+    """A tiny Fashion-MNIST run of 2 workers: every rank ends with bitwise the same network,
+    and DGC's payload per step is sum over tensors of k (values float32 + indices int64)."""
+    cfg = cx.config(n_train=200, n_test=50, steps=3, batch_size=8, method="dgc", sparsity=0.99)
+    rec = cx.run(cfg, seed=2)
+    assert len(set(rec["digests"])) == 1 and len(rec["losses"]) == 3
+    from gradcourse import models
+
+    sizes = [p.numel() for p in models.SmallCNN(in_channels=1, num_classes=10).parameters()]
+    per_step = sum(max(1, math.ceil(0.01 * d)) for d in sizes) * (4 + 8)
+    assert rec["payload"] == 3 * per_step
+    assert rec["gap_counts"].sum() > 0 and 0.0 <= rec["accuracy"] <= 1.0
+    dense = cx.run(cx.config(**{**cfg, "method": "dense"}), seed=2)
+    assert dense["payload"] == 3 * sum(sizes) * 4 and len(set(dense["digests"])) == 1
