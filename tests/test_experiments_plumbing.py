@@ -1,5 +1,7 @@
 """gradcourse.experiments.seeded_run / seeded_runs: one cached run per (configuration, seed)."""
 
+import pytest
+
 from gradcourse.cache import Cache
 from gradcourse.experiments import seeded_run, seeded_runs
 
@@ -32,3 +34,15 @@ def test_seeded_runs_keeps_the_jobs_order_and_passes_cache_and_device():
     out = seeded_runs(run_one, jobs, cache="C", device="D", progress=False)
     assert list(out) == ["x", "y"] and out["y"] == {"v": 6}
     assert seen == [("C", "D"), ("C", "D")]
+
+
+def test_with_defaults_merges_and_refuses_unknown_keys():
+    from gradcourse.experiments import with_defaults
+
+    defaults = {"a": 1, "b": 2}
+    assert with_defaults(defaults, {"b": 3}) == {"a": 1, "b": 3}
+    assert defaults == {"a": 1, "b": 2}  # not modified
+    with pytest.raises(
+        ValueError, match=r"unknown configuration keys \['c'\]; known: \['a', 'b'\]"
+    ):
+        with_defaults(defaults, {"c": 0})

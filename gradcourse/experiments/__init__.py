@@ -1,6 +1,7 @@
 """One module per notebook: the experiment functions it calls (configuration in, results out).
 
-:func:`seeded_run` and :func:`seeded_runs` are the plumbing the modules built on one
+:func:`with_defaults` merges a module's defaults with a configuration's keys (refusing unknown
+ones); :func:`seeded_run` and :func:`seeded_runs` are the plumbing the modules built on one
 ``train_run(cfg, seed, device=...)`` share: a run cached under the full configuration and the seed,
 and many runs under one progress bar.
 """
@@ -10,7 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["seeded_run", "seeded_runs"]
+__all__ = ["seeded_run", "seeded_runs", "with_defaults"]
+
+
+def with_defaults(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``defaults`` updated with ``overrides``; a key ``defaults`` lacks is refused, with the
+    known keys listed (each module's ``config`` then checks the values)."""
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown configuration keys {unknown}; known: {sorted(defaults)}")
+    return {**defaults, **overrides}
 
 
 def seeded_run(

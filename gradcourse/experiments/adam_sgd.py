@@ -39,7 +39,7 @@ from ..directional import (
     directional_sharpnesses,
     line_search,
 )
-from . import seeded_run, seeded_runs
+from . import seeded_run, seeded_runs, with_defaults
 
 __all__ = [
     "DEFAULTS",
@@ -97,10 +97,7 @@ DEFAULTS: dict[str, Any] = dict(
 
 def config(**overrides: Any) -> dict[str, Any]:
     """:data:`DEFAULTS` updated with ``overrides`` (unknown keys refused) and checked."""
-    unknown = sorted(set(overrides) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown configuration keys {unknown}; known: {sorted(DEFAULTS)}")
-    cfg = {**DEFAULTS, **overrides}
+    cfg = with_defaults(DEFAULTS, overrides)
     if cfg["task"] not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {cfg['task']!r}")
     check_int("corpus_bytes", cfg["corpus_bytes"], 10_000)

@@ -25,6 +25,7 @@ from .. import data, models
 from ..cache import Cache
 from ..checks import check_int, check_ints, check_number, check_positive
 from ..stats import Interval
+from . import with_defaults
 
 __all__ = [
     "ARCHS",
@@ -83,10 +84,7 @@ def _cache_key(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def config(**overrides: Any) -> dict[str, Any]:
     """:data:`DEFAULTS` updated with ``overrides`` (unknown keys refused) and checked."""
-    unknown = sorted(set(overrides) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown configuration keys {unknown}; known: {sorted(DEFAULTS)}")
-    cfg = {**DEFAULTS, **overrides}
+    cfg = with_defaults(DEFAULTS, overrides)
     cfg["classes"] = check_ints("classes", cfg["classes"], 0, 9)
     cfg["widths"] = check_ints("widths", cfg["widths"], 1, nonempty=True)
     cfg["channels"] = check_ints("channels", cfg["channels"], 1, nonempty=True)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .. import data, models
 from ..checks import check_int, check_number, check_positive
 from ..distributed import METHODS, SparseSGD, launch
+from . import with_defaults
 
 __all__ = [
     "DEFAULTS",
@@ -119,10 +120,7 @@ DEFAULTS: dict[str, Any] = dict(
 
 def config(**overrides: Any) -> dict[str, Any]:
     """:data:`DEFAULTS` updated with ``overrides`` (unknown keys refused) and checked."""
-    unknown = sorted(set(overrides) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown configuration keys {unknown}; known: {sorted(DEFAULTS)}")
-    cfg = {**DEFAULTS, **overrides}
+    cfg = with_defaults(DEFAULTS, overrides)
     check_int("n_train", cfg["n_train"], 10, 60_000)
     check_int("n_test", cfg["n_test"], 10, 10_000)
     check_int("workers", cfg["workers"], 1, 16)

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from .. import data, models, scores, stats, train
 from ..cache import Cache
 from ..checks import check_int, check_ints, check_nonnegative, check_number, check_positive
+from . import with_defaults
 
 DATASETS: tuple[str, ...] = ("fashion_mnist", "mnist1d", "digits", "cifar10")
 ARCHS: tuple[str, ...] = ("mlp", "small_cnn", "resnet18")
@@ -94,10 +95,7 @@ DEFAULTS: dict[str, Any] = dict(
 def config(**overrides: Any) -> dict[str, Any]:
     """:data:`DEFAULTS` updated with ``overrides`` (unknown keys refused), lists made tuples,
     and checked: a configuration every function of this module accepts."""
-    unknown = sorted(set(overrides) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown configuration keys {unknown}; known: {sorted(DEFAULTS)}")
-    cfg = {**DEFAULTS, **overrides}
+    cfg = with_defaults(DEFAULTS, overrides)
     # every key checked here, when the configuration is made (not when a model is built)
     cfg["widths"] = check_ints("widths", cfg["widths"], 1, nonempty=True)
     cfg["channels"] = check_ints("channels", cfg["channels"], 1, nonempty=True)

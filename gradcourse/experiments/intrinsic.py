@@ -28,7 +28,7 @@ from ..cache import Cache
 from ..checks import check_int, check_ints, check_number, check_positive
 from ..stats import Interval, bootstrap
 from ..subspace import PROJECTIONS, SubspaceModel
-from . import seeded_run, seeded_runs
+from . import seeded_run, seeded_runs, with_defaults
 
 __all__ = [
     "ARCHS",
@@ -71,10 +71,7 @@ DEFAULTS: dict[str, Any] = dict(
 
 def config(**overrides: Any) -> dict[str, Any]:
     """:data:`DEFAULTS` updated with ``overrides`` (unknown keys refused) and checked."""
-    unknown = sorted(set(overrides) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown configuration keys {unknown}; known: {sorted(DEFAULTS)}")
-    cfg = {**DEFAULTS, **overrides}
+    cfg = with_defaults(DEFAULTS, overrides)
     check_int("n_train", cfg["n_train"], 10, 60_000)
     check_int("n_test", cfg["n_test"], 10, 10_000)
     check_int("data_seed", cfg["data_seed"], 0)

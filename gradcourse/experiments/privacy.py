@@ -40,6 +40,7 @@ from .. import privacy as pv
 from ..cache import Cache
 from ..checks import check_int, check_ints, check_nonnegative, check_number, check_positive
 from ..stats import Interval
+from . import with_defaults
 
 __all__ = [
     "ARCHS",
@@ -85,10 +86,7 @@ DEFAULTS: dict[str, Any] = dict(
 
 def config(**overrides: Any) -> dict[str, Any]:
     """:data:`DEFAULTS` updated with ``overrides`` (unknown keys refused) and checked."""
-    unknown = sorted(set(overrides) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown configuration keys {unknown}; known: {sorted(DEFAULTS)}")
-    cfg = {**DEFAULTS, **overrides}
+    cfg = with_defaults(DEFAULTS, overrides)
     cfg["widths"] = check_ints("widths", cfg["widths"], 1)
     check_int("n_train", cfg["n_train"], 10, 60_000)
     check_int("n_test", cfg["n_test"], 1, 10_000)

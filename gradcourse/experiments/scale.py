@@ -25,7 +25,7 @@ from .. import data
 from .. import optim as go
 from ..cache import Cache
 from ..checks import check_int, check_number, check_positive
-from . import seeded_run
+from . import seeded_run, with_defaults
 
 __all__ = [
     "DEFAULTS",
@@ -73,10 +73,7 @@ DEFAULTS: dict[str, Any] = dict(
 def config(**overrides: Any) -> dict[str, Any]:
     """:data:`DEFAULTS` updated with ``overrides`` (unknown keys refused) and checked; ``lr``
     filled in from the optimiser's family when None."""
-    unknown = sorted(set(overrides) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown configuration keys {unknown}; known: {sorted(DEFAULTS)}")
-    cfg = {**DEFAULTS, **overrides}
+    cfg = with_defaults(DEFAULTS, overrides)
     check_int("n_train", cfg["n_train"], 10, 60_000)
     check_int("n_test", cfg["n_test"], 10, 10_000)
     check_int("data_seed", cfg["data_seed"], 0)
