@@ -29,6 +29,13 @@ masking at sparsity 0, DGC is dense SGD with momentum; with it, momentum is eras
 it (numel x element size), and ``wire``, the bytes this process wrote while it ran
 (``wchar`` of ``/proc/self/io``, which counts socket writes; absent off Linux), so protocol
 framing shows (gloo adds a few hundred bytes a message).
+
+**One-byte SPSA** (Zelikman et al. 2023, after MeZO, Malladi et al. 2023): per round, each
+machine m estimates S directional derivatives along z_{m,s} ~ N(0, I) regenerated from a seed
+every machine can compute (:func:`spsa_seed`), sends those S numbers (one byte each with
+:func:`quantise_byte`), and every machine replays the update
+theta <- theta - lr / (M S) sum_{m,s} g_{m,s} z_{m,s} in the same order (:func:`spsa_apply`),
+so the replicas stay equal without ever sending a vector.
 """
 
 from __future__ import annotations
@@ -59,6 +66,13 @@ __all__ = [
     "SparseSGD",
     "METHODS",
     "warmup_sparsity",
+    "spsa_seed",
+    "perturbation",
+    "quantise_byte",
+    "dequantise_byte",
+    "spsa_estimates",
+    "spsa_apply",
+    "spsa_round",
 ]
 
 METHODS = ("dense", "dgc", "gd")
@@ -351,3 +365,107 @@ class SparseSGD:
                 p.sub_(self.lr * G)
             else:
                 self._sgd_momentum(i, p, G)
+
+
+# ----------------------------------------------------------------------------- one-byte SPSA
+# Zelikman, Huang, Liang, Haber & Goodman, "Just One Byte (per gradient)", arXiv 2306.10015,
+# after MeZO (Malladi et al. 2023, arXiv 2305.17333): each machine perturbs the weights along
+# directions regenerated from shared seeds, measures a two-point directional derivative per
+# direction and sends that number alone; every machine replays everyone's update.
+
+BYTE_SCALE = 16.0  # codes per unit of ln|x|
+BYTE_OFFSET = 64  # code c holds |x| = exp((c - 64) / 16), c in 0..127
+
+
+def spsa_seed(round_: int, machine: int, sample: int, base: int = 0) -> int:
+    """The seed of one perturbation, the same on every machine: a hash of (base, round,
+    machine, sample)."""
+    import hashlib
+
+    key = f"{base}:{round_}:{machine}:{sample}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+
+
+def perturbation(seed: int, size: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """z ~ N(0, I) of ``size`` entries from ``torch.Generator().manual_seed(seed)`` (CPU)."""
+    return torch.randn(size, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def quantise_byte(x: Tensor) -> Tensor:
+    """Each value as one byte (uint8): the sign in the top bit, and in the low 7 bits the code
+    c = clamp(round(16 ln|x|) + 64, 0, 127), a logarithmic grid of ratio e^(1/16) from e^-4 to
+    e^(63/16). Within that range the round trip :func:`dequantise_byte` errs by at most a factor
+    e^(1/32) (about 3.2%); smaller magnitudes (0 included) come back as e^-4, larger as e^3.94.
+    (Zelikman et al.'s code uses 16 ln|x| clamped to +-127 and a separate sign: 9 bits.)"""
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating, got {x.dtype}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x must hold finite numbers")
+    mag = x.abs().double().clamp_min(1e-300)
+    code = (torch.round(BYTE_SCALE * torch.log(mag)) + BYTE_OFFSET).clamp(0, 127).to(torch.uint8)
+    return code | ((x < 0).to(torch.uint8) << 7)
+
+
+def dequantise_byte(b: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The values :func:`quantise_byte` encoded."""
+    if b.dtype != torch.uint8:
+        raise ValueError(f"b must be uint8, got {b.dtype}")
+    code = (b & 0x7F).to(torch.float64)
+    sign = 1.0 - 2.0 * ((b >> 7) & 1).to(torch.float64)
+    return (sign * torch.exp((code - BYTE_OFFSET) / BYTE_SCALE)).to(dtype)
+
+
+def spsa_estimates(
+    loss: Callable[[Tensor], float],
+    theta: Tensor,
+    round_: int,
+    machine: int,
+    samples: int,
+    eps: float,
+    base: int = 0,
+) -> Tensor:
+    """This machine's ``samples`` two-point estimates (L(theta + eps z) - L(theta - eps z)) /
+    (2 eps) of round ``round_``, z from :func:`spsa_seed` (round, machine, sample)."""
+    out = torch.empty(samples, dtype=torch.float64)
+    for s in range(samples):
+        z = perturbation(spsa_seed(round_, machine, s, base), theta.numel(), theta.dtype)
+        out[s] = (float(loss(theta + eps * z)) - float(loss(theta - eps * z))) / (2 * eps)
+    return out
+
+
+def spsa_apply(theta: Tensor, estimates: Tensor, round_: int, lr: float, base: int = 0) -> Tensor:
+    """theta - lr / (M S) sum_{m, s} estimates[m, s] z_{m, s}, the M machines' S estimates
+    each, replayed in order (machine, then sample): the same on every machine."""
+    machines, samples = estimates.shape
+    step = lr / (machines * samples)
+    for m in range(machines):
+        for s in range(samples):
+            z = perturbation(spsa_seed(round_, m, s, base), theta.numel(), theta.dtype)
+            theta = theta - (step * float(estimates[m, s])) * z
+    return theta
+
+
+def spsa_round(
+    loss: Callable[[Tensor], float],
+    theta: Tensor,
+    round_: int,
+    *,
+    samples: int,
+    eps: float,
+    lr: float,
+    one_byte: bool,
+    counter: ByteCounter,
+    base: int = 0,
+) -> Tensor:
+    """One round on this worker: its estimates on its own ``loss``, all-gathered (as one byte
+    each with ``one_byte``, else float32), dequantised, and the update replayed."""
+    rank = dist.get_rank()
+    local = spsa_estimates(loss, theta, round_, rank, samples, eps, base)
+    if one_byte:
+        sent = counter.all_gather(quantise_byte(local))
+        values = torch.stack([dequantise_byte(b, torch.float64) for b in sent])
+    else:
+        sent = counter.all_gather(local.to(torch.float32))
+        values = torch.stack(sent).to(torch.float64)
+    counter.mark()
+    return spsa_apply(theta, values, round_, lr, base)

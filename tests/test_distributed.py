@@ -130,3 +130,47 @@ def test_training_workers_stay_replicas_and_count_their_payload():
     assert rec["gap_counts"].sum() > 0 and 0.0 <= rec["accuracy"] <= 1.0
     dense = cx.run(cx.config(**{**cfg, "method": "dense"}), seed=2)
     assert dense["payload"] == 3 * sum(sizes) * 4 and len(set(dense["digests"])) == 1
+
+
+def test_byte_quantiser_round_trip_errs_within_its_bound():
+    x = torch.tensor([0.02, -0.5, 1.0, 3.7, -40.0, 1e-6, 0.0, 500.0])
+    b = gd.quantise_byte(x)
+    assert b.dtype == torch.uint8
+    back = gd.dequantise_byte(b)
+    inside = (x.abs() >= math.exp(-4)) & (x.abs() <= math.exp(63 / 16))
+    rel = ((back - x).abs() / x.abs())[inside]
+    assert float(rel.max()) <= math.exp(1 / 32) - 1 + 1e-6
+    assert torch.equal(torch.sign(back[x != 0]), torch.sign(x[x != 0]))
+    assert back[5] == pytest.approx(math.exp(-4)) and back[7] == pytest.approx(math.exp(63 / 16))
+    codes = torch.arange(256, dtype=torch.int64).to(torch.uint8)
+    assert torch.equal(gd.quantise_byte(gd.dequantise_byte(codes, torch.float64)), codes)
+    with pytest.raises(ValueError, match="finite"):
+        gd.quantise_byte(torch.tensor([float("nan")]))
+
+
+@pytest.mark.parametrize("one_byte", [False, True])
+def test_distributed_spsa_equals_the_single_process_replay(one_byte):
+    rounds, samples, world = 6, 3, 2
+    out = launch(cx.spsa_check_worker, world, rounds, samples, one_byte)
+    assert torch.equal(out[0]["theta"], out[1]["theta"])  # replicas
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' count: the same floating-point operations
+    try:
+        losses = [cx.spsa_problem(m) for m in range(world)]
+        theta = torch.zeros(30)
+        for r in range(rounds):
+            est = torch.stack(
+                [gd.spsa_estimates(losses[m], theta, r, m, samples, 1e-3) for m in range(world)]
+            )
+            if one_byte:
+                est = gd.dequantise_byte(gd.quantise_byte(est), torch.float64)
+            else:
+                est = est.to(torch.float32).to(torch.float64)
+            theta = gd.spsa_apply(theta, est, r, 0.01)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out[0]["theta"], theta)
+    assert out[0]["payload"] == rounds * samples * (1 if one_byte else 4)
+    start = cx.spsa_problem(0)(torch.zeros(30)) + cx.spsa_problem(1)(torch.zeros(30))
+    end = cx.spsa_problem(0)(theta) + cx.spsa_problem(1)(theta)
+    assert end < start  # it descends

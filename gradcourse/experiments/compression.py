@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .. import data, models
 from ..checks import check_int, check_number, check_positive
-from ..distributed import METHODS, SparseSGD, launch
+from ..distributed import METHODS, ByteCounter, SparseSGD, launch, spsa_round
 from . import with_defaults
 
 __all__ = [
@@ -34,6 +34,8 @@ __all__ = [
     "exchange_check_worker",
     "synthetic_grads",
     "check_start",
+    "spsa_problem",
+    "spsa_check_worker",
 ]
 
 # ----------------------------------------------------------------------------- checks
@@ -97,6 +99,34 @@ def exchange_check_worker(rank: int, world: int, steps: int) -> dict[str, dict[s
             calls=opt.bytes.calls,
         )
     return out
+
+
+def spsa_problem(rank: int, n: int = 40, d: int = 30):
+    """Machine ``rank``'s least-squares loss theta -> mean((X theta - y)^2) on its own data
+    (from Generator(100 + rank)), for the SPSA checks."""
+    g = torch.Generator().manual_seed(100 + rank)
+    X = torch.randn(n, d, generator=g)
+    y = X @ torch.linspace(-1.0, 1.0, d) + 0.1 * torch.randn(n, generator=g)
+
+    def loss(theta: torch.Tensor) -> float:
+        return float(((X @ theta - y) ** 2).mean())
+
+    return loss
+
+
+def spsa_check_worker(
+    rank: int, world: int, rounds: int, samples: int, one_byte: bool
+) -> dict[str, Any]:
+    """``rounds`` rounds of one-byte (or float) SPSA on :func:`spsa_problem` from theta = 0,
+    rate 0.01, eps 1e-3. Returns the final theta and the bytes."""
+    loss = spsa_problem(rank)
+    theta = torch.zeros(30)
+    counter = ByteCounter()
+    for r in range(rounds):
+        theta = spsa_round(
+            loss, theta, r, samples=samples, eps=1e-3, lr=0.01, one_byte=one_byte, counter=counter
+        )
+    return dict(theta=theta, payload=counter.payload, wire=counter.wire, calls=counter.calls)
 
 
 # ----------------------------------------------------------------------------- training
