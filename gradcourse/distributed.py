@@ -40,6 +40,7 @@ so the replicas stay equal without ever sending a vector.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import pickle
@@ -66,6 +67,7 @@ __all__ = [
     "SparseSGD",
     "METHODS",
     "warmup_sparsity",
+    "dgc_compress",
     "spsa_seed",
     "perturbation",
     "quantise_byte",
@@ -226,6 +228,36 @@ class ByteCounter:
         self._run([tensor], lambda: dist.all_gather(out, tensor))
         return out
 
+    @contextlib.contextmanager
+    def intercept(self):
+        """Count the payload of every ``dist.all_reduce`` / ``dist.all_gather`` that code inside
+        the block calls through the ``torch.distributed`` module (as DDP's communication hooks,
+        PowerSGD's among them, do), and the bytes written meanwhile as ``wire``. For code this
+        counter does not run itself; the patch is undone on exit."""
+        real_reduce, real_gather = dist.all_reduce, dist.all_gather
+
+        def all_reduce(tensor, *args, **kwargs):
+            self.payload += tensor.numel() * tensor.element_size()
+            self.calls += 1
+            return real_reduce(tensor, *args, **kwargs)
+
+        def all_gather(out, tensor, *args, **kwargs):
+            self.payload += tensor.numel() * tensor.element_size()
+            self.calls += 1
+            return real_gather(out, tensor, *args, **kwargs)
+
+        before = _written()
+        dist.all_reduce, dist.all_gather = all_reduce, all_gather
+        try:
+            yield self
+        finally:
+            dist.all_reduce, dist.all_gather = real_reduce, real_gather
+            after = _written()
+            if before is None or after is None or self.wire is None:
+                self.wire = None
+            else:
+                self.wire += after - before
+
     def mark(self) -> None:
         """Close a step: append (payload, wire) so far to ``history``."""
         self.history.append((self.payload, self.wire))
@@ -246,6 +278,47 @@ def warmup_sparsity(step: int, final: float, warmup_steps: int, stages: int = 4)
 
 def _topk(v: Tensor, k: int) -> Tensor:
     return v.abs().flatten().topk(k, sorted=False).indices
+
+
+def dgc_compress(
+    g: Tensor, u: Tensor, v: Tensor, momentum: float, k: int, masking: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One worker's DGC selection for one tensor, without communication (new tensors; the
+    inputs are not changed): momentum correction u' = m u + g, local accumulation v' = v + u',
+    then ``sent`` = v' at its ``k`` largest |entries| and zero elsewhere; v' (and with
+    ``masking``, u') zeroed where sent. Returns (sent, u', v'). :class:`SparseSGD` does the same
+    in place, then sums every worker's ``sent``."""
+    momentum = check_number("momentum", momentum, low=0, high=1, high_open=True)
+    if g.shape != u.shape or g.shape != v.shape:
+        raise ValueError(
+            f"g, u and v must have one shape, got {tuple(g.shape)}, {tuple(u.shape)}, {tuple(v.shape)}"
+        )
+    k = check_int("k", k, 1, g.numel())
+    u = u.clone()
+    v = v.clone()
+    sent = torch.zeros_like(v)
+    idx = _accumulate_and_pick(g, u, v, momentum, k, correction=True)
+    sent.view(-1)[idx] = v.view(-1)[idx]
+    _clear_sent(u, v, idx, masking)
+    return sent, u, v
+
+
+def _accumulate_and_pick(
+    g: Tensor, u: Tensor, v: Tensor, momentum: float, k: int, correction: bool
+) -> Tensor:
+    """In place: u <- m u + g and v <- v + u (``correction``) or v <- v + g; the top-k of |v|."""
+    if correction:
+        u.mul_(momentum).add_(g)
+        v.add_(u)
+    else:
+        v.add_(g)
+    return _topk(v, k)
+
+
+def _clear_sent(u: Tensor, v: Tensor, idx: Tensor, masking: bool) -> None:
+    v.view(-1)[idx] = 0
+    if masking:  # momentum-factor masking
+        u.view(-1)[idx] = 0
 
 
 class SparseSGD:
@@ -336,31 +409,29 @@ class SparseSGD:
             self._record_updates(i, torch.ones(p.numel(), dtype=torch.bool))
 
     def _sparse(self, grads: list[Tensor], world: int) -> None:
+        # per tensor: accumulate, pick its own top-k; then one all-gather of every tensor's
+        # values and one of their indices (a bucket, as real implementations send them)
         s = self.current_sparsity()
-        self.last_sent = []
+        picked = []
         for i, (p, g) in enumerate(zip(self.params, grads, strict=True)):
-            u, v = self.u[i], self.v[i]
-            if self.method == "dgc" and self.correction:
-                u.mul_(self.momentum).add_(g)
-                v.add_(u)
-            else:
-                v.add_(g)
             k = max(1, math.ceil((1 - s) * p.numel()))
-            idx = _topk(v, k)
-            vals = v.flatten()[idx]
-            all_vals = self.bytes.all_gather(vals.contiguous())
-            all_idx = self.bytes.all_gather(idx.contiguous())
+            dgc = self.method == "dgc" and self.correction
+            picked.append(_accumulate_and_pick(g, self.u[i], self.v[i], self.momentum, k, dgc))
+        ks = [len(idx) for idx in picked]
+        vals = torch.cat([v.flatten()[idx] for v, idx in zip(self.v, picked, strict=True)])
+        # indices travel as int32 (4 bytes, as the values): every tensor here has < 2^31
+        idxs = torch.cat(picked).to(torch.int32)
+        all_vals = [t.split(ks) for t in self.bytes.all_gather(vals)]
+        all_idx = [t.split(ks) for t in self.bytes.all_gather(idxs)]
+        self.last_sent = picked
+        for i, (p, idx) in enumerate(zip(self.params, picked, strict=True)):
+            u, v = self.u[i], self.v[i]
             total = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
-            for vv, ii in zip(
-                all_vals, all_idx, strict=True
-            ):  # rank order: the same sum everywhere
-                total.index_add_(0, ii, vv)
+            for r in range(world):  # rank order: the same sum on every worker
+                total.index_add_(0, all_idx[r][i].long(), all_vals[r][i])
             G = (total / world).view_as(p)
             self._record_updates(i, total != 0)
-            v.view(-1)[idx] = 0
-            if self.method == "dgc" and self.correction and self.masking:
-                u.view(-1)[idx] = 0
-            self.last_sent.append(idx)
+            _clear_sent(u, v, idx, self.method == "dgc" and self.correction and self.masking)
             if self.method == "dgc" and self.correction:
                 p.sub_(self.lr * G)
             else:
@@ -456,9 +527,12 @@ def spsa_round(
     one_byte: bool,
     counter: ByteCounter,
     base: int = 0,
+    shuffle: bool = False,
 ) -> Tensor:
     """One round on this worker: its estimates on its own ``loss``, all-gathered (as one byte
-    each with ``one_byte``, else float32), dequantised, and the update replayed."""
+    each with ``one_byte``, else float32), dequantised, and the update replayed. ``shuffle``
+    (a control): the gathered estimates are rolled by one position before the update, so each
+    multiplies another sample's direction (the same numbers, carrying no information)."""
     rank = dist.get_rank()
     local = spsa_estimates(loss, theta, round_, rank, samples, eps, base)
     if one_byte:
@@ -468,4 +542,6 @@ def spsa_round(
         sent = counter.all_gather(local.to(torch.float32))
         values = torch.stack(sent).to(torch.float64)
     counter.mark()
+    if shuffle:
+        values = values.flatten().roll(1).view_as(values)
     return spsa_apply(theta, values, round_, lr, base)

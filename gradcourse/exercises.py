@@ -1419,6 +1419,98 @@ _register(
 )
 
 
+# --- 12: sending less than the gradient -----------------------------------------------------
+
+
+def _ref_dgc_compress(
+    g: Tensor, u: Tensor, v: Tensor, momentum: float, k: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    from .distributed import dgc_compress
+
+    return dgc_compress(g, u, v, momentum, k)
+
+
+def _cases_dgc_compress() -> list[Case]:
+    gen = _gen(12)
+
+    def r(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    return [
+        Case("a vector of 20, k = 3, momentum 0.9", (r(20), r(20), r(20), 0.9, 3)),
+        Case("a 4 x 6 matrix, k = 5 (flat top-k)", (r(4, 6), r(4, 6), r(4, 6), 0.9, 5)),
+        Case(
+            "the first step: u = v = 0, k = 2",
+            (
+                r(10),
+                torch.zeros(10, dtype=torch.float64),
+                torch.zeros(10, dtype=torch.float64),
+                0.9,
+                2,
+            ),
+        ),
+        Case("momentum 0: v accumulates g alone, k = 4", (r(12), r(12), r(12), 0.0, 4)),
+        Case("k = the whole tensor: everything is sent", (r(7), r(7), r(7), 0.5, 7)),
+        Case(
+            "large negative accumulations: top-k by magnitude",
+            (r(15), r(15), -10.0 * r(15).abs(), 0.9, 3),
+        ),
+    ]
+
+
+_register(
+    Exercise(
+        "12.dgc_compress",
+        "dgc_compress(g, u, v, momentum, k) -> (sent, u_new, v_new)",
+        "momentum correction u_new = momentum * u + g, accumulation v_new = v + u_new; sent holds "
+        "v_new at its k largest |entries| (over the flattened tensor) and 0 elsewhere; then v_new "
+        "and u_new are set to 0 where sent (momentum-factor masking); do not modify the inputs",
+        "gc.distributed.dgc_compress",
+        _ref_dgc_compress,
+        _cases_dgc_compress,
+        rtol=1e-12,
+        atol=1e-12,
+    )
+)
+
+
+def _ref_quantise_byte(x: Tensor) -> Tensor:
+    from .distributed import quantise_byte
+
+    return quantise_byte(x)
+
+
+def _cases_quantise_byte() -> list[Case]:
+    gen = _gen(13)
+    return [
+        Case("values of either sign around 1", (torch.randn(12, generator=gen),)),
+        Case(
+            "magnitudes over nine decades (both ends clamp)",
+            (torch.tensor([1e-6, -1e-3, 0.02, -0.3, 1.0, -7.0, 50.0, 1e3]),),
+        ),
+        Case("zero (its code is the smallest magnitude, sign +)", (torch.tensor([0.0, 0.5]),)),
+        Case(
+            "just either side of halfway between two codes: round to the nearest",
+            (torch.exp(torch.tensor([0.45 / 16, 0.55 / 16, -1.55 / 16, 2.45 / 16])),),
+        ),
+    ]
+
+
+_register(
+    Exercise(
+        "12.quantise_byte",
+        "quantise_byte(x) -> uint8 tensor, the shape of x",
+        "code = clamp(round(16 * ln|x|) + 64, 0, 127) in the low 7 bits, the sign (1 for x < 0) "
+        "in the top bit: code | (sign << 7), as torch.uint8",
+        "gc.distributed.quantise_byte",
+        _ref_quantise_byte,
+        _cases_quantise_byte,
+        rtol=0,
+        atol=0,
+    )
+)
+
+
 # --- 09: Adam against SGD on transformers ----------------------------------------------------
 
 

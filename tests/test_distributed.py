@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,7 +91,7 @@ def test_bytes_match_the_collectives_traffic():
     assert dense["payload"] == 3 * P * 4 and dense["calls"] == 3  # one float32 all-reduce a step
     sparse = out[0]["dgc_s90"]
     k = math.ceil(0.1 * P)
-    assert sparse["payload"] == 3 * k * (4 + 8)  # float32 values and int64 indices
+    assert sparse["payload"] == 3 * k * (4 + 4)  # float32 values and int32 indices
     if dense["wire"] is not None:  # Linux: a ring all-reduce of 2 workers writes about B bytes
         assert dense["wire"] >= 3 * P * 4
         assert dense["wire"] <= 3 * (P * 4 + 4096)
@@ -118,18 +119,24 @@ def test_sparse_sgd_checks_its_arguments():
 
 def test_training_workers_stay_replicas_and_count_their_payload():
     """A tiny Fashion-MNIST run of 2 workers: every rank ends with bitwise the same network,
-    and DGC's payload per step is sum over tensors of k (values float32 + indices int64)."""
-    cfg = cx.config(n_train=200, n_test=50, steps=3, batch_size=8, method="dgc", sparsity=0.99)
+    and DGC's payload per step is sum over tensors of k (values float32 + indices int32)."""
+    cfg = cx.config(
+        n_train=200, n_test=50, steps=3, batch_size=8, method="dgc", sparsity=0.99, warmup_steps=0
+    )
     rec = cx.run(cfg, seed=2)
     assert len(set(rec["digests"])) == 1 and len(rec["losses"]) == 3
     from gradcourse import models
 
     sizes = [p.numel() for p in models.SmallCNN(in_channels=1, num_classes=10).parameters()]
-    per_step = sum(max(1, math.ceil(0.01 * d)) for d in sizes) * (4 + 8)
+    per_step = sum(max(1, math.ceil(0.01 * d)) for d in sizes) * (4 + 4)
     assert rec["payload"] == 3 * per_step
     assert rec["gap_counts"].sum() > 0 and 0.0 <= rec["accuracy"] <= 1.0
+    surv = rec["age_survival"]  # shares of coordinates unchanged for >= 1, 2, 4, ... steps
+    assert 0 < surv[0] <= 1 and (np.diff(surv) <= 0).all() and surv[-1] == 0
+    assert 0 < rec["updated_after_warmup"] < 1 and rec["diverged"] is None
     dense = cx.run(cx.config(**{**cfg, "method": "dense"}), seed=2)
     assert dense["payload"] == 3 * sum(sizes) * 4 and len(set(dense["digests"])) == 1
+    assert (dense["age_survival"] == 0).all() and dense["updated_after_warmup"] == 1.0
 
 
 def test_byte_quantiser_round_trip_errs_within_its_bound():
@@ -174,3 +181,82 @@ def test_distributed_spsa_equals_the_single_process_replay(one_byte):
     start = cx.spsa_problem(0)(torch.zeros(30)) + cx.spsa_problem(1)(torch.zeros(30))
     end = cx.spsa_problem(0)(theta) + cx.spsa_problem(1)(theta)
     assert end < start  # it descends
+
+
+def test_intercept_counts_what_a_hook_sends_and_restores_torch_distributed():
+    out = launch(cx.intercept_check_worker, 2)
+    for rec in out:
+        assert rec["payload"] == 5 * 4 + 3 * 8  # a float32 all-reduce of 5, an int64 gather of 3
+        assert rec["calls"] == 2 and rec["restored"]
+        assert rec["sum"] == [2.0] * 5
+
+
+def test_powersgd_at_full_rank_follows_dense_sgd_and_saves_bytes_at_rank_one():
+    """torch's PowerSGD hook (the peer) through our worker: at a rank no layer can exceed its
+    approximation is exact, so the loss curve follows dense SGD's; at rank 1 it sends less."""
+    cfg = cx.config(n_train=200, n_test=50, steps=6, batch_size=8, warmup_steps=0)
+    dense, full, low = cx.run_many(
+        [
+            (cx.config(**{**cfg, "method": "dense"}), 3),
+            (cx.config(**{**cfg, "method": "powersgd", "powersgd_rank": 64}), 3),
+            (cx.config(**{**cfg, "method": "powersgd", "powersgd_rank": 1}), 3),
+        ]
+    )
+    assert full["losses"] == pytest.approx(dense["losses"], rel=1e-4, abs=1e-5)
+    assert len(set(low["digests"])) == 1  # replicas agree
+    assert low["payload"] < dense["payload"] and low["calls"] > 0
+
+
+def test_run_many_refuses_empty_and_mixed_worker_counts():
+    with pytest.raises(ValueError, match="empty"):
+        cx.run_many([])
+    with pytest.raises(ValueError, match="same number of workers"):
+        cx.run_many([(cx.config(workers=2), 0), (cx.config(workers=3), 0)])
+    with pytest.raises(ValueError, match="method"):
+        cx.config(method="topk")
+    with pytest.raises(ValueError, match="method"):
+        cx.ft_config(method="adam")
+
+
+def test_finetuning_workers_count_one_byte_per_estimate_and_stay_replicas():
+    cfg = cx.ft_config(n_train=200, n_test=50, pretrain_steps=3, rounds=3, samples=2, batch_size=8)
+    recs = cx.finetune_many([(cx.ft_config(**{**cfg, "method": m}), 1) for m in cx.FT_METHODS])
+    by = dict(zip(cx.FT_METHODS, recs, strict=True))
+    for r in recs:
+        assert len(set(r["digests"])) == 1  # replicas bitwise equal
+        assert r["loss_before"] == by["spsa"]["loss_before"]  # the same pre-trained start
+    d = by["spsa"]["params"]
+    assert by["spsa_byte"]["payload"] == 3 * 2 * 1 and by["spsa"]["payload"] == 3 * 2 * 4
+    assert by["spsa_shuffled"]["payload"] == 3 * 2 * 4
+    assert by["backprop"]["payload"] == 3 * d * 4
+    assert by["spsa_shuffled"]["digests"][0] != by["spsa"]["digests"][0]
+
+
+def test_dgc_compress_against_a_sort_by_hand():
+    gen = torch.Generator().manual_seed(4)
+    g, u, v = (torch.randn(6, 5, generator=gen, dtype=torch.float64) for _ in range(3))
+    before = (g.clone(), u.clone(), v.clone())
+    sent, u2, v2 = gd.dgc_compress(g, u, v, 0.9, 4)
+    u_ref = (0.9 * u + g).flatten().tolist()
+    v_ref = [a + b for a, b in zip(v.flatten().tolist(), u_ref, strict=True)]
+    top = sorted(range(30), key=lambda i: -abs(v_ref[i]))[:4]
+    for i in range(30):
+        assert sent.flatten()[i].item() == pytest.approx(v_ref[i] if i in top else 0.0)
+        assert v2.flatten()[i].item() == pytest.approx(0.0 if i in top else v_ref[i])
+        assert u2.flatten()[i].item() == pytest.approx(0.0 if i in top else u_ref[i])
+    _, u3, _ = gd.dgc_compress(g, u, v, 0.9, 4, masking=False)
+    assert torch.allclose(u3, 0.9 * u + g)  # no masking: the momentum is kept
+    assert all(torch.equal(a, b) for a, b in zip(before, (g, u, v), strict=True))  # not changed
+    with pytest.raises(ValueError, match="k"):
+        gd.dgc_compress(g, u, v, 0.9, 31)
+    with pytest.raises(ValueError, match="one shape"):
+        gd.dgc_compress(g, u[:3], v, 0.9, 2)
+
+
+def test_a_diverging_run_stops_on_every_worker_at_the_same_step():
+    cfg = cx.config(
+        n_train=200, n_test=50, steps=30, batch_size=8, method="dense", lr=1e6, warmup_steps=0
+    )
+    rec = cx.run(cfg, seed=0)
+    assert rec["diverged"] is not None and rec["diverged"] < 30
+    assert len(rec["losses"]) == rec["diverged"] and len(set(rec["digests"])) == 1

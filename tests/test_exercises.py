@@ -219,6 +219,24 @@ def noise_std(eta, gamma, t):
     return math.sqrt(eta / (1 + t) ** gamma)
 
 
+def dgc_compress(g, u, v, momentum, k, key=torch.abs):
+    """``key``: what the top k are ranked by (|v|; a mutant: v itself)."""
+    u = momentum * u + g
+    v = v + u
+    idx = key(v).flatten().argsort(descending=True)[:k]
+    sent = torch.zeros_like(v).flatten()
+    sent[idx] = v.flatten()[idx]
+    keep = torch.ones_like(sent)
+    keep[idx] = 0
+    return sent.view_as(v), u * keep.view_as(u), v * keep.view_as(v)
+
+
+def quantise_byte(x):
+    code = torch.round(16 * torch.log(x.abs().double().clamp_min(1e-300))) + 64
+    code = code.clamp(0, 127).to(torch.uint8)
+    return code | ((x < 0).to(torch.uint8) << 7)
+
+
 def clip_top(g, fraction):
     tau = g.abs().sort(descending=True).values[int(len(g) * fraction)]
     return g.clamp(-tau, tau)
@@ -265,6 +283,8 @@ SOLUTIONS = {
     "10.median_of_means": median_of_means,
     "11.log_bisection": log_bisection,
     "11.noise_std": noise_std,
+    "12.dgc_compress": dgc_compress,
+    "12.quantise_byte": quantise_byte,
 }
 
 
@@ -286,6 +306,7 @@ def test_every_exercise_has_a_solution_here_and_at_least_two_per_notebook():
         "09",
         "10",
         "11",
+        "12",
     ]
     assert min(per_notebook.values()) >= 2
 
@@ -567,6 +588,29 @@ def _mutants():
     def cam_sum_over_positions(model, x, layer, target):
         return 64 * grad_cam(model, x, layer, target)
 
+    def dgc_without_masking(g, u, v, momentum, k):
+        sent, _, v2 = dgc_compress(g, u, v, momentum, k)
+        return sent, momentum * u + g, v2
+
+    def dgc_accumulates_gradient_not_momentum(g, u, v, momentum, k):
+        sent, _, v2 = dgc_compress(g, torch.zeros_like(u), v, 0.0, k)
+        u2 = momentum * u + g
+        return sent, u2 * (sent == 0), v2
+
+    def dgc_signed_top_k(g, u, v, momentum, k):
+        return dgc_compress(g, u, v, momentum, k, key=lambda t: t)
+
+    def byte_without_sign(x):
+        return quantise_byte(x) & 0x7F
+
+    def byte_floor_not_round(x):
+        code = torch.floor(16 * torch.log(x.abs().double().clamp_min(1e-300))) + 64
+        return code.clamp(0, 127).to(torch.uint8) | ((x < 0).to(torch.uint8) << 7)
+
+    def byte_without_clamp(x):
+        code = (torch.round(16 * torch.log(x.abs().double().clamp_min(1e-300))) + 64).long()
+        return (code % 128).to(torch.uint8) | ((x < 0).to(torch.uint8) << 7)
+
     return [
         ("00.per_example_grad_norms", norms_of_batch_grad, "wrong", None),
         ("00.per_example_grad_norms", summed_loss_grad_norms, "wrong factor", "n, the number"),
@@ -620,6 +664,12 @@ def _mutants():
         ("11.log_bisection", bisection_returns_the_unstable_end, "wrong", None),
         ("11.noise_std", noise_variance_not_std, "wrong", None),
         ("11.noise_std", noise_gamma_on_t_not_1_plus_t, "wrong", None),
+        ("12.dgc_compress", dgc_without_masking, "wrong", None),
+        ("12.dgc_compress", dgc_accumulates_gradient_not_momentum, "wrong", None),
+        ("12.dgc_compress", dgc_signed_top_k, "wrong", None),
+        ("12.quantise_byte", byte_without_sign, "wrong", None),
+        ("12.quantise_byte", byte_floor_not_round, "wrong", None),
+        ("12.quantise_byte", byte_without_clamp, "wrong", None),
     ]
 
 

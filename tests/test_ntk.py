@@ -746,3 +746,33 @@ def test_the_light_flop_count_equals_torchs_flop_counter():
         with _ForwardFlops() as light:
             _find_dense(fm, x)
         assert light.total == reference.get_total_flops() > 0
+
+
+def test_one_call_after_another_on_one_model_reuses_its_layer_analysis(monkeypatch) -> None:
+    """empirical_ntk called again on the same model does not search its layers again (the
+    analysis is shared per model, keyed by its structure); a swapped layer searches anew, and
+    forget() drops what was kept. Every kernel is checked against the explicit product."""
+    import gradcourse.ntk.empirical as E
+
+    searches = []
+    real = E._find_dense
+    monkeypatch.setattr(E, "_find_dense", lambda fm, x: searches.append(1) or real(fm, x))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = randn(6, 3, seed=0)
+    for _ in range(3):
+        torch.testing.assert_close(
+            N.empirical_ntk(model, x, method="layerwise"), explicit_ntk(model, x, x)
+        )
+    assert len(searches) == 1
+    model[2] = nn.Linear(5, 2).double()
+    torch.testing.assert_close(
+        N.empirical_ntk(model, x, method="layerwise"), explicit_ntk(model, x, x)
+    )
+    assert len(searches) == 2
+    N.EmpiricalNTK(model).forget()
+    N.empirical_ntk(model, x, method="layerwise")
+    assert len(searches) == 3
+    other = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    N.empirical_ntk(other, x, method="layerwise")  # another model: its own analysis
+    assert len(searches) == 4

@@ -438,3 +438,23 @@ def test_adam_vs_sgd_gpu_profile_configs(tmp_path):
     assert rec["S"].shape[0] == 1 and np.isfinite(rec["S"]).all()
     run = ax.cached_trainings({0: (toy, gpu["train_seeds"][-1])}, cache=cache, device=CPU)[0]
     assert not run["diverged"]
+
+
+def test_gradient_compression_gpu_profile_configs(tmp_path):
+    """Notebook 12's gpu profile: its configurations are accepted (4 workers, all 60,000 images,
+    every method and fine-tuning method), and a run of 4 real workers with its settings, at toy
+    length, stays replicated and is stored in the cache."""
+    from gradcourse.experiments import compression as cx
+
+    gpu = notebook_config("12_gradient_compression.ipynb", "gpu")
+    assert gpu["train"]["n_train"] == 60_000 and gpu["train"]["workers"] == 4
+    assert len(gpu["seeds"]) >= 5 and len(gpu["tune_seeds"]) >= 5
+    for method in cx.TRAIN_METHODS:
+        cx.config(**{**gpu["train"], "method": method})
+    for method in cx.FT_METHODS:
+        cx.ft_config(**{**gpu["tune"], "method": method})
+    toy = cx.config(**{**gpu["train"], "n_train": 200, "n_test": 40, "steps": 4, "warmup_steps": 2})
+    cache = Cache(tmp_path / "cache")
+    (rec,) = cx.run_many([(toy, gpu["seeds"][-1])], cache=cache)
+    assert len(rec["digests"]) == 4 and len(set(rec["digests"])) == 1
+    assert cx.run_many([(toy, gpu["seeds"][-1])], cache=cache)[0]["digests"] == rec["digests"]

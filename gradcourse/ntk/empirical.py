@@ -40,6 +40,7 @@ Empirical kernels (any ``torch.func``-friendly model, parameters as a dict):
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -327,6 +328,11 @@ def auto_method(
     return min(costs, key=costs.__getitem__)
 
 
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[dict[str, _Dense], int, int]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 class EmpiricalNTK:
     """The empirical NTK of ``model``, configured once and called many times (see
     :func:`empirical_ntk_fn`). ``ntk(x1, x2=None, params=None)`` -> Tensor."""
@@ -352,7 +358,10 @@ class EmpiricalNTK:
         self.method = method
         self.chunk_size = chunk_size
         self.device = None if device is None else torch.device(device)
-        self._layouts: dict[tuple, tuple[dict[str, _Dense], int, int]] = {}
+        # the layouts found for this model, shared by every kernel function of it (so that one
+        # call of empirical_ntk after another on the same model does not search again); keyed
+        # by the model's structure, so a replaced layer or parameter is a new entry
+        self._layouts = _LAYOUTS.setdefault(model, {})
 
     def _layout(
         self, fm: FunctionalModel, x: Tensor, *, fresh: bool = False
@@ -365,7 +374,9 @@ class EmpiricalNTK:
         :func:`_dense_factors` checks on each batch that every kept layer still runs once on
         (n, in) inputs (else the layers are found again). Not seen: a forward pass that starts
         using a kept layer's weight outside that layer while modules and parameters stay the
-        same; make a new :class:`EmpiricalNTK` after such a change."""
+        same; call :meth:`forget` after such a change. The analyses are shared by every
+        kernel function of one model, so one :func:`empirical_ntk` call after another on the
+        same model finds the layers once."""
         key = (
             tuple((n, id(m), type(m)) for n, m in self.model.named_modules()),
             tuple((n, id(p)) for n, p in self.model.named_parameters()),
@@ -381,6 +392,12 @@ class EmpiricalNTK:
         dense, o, flops = self._layouts[key]
         rescaled = {n: replace(d, **_scales(d.module)) for n, d in dense.items()}
         return rescaled, o, flops
+
+    def forget(self) -> None:
+        """Drop the layer analyses kept for this model (by every kernel function of it), so the
+        next call finds its dense layers again: needed only after a change the checks cannot
+        see (see :meth:`_layout`)."""
+        self._layouts.clear()
 
     def _functional(self, params: Mapping[str, Tensor] | None) -> FunctionalModel:
         """The model as a function of the chosen parameters (those of this call, else those
