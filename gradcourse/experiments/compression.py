@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .. import data, models
 from ..cache import Cache
 from ..checks import check_int, check_number, check_positive
-from ..distributed import METHODS, ByteCounter, SparseSGD, launch, spsa_round
+from ..distributed import GAP_BINS, METHODS, ByteCounter, SparseSGD, launch, spsa_round
 from ..functional import flatten, unflatten
 from . import with_defaults
 
@@ -225,8 +225,6 @@ def _staleness(opt, steps: int, warmup_steps: int) -> dict[str, Any]:
     after the warm-up (nan when the run ended inside it). None for DDP runs."""
     if opt.gap_counts is None:
         return dict(age_survival=None, updated_after_warmup=None)
-    from ..distributed import GAP_BINS
-
     age = torch.cat(opt.age).double()
     survival = np.array([float((age >= 2**j).double().mean()) for j in range(GAP_BINS)])
     after = steps - warmup_steps
@@ -283,7 +281,7 @@ def _powersgd(model: torch.nn.Module, cfg: Mapping[str, Any]):
     )
     net.register_comm_hook(state, psgd.powerSGD_hook)
     step = _DDPStep(model, cfg["lr"], cfg["momentum"])
-    return net, step, step
+    return net, step
 
 
 def train_worker(rank: int, world: int, cfg: Mapping[str, Any], seed: int) -> dict[str, Any]:
@@ -295,7 +293,8 @@ def train_worker(rank: int, world: int, cfg: Mapping[str, Any], seed: int) -> di
     x, y = ds.x_train[rank::world], ds.y_train[rank::world]
     model = models.SmallCNN(in_channels=1, num_classes=10, seed=seed)
     if cfg["method"] == "powersgd":
-        net, step, opt = _powersgd(model, cfg)
+        net, opt = _powersgd(model, cfg)
+        step = opt
     else:
         opt = SparseSGD(
             model.parameters(),
@@ -446,11 +445,7 @@ def finetune_many(
 def run(cfg: Mapping[str, Any], seed: int) -> dict[str, Any]:
     """:func:`train_worker` on ``workers`` gloo workers; rank 0's record, with every rank's
     digest under ``digests``."""
-    cfg = config(**cfg)
-    out = launch(train_worker, cfg["workers"], dict(cfg), seed)
-    rec = dict(out[0])
-    rec["digests"] = [o["digest"] for o in out]
-    return rec
+    return run_many([(cfg, seed)])[0]
 
 
 # ----------------------------------------------------------------------------- fine-tuning
