@@ -7,7 +7,8 @@ model and batch.
 Model: MLP 784-256-256-10 (gradcourse.models.MLP), or with ``--model cnn`` SmallCNN(1, 10,
 conv_dim=2) on 28x28 images; float32, cross-entropy, MNIST-sized inputs.
 ``gradcourse.privacy.clipped_sum`` never forms the per-example gradients: their norms
-(``pergrad``'s linear trick), then one backward pass of the reweighted loss ("ghost clipping");
+(``pergrad``'s linear trick), then each layer's gradient of the reweighted loss from the same
+layer inputs and output gradients ("book-keeping": one backward pass in all);
 the row "vmap + clip" forms them all, as Opacus does. Each method returns the clipped
 (noiseless) sum as one flat vector; the table gives the median
 wall time of ``--repeats`` calls after one warm-up, the ratio to the loop and to Opacus, and the
@@ -15,7 +16,8 @@ largest relative difference to the loop's vector (the sums must agree: same clip
 Opacus is a dependency of the course (its accountant); its ``GradSampleModule`` forms the
 per-sample gradients from module hooks, and its ghost clipping
 (``GradSampleModuleFastGradientClipping``, the row "opacus ghost clipping") takes their norms
-from the hooks without forming them, then backpropagates the reweighted loss, as ours does
+from the hooks without forming them, then backpropagates the reweighted loss (a second
+backward pass, which ours does not take)
 (its coefficients are C / (norm + 1e-6), ours C / norm: the sums differ by about 1e-6).
 Timings come from one run on whatever else the machine is doing: read the ratios.
 """

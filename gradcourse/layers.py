@@ -11,7 +11,8 @@ E_i (O, L) the gradients w.r.t. its outputs,
 
 (Goodfellow 2015, "Efficient per-example gradient computations", arXiv 1510.01799). Each layer
 type's rule says how to read A and E from the captured tensors, what the scales are, and what
-the per-example squared gradient norm is; both consumers look the rule up here:
+the per-example squared gradient norm is, and (``weighted_grads``) the gradient of a weighted sum
+of the losses, sum_i w_i grad l_i, from the same two factors; the consumers look the rule up here:
 
 - :class:`LayerRule`  the interface; :class:`ProductRule` the rule of a layer of the form
   above (``patches``, ``errors``, ``scales``, ``sq_norms``), :class:`LinearRule` its dense case;
@@ -72,6 +73,7 @@ __all__ = [
     "capture_layers",
     "register",
     "rule_for",
+    "supports_weighted_grads",
 ]
 
 _RULES: dict[type[nn.Module], LayerRule] = {}
@@ -92,6 +94,39 @@ class LayerRule:
         """sum over the layer's trainable parameters of ||grad l_i||^2, (n,), from its input a and
         the gradient e of sum_i l_i w.r.t. its output."""
         raise NotImplementedError
+
+    def weighted_grads(
+        self, m: nn.Module, a: Tensor, e: Tensor, w: Tensor
+    ) -> list[tuple[nn.Parameter, Tensor]]:
+        """The gradient of sum_i w_i l_i w.r.t. each trainable parameter of the layer, as
+        (parameter, gradient) pairs, from its input a, the gradient e of sum_i l_i w.r.t. its
+        output and the weights w (n,): in eval mode e_i depends on example i alone, so the
+        weighted gradient is the layer's batch weight gradient of the rescaled errors w_i e_i,
+        with no second backward pass through the network ("book-keeping": Bu, Wang, Zha &
+        Karypis 2023). A rule without it (the default raises ``NotImplementedError``) leaves
+        the caller to backpropagate the reweighted loss instead."""
+        raise NotImplementedError
+
+
+def _defined_by(cls: type, name: str) -> type:
+    return next(c for c in cls.__mro__ if name in c.__dict__)
+
+
+def supports_weighted_grads(rule: LayerRule | None) -> bool:
+    """Whether ``rule`` has a :meth:`LayerRule.weighted_grads` that agrees with its
+    ``sq_norms``: one defined by the class that defines ``sq_norms`` or by a subclass of it. A
+    rule that overrides ``sq_norms`` (a new kind of layer) but inherits ``weighted_grads`` from
+    a rule of another kind is not trusted with it."""
+    if rule is None:
+        return False
+    cls = type(rule)
+    weighted = _defined_by(cls, "weighted_grads")
+    return weighted is not LayerRule and issubclass(weighted, _defined_by(cls, "sq_norms"))
+
+
+def _rescaled(e: Tensor, w: Tensor) -> Tensor:
+    """w_i e_i: the errors of example i times its weight."""
+    return e * w.to(e.dtype).view(-1, *(1,) * (e.ndim - 1))
 
 
 class ProductRule(LayerRule):
@@ -120,6 +155,20 @@ class ProductRule(LayerRule):
         if m.bias is not None and m.bias.requires_grad:
             total += b_scale**2 * e2.sum(2).pow(2).sum(1)
         return total
+
+    def weighted_grads(
+        self, m: nn.Module, a: Tensor, e: Tensor, w: Tensor
+    ) -> list[tuple[nn.Parameter, Tensor]]:
+        """w_scale sum_i w_i E_i A_i^T and b_scale sum_i w_i E_i 1."""
+        w_scale, b_scale = self.scales(m)
+        e2 = self.errors(m, _rescaled(e, w))
+        out = []
+        if m.weight.requires_grad:
+            g = torch.einsum("nol,nkl->ok", e2, self.patches(m, a))
+            out.append((m.weight, (w_scale * g).reshape(m.weight.shape)))
+        if m.bias is not None and m.bias.requires_grad:
+            out.append((m.bias, b_scale * e2.sum((0, 2))))
+        return out
 
 
 def register(*types: type[nn.Module]):
@@ -168,6 +217,26 @@ class LinearRule(ProductRule):
 
     def errors(self, m: nn.Module, e: Tensor) -> Tensor:
         return e.reshape(e.shape[0], -1, e.shape[-1]).transpose(1, 2)  # (n, out, L)
+
+    def weighted_grads(
+        self, m: nn.Module, a: Tensor, e: Tensor, w: Tensor
+    ) -> list[tuple[nn.Parameter, Tensor]]:
+        """One matrix product over all examples and positions (no per-example layout)."""
+        if type(self).patches is not LinearRule.patches or type(self).errors is not (
+            LinearRule.errors
+        ):
+            return super().weighted_grads(m, a, e, w)
+        w_scale, b_scale = self.scales(m)
+        out = []
+        if m.weight.requires_grad:  # rescale the smaller factor
+            ew, aw = (_rescaled(e, w), a) if e.numel() <= a.numel() else (e, _rescaled(a, w))
+            g = ew.reshape(-1, e.shape[-1]).T @ aw.reshape(-1, a.shape[-1])
+            out.append((m.weight, w_scale * g))
+        if m.bias is not None and m.bias.requires_grad:
+            out.append(
+                (m.bias, b_scale * (w.to(e.dtype) @ e.reshape(len(e), -1, e.shape[-1]).sum(1)))
+            )
+        return out
 
 
 @register(NTKLinear)
@@ -232,6 +301,30 @@ class ConvRule(ProductRule):
             total += b_scale**2 * e.reshape(n, e.shape[1], -1).sum(2).pow(2).sum(1)
         return total
 
+    def weighted_grads(
+        self, m: nn.Module, a: Tensor, e: Tensor, w: Tensor
+    ) -> list[tuple[nn.Parameter, Tensor]]:
+        """The batch convolution-weight gradient of the rescaled errors (the kernel of a
+        convolution's backward pass, no ``unfold``)."""
+        own_layout = (
+            type(self).patches is ConvRule.patches and type(self).errors is ProductRule.errors
+        )
+        if not own_layout:
+            return super().weighted_grads(m, a, e, w)
+        w_scale, b_scale = self.scales(m)
+        out = []
+        if m.weight.requires_grad:  # rescale the smaller factor
+            ew, aw = (_rescaled(e, w), a) if e.numel() <= a.numel() else (e, _rescaled(a, w))
+            weight_grad = conv1d_weight if isinstance(m, nn.Conv1d) else conv2d_weight
+            g = weight_grad(
+                aw, m.weight.shape, ew, stride=m.stride, padding=m.padding, dilation=m.dilation
+            )
+            out.append((m.weight, w_scale * g))
+        if m.bias is not None and m.bias.requires_grad:
+            per_example = e.reshape(*e.shape[:2], -1).sum(2)  # (n, O)
+            out.append((m.bias, b_scale * (w.to(e.dtype) @ per_example)))
+        return out
+
 
 @register(nn.BatchNorm1d, nn.BatchNorm2d)
 class BatchNormRule(LayerRule):
@@ -239,20 +332,38 @@ class BatchNormRule(LayerRule):
     sqrt(var + eps) from the running statistics: grad_gamma l_i = sum_positions e_i xhat_i and
     grad_beta l_i = sum_positions e_i."""
 
-    def sq_norms(self, m: nn.Module, a: Tensor, e: Tensor) -> Tensor:
-        n = a.shape[0]
-        total = torch.zeros(n, dtype=e.dtype, device=e.device)
+    @staticmethod
+    def _xhat(m: nn.Module, a: Tensor) -> Tensor:
         shape = (1, -1) + (1,) * (a.ndim - 2)
         # the forward pass may run on another device with copies of the buffers; the module's
         # own may live elsewhere
         mean, var = (t.to(a.device).view(shape) for t in (m.running_mean, m.running_var))
-        xhat = (a - mean) * torch.rsqrt(var + m.eps)
+        return (a - mean) * torch.rsqrt(var + m.eps)
+
+    def sq_norms(self, m: nn.Module, a: Tensor, e: Tensor) -> Tensor:
+        n = a.shape[0]
+        total = torch.zeros(n, dtype=e.dtype, device=e.device)
+        xhat = self._xhat(m, a)
         e2 = e.reshape(n, e.shape[1], -1)
         if m.weight is not None and m.weight.requires_grad:
             total += (e2 * xhat.reshape(n, a.shape[1], -1)).sum(2).pow(2).sum(1)
         if m.bias is not None and m.bias.requires_grad:
             total += e2.sum(2).pow(2).sum(1)
         return total
+
+    def weighted_grads(
+        self, m: nn.Module, a: Tensor, e: Tensor, w: Tensor
+    ) -> list[tuple[nn.Parameter, Tensor]]:
+        """sum_i w_i sum_positions e_i xhat_i and sum_i w_i sum_positions e_i."""
+        n = a.shape[0]
+        e2 = _rescaled(e, w).reshape(n, e.shape[1], -1)
+        out = []
+        if m.weight is not None and m.weight.requires_grad:
+            xhat = self._xhat(m, a).reshape(n, a.shape[1], -1)
+            out.append((m.weight, (e2 * xhat).sum((0, 2))))
+        if m.bias is not None and m.bias.requires_grad:
+            out.append((m.bias, e2.sum((0, 2))))
+        return out
 
 
 # ----------------------------------------------------------------------------- hook capture

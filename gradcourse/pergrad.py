@@ -272,24 +272,42 @@ def _trick_setup(fm: FunctionalModel, x_one: Tensor) -> dict[str, nn.Module]:
     return layers
 
 
+def _trick_errors(
+    layers: dict[str, nn.Module], cap: capture_layers, total: Tensor, *, retain_graph: bool
+) -> dict[str, Tensor | None]:
+    """The gradient of ``total`` = sum_i l_i w.r.t. each layer's output in the forward pass that
+    ``cap`` recorded (d total / d z_i = d l_i / d z_i; None for a layer the loss does not
+    use). ``retain_graph`` keeps the graph for another backward."""
+    for name, calls in cap.calls.items():
+        if len(calls) != 1:
+            raise _Unsupported(f"layer {name!r} ran {len(calls)} times in one forward pass")
+    layer_outputs = [cap.calls[name][0][1] for name in layers]
+    errors = torch.autograd.grad(total, layer_outputs, allow_unused=True, retain_graph=retain_graph)
+    return dict(zip(layers, errors, strict=True))
+
+
+def _trick_norms(
+    layers: dict[str, nn.Module], cap: capture_layers, errors: dict[str, Tensor | None]
+) -> Tensor:
+    """Squared per-example gradient norms (n,) from each layer's rule, its captured input and
+    the errors of :func:`_trick_errors`."""
+    with torch.no_grad():
+        a0 = cap.calls[next(iter(layers))][0][0]
+        dtype = next((e.dtype for e in errors.values() if e is not None), a0.dtype)
+        sq = torch.zeros(len(a0), dtype=dtype, device=a0.device)
+        for name, m in layers.items():
+            if errors[name] is not None:
+                sq += rule_for(m).sq_norms(m, cap.calls[name][0][0], errors[name])
+    return sq
+
+
 def _trick_pass(
     layers: dict[str, nn.Module], cap: capture_layers, total: Tensor, *, retain_graph: bool
 ) -> Tensor:
     """Squared per-example gradient norms (n,) from one forward pass that ``cap`` recorded and
     ``total`` = sum_i l_i of its examples: d total / d z_i = d l_i / d z_i for every layer
     output z, then each layer's rule. ``retain_graph`` keeps the graph for another backward."""
-    for name, calls in cap.calls.items():
-        if len(calls) != 1:
-            raise _Unsupported(f"layer {name!r} ran {len(calls)} times in one forward pass")
-    layer_outputs = [cap.calls[name][0][1] for name in layers]
-    errors = torch.autograd.grad(total, layer_outputs, allow_unused=True, retain_graph=retain_graph)
-    with torch.no_grad():
-        n = len(cap.calls[next(iter(layers))][0][0])
-        sq = torch.zeros(n, dtype=total.dtype, device=total.device)
-        for (name, m), e in zip(layers.items(), errors, strict=True):
-            if e is not None:
-                sq += rule_for(m).sq_norms(m, cap.calls[name][0][0], e)
-    return sq
+    return _trick_norms(layers, cap, _trick_errors(layers, cap, total, retain_graph=retain_graph))
 
 
 def _trick_sq_norms(

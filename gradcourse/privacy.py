@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 from . import pergrad
 from .checks import check_finite, check_int, check_nonnegative, check_number, check_positive
 from .functional import flatten
-from .layers import capture_layers
+from .layers import capture_layers, rule_for, supports_weighted_grads
 from .losses import LossFn, get_loss
 from .train import SCHEDULES, lr_factor
 
@@ -186,23 +186,29 @@ def _clipped_sums(
 ) -> Tensor:
     """(K, P), flattened, in eval mode: row 0 the gradient of sum_i min(1, C / ||g_i||) l_i,
     that is sum_i clip(g_i, C) (all ones when C is infinite); with ``with_plain`` a row 1, the
-    gradient of sum_i l_i. One forward pass: where the linear trick applies, the per-example
-    norms come from its backward pass to the layer outputs through that forward's graph (as
-    Opacus's ghost clipping), then one backward pass per row; otherwise from
-    :func:`gradcourse.pergrad.per_example_grad_norms` (vmap) first."""
+    gradient of sum_i l_i. One forward pass. Where the linear trick applies, one backward pass
+    to the layer outputs through that forward's graph gives the per-example norms (as Opacus's
+    ghost clipping); the rows then come from the same layer inputs and output gradients,
+    rescaled per example (each layer rule's ``weighted_grads``: "book-keeping", no second
+    backward pass), or, for a layer whose rule has none, from one more backward pass per row.
+    Otherwise the norms come from :func:`gradcourse.pergrad.per_example_grad_norms` (vmap)
+    first and each row from one backward pass."""
     if threshold != math.inf:
         pergrad._check_batchnorm(model)  # the norms need running statistics, as pergrad's
     params = [p for p in model.parameters() if p.requires_grad]
     fm, x, y = pergrad._prepare(model, loss, x, y, None)
     one = vmap(lambda o, t: fm.loss_of_outputs(o.unsqueeze(0), t.unsqueeze(0)))
     layers: dict[str, nn.Module] = {}
-    norms = None
+    norms = errors = None
     with pergrad.eval_mode(model):
         if threshold != math.inf:
             try:
                 layers = pergrad._trick_setup(fm, x[:1])
             except pergrad._Unsupported:
                 norms = pergrad.per_example_grad_norms(model, loss, x, y, method="vmap")
+        book_keeping = bool(layers) and all(
+            supports_weighted_grads(rule_for(m)) for m in layers.values()
+        )
         # the layers' outputs are differentiated against as they are (no copy) unless an
         # in-place op overwrote one during the forward pass: then once more, with copies
         for clone in (False, True):
@@ -213,9 +219,12 @@ def _clipped_sums(
         if layers:
             with torch.enable_grad():
                 try:
-                    sq = pergrad._trick_pass(layers, cap, losses.sum(), retain_graph=True)
-                    norms = sq.sqrt()
+                    errors = pergrad._trick_errors(
+                        layers, cap, losses.sum(), retain_graph=not book_keeping
+                    )
+                    norms = pergrad._trick_norms(layers, cap, errors).sqrt()
                 except pergrad._Unsupported:  # a layer ran twice: the graph stays for the sums
+                    book_keeping, errors = False, None
                     norms = pergrad.per_example_grad_norms(model, loss, x, y, method="vmap")
         if norms is None:
             weights = [torch.ones(len(x), dtype=torch.float64)]
@@ -233,10 +242,13 @@ def _clipped_sums(
             weights.append(torch.ones_like(weights[0]))
         rows = []
         for k, w in enumerate(weights):
-            total = (losses * w.to(x.device, fm.dtype)).sum()
-            grads = torch.autograd.grad(
-                total, params, retain_graph=k < len(weights) - 1, allow_unused=True
-            )
+            w = w.to(x.device, fm.dtype)
+            if book_keeping:
+                grads = _weighted_layer_grads(layers, cap, errors, w, params)
+            else:
+                grads = torch.autograd.grad(
+                    (losses * w).sum(), params, retain_graph=k < len(weights) - 1, allow_unused=True
+                )
             # a trainable parameter the loss does not use (an auxiliary head) gets zero
             rows.append(
                 flatten(
@@ -247,14 +259,36 @@ def _clipped_sums(
     return torch.stack(rows)
 
 
+def _weighted_layer_grads(
+    layers: dict[str, nn.Module],
+    cap: capture_layers,
+    errors: dict[str, Tensor | None],
+    w: Tensor,
+    params: list[nn.Parameter],
+) -> list[Tensor | None]:
+    """sum_i w_i grad l_i for each of ``params`` (None where the loss does not reach it), from
+    each layer's captured input and output gradient (:meth:`LayerRule.weighted_grads`)."""
+    found: dict[int, Tensor] = {}
+    with torch.no_grad():
+        for name, m in layers.items():
+            if errors[name] is not None:
+                for p, g in rule_for(m).weighted_grads(m, cap.calls[name][0][0], errors[name], w):
+                    found[id(p)] = g
+    return [found.get(id(p)) for p in params]
+
+
 def clipped_sum(
     model: nn.Module, loss: str | LossFn, x: Tensor, y: Tensor, threshold: float
 ) -> Tensor:
     """sum_i clip(g_i, C) as one flat (P,) vector, without forming the per-example gradients:
     sum_i min(1, C / ||g_i||) g_i is the gradient of the reweighted loss
     sum_i min(1, C / ||g_i||) l_i ("ghost clipping": Goodfellow 2015; Lee & Kifer 2021). Where
-    the linear trick of :mod:`gradcourse.pergrad` applies, one forward pass serves both
-    backward passes, the norms' and the sum's; otherwise the norms come from ``vmap`` first.
+    the linear trick of :mod:`gradcourse.pergrad` applies, one forward and one backward pass
+    serve both: the backward pass to the layer outputs gives the norms, and each layer's
+    gradient of the reweighted loss is formed from the same layer inputs and output
+    gradients, rescaled per example ("book-keeping": Bu, Wang, Zha & Karypis 2023, arXiv
+    2210.00038), with no second backward pass (a layer rule without ``weighted_grads`` costs
+    one). Otherwise the norms come from ``vmap`` first and the sum from one backward pass.
     Eval mode, as the norms. ``threshold=inf``: the plain sum (one backward pass)."""
     threshold = check_number("threshold", threshold, low=0, low_open=True, allow_inf=True)
     return _clipped_sums(model, loss, x, y, threshold)[0]
@@ -296,7 +330,7 @@ def dp_train(
     Batches: ``sampling="poisson"`` with rate q = batch_size / n, the sums divided by the expected
     size b = q n; ``"shuffle"``, reshuffled epochs cut into batches of ``batch_size`` (the last
     one of an epoch may be smaller), divided by the actual size. The clipped sums come from
-    :func:`clipped_sum` (per-example norms, then one reweighted backward pass; eval mode: no
+    :func:`clipped_sum` (per-example norms and the reweighted sum from one backward pass; eval mode: no
     BatchNorm statistics, no dropout in the gradient). All randomness (batches, noise) is drawn from generators seeded by
     ``seed``; the global RNG is untouched.
 

@@ -143,3 +143,96 @@ def test_capture_without_copies_names_the_layers_an_in_place_op_overwrote():
     torch.testing.assert_close(z, net[0](x))  # the recorded node kept the pre-activation
     cap.clear()
     assert cap.calls == {"0": [], "2": []}
+
+
+def _weighted_reference(model, layer, x, y, w):
+    """d/d(layer params) of sum_i w_i l_i by autograd, in eval mode."""
+    model.eval()
+    losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+    params = [p for p in layer.parameters() if p.requires_grad]
+    return dict(zip(map(id, params), torch.autograd.grad((losses * w).sum(), params), strict=True))
+
+
+def _weighted_by_rule(model, layer, x, y, w):
+    model.eval()
+    with L.capture_layers({"l": layer}) as cap:
+        total = nn.functional.cross_entropy(model(x), y, reduction="sum")
+    ((a, z),) = cap.calls["l"]
+    (e,) = torch.autograd.grad(total, z)
+    return {id(p): g for p, g in L.rule_for(layer).weighted_grads(layer, a, e, w)}
+
+
+def _bn(kind: type[nn.Module], c: int) -> nn.Module:
+    bn = kind(c, dtype=torch.float64)
+    with torch.no_grad():  # running statistics and affine parameters away from their defaults
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return bn
+
+
+WEIGHTED_CASES = {
+    "linear": (lambda: nn.Linear(5, 4, dtype=torch.float64), (7, 5), 4),
+    "linear, no bias": (lambda: nn.Linear(5, 4, bias=False, dtype=torch.float64), (7, 5), 4),
+    "linear on sequences": (lambda: nn.Linear(5, 4, dtype=torch.float64), (7, 3, 5), 12),
+    "linear, wide output": (lambda: nn.Linear(2, 9, dtype=torch.float64), (7, 2), 9),
+    "NTK linear": (lambda: NTKLinear(5, 4, dtype=torch.float64), (7, 5), 4),
+    "conv1d, stride 2": (
+        lambda: nn.Conv1d(2, 3, 3, stride=2, padding=1, dtype=torch.float64), (7, 2, 9), 15),
+    "conv2d, dilation": (
+        lambda: nn.Conv2d(2, 3, 3, dilation=2, padding=2, dtype=torch.float64), (7, 2, 6, 6), 108),
+    "conv2d, few channels in": (
+        lambda: nn.Conv2d(1, 6, 3, padding=1, dtype=torch.float64), (7, 1, 5, 5), 150),
+    "batchnorm1d": (lambda: _bn(nn.BatchNorm1d, 5), (7, 5), 5),
+    "batchnorm2d": (lambda: _bn(nn.BatchNorm2d, 2), (7, 2, 3, 3), 18),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(WEIGHTED_CASES))
+def test_weighted_grads_equal_the_gradient_of_the_reweighted_loss(case):
+    """Each rule's sum_i w_i grad l_i (from the layer's input and output gradient, no second
+    backward pass) equals autograd's gradient of sum_i w_i l_i, with signed weights, in a net
+    where the layer sits between two others; also with the weight frozen."""
+    make, shape, width = WEIGHTED_CASES[case]
+    g = torch.Generator().manual_seed(5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        layer = make()
+        head = nn.Linear(width, 3, dtype=torch.float64)
+    model = nn.Sequential(nn.Tanh(), layer, nn.Flatten(), nn.Tanh(), head)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    y = torch.arange(shape[0]) % 3
+    w = torch.randn(shape[0], generator=g, dtype=torch.float64)
+    for frozen in (False, True) if getattr(layer, "bias", None) is not None else (False,):
+        if frozen:  # the bias alone
+            layer.weight.requires_grad_(False)
+        got = _weighted_by_rule(model, layer, x, y, w)
+        expected = _weighted_reference(model, layer, x, y, w)
+        assert got.keys() == expected.keys()
+        for k in expected:
+            torch.testing.assert_close(got[k], expected[k], rtol=1e-12, atol=1e-14)
+
+
+def test_weighted_grads_are_trusted_only_beside_the_norms_they_agree_with(scaled_rule):
+    """A rule that changes the scales keeps the weighted gradients (they use the scales); a rule
+    that rewrites ``sq_norms`` for a new kind of layer but inherits ``weighted_grads`` from
+    another kind is not trusted with them, and one without them has none."""
+    assert L.supports_weighted_grads(L.rule_for(nn.Conv2d(1, 1, 3)))
+    assert L.supports_weighted_grads(L.rule_for(nn.BatchNorm1d(2)))
+    assert L.supports_weighted_grads(scaled_rule())
+    model = toy()
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    y, w = torch.arange(6) % 3, torch.linspace(-1, 2, 6, dtype=torch.float64)
+    got = _weighted_by_rule(model, model[0], x, y, w)
+    expected = _weighted_reference(model, model[0], x, y, w)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-12, atol=1e-14)
+
+    class OtherNorms(L.BatchNormRule):
+        def sq_norms(self, m, a, e):
+            return super().sq_norms(m, a, e)
+
+    assert not L.supports_weighted_grads(OtherNorms())
+    assert not L.supports_weighted_grads(L.LayerRule())
+    assert not L.supports_weighted_grads(None)

@@ -26,6 +26,17 @@ def mean_model(theta0: float = 0.0) -> nn.Module:
     return m
 
 
+def loop_grads(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(n, P): each example's cross-entropy gradient w.r.t. the trainable parameters, flattened,
+    by a per-sample loop of autograd."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    return torch.stack([
+        torch.cat([g.flatten() for g in torch.autograd.grad(
+            nn.functional.cross_entropy(net(x[i : i + 1]), y[i : i + 1]), params)])
+        for i in range(len(x))
+    ])  # fmt: skip
+
+
 def heavy_tailed(n: int = 41, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     y = torch.randn(n, generator=g, dtype=F64)
@@ -253,14 +264,7 @@ def test_clipped_sum_without_per_example_gradients_matches_a_loop(arch):
         net = (TwiceApplied() if arch == "twice" else Tied()).double()
         x = torch.randn(9, 6, generator=gen, dtype=F64)
     y = torch.arange(9) % 3
-    params = [p for p in net.parameters() if p.requires_grad]
-    rows = []
-    for i in range(9):
-        g = torch.autograd.grad(
-            nn.functional.cross_entropy(net(x[i : i + 1]), y[i : i + 1]), params
-        )
-        rows.append(torch.cat([t.flatten() for t in g]))
-    rows = torch.stack(rows)
+    rows = loop_grads(net, x, y)
     c = float(rows.norm(dim=1).median())  # about half the examples are clipped
     expected = (rows * (c / rows.norm(dim=1, keepdim=True)).clamp(max=1.0)).sum(0)
     torch.testing.assert_close(pv.clipped_sum(net, "ce", x, y, c), expected, rtol=1e-10, atol=1e-12)
@@ -427,12 +431,7 @@ def test_clipped_sum_is_exact_when_an_in_place_op_overwrites_a_layer_output(inpl
     else:
         net = Residual().double()
     x, y = torch.randn(9, 6, dtype=F64), torch.arange(9) % 3
-    params = list(net.parameters())
-    rows = torch.stack([
-        torch.cat([g.flatten() for g in torch.autograd.grad(
-            nn.functional.cross_entropy(net(x[i : i + 1]), y[i : i + 1]), params)])
-        for i in range(9)
-    ])  # fmt: skip
+    rows = loop_grads(net, x, y)
     c = float(rows.norm(dim=1).median())
     torch.testing.assert_close(
         pv.clipped_sum(net, "ce", x, y, c), pv.clip(rows, c).sum(0), rtol=1e-10, atol=1e-12
@@ -445,3 +444,47 @@ def test_clipped_sum_is_exact_when_an_in_place_op_overwrites_a_layer_output(inpl
         rtol=1e-10,
         atol=1e-12,
     )
+
+
+class _NoWeighted(nn.Linear):
+    """A Linear under a rule that has norms but no weighted gradients."""
+
+
+@pytest.mark.parametrize("rule", ["book-keeping", "reweighted backward"])
+def test_clipped_sum_takes_one_backward_pass_when_every_rule_has_weighted_grads(rule, monkeypatch):
+    """With every layer's rule able to form sum_i w_i grad l_i, the clipped sum (and DiceSGD's
+    plain sum beside it) comes from the one backward pass that gave the norms; with one rule
+    unable, one backward pass per sum follows it. Both against a per-sample loop (a BatchNorm
+    with running statistics, a frozen layer, float64)."""
+    from gradcourse import layers as L
+
+    if rule == "reweighted backward":
+
+        @L.register(_NoWeighted)
+        class NormsOnly(L.LayerRule):
+            def sq_norms(self, m, a, e):
+                return L.LinearRule().sq_norms(m, a, e)
+
+    try:
+        torch.manual_seed(2)
+        first = _NoWeighted(6, 5) if rule == "reweighted backward" else nn.Linear(6, 5)
+        net = nn.Sequential(first, nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(),
+                            nn.Linear(4, 3)).double()  # fmt: skip
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 2.0)
+        net[3].requires_grad_(False)
+        net.eval()
+        x, y = torch.randn(9, 6, dtype=F64), torch.arange(9) % 3
+        rows = loop_grads(net, x, y)
+        c = float(rows.norm(dim=1).median())
+        calls = []
+        grad = torch.autograd.grad
+        monkeypatch.setattr(
+            torch.autograd, "grad", lambda *a, **k: calls.append(1) or grad(*a, **k)
+        )
+        both = pv._clipped_sums(net, "ce", x, y, c, with_plain=True)
+        assert len(calls) == (1 if rule == "book-keeping" else 3)
+        expected = torch.stack([pv.clip(rows, c).sum(0), rows.sum(0)])
+        torch.testing.assert_close(both, expected, rtol=1e-10, atol=1e-12)
+    finally:
+        L._RULES.pop(_NoWeighted, None)
