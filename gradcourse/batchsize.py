@@ -317,6 +317,20 @@ class GradientNoise:
         check_int("t", t, 0)
         return self.eta / (1 + t) ** self.gamma
 
+    def displacement_std(self, lr: float, momentum: float, steps: int) -> float:
+        """The standard deviation, per coordinate, that the noise alone moves a parameter over
+        ``steps`` steps of SGD with heavy-ball momentum (``torch.optim.SGD``, dampening 0):
+        noise added at step t reaches the final parameter with the factor
+        lr (1 - momentum^(steps - t)) / (1 - momentum), so the variance is
+        lr^2 sum_t sigma_t^2 ((1 - momentum^(steps - t)) / (1 - momentum))^2. The gradient's own
+        steps are left out: it is the spread a noise-only run would give the weights."""
+        check_positive("lr", lr)
+        check_number("momentum", momentum, low=0, high=1, high_open=True)
+        check_int("steps", steps, 0)
+        t = np.arange(steps, dtype=np.float64)
+        reach = (1 - momentum ** (steps - t)) / (1 - momentum)
+        return float(lr * np.sqrt(np.sum(self.eta / (1 + t) ** self.gamma * reach**2)))
+
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._gen:
             self._gen[device] = torch.Generator(device=device).manual_seed(self.seed)

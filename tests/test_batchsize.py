@@ -133,6 +133,25 @@ def test_gradient_noise_has_the_papers_variance_schedule_over_many_draws():
         assert abs(float(p.grad.mean())) < 5 * math.sqrt(want / 200_000)
 
 
+def test_noise_displacement_std_matches_noise_only_sgd_with_momentum():
+    """Noise alone (zero gradient) through torch's SGD with momentum for 60 steps: the spread of
+    100,000 coordinates against the closed form; and plain SGD (momentum 0) by hand."""
+    noise = bs.GradientNoise(0.03, 0.55, seed=4)
+    p = nn.Parameter(torch.zeros(100_000, dtype=torch.float64))
+    opt = torch.optim.SGD([p], lr=0.01, momentum=0.9)
+    for _ in range(60):
+        p.grad = torch.zeros_like(p)
+        noise.add_([p])
+        opt.step()
+    want = bs.GradientNoise(0.03, 0.55).displacement_std(0.01, 0.9, 60)
+    assert abs(float(p.detach().std()) / want - 1) < 0.01  # relative sd of the std ~0.2%
+    by_hand = 0.5 * math.sqrt(sum(2.0 / (1 + t) ** 0.55 for t in range(7)))
+    assert math.isclose(bs.GradientNoise(2.0).displacement_std(0.5, 0.0, 7), by_hand, rel_tol=1e-12)
+    assert bs.GradientNoise(2.0).displacement_std(0.5, 0.9, 0) == 0.0
+    with pytest.raises(ValueError, match="momentum"):
+        bs.GradientNoise(2.0).displacement_std(0.5, 1.0, 7)
+
+
 def test_gradient_noise_zero_adds_nothing_and_skips_parameters_without_grad():
     p, q = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
     p.grad = torch.full((3,), 2.0)

@@ -93,3 +93,15 @@ def test_deep_run_is_reproducible_and_noise_changes_it():
     assert a["losses"][0] == c["losses"][0]  # the first loss is before any (noisy) step
     assert not a["diverged"]
     assert bx.deep_run(cfg, "good", 1e12, 2)["diverged"]  # absurd noise: a non-finite loss
+
+
+def test_deep_run_order_changes_only_the_batches():
+    """order=0 is the default run; another order draws other batches for the same network and
+    noise, so its losses differ; a negative order is refused."""
+    cfg = bx.config(**SMALL)
+    a, b = bx.deep_run(cfg, "poor", 0.0, 3), bx.deep_run(cfg, "poor", 0.0, 3, order=0)
+    assert np.array_equal(a["losses"], b["losses"])
+    c = bx.deep_run(cfg, "poor", 0.0, 3, order=1)
+    assert not np.array_equal(a["losses"], c["losses"])
+    with pytest.raises(ValueError, match="order"):
+        bx.deep_run(cfg, "poor", 0.0, 3, order=-1)

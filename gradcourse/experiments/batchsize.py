@@ -198,9 +198,12 @@ def deep_model(cfg: Mapping[str, Any], init: str, seed: int) -> nn.Module:
     return model
 
 
-def deep_run(cfg: Mapping[str, Any], init: str, eta: float, seed: int) -> dict[str, Any]:
+def deep_run(
+    cfg: Mapping[str, Any], init: str, eta: float, seed: int, order: int = 0
+) -> dict[str, Any]:
     """Train :func:`deep_model` by SGD with momentum 0.9 at ``deep_lr`` for ``deep_steps`` steps
-    of ``deep_batch`` examples (drawn with replacement from ``seed``), cross-entropy, with
+    of ``deep_batch`` examples (drawn with replacement from ``seed``; ``order`` > 0 draws another
+    sequence of batches for the same network and noise, a control), cross-entropy, with
     annealed gradient noise of variance ``eta`` / (1 + t)^0.55 added to each gradient
     (:class:`gradcourse.batchsize.GradientNoise`; eta = 0: none). Returns the test accuracy, the
     training loss every 100 steps, whether the loss became non-finite (``diverged``: the run
@@ -208,11 +211,12 @@ def deep_run(cfg: Mapping[str, Any], init: str, eta: float, seed: int) -> dict[s
     took."""
     cfg = config(**cfg)
     check_number("eta", eta, low=0)
+    check_int("order", order, 0)
     ds = load(cfg["deep_n_train"], cfg["n_test"], cfg["data_seed"])
     model = deep_model(cfg, init, seed)
     opt = torch.optim.SGD(model.parameters(), lr=cfg["deep_lr"], momentum=0.9)
     noise = bsz.GradientNoise(eta, 0.55, seed=seed + 1)
-    gen = torch.Generator().manual_seed(seed + 2)
+    gen = torch.Generator().manual_seed(seed + 2 + 7919 * order)
     losses = []
     diverged = False
     t0 = time.perf_counter()
