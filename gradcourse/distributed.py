@@ -117,8 +117,10 @@ def _worker(
         report("error", traceback.format_exc(), time.time())
         dist.destroy_process_group()
         raise
-    dist.destroy_process_group()
+    # reported before the group closes: gloo's shutdown can abort the process (a native
+    # "terminate called without an active exception"), after which nothing more is written
     report("ok", result, time.time())
+    dist.destroy_process_group()
 
 
 def launch(
@@ -127,8 +129,10 @@ def launch(
     """Run ``fn(rank, world_size, *args)`` on ``workers`` gloo workers and return their results
     in rank order (each must be picklable). ``fn`` must be importable by name (defined at the
     top level of a module). ``timeout``: seconds a collective may wait for its peers.
-    ``retries``: how many times a run whose workers all finished but whose shutdown aborted is
-    started again (gloo's rare teardown race); a worker's own exception is never retried."""
+    ``retries``: how many times a run is started again when a worker died without a report and
+    without an exception of its own (a native abort); a worker's own exception is never retried,
+    and an abort while the group shuts down after every worker has reported its result (gloo's
+    rare teardown race) changes none of the results, which are returned."""
     workers = check_int("workers", workers, 1, 64)
     timeout = check_positive("timeout", timeout)
     retries = check_int("retries", retries, 0, 5)
@@ -165,10 +169,10 @@ def launch(
                 others = sorted(set(errors) - {rank})
                 also = f" (then worker(s) {others} failed waiting for it)" if others else ""
                 raise WorkerError(f"worker {rank} of {workers} raised{also}:\n{errors[rank][1]}")
-            if len(reports) == workers and failure is None:
+            if len(reports) == workers:  # any abort came after every result was written
                 return [reports[r][1] for r in range(workers)]
-            if len(reports) == workers and attempt < retries:
-                continue  # every worker finished; the shutdown aborted: run again
+            if attempt < retries:
+                continue  # a worker died without a report or an exception: run again
             raise WorkerError(
                 f"{workers - len(reports)} of {workers} workers ended without a result ({failure})"
             )

@@ -28,6 +28,15 @@ def test_launcher_returns_results_and_reports_a_worker_error():
         launch(cx.failing_worker, 2, 1, timeout=10)
 
 
+def test_an_abort_in_the_shutdown_keeps_the_results_and_a_crash_is_retried_then_reported():
+    """Each worker reports its result before the group closes, so a native abort in the
+    shutdown (gloo's teardown race, simulated) loses nothing; a worker that dies before its
+    report, with no exception, is run once more and then named."""
+    assert launch(cx.aborting_worker, 2, "shutdown", timeout=10) == [0, 1]
+    with pytest.raises(WorkerError, match=r"1 of 2 workers ended without a result"):
+        launch(cx.aborting_worker, 2, "now", timeout=10)
+
+
 def test_exchanges_match_their_single_process_references():
     """One run of 2 workers, 12 steps each on its own gradients, returns every rank's parameters
     for dense, DGC at sparsity 0 without masking, DGC at sparsity 0 with masking, DGC at 0.9 and

@@ -42,6 +42,7 @@ __all__ = [
     "replica_digest",
     "echo_worker",
     "failing_worker",
+    "aborting_worker",
     "exchange_check_worker",
     "synthetic_grads",
     "intercept_check_worker",
@@ -84,6 +85,21 @@ def failing_worker(rank: int, world: int, bad_rank: int) -> int:
     import torch.distributed as dist
 
     dist.barrier()
+    return rank
+
+
+def aborting_worker(rank: int, world: int, when: str) -> int:
+    """Returns its rank after arranging a native abort: ``when="shutdown"`` in the group's
+    shutdown after it returns (gloo's teardown race, simulated), ``"now"`` on rank 1 before it
+    returns (a crash with no Python exception)."""
+    import os
+
+    import torch.distributed as dist
+
+    if when == "shutdown":
+        dist.destroy_process_group = os.abort  # this worker process only
+    elif rank == 1:
+        os.abort()
     return rank
 
 
