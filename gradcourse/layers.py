@@ -129,6 +129,12 @@ def _rescaled(e: Tensor, w: Tensor) -> Tensor:
     return e * w.to(e.dtype).view(-1, *(1,) * (e.ndim - 1))
 
 
+def _weigh_smaller(e: Tensor, a: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """(E, A) with the per-example weights on whichever of the two is smaller: the product
+    sum_i w_i E_i A_i^T is the same, the rescaled copy cheaper."""
+    return (_rescaled(e, w), a) if e.numel() <= a.numel() else (e, _rescaled(a, w))
+
+
 class ProductRule(LayerRule):
     """A layer z = w_scale W a + b_scale b applied at L positions: grad_W l_i = w_scale E_i A_i^T
     and grad_b l_i = b_scale E_i 1, with A (n, K, L) from :meth:`patches` and E (n, O, L) from
@@ -228,8 +234,8 @@ class LinearRule(ProductRule):
             return super().weighted_grads(m, a, e, w)
         w_scale, b_scale = self.scales(m)
         out = []
-        if m.weight.requires_grad:  # rescale the smaller factor
-            ew, aw = (_rescaled(e, w), a) if e.numel() <= a.numel() else (e, _rescaled(a, w))
+        if m.weight.requires_grad:
+            ew, aw = _weigh_smaller(e, a, w)
             g = ew.reshape(-1, e.shape[-1]).T @ aw.reshape(-1, a.shape[-1])
             out.append((m.weight, w_scale * g))
         if m.bias is not None and m.bias.requires_grad:
@@ -252,6 +258,11 @@ class NTKLinearRule(LinearRule):
 class ConvRule(ProductRule):
     """``nn.Conv1d`` / ``nn.Conv2d`` with ``groups=1`` and zero padding given as ints: A is the
     input unfolded into patches (n, C * prod(kernel), L)."""
+
+    def _own_layout(self) -> bool:
+        """Whether A and E are read as this rule reads them: a subclass with its own
+        ``patches`` or ``errors`` gets the generic product routes, which use them."""
+        return type(self).patches is ConvRule.patches and type(self).errors is ProductRule.errors
 
     def unsupported(self, name: str, m: nn.Module) -> str | None:
         if m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str):
@@ -277,10 +288,8 @@ class ConvRule(ProductRule):
         the bias's from E summed over positions."""
         n = a.shape[0]
         k, o, length = m.weight[0].numel(), m.out_channels, e.shape[2:].numel()
-        own_layout = (
-            type(self).patches is ConvRule.patches and type(self).errors is ProductRule.errors
-        )
-        if length * (k + o) < o * k or not own_layout:  # a subclass's patches or errors: theirs
+        # few positions: the Gram route; a subclass's patches or errors: the generic route
+        if length * (k + o) < o * k or not self._own_layout():
             return super().sq_norms(m, a, e)
         w_scale, b_scale = self.scales(m)
         total = torch.zeros(n, dtype=e.dtype, device=e.device)
@@ -306,15 +315,12 @@ class ConvRule(ProductRule):
     ) -> list[tuple[nn.Parameter, Tensor]]:
         """The batch convolution-weight gradient of the rescaled errors (the kernel of a
         convolution's backward pass, no ``unfold``)."""
-        own_layout = (
-            type(self).patches is ConvRule.patches and type(self).errors is ProductRule.errors
-        )
-        if not own_layout:
+        if not self._own_layout():
             return super().weighted_grads(m, a, e, w)
         w_scale, b_scale = self.scales(m)
         out = []
-        if m.weight.requires_grad:  # rescale the smaller factor
-            ew, aw = (_rescaled(e, w), a) if e.numel() <= a.numel() else (e, _rescaled(a, w))
+        if m.weight.requires_grad:
+            ew, aw = _weigh_smaller(e, a, w)
             weight_grad = conv1d_weight if isinstance(m, nn.Conv1d) else conv2d_weight
             g = weight_grad(
                 aw, m.weight.shape, ew, stride=m.stride, padding=m.padding, dilation=m.dilation
