@@ -190,6 +190,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not fresh_records:
         problems.append(f"no claim records in {args.fresh}")
     root = Path(args.results) if args.results else None
+    here = results.machine()  # the fresh records were made on this machine
+    makers = set()
     for fresh in fresh_records:
         name = fresh.get("notebook")
         recorded = results.load(args.profile, name, root) if name else None
@@ -199,7 +201,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 f"`python -m gradcourse run {name} --profile {args.profile} --record`"
             )
             continue
-        problems += results.compare(fresh, recorded, rtol=args.rtol, atol=args.atol)
+        problems += results.compare(
+            fresh, recorded, rtol=args.rtol, atol=args.atol, fresh_machine=here
+        )
+        maker = results.cpu_maker((recorded.get("machine") or {}).get("cpu"))
+        if maker != results.cpu_maker(here["cpu"]):
+            makers.add(maker)
+    if makers:
+        print(
+            f"this CPU ({here['cpu']}) is not of the maker some of results/{args.profile} was "
+            f"recorded on ({', '.join(sorted(makers))}): MKL's products round differently, so "
+            f"those numbers are compared within rtol {results.CROSS_MAKER_RTOL:g}; verdicts, "
+            "kinds and required profiles exactly"
+        )
     for line in problems:
         print(line)
     if problems:

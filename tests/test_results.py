@@ -295,3 +295,24 @@ def test_claim_names_show_their_test_below_in_tables_and_stay_plain_in_print(tmp
     table = results.verdict_table("nb", claims, root=tmp_path / "none")
     assert "| a &lt; b<br><small>upper end &lt; 0</small> |" in table._repr_markdown_()
     assert "| a < b (upper end < 0) |" in str(table) and "<br>" not in str(table)
+
+
+def test_compare_across_cpu_makers_allows_the_measured_rounding_and_no_verdict_change(tmp_path):
+    """MKL rounds differently on Intel and AMD processors: across makers the numbers may differ
+    within CROSS_MAKER_RTOL, the verdicts may not; on the same maker the stated rtol holds."""
+    intel, amd = {"cpu": "Intel(R) Xeon(R) Processor"}, {"cpu": "AMD EPYC 9B14"}
+    assert (results.cpu_maker(intel["cpu"]), results.cpu_maker(amd["cpu"])) == ("intel", "amd")
+    assert results.cpu_maker("Apple M2") == results.cpu_maker(None) == "other"
+    recorded = {**run("ci", tmp_path / "a").record(), "machine": amd}
+    drifted = run("ci", tmp_path / "b", measured=(1.0, 0.6, 0.0)).record()  # 0.33 relative
+    assert results.compare(drifted, recorded, rtol=1e-2, atol=0, fresh_machine=intel) == []
+    (problem,) = results.compare(drifted, recorded, rtol=1e-2, atol=0, fresh_machine=amd)
+    assert "beyond rtol 0.01" in problem
+    # the fresh machine unknown: compared as on the same maker
+    assert len(results.compare(drifted, recorded, rtol=1e-2, atol=0)) == 1
+    far = run("ci", tmp_path / "c", measured=(1.0, 2.0, 0.0)).record()  # 0.8 relative
+    (problem,) = results.compare(far, recorded, rtol=1e-2, atol=0, fresh_machine=intel)
+    assert f"beyond rtol {results.CROSS_MAKER_RTOL:g}" in problem
+    flipped = run("ci", tmp_path / "d", measured=(1.0, 0.95, 0.0)).record()
+    problems = results.compare(flipped, recorded, rtol=1e-2, atol=0, fresh_machine=intel)
+    assert any("status 'reproduced' now" in p for p in problems)
