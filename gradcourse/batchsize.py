@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,6 +52,7 @@ __all__ = [
     "loss_decreases",
     "minibatch_spectrum",
     "power_law",
+    "sqrt_scaled_adam",
 ]
 
 
@@ -254,14 +256,19 @@ def loss_decreases(
     batch_size: int,
     steps: int,
     seed: int = 0,
+    optimizer_kwargs: Mapping[str, Any] | None = None,
 ) -> Callable[[float], bool]:
     """The stability criterion ``stable(lr)``: a copy of ``model`` takes ``steps`` steps of
-    ``optimizer`` (``"sgd"``: plain SGD; ``"adam"``: ``torch.optim.Adam`` with its defaults) at
-    rate lr, each on a batch of ``batch_size`` examples drawn anew without replacement (the same
-    batches for every lr, from ``seed``); stable when the mean loss over all of (x, y) is then
-    finite and at most its value at the start. ``model`` itself is not changed."""
+    ``optimizer`` (``"sgd"``: plain SGD; ``"adam"``: ``torch.optim.Adam`` with its defaults, or
+    with ``optimizer_kwargs`` such as ``betas`` and ``eps``) at rate lr, each on a batch of
+    ``batch_size`` examples drawn anew without replacement (the same batches for every lr, from
+    ``seed``); stable when the mean loss over all of (x, y) is then finite and at most its value
+    at the start. ``model`` itself is not changed."""
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    kwargs = dict(optimizer_kwargs or {})
+    if "lr" in kwargs:
+        raise ValueError("optimizer_kwargs must not hold lr: it is the argument of stable(lr)")
     n = len(x)
     check_int("batch_size", batch_size, 1, n)
     check_int("steps", steps, 1)
@@ -276,9 +283,9 @@ def loss_decreases(
         m = copy.deepcopy(model)
         params = [p for p in m.parameters() if p.requires_grad]
         opt = (
-            torch.optim.SGD(params, lr=lr)
+            torch.optim.SGD(params, lr=lr, **kwargs)
             if optimizer == "sgd"
-            else torch.optim.Adam(params, lr=lr)
+            else torch.optim.Adam(params, lr=lr, **kwargs)
         )
         for idx in batches:
             value = fn(m(x[idx]), y[idx])
@@ -292,6 +299,35 @@ def loss_decreases(
         return math.isfinite(end) and end <= start
 
     return stable
+
+
+def sqrt_scaled_adam(
+    batch_size: int,
+    base_batch: int,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> dict[str, Any]:
+    """Adam's ``betas`` and ``eps`` at ``batch_size`` by the square root scaling rule of Malladi
+    et al. (2022), as it is applied from a base batch size ``base_batch`` whose hyperparameters
+    are ``betas`` and ``eps``: with kappa = batch_size / base_batch, each 1 - beta becomes
+    kappa (1 - beta) and eps becomes eps / sqrt(kappa) (the rate, sqrt(kappa) times the base
+    rate, is what the caller measures or sets). Refused where a beta would leave [0, 1)."""
+    check_int("batch_size", batch_size, 1)
+    check_int("base_batch", base_batch, 1)
+    check_positive("eps", eps)
+    kappa = batch_size / base_batch
+    scaled = []
+    for i, beta in enumerate(betas):
+        check_number(f"betas[{i}]", beta, low=0, high=1, high_open=True)
+        new = 1 - kappa * (1 - beta)
+        if not 0 <= new < 1:
+            raise ValueError(
+                f"batch_size {batch_size} is {kappa:g} times base_batch {base_batch}: betas[{i}] "
+                f"= {beta} would become {new:g}, outside [0, 1); kappa must be at most "
+                f"{1 / (1 - beta):g}"
+            )
+        scaled.append(new)
+    return {"betas": (scaled[0], scaled[1]), "eps": eps / math.sqrt(kappa)}
 
 
 # ----------------------------------------------------------------------------- gradient noise

@@ -1,6 +1,7 @@
 """gradcourse.batchsize against dense Hessians, closed forms and many draws; gc.train's gradient
 noise off by default and of the stated variance when on."""
 
+import copy
 import math
 
 import numpy as np
@@ -118,6 +119,50 @@ def test_loss_decreases_leaves_the_model_alone_and_uses_the_same_batches_for_eve
     assert not stable(1e6)
     with pytest.raises(ValueError, match="optimizer must be"):
         bs.loss_decreases(model, "ce", x, y, optimizer="rmsprop", batch_size=8, steps=5)
+
+
+def test_loss_decreases_passes_the_optimizers_hyperparameters():
+    """Adam's defaults given explicitly change nothing; other betas run torch.optim.Adam with
+    them (the final loss of a loop by hand decides stability the same way at every rate)."""
+    model, x, y = _small()
+    kw = dict(optimizer="adam", batch_size=8, steps=5, seed=3)
+    plain = bs.loss_decreases(model, "ce", x, y, **kw)
+    same = bs.loss_decreases(model, "ce", x, y, **kw, optimizer_kwargs={"betas": (0.9, 0.999)})
+    other = bs.loss_decreases(model, "ce", x, y, **kw, optimizer_kwargs={"betas": (0.0, 0.5)})
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randperm(40, generator=gen)[:8] for _ in range(5)]
+    start = nn.functional.cross_entropy(model(x), y).item()
+
+    def by_hand(lr, betas):
+        m = copy.deepcopy(model)
+        opt = torch.optim.Adam(m.parameters(), lr=lr, betas=betas)
+        for idx in batches:
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x[idx]), y[idx]).backward()
+            opt.step()
+        return nn.functional.cross_entropy(m(x), y).item() <= start
+
+    rates = np.geomspace(1e-3, 30, 25)
+    assert [plain(r) for r in rates] == [same(r) for r in rates]
+    assert [other(r) for r in rates] == [by_hand(r, (0.0, 0.5)) for r in rates]
+    assert [other(r) for r in rates] != [plain(r) for r in rates]
+    with pytest.raises(ValueError, match="must not hold lr"):
+        bs.loss_decreases(model, "ce", x, y, **kw, optimizer_kwargs={"lr": 1.0})
+
+
+def test_sqrt_scaled_adam_by_hand_and_its_limits():
+    assert bs.sqrt_scaled_adam(16, 16) == {"betas": (0.9, 0.999), "eps": 1e-8}
+    got = bs.sqrt_scaled_adam(64, 16)  # kappa = 4
+    assert got["betas"] == pytest.approx((0.6, 0.996), abs=1e-15)
+    assert got["eps"] == pytest.approx(0.5e-8, rel=1e-15)
+    got = bs.sqrt_scaled_adam(8, 16, betas=(0.8, 0.99), eps=1e-6)  # kappa = 1/2
+    assert got["betas"] == pytest.approx((0.9, 0.995), abs=1e-15)
+    assert got["eps"] == pytest.approx(1e-6 * math.sqrt(2), rel=1e-15)
+    assert bs.sqrt_scaled_adam(160, 16)["betas"][0] == pytest.approx(0.0, abs=1e-15)
+    with pytest.raises(ValueError, match="betas\\[0\\] = 0.9 would become"):
+        bs.sqrt_scaled_adam(176, 16)
+    with pytest.raises(ValueError, match="base_batch"):
+        bs.sqrt_scaled_adam(16, 0)
 
 
 def test_gradient_noise_has_the_papers_variance_schedule_over_many_draws():

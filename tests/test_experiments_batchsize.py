@@ -36,6 +36,8 @@ def test_config_refuses_unknown_keys_and_bad_values_by_name():
         bx.config(n_train=100, spectrum_sizes=(8,), lr_sizes=(8, 101))
     with pytest.raises(ValueError, match="deep_poor_std"):
         bx.config(deep_poor_std=0.0)
+    with pytest.raises(ValueError, match="deep_extra_std"):
+        bx.config(deep_extra_std=-0.1)
 
 
 def test_the_checkpoint_is_deterministic():
@@ -74,6 +76,23 @@ def test_stable_lr_run_sits_at_the_criterions_threshold():
     assert not stable(lr * (1e6) ** (2**-12) * 1.01)  # one bisection step above is unstable
 
 
+def test_stable_lr_run_scaled_from_uses_the_sqrt_rules_adam():
+    """scaled_from=B0 bisects with sqrt_scaled_adam(B, B0)'s betas and eps; at B = B0 that is
+    Adam's defaults, so the rate is the unscaled one; SGD refuses it."""
+    cfg = bx.config(**SMALL)
+    plain = bx.stable_lr_run(cfg, "adam", 8, 0)["lr"]
+    assert bx.stable_lr_run(cfg, "adam", 8, 0, scaled_from=8)["lr"] == plain
+    scaled = bx.stable_lr_run(cfg, "adam", 16, 0, scaled_from=4)["lr"]  # kappa = 4
+    ds = bx.load(cfg["n_train"], cfg["n_test"], cfg["data_seed"])
+    stable = bs.loss_decreases(
+        bx.checkpoint(cfg), "ce", ds.x_train, ds.y_train, optimizer="adam", batch_size=16,
+        steps=cfg["lr_steps"], seed=0, optimizer_kwargs=bs.sqrt_scaled_adam(16, 4),
+    )  # fmt: skip
+    assert stable(scaled) and not stable(scaled * (1e7) ** (2**-12) * 1.01)
+    with pytest.raises(ValueError, match="scaled_from is for optimizer 'adam'"):
+        bx.stable_lr_run(cfg, "sgd", 8, 0, scaled_from=8)
+
+
 def test_deep_model_initialisations():
     cfg = bx.config(**SMALL)
     poor, good = bx.deep_model(cfg, "poor", 1), bx.deep_model(cfg, "good", 1)
@@ -82,6 +101,25 @@ def test_deep_model_initialisations():
     assert abs(float(good.layers[1].weight.std()) - math.sqrt(2 / 6)) < 0.2
     with pytest.raises(ValueError, match="init must be"):
         bx.deep_model(cfg, "bad", 1)
+
+
+@pytest.mark.parametrize("init", ["poor", "good"])
+def test_deep_extra_std_enlarges_every_weight_from_the_same_draws(init):
+    """Each weight becomes w * sqrt(std^2 + s^2) / std for the layer's own std (the same draws);
+    for the poor initialisation that is the same network as a larger deep_poor_std."""
+    cfg = bx.config(**SMALL)
+    s = 0.1
+    plain = bx.deep_model(cfg, init, 4)
+    wider = bx.deep_model({**cfg, "deep_extra_std": s}, init, 4)
+    for a, b in zip(plain.layers, wider.layers, strict=True):
+        std = 0.12 if init == "poor" else math.sqrt(2 / a.in_features)
+        assert torch.allclose(b.weight, a.weight * math.sqrt(std**2 + s**2) / std, rtol=1e-6)
+        assert float(b.bias.abs().max()) == 0
+    if init == "poor":
+        same = bx.deep_model({**cfg, "deep_poor_std": math.sqrt(0.12**2 + s**2)}, init, 4)
+        assert all(
+            torch.equal(p, q) for p, q in zip(wider.parameters(), same.parameters(), strict=True)
+        )
 
 
 def test_deep_run_is_reproducible_and_noise_changes_it():

@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = dict(
     deep_lr=0.01,
     deep_batch=100,
     deep_poor_std=0.12,  # ours: the scale where plain SGD fails on some seeds (a probe)
+    deep_extra_std=0.0,  # every weight's std enlarged to sqrt(std^2 + this^2): a control
 )
 
 
@@ -91,6 +92,7 @@ def config(**overrides: Any) -> dict[str, Any]:
     check_positive("deep_lr", cfg["deep_lr"])
     check_int("deep_batch", cfg["deep_batch"], 1, cfg["deep_n_train"])
     check_positive("deep_poor_std", cfg["deep_poor_std"])
+    check_number("deep_extra_std", cfg["deep_extra_std"], low=0)
     return cfg
 
 
@@ -154,14 +156,23 @@ def spectrum_run(cfg: Mapping[str, Any], seed: int) -> dict[str, Any]:
 
 
 def stable_lr_run(
-    cfg: Mapping[str, Any], optimizer: str, batch_size: int, seed: int
+    cfg: Mapping[str, Any],
+    optimizer: str,
+    batch_size: int,
+    seed: int,
+    scaled_from: int | None = None,
 ) -> dict[str, Any]:
     """The largest rate at which ``lr_steps`` steps of ``optimizer`` on batches of
     ``batch_size`` (drawn from ``seed``) leave the full training loss no higher than at the
     checkpoint: :func:`gradcourse.batchsize.largest_stable_lr` over [1e-3, 1e3] for SGD and
     [1e-6, 10] for Adam, 12 halvings of the log bracket (the result is below the threshold by at
-    most a factor (1e6)^(1/4096) for SGD, 0.34%, and (1e7)^(1/4096) for Adam, 0.39%)."""
+    most a factor (1e6)^(1/4096) for SGD, 0.34%, and (1e7)^(1/4096) for Adam, 0.39%). With
+    ``scaled_from`` = B0, Adam's betas and eps are those of the square root scaling rule from
+    its defaults at batch size B0 (:func:`gradcourse.batchsize.sqrt_scaled_adam`)."""
     cfg = config(**cfg)
+    if scaled_from is not None and optimizer != "adam":
+        raise ValueError(f"scaled_from is for optimizer 'adam', got {optimizer!r}")
+    kwargs = None if scaled_from is None else bsz.sqrt_scaled_adam(batch_size, scaled_from)
     ds = load(cfg["n_train"], cfg["n_test"], cfg["data_seed"])
     model = checkpoint(cfg)
     stable = bsz.loss_decreases(
@@ -173,6 +184,7 @@ def stable_lr_run(
         batch_size=batch_size,
         steps=cfg["lr_steps"],
         seed=seed,
+        optimizer_kwargs=kwargs,
     )
     low, high = (1e-3, 1e3) if optimizer == "sgd" else (1e-6, 10.0)
     t0 = time.perf_counter()
@@ -184,7 +196,10 @@ def deep_model(cfg: Mapping[str, Any], init: str, seed: int) -> nn.Module:
     """The deep ReLU MLP 784 -> ``deep_width`` x ``deep_depth`` -> 10 with zero biases and
     weights drawn from ``seed``: ``init="poor"``, N(0, ``deep_poor_std``^2) everywhere (below
     He's scale, so each layer shrinks the signal; Neelakantan et al.'s own "poor" initialisation
-    could not be read); ``"good"``, He's N(0, 2/fan_in)."""
+    could not be read); ``"good"``, He's N(0, 2/fan_in). With ``deep_extra_std`` = s > 0 every
+    weight's standard deviation std becomes sqrt(std^2 + s^2), from the same draws: the spread the
+    gradient noise's random walk gives each weight over a run
+    (:meth:`gradcourse.batchsize.GradientNoise.displacement_std`), applied at the start."""
     cfg = config(**cfg)
     if init not in ("poor", "good"):
         raise ValueError(f"init must be 'poor' or 'good', got {init!r}")
@@ -193,6 +208,8 @@ def deep_model(cfg: Mapping[str, Any], init: str, seed: int) -> nn.Module:
     with torch.no_grad():
         for layer in model.layers:
             std = cfg["deep_poor_std"] if init == "poor" else math.sqrt(2.0 / layer.in_features)
+            if cfg["deep_extra_std"] > 0:  # (only then: sqrt(std^2) may be std off by an ulp)
+                std = math.sqrt(std**2 + cfg["deep_extra_std"] ** 2)
             layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * std)
             layer.bias.zero_()
     return model
