@@ -6,6 +6,9 @@ LAB_ARGS ?=
 # JupyterLab refuses to run as root unless told; containers and cloud VMs often are root.
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 PROFILE ?= auto
+# processes running the notebooks under nbval (pytest-xdist, one notebook each): a notebook at ci
+# computes on one thread, so two keep a 2-core machine busy
+TEST_PROCS ?= 2
 
 .PHONY: lab lab-student test test-unit test-notebooks test-student test-browser test-sweep chromium data data-or-warn lint format reproduce scorecard site student clean help
 
@@ -77,7 +80,8 @@ test-unit: $(VENV)/.installed-test
 test-notebooks: $(VENV)/.installed-test
 	rm -rf build/nbval-ci
 	GRADCOURSE_PROFILE=ci GRADCOURSE_BUILD=$(CURDIR)/build/nbval-ci \
-		$(BIN)/python -m pytest --nbval-lax notebooks/ -q --durations=0 -p no:cacheprovider
+		$(BIN)/python -m pytest --nbval-lax notebooks/ -q --durations=0 -p no:cacheprovider \
+		-n $(TEST_PROCS) --dist loadfile
 	$(BIN)/python -m gradcourse compare build/nbval-ci --profile ci
 
 # The student version (solutions removed by nbgrader) executed at ci: every exercise must say

@@ -106,3 +106,19 @@ def test_every_recorded_paper_claim_says_what_would_have_refuted_it(path):
                     f"{path.name} ({profile}): {v.name!r} does not discriminate and gives no reason "
                     "(note=)"
                 )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_notebook_raises_the_thread_count_at_ci(path):
+    """`gc.profile()` runs ci on one thread: with two, a second busy process on a 2-core machine
+    made notebook 09's cells 80x slower (OpenMP's barriers wait for a thread that cannot run).
+    A notebook may choose more threads at its other profiles: `set_cpu_threads(1 if P.is_ci
+    else n)`."""
+    nb = json.loads(path.read_text())
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    for call in re.findall(r"set_(?:cpu|num)_threads\(([^)\n]*)\)", code):
+        arg = call.strip()
+        assert arg == "1" or re.match(r"1 if P\.is_ci else ", arg), (
+            f"{path.name}: set_cpu_threads({arg}) can raise the thread count at ci; "
+            "write set_cpu_threads(1 if P.is_ci else n)"
+        )
