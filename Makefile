@@ -6,8 +6,8 @@ LAB_ARGS ?=
 # JupyterLab refuses to run as root unless told; containers and cloud VMs often are root.
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 PROFILE ?= auto
-# processes running the notebooks under nbval (pytest-xdist, one notebook each): a notebook at ci
-# computes on one thread, so two keep a 2-core machine busy
+# processes running the unit tests and the notebooks under nbval (pytest-xdist; one notebook
+# each): each computes on one thread at ci, so two keep a 2-core machine busy
 TEST_PROCS ?= 2
 
 .PHONY: lab lab-student test test-unit test-notebooks test-student test-browser test-sweep chromium data data-or-warn lint format reproduce scorecard site student clean help
@@ -74,7 +74,8 @@ format: $(VENV)/.installed-test
 	$(BIN)/ruff format gradcourse tests benchmarks notebooks
 
 test-unit: $(VENV)/.installed-test
-	GRADCOURSE_PROFILE=ci $(BIN)/python -m pytest tests/ --ignore=tests/browser -q --durations=10
+	GRADCOURSE_PROFILE=ci $(BIN)/python -m pytest tests/ --ignore=tests/browser -q --durations=10 \
+		-p no:cacheprovider -n $(TEST_PROCS)
 
 # The notebooks under nbval at ci, then their verdicts against the recorded results/ci/.
 test-notebooks: $(VENV)/.installed-test
@@ -88,7 +89,7 @@ test-notebooks: $(VENV)/.installed-test
 # "not attempted" and every notebook run to its end on the library's implementations.
 test-student: $(VENV)/.installed-test
 	rm -rf build/student
-	GRADCOURSE_PROFILE=ci $(BIN)/python -m gradcourse student --run --profile ci --quiet
+	GRADCOURSE_PROFILE=ci $(BIN)/python -m gradcourse student --run --profile ci --quiet --jobs $(TEST_PROCS)
 
 test: data lint test-unit test-notebooks test-student
 
@@ -111,11 +112,13 @@ test-sweep: $(VENV)/.installed-test data
 		$(BIN)/python -m gradcourse compare $$out --profile ci; \
 	done; done
 
-# Playwright drives the system Chromium (it never downloads a browser of its own).
+# Playwright drives the system Chromium (it never downloads a browser of its own). TEST_PROCS
+# processes, each with its own JupyterLab and Chromium, take the tests as they free up.
 test-browser: $(VENV)/.installed-browser data
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
 		|| [ -n "$$GRADCOURSE_CHROMIUM" ] || $(MAKE) --no-print-directory chromium
-	GRADCOURSE_PROFILE=ci $(BIN)/python -m pytest tests/browser -q -s -p no:cacheprovider
+	GRADCOURSE_PROFILE=ci $(BIN)/python -m pytest tests/browser -q -p no:cacheprovider \
+		-n $(TEST_PROCS) --dist worksteal --durations=20
 
 chromium:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

@@ -28,7 +28,7 @@ from pathlib import Path
 from .claims import check_record, format_table
 from .paths import build_root, check_writable, write_text_atomic
 from .profile import PROFILES, resolve_profile_name
-from .runner import find_notebooks, notebooks_dir, run_notebook
+from .runner import find_notebooks, notebooks_dir, run_notebook, run_notebooks
 
 
 @dataclass
@@ -239,7 +239,7 @@ def cmd_site(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except OSError as exc:
         raise SystemExit(f"gradcourse site: {exc}") from exc
-    out, failed = build(profile, build_dir, quiet=args.quiet)
+    out, failed = build(profile, build_dir, quiet=args.quiet, jobs=args.jobs)
     print(f"site at profile {profile}: {out / 'index.html'} ({time.perf_counter() - start:.0f} s)")
     if failed:
         print(f"these notebooks failed to execute (their pages show the error): {failed}")
@@ -324,11 +324,12 @@ def cmd_student(args: argparse.Namespace) -> int:
         return 0
     profile = resolve_profile_name(args.profile)
     problems = []
-    for path in written:
-        print(f"running the student version of {path.name} (profile {profile}) ...", flush=True)
-        out_path, seconds, error = run_notebook(
-            path, out_dir / "executed", profile, timeout=args.timeout, progress=not args.quiet
-        )
+    print(f"running the student version at profile {profile}, {args.jobs} at a time ...")
+    runs = run_notebooks(
+        written, out_dir / "executed", profile, jobs=args.jobs, timeout=args.timeout,
+        progress=not args.quiet,
+    )  # fmt: skip
+    for path, (out_path, seconds, error) in runs:
         executed = nbformat.read(out_path, as_version=4)
         lines = feedback_lines(executed)
         expected = len(exercise_cells(nbformat.read(path, as_version=4)))
@@ -393,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_site.add_argument("--profile", default="cpu", help="profile of the executed notebooks")
     p_site.add_argument("--build", help="build folder (default: build/)")
     p_site.add_argument("--quiet", action="store_true", help="no progress bars")
+    p_site.add_argument(
+        "--jobs", type=int, default=1,
+        help="notebooks executed at a time (default: 1; each computes on 1 thread at ci and up "
+        "to 2 at cpu: keep jobs x threads within the machine's cores)",
+    )  # fmt: skip
     p_site.set_defaults(func=cmd_site)
     p_data = sub.add_parser("data", help="check that the course's dataset (Fashion-MNIST) is here")
     p_data.add_argument(
@@ -415,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_student.add_argument("--profile", default="ci", help="profile of --run (default: ci)")
     p_student.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    p_student.add_argument(
+        "--jobs", type=int, default=1,
+        help="notebooks --run executes at a time (default: 1; each computes on 1 thread at ci "
+        "and up to 2 at cpu: keep jobs x threads within the machine's cores)",
+    )  # fmt: skip
     p_student.add_argument("--quiet", action="store_true", help="no progress bar")
     p_student.set_defaults(func=cmd_student)
     return parser

@@ -108,8 +108,8 @@ def _worker(
             world_size=world,
             timeout=datetime.timedelta(seconds=timeout),
         )
-    except BaseException:
-        report("error", traceback.format_exc(), time.time())
+    except BaseException:  # the group was not formed: nothing of fn's has run
+        report("init-error", traceback.format_exc(), time.time())
         raise
     try:
         result = fn(rank, world, *args)
@@ -129,8 +129,11 @@ def launch(
     """Run ``fn(rank, world_size, *args)`` on ``workers`` gloo workers and return their results
     in rank order (each must be picklable). ``fn`` must be importable by name (defined at the
     top level of a module). ``timeout``: seconds a collective may wait for its peers.
-    ``retries``: how many times a run is started again when a worker died without a report and
-    without an exception of its own (a native abort); a worker's own exception is never retried,
+    ``retries``: how many times a run is started again, on a new port, when a worker died without
+    a report and without an exception of its own (a native abort) or when the group could not
+    be formed before ``fn`` ran (the port chosen taken by another process before rank 0 bound
+    it, ``EADDRINUSE``; or gloo's connection between two workers closed while they set it up,
+    seen once in 2 notebooks run at a time); an exception raised by ``fn`` is never retried,
     and an abort while the group shuts down after every worker has reported its result (gloo's
     rare teardown race) changes none of the results, which are returned."""
     workers = check_int("workers", workers, 1, 64)
@@ -163,7 +166,9 @@ def launch(
                 p = Path(out) / f"rank{rank}.pkl"
                 if p.exists():
                     reports[rank] = pickle.loads(p.read_bytes())
-            errors = {r: rep for r, rep in reports.items() if rep[0] == "error"}
+            errors = {r: rep for r, rep in reports.items() if rep[0] in ("error", "init-error")}
+            if attempt < retries and errors and all(e[0] == "init-error" for e in errors.values()):
+                continue  # the group did not form (a port taken meanwhile, a peer lost): again
             if errors:  # the first to fail is the cause; its peers fail in their collectives
                 rank = min(errors, key=lambda r: errors[r][2])
                 others = sorted(set(errors) - {rank})

@@ -8,15 +8,19 @@ profile, and writing the executed copy with the digest of what it was made from.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import queue
 import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from .checks import check_int
 from .paths import repo_root, write_text_atomic
 
 __all__ = [
@@ -24,6 +28,7 @@ __all__ = [
     "find_notebooks",
     "notebooks_dir",
     "run_notebook",
+    "run_notebooks",
     "source_digest",
     "write_notebook",
 ]
@@ -151,6 +156,38 @@ def run_notebook(
     out_path = out_dir / path.name
     write_notebook(nb, out_path)
     return out_path, seconds, error
+
+
+def run_notebooks(
+    paths: Sequence[Path],
+    out_dir: Path,
+    profile: str,
+    *,
+    jobs: int = 1,
+    timeout: int = 3600,
+    progress: bool = True,
+) -> Iterator[tuple[Path, tuple[Path, float, str | None]]]:
+    """:func:`run_notebook` for each of ``paths``, ``jobs`` at a time; yields ``(path, its
+    result)`` in the order of ``paths``, each as soon as it and those before it are done.
+
+    With ``jobs > 1`` each notebook runs from its own process (``run_notebook`` sets the
+    environment its kernel inherits, which threads would share) and without progress bars,
+    which would interleave; the seconds it reports are then those of a shared machine, so
+    ``gradcourse run --record``, whose seconds are checked against the time limits, runs one
+    at a time."""
+    jobs = check_int("jobs", jobs, 1, 64)
+    if jobs == 1 or len(paths) <= 1:
+        for path in paths:
+            yield path, run_notebook(path, out_dir, profile, timeout=timeout, progress=progress)
+        return
+    context = multiprocessing.get_context("spawn")  # a forked copy of torch's threads can hang
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = [
+            pool.submit(run_notebook, path, out_dir, profile, timeout=timeout, progress=False)
+            for path in paths
+        ]
+        for path, future in zip(paths, futures, strict=True):
+            yield path, future.result()
 
 
 def write_notebook(nb: Any, path: Path) -> Path:

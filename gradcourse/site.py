@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .paths import write_text_atomic
-from .runner import find_notebooks, run_notebook, source_digest, write_notebook
+from .runner import find_notebooks, run_notebooks, source_digest, write_notebook
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
@@ -292,26 +292,26 @@ def prepare(executed: list[Path], src: Path, profile: str) -> Path:
 
 
 def build(
-    profile: str, build_dir: Path, *, quiet: bool = False, timeout: int = 3600
+    profile: str, build_dir: Path, *, quiet: bool = False, timeout: int = 3600, jobs: int = 1
 ) -> tuple[Path, list[str]]:
-    """Execute what is not current, then build ``build_dir/site/<profile>/``. Returns the
-    site's folder and the notebooks that failed to execute (built all the same, showing
-    their error)."""
+    """Execute what is not current (``jobs`` notebooks at a time), then build
+    ``build_dir/site/<profile>/``. Returns the site's folder and the notebooks that failed to
+    execute (built all the same, showing their error)."""
     from sphinx.cmd.build import build_main
 
     executed_dir = build_dir / "executed" / profile
-    executed, failed = [], []
-    for source in find_notebooks():
-        target = executed_dir / source.name
-        if not is_current(source, target, profile):
-            print(f"executing {source.name} at profile {profile} ...", flush=True)
-            _, seconds, error = run_notebook(
-                source, executed_dir, profile, timeout=timeout, progress=not quiet
-            )
-            print(f"  {'ok' if error is None else 'FAILED: ' + error} in {seconds:.1f} s")
-        if not is_current(source, target, profile):
-            failed.append(source.name)
-        executed.append(target)
+    sources = find_notebooks()
+    stale = [s for s in sources if not is_current(s, executed_dir / s.name, profile)]
+    if stale:
+        print(f"executing {len(stale)} notebook(s) at profile {profile}, {jobs} at a time ...")
+    runs = run_notebooks(
+        stale, executed_dir, profile, jobs=jobs, timeout=timeout, progress=not quiet
+    )
+    for source, (_, seconds, error) in runs:
+        state = "ok" if error is None else "FAILED: " + error
+        print(f"  {source.name}: {state} in {seconds:.1f} s", flush=True)
+    executed = [executed_dir / s.name for s in sources]
+    failed = [s.name for s in sources if not is_current(s, executed_dir / s.name, profile)]
     src = prepare(executed, build_dir / "site-src" / profile, profile)
     out = build_dir / "site" / profile
     args = ["-b", "html", "-q", "-W", "--keep-going", str(src), str(out)]

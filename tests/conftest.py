@@ -12,6 +12,16 @@ import numpy as np
 import pytest
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`make test-unit` runs `TEST_PROCS` processes) each process computes
+    on one thread: two processes of two threads each on a 2-core machine wait at OpenMP's
+    barriers for threads that cannot run (measured: 191 s against 134 s on one process)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("GRADCOURSE_DATA", str(tmp_path_factory.mktemp("data")))

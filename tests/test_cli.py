@@ -179,6 +179,36 @@ def test_run_reports_a_failing_notebook(tmp_path, capsys):
     assert (tmp_path / "o" / "bad.ipynb").exists(), "the partly executed notebook is kept"
 
 
+def test_run_notebooks_two_at_a_time_keeps_their_order_profile_and_errors(tmp_path):
+    """Two processes, each running its own kernel: the results come back in the order of the
+    paths, each kernel saw the profile, a failure is reported for its own notebook only, and
+    every executed copy is written."""
+    from gradcourse.runner import run_notebooks
+
+    paths = []
+    for name, code in (
+        ("a", "import os\nprint(os.environ['GRADCOURSE_PROFILE'])"),
+        ("b", "raise RuntimeError('boom')"),
+        ("c", "print(6 * 7)"),
+    ):
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3"}
+        paths.append(tmp_path / f"{name}.ipynb")
+        nbformat.write(nb, paths[-1])
+    runs = list(run_notebooks(paths, tmp_path / "o", "ci", jobs=2, progress=False))
+    assert [path for path, _ in runs] == paths
+    assert [out.parent for _, (out, _, _) in runs] == [tmp_path / "o"] * 3
+    assert [error is None for _, (_, _, error) in runs] == [True, False, True]
+    assert "boom" in runs[1][1][2]
+    texts = [
+        [o.get("text") for o in nbformat.read(out, as_version=4).cells[0].outputs]
+        for _, (out, _, _) in runs
+    ]
+    assert texts[0] == ["ci\n"] and texts[2] == ["42\n"]
+    with pytest.raises(ValueError, match="jobs"):
+        list(run_notebooks(paths, tmp_path / "o0", "ci", jobs=0))
+
+
 def test_run_prints_progress_and_verdicts_not_kernel_transport_warnings(tmp_path):
     import subprocess
     import sys

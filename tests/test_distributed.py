@@ -37,6 +37,23 @@ def test_an_abort_in_the_shutdown_keeps_the_results_and_a_crash_is_retried_then_
         launch(cx.aborting_worker, 2, "now", timeout=10)
 
 
+def test_a_port_taken_before_the_group_binds_it_is_retried_on_a_new_one(monkeypatch):
+    """The launcher picks a free port, then rank 0 binds it: another process can take it in
+    between. That run is started again on a new port; with no retry left it is reported."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ports = iter([port, gd._free_port()])
+        monkeypatch.setattr(gd, "_free_port", lambda: next(ports))
+        assert launch(cx.echo_worker, 2, "hi", timeout=10) == [(0, 2, "hi"), (1, 2, "hi")]
+        monkeypatch.setattr(gd, "_free_port", lambda: port)
+        with pytest.raises(WorkerError, match="EADDRINUSE"):
+            launch(cx.echo_worker, 2, "hi", timeout=10, retries=0)
+
+
 def test_exchanges_match_their_single_process_references():
     """One run of 2 workers, 12 steps each on its own gradients, returns every rank's parameters
     for dense, DGC at sparsity 0 without masking, DGC at sparsity 0 with masking, DGC at 0.9 and

@@ -89,9 +89,14 @@ def test_student_command_reports_a_solution_left_in(tmp_path, capsys):
     nb.cells[1].source = "\n".join(line for line in lines if "SOLUTION" not in line)
     src = tmp_path / "99_toy.ipynb"
     nbformat.write(nb, src)
-    assert cli.main(["student", str(src), "--out", str(tmp_path / "s"), "--run", "--quiet"]) == 1
+    good = tmp_path / "98_toy.ipynb"  # beside a correct one, two at a time: only this one named
+    nbformat.write(_notebook(), good)
+    args = ["student", str(good), str(src), "--out", str(tmp_path / "s"), "--run", "--quiet"]
+    assert cli.main([*args, "--jobs", "2"]) == 1
     text = capsys.readouterr().out
-    assert "0 exercise(s)" in text and "did not say 'not attempted'" in text
+    assert "1 exercise(s)" in text and "did not say 'not attempted'" in text
+    problems = [line for line in text.splitlines() if "problem:" in line]
+    assert problems and all("99_toy.ipynb" in line for line in problems), problems
 
 
 def test_exercises_command_lists_them(capsys):
