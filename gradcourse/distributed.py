@@ -48,6 +48,7 @@ import socket
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,7 +169,15 @@ def launch(
                     reports[rank] = pickle.loads(p.read_bytes())
             errors = {r: rep for r, rep in reports.items() if rep[0] in ("error", "init-error")}
             if attempt < retries and errors and all(e[0] == "init-error" for e in errors.values()):
-                continue  # the group did not form (a port taken meanwhile, a peer lost): again
+                # the group did not form (a port taken meanwhile, a peer lost): again, and say so
+                cause = errors[min(errors)][1].strip().splitlines()[-1]
+                warnings.warn(
+                    f"the gloo group of {workers} workers did not form ({cause}); "
+                    "starting it again on a new port",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                continue
             if errors:  # the first to fail is the cause; its peers fail in their collectives
                 rank = min(errors, key=lambda r: errors[r][2])
                 others = sorted(set(errors) - {rank})
@@ -176,8 +185,14 @@ def launch(
                 raise WorkerError(f"worker {rank} of {workers} raised{also}:\n{errors[rank][1]}")
             if len(reports) == workers:  # any abort came after every result was written
                 return [reports[r][1] for r in range(workers)]
-            if attempt < retries:
-                continue  # a worker died without a report or an exception: run again
+            if attempt < retries:  # a worker died without a report or an exception: again
+                warnings.warn(
+                    f"{workers - len(reports)} of {workers} workers ended without a result "
+                    f"({failure}); starting the run again",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                continue
             raise WorkerError(
                 f"{workers - len(reports)} of {workers} workers ended without a result ({failure})"
             )
