@@ -19,6 +19,14 @@ on batches of size B end at a finite full-batch loss no higher than the start's.
 f = lambda/2 ||x||^2 with GD this is exactly lr <= 2/lambda (after T steps the loss is
 (1 - lr lambda)^(2T) times the start's), the closed form the tests check.
 
+**One step, to second order.** :func:`one_step_rate` gives the rate at which one step
+w -> w - lr P g_B leaves the loss unchanged in expectation over batches, to second order
+(McCandlish et al. 2018's expansion with a diagonal preconditioner P): 2 g'Pg / (g'PHPg +
+c_B tr(PHP Sigma)), for SGD (P = I) and for Adam's expected preconditioner at batch size B
+(:func:`adam_preconditioner`). A model of how the stable rate scales with B, exact for a loss
+quadratic in the parameters; :func:`loss_decreases` with a frozen ``preconditioner`` runs the
+optimiser it describes.
+
 **Annealed gradient noise.** :class:`GradientNoise` adds N(0, sigma_t^2 I) to every gradient
 before the optimiser's step, sigma_t^2 = eta / (1 + t)^gamma (Neelakantan et al.'s schedule:
 the *variance* decays, gamma = 0.55; several public ports use the formula as the standard
@@ -37,13 +45,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .checks import check_int, check_nonnegative, check_number, check_positive
+from .checks import check_int, check_ints, check_nonnegative, check_number, check_positive
 from .curvature.krylov import lanczos
 from .curvature.operators import HessianOperator
 from .losses import LossFn, get_loss
 
 __all__ = [
+    "PRECONDITIONERS",
     "GradientNoise",
+    "OneStepRate",
+    "adam_preconditioner",
+    "batch_noise_factor",
+    "one_step_rate",
     "gradient_moments",
     "noise_fraction",
     "MinibatchSpectrum",
@@ -213,6 +226,153 @@ def noise_fraction(mean: Tensor, variance: Tensor, batch_size: int, n: int) -> f
     return float(frac.mean())
 
 
+# ----------------------------------------------------------------------------- one step, to second order
+
+PRECONDITIONERS: tuple[str, ...] = ("sgd", "adam", "adam-noise")
+
+
+@dataclass(frozen=True)
+class OneStepRate:
+    """:func:`one_step_rate`'s terms per batch size B, each an array over ``batch_sizes``:
+    ``signal`` = g_bar' P g_bar (the first-order decrease per unit rate), ``mean_curvature`` =
+    g_bar' P H P g_bar and ``noise_curvature`` = c_B tr(P H P Sigma) (the second-order rise of the
+    mean step and of the batch's noise), and ``rate`` = 2 signal / (mean_curvature +
+    noise_curvature), the rate at which the expected change of the loss after one step is zero
+    to second order. ``examples`` is how many examples the noise's trace was averaged over."""
+
+    preconditioner: str
+    batch_sizes: tuple[int, ...]
+    n: int
+    examples: int
+    signal: np.ndarray
+    mean_curvature: np.ndarray
+    noise_curvature: np.ndarray
+
+    @property
+    def rate(self) -> np.ndarray:
+        return 2.0 * self.signal / (self.mean_curvature + self.noise_curvature)
+
+    @property
+    def noise_share(self) -> np.ndarray:
+        """noise_curvature / (mean_curvature + noise_curvature): near 1 the batch's noise sets
+        the rate (B below the noise scale), near 0 the mean step's curvature does."""
+        return self.noise_curvature / (self.mean_curvature + self.noise_curvature)
+
+
+def batch_noise_factor(batch_size: int, n: int) -> float:
+    """c_B = (1/B - 1/N) N/(N - 1): the covariance of a batch's mean gradient, for a batch of B
+    of N examples drawn without replacement, is c_B Sigma, with Sigma = (1/N) sum_i (g_i - g_bar)
+    (g_i - g_bar)' the per-example covariance. 0 at B = N."""
+    check_int("n", n, 2)
+    check_int("batch_size", batch_size, 1, n)
+    return (1.0 / batch_size - 1.0 / n) * n / (n - 1)
+
+
+def adam_preconditioner(
+    mean: Tensor,
+    variance: Tensor,
+    batch_size: int,
+    n: int,
+    *,
+    eps: float = 1e-8,
+    noise_only: bool = False,
+) -> Tensor:
+    """Adam's expected preconditioner at batch size B: diag 1 / (sqrt(v_B) + eps), v_B = g_bar^2 +
+    c_B s^2 the expected square of a batch gradient's coordinate (:func:`gradient_moments`'
+    ``mean`` and ``variance``, c_B :func:`batch_noise_factor`); with ``noise_only``, v_B = c_B s^2
+    (every coordinate's second moment the batch's noise). A flat vector like ``mean``."""
+    check_positive("eps", eps)
+    c = batch_noise_factor(batch_size, n)
+    v = c * variance if noise_only else mean.pow(2) + c * variance
+    return 1.0 / (v.sqrt() + eps)
+
+
+def one_step_rate(
+    model: nn.Module,
+    loss: str | LossFn,
+    x: Tensor,
+    y: Tensor,
+    batch_sizes: Sequence[int],
+    *,
+    preconditioner: str = "sgd",
+    eps: float = 1e-8,
+    examples: int | None = None,
+    seed: int = 0,
+    chunk_size: int = 32,
+) -> OneStepRate:
+    """The rate at which one step w -> w - lr P g_B from ``model``'s parameters leaves the mean
+    loss over (x, y) unchanged in expectation over batches of B examples drawn without
+    replacement, to second order (McCandlish et al. 2018's expansion, with a diagonal
+    preconditioner P):
+
+        E L(w - lr P g_B) ~ L(w) - lr g_bar' P g_bar + lr^2/2 (g_bar' P H P g_bar + c_B tr(P H P Sigma)),
+
+    H the Hessian of the mean loss, g_bar its gradient, Sigma the per-example gradients'
+    covariance and c_B :func:`batch_noise_factor`. Exact for a loss quadratic in the parameters.
+
+    ``preconditioner``: ``"sgd"``, P = I; ``"adam"``, P = diag(1 / (sqrt(v_B) + eps)) with v_B =
+    g_bar^2 + c_B s^2 the expected square of a batch gradient's coordinate (Adam's second moment
+    at batch size B, s^2 the per-example variance); ``"adam-noise"``, v_B = c_B s^2 alone (a
+    counterfactual: every coordinate's second moment is the batch's noise). Adam's momentum and
+    the bias correction's first steps are outside the model.
+
+    tr(P H P Sigma) = (1/N) sum_i u_i' H u_i with u_i = P (g_i - g_bar) is averaged over
+    ``examples`` of the N examples (default all; a subset drawn without replacement from
+    ``seed``, the same for every B, is an unbiased estimate), ``chunk_size`` Hessian-vector
+    products at a time. Every batch size must be in [1, N]."""
+    from .functional import flatten
+    from .pergrad import per_example_grads
+
+    if preconditioner not in PRECONDITIONERS:
+        raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
+    n = len(x)
+    check_int("n (len(x))", n, 2)
+    sizes = check_ints(
+        "batch_sizes",
+        [int(b) if isinstance(b, np.integer) else b for b in batch_sizes],
+        1,
+        n,
+        nonempty=True,
+    )
+    check_positive("eps", eps)
+    m = n if examples is None else check_int("examples", examples, 1, n)
+    check_int("seed", seed, 0)
+    check_int("chunk_size", chunk_size, 1)
+    mean, var = gradient_moments(model, loss, x, y)
+    hess = HessianOperator(model, loss, (x, y))
+    chosen = (
+        torch.arange(n)
+        if m == n
+        else torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:m].sort().values
+    ).to(x.device)
+    factors = [batch_noise_factor(b, n) for b in sizes]
+    if preconditioner == "sgd":
+        diag = [torch.ones_like(mean)] * len(sizes)
+    else:
+        only = preconditioner == "adam-noise"
+        diag = [adam_preconditioner(mean, var, b, n, eps=eps, noise_only=only) for b in sizes]
+
+    def quadratic(u: Tensor) -> Tensor:  # u' H u per column of u (P, k): H u in H's dtype
+        # (the model's: float32 for a float32 model), the products summed in float64
+        hu = hess @ u.to(hess.dtype)
+        return (u * hu.double()).sum(0)
+
+    signal = np.array([float((d * mean.pow(2)).sum()) for d in diag])
+    mean_curv = np.array([float(quadratic((d * mean)[:, None])[0]) for d in diag])
+    trace = np.zeros(len(sizes))
+    distinct = 1 if preconditioner == "sgd" else len(sizes)
+    for start in range(0, m, chunk_size):
+        idx = chosen[start : start + chunk_size]
+        g = flatten(per_example_grads(model, loss, x[idx], y[idx]), batch_dims=1).double()
+        centred = (g - mean).T  # (P, k)
+        for i in range(distinct):
+            trace[i] += float(quadratic(diag[i][:, None] * centred).sum())
+    if distinct == 1:
+        trace[:] = trace[0]
+    noise_curv = np.array(factors) * trace / m
+    return OneStepRate(preconditioner, sizes, n, m, signal, mean_curv, noise_curv)
+
+
 # ----------------------------------------------------------------------------- stable learning rate
 
 
@@ -257,18 +417,43 @@ def loss_decreases(
     steps: int,
     seed: int = 0,
     optimizer_kwargs: Mapping[str, Any] | None = None,
+    preconditioner: Tensor | None = None,
 ) -> Callable[[float], bool]:
     """The stability criterion ``stable(lr)``: a copy of ``model`` takes ``steps`` steps of
     ``optimizer`` (``"sgd"``: plain SGD; ``"adam"``: ``torch.optim.Adam`` with its defaults, or
     with ``optimizer_kwargs`` such as ``betas`` and ``eps``) at rate lr, each on a batch of
     ``batch_size`` examples drawn anew without replacement (the same batches for every lr, from
     ``seed``); stable when the mean loss over all of (x, y) is then finite and at most its value
-    at the start. ``model`` itself is not changed."""
+    at the start. ``model`` itself is not changed.
+
+    ``preconditioner`` (SGD only): a fixed positive vector P of one entry per parameter (in the
+    order of ``model.parameters()``, as :func:`gradient_moments` returns them); each step is then
+    w <- w - lr P g_B, a preconditioned SGD whose preconditioner does not adapt (for instance
+    Adam's expected one at the start, as :func:`one_step_rate` models it)."""
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     kwargs = dict(optimizer_kwargs or {})
     if "lr" in kwargs:
         raise ValueError("optimizer_kwargs must not hold lr: it is the argument of stable(lr)")
+    pieces = None
+    if preconditioner is not None:
+        if optimizer != "sgd":
+            raise ValueError(f"preconditioner is for optimizer 'sgd', got {optimizer!r}")
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        size = sum(p.numel() for p in trainable)
+        if preconditioner.shape != (size,):
+            raise ValueError(
+                f"preconditioner must have shape ({size},), one entry per parameter, got "
+                f"{tuple(preconditioner.shape)}"
+            )
+        if not bool(torch.isfinite(preconditioner).all()) or bool((preconditioner <= 0).any()):
+            raise ValueError("preconditioner must be finite and positive")
+        pieces = [
+            c.reshape(p.shape).to(device=p.device, dtype=p.dtype)
+            for c, p in zip(
+                preconditioner.split([p.numel() for p in trainable]), trainable, strict=True
+            )
+        ]
     n = len(x)
     check_int("batch_size", batch_size, 1, n)
     check_int("steps", steps, 1)
@@ -293,6 +478,11 @@ def loss_decreases(
                 return False
             opt.zero_grad(set_to_none=True)
             value.backward()
+            if pieces is not None:
+                with torch.no_grad():
+                    for p, c in zip(params, pieces, strict=True):
+                        if p.grad is not None:  # a parameter the loss does not reach
+                            p.grad.mul_(c)
             opt.step()
         with torch.no_grad():
             end = float(fn(m(x), y))

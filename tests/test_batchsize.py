@@ -265,3 +265,209 @@ def test_gradient_moments_against_a_per_example_loop_and_noise_fraction_limits()
     # a coordinate with zero mean is all noise; one with zero variance none
     m2, v2 = torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0])
     assert math.isclose(bs.noise_fraction(m2, v2, 5, 10), 0.5)
+
+
+def _flat_params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _set_flat(model, flat):
+    with torch.no_grad():
+        start = 0
+        for p in model.parameters():
+            p.copy_(flat[start : start + p.numel()].reshape(p.shape))
+            start += p.numel()
+
+
+@pytest.mark.parametrize("preconditioner", bs.PRECONDITIONERS)
+@pytest.mark.parametrize("b", [1, 3, 6])
+def test_one_step_rate_is_exact_on_a_quadratic_loss_by_enumerating_every_batch(preconditioner, b):
+    # a linear model under mse: the loss is quadratic in the parameters, so the expansion is exact
+    # and the mean loss after one step, over every batch of b of the 7 examples, equals the start
+    # at the returned rate (and is below it at half the rate, above at twice)
+    import itertools
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(7, 2, generator=g, dtype=torch.float64)
+    res = bs.one_step_rate(model, "mse", x, y, [b], preconditioner=preconditioner, chunk_size=2)
+    lr = float(res.rate[0])
+    w0 = _flat_params(model)
+    mean, var = bs.gradient_moments(model, "mse", x, y)
+    c = bs.batch_noise_factor(b, 7)
+    v = {"sgd": None, "adam": mean.pow(2) + c * var, "adam-noise": c * var}[preconditioner]
+    p = torch.ones_like(w0) if v is None else 1.0 / (v.sqrt() + 1e-8)
+
+    def loss_at(w):
+        _set_flat(model, w)
+        with torch.no_grad():
+            return float(gc.losses.mse(model(x), y))
+
+    def grad_at(idx):
+        _set_flat(model, w0)
+        model.zero_grad()
+        gc.losses.mse(model(x[idx]), y[idx]).backward()
+        return torch.cat([q.grad.flatten() for q in model.parameters()])
+
+    start = loss_at(w0)
+    batches = [list(t) for t in itertools.combinations(range(7), b)]
+    grads = [grad_at(idx) for idx in batches]
+    # Adam's expected second moment: the mean of g_B^2 over every batch is g_bar^2 + c_B s^2
+    assert torch.allclose(torch.stack(grads).pow(2).mean(0), mean.pow(2) + c * var, rtol=1e-12)
+
+    def expected(rate):
+        return float(np.mean([loss_at(w0 - rate * p * gb) for gb in grads]))
+
+    assert math.isclose(expected(lr), start, rel_tol=1e-9)
+    assert expected(lr / 2) < start < expected(2 * lr)
+    _set_flat(model, w0)
+
+
+def test_one_step_rate_terms_against_a_dense_hessian_and_per_example_loop():
+    # a tanh MLP under cross-entropy: each term by hand from the exact Hessian
+    model, x, y = _small()
+    h = _dense_hessian(model, x, y)
+    rows = []
+    for i in range(len(x)):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        rows.append(torch.cat([q.grad.flatten() for q in model.parameters()]))
+    g = torch.stack(rows)
+    mean, var = g.mean(0), g.var(0, unbiased=False)
+    sizes = (2, 10, 40)
+    for name in bs.PRECONDITIONERS:
+        res = bs.one_step_rate(model, "ce", x, y, sizes, preconditioner=name, chunk_size=6)
+        for i, b in enumerate(sizes):
+            c = (1 / b - 1 / 40) * 40 / 39
+            v = {"sgd": None, "adam": mean.pow(2) + c * var, "adam-noise": c * var}[name]
+            p = torch.ones_like(mean) if v is None else 1 / (v.sqrt() + 1e-8)
+            php = p[:, None] * h * p[None, :]
+            cov = (g - mean).T @ (g - mean) / 40
+            assert math.isclose(res.signal[i], float(mean @ (p * mean)), rel_tol=1e-9)
+            assert math.isclose(res.mean_curvature[i], float(mean @ php @ mean), rel_tol=1e-7)
+            assert math.isclose(
+                res.noise_curvature[i], c * float(torch.trace(php @ cov)), rel_tol=1e-7, abs_tol=0
+            )
+        assert res.noise_curvature[-1] == 0.0 and res.noise_share[-1] == 0.0  # B = N
+        assert res.examples == 40 and res.batch_sizes == sizes
+
+
+def test_one_step_rate_on_a_subset_of_examples_is_unbiased_and_the_same_at_every_b():
+    model, x, y = _small()
+    full = bs.one_step_rate(model, "ce", x, y, (4, 8), preconditioner="sgd")
+    subs = [
+        bs.one_step_rate(model, "ce", x, y, (4, 8), preconditioner="sgd", examples=10, seed=s)
+        for s in range(40)
+    ]
+    # one trace for every B under P = I: the ratio of the noise terms is c_4 / c_8 exactly
+    for r in subs[:3]:
+        ratio = bs.batch_noise_factor(4, 40) / bs.batch_noise_factor(8, 40)
+        assert math.isclose(r.noise_curvature[0] / r.noise_curvature[1], ratio, rel_tol=1e-12)
+        assert r.examples == 10
+    est = np.array([r.noise_curvature[0] for r in subs])
+    # a mean over 40 subsets within four standard errors of the exact value
+    assert abs(est.mean() - full.noise_curvature[0]) < 4 * est.std() / math.sqrt(len(est))
+    assert np.allclose([r.signal for r in subs], full.signal, rtol=1e-12)
+
+
+def test_one_step_rate_refuses_bad_arguments():
+    model, x, y = _small()
+    with pytest.raises(ValueError, match="preconditioner"):
+        bs.one_step_rate(model, "ce", x, y, (4,), preconditioner="rmsprop")
+    with pytest.raises(ValueError, match=r"batch_sizes\[1\] must be an int in \[1, 40\]"):
+        bs.one_step_rate(model, "ce", x, y, (4, 41))
+    with pytest.raises(ValueError, match="batch_sizes must hold at least one"):
+        bs.one_step_rate(model, "ce", x, y, ())
+    # numpy integers are batch sizes too
+    assert bs.one_step_rate(model, "ce", x, y, np.array([4])).batch_sizes == (4,)
+    with pytest.raises(ValueError, match="examples"):
+        bs.one_step_rate(model, "ce", x, y, (4,), examples=0)
+    with pytest.raises(ValueError, match="eps"):
+        bs.one_step_rate(model, "ce", x, y, (4,), preconditioner="adam", eps=0.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        bs.batch_noise_factor(0, 10)
+
+
+@pytest.mark.parametrize("lam", [0.5, 3.0])
+def test_loss_decreases_with_a_frozen_preconditioner_is_exactly_lr_below_two_over_p_lambda(lam):
+    # f(w) = lam/2 (w1^2 + 4 w2^2) with GD preconditioned by P = (p1, p2): each coordinate
+    # contracts by |1 - lr p_i lam_i|; where p_i lam_i is the same for both, the loss after 7
+    # steps is at most the start's exactly when lr <= 2 / (p_i lam_i)
+    class Quad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor([1.0, 1.0], dtype=torch.float64))
+
+        def forward(self, x):
+            return self.w * x
+
+    def loss(out, target):
+        return 0.5 * lam * (out - target).pow(2).mean(0).sum()
+
+    x = torch.tensor([[1.0, 2.0], [-1.0, -2.0]] * 5, dtype=torch.float64)
+    y = torch.zeros(10, 2, dtype=torch.float64)
+    for p, scale in (((4.0, 1.0), 4.0), ((1.0, 0.25), 1.0), ((0.1, 0.025), 0.1)):
+        stable = bs.loss_decreases(
+            Quad(), loss, x, y, optimizer="sgd", batch_size=10, steps=7,
+            preconditioner=torch.tensor(p, dtype=torch.float64),
+        )  # fmt: skip
+        got = bs.largest_stable_lr(stable, 1e-3, 1e3, iters=40)
+        assert math.isclose(got, 2.0 / (scale * lam), rel_tol=1e-9)
+
+
+def test_loss_decreases_preconditioner_by_hand_and_refusals():
+    model, x, y = _small()
+    size = sum(p.numel() for p in model.parameters())
+    precond = torch.linspace(0.5, 2.0, size, dtype=torch.float64)
+    stable = bs.loss_decreases(
+        model, "ce", x, y, optimizer="sgd", batch_size=8, steps=5, seed=3, preconditioner=precond
+    )
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randperm(40, generator=gen)[:8] for _ in range(5)]
+    start = nn.functional.cross_entropy(model(x), y).item()
+
+    def by_hand(lr):
+        m = copy.deepcopy(model)
+        for idx in batches:
+            m.zero_grad()
+            nn.functional.cross_entropy(m(x[idx]), y[idx]).backward()
+            g = torch.cat([q.grad.flatten() for q in m.parameters()])
+            with torch.no_grad():
+                _set_flat(m, _flat_params(m) - lr * precond * g)
+        return nn.functional.cross_entropy(m(x), y).item() <= start
+
+    rates = np.geomspace(1e-2, 100, 25)
+    assert [stable(r) for r in rates] == [by_hand(r) for r in rates]
+    assert any(stable(r) for r in rates) and not all(stable(r) for r in rates)
+    kw = dict(batch_size=8, steps=5)
+    with pytest.raises(ValueError, match="preconditioner is for optimizer 'sgd'"):
+        bs.loss_decreases(model, "ce", x, y, optimizer="adam", preconditioner=precond, **kw)
+    with pytest.raises(ValueError, match=rf"shape \({size},\)"):
+        bs.loss_decreases(model, "ce", x, y, optimizer="sgd", preconditioner=precond[:-1], **kw)
+    with pytest.raises(ValueError, match="finite and positive"):
+        bs.loss_decreases(model, "ce", x, y, optimizer="sgd", preconditioner=-precond, **kw)
+
+
+def test_adam_preconditioner_by_hand():
+    mean = torch.tensor([0.0, 3.0, 1.0], dtype=torch.float64)
+    var = torch.tensor([4.0, 0.0, 9.0], dtype=torch.float64)
+    c = bs.batch_noise_factor(5, 11)
+    assert math.isclose(c, (1 / 5 - 1 / 11) * 11 / 10)
+    got = bs.adam_preconditioner(mean, var, 5, 11, eps=1e-3)
+    want = 1 / ((mean**2 + c * var).sqrt() + 1e-3)
+    assert torch.allclose(got, want, rtol=1e-15)
+    noise = bs.adam_preconditioner(mean, var, 5, 11, eps=1e-3, noise_only=True)
+    assert torch.allclose(noise, 1 / ((c * var).sqrt() + 1e-3), rtol=1e-15)
+    assert float(noise[1]) == 1e3  # a coordinate without noise: 1 / eps
+
+
+def test_one_step_rate_of_a_float32_model_is_close_to_its_float64_copy():
+    # the notebook's models are float32: the Hessian products run in float32, the sums in float64
+    model, x, y = _small()
+    single = copy.deepcopy(model).float()
+    for name in bs.PRECONDITIONERS:
+        a = bs.one_step_rate(model, "ce", x, y, (4, 16), preconditioner=name)
+        b = bs.one_step_rate(single, "ce", x.float(), y, (4, 16), preconditioner=name)
+        assert np.allclose(a.rate, b.rate, rtol=1e-3), name

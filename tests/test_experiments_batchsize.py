@@ -93,12 +93,66 @@ def test_stable_lr_run_scaled_from_uses_the_sqrt_rules_adam():
         bx.stable_lr_run(cfg, "sgd", 8, 0, scaled_from=8)
 
 
+def test_stable_lr_run_betas_runs_adam_with_them():
+    cfg = bx.config(**SMALL)
+    lr = bx.stable_lr_run(cfg, "adam", 8, 0, betas=(0.0, 0.999))["lr"]
+    ds = bx.load(cfg["n_train"], cfg["n_test"], cfg["data_seed"])
+    stable = bs.loss_decreases(
+        bx.checkpoint(cfg), "ce", ds.x_train, ds.y_train, optimizer="adam", batch_size=8,
+        steps=cfg["lr_steps"], seed=0, optimizer_kwargs={"betas": (0.0, 0.999)},
+    )  # fmt: skip
+    assert stable(lr) and not stable(lr * (1e7) ** (2**-12) * 1.01)
+    with pytest.raises(ValueError, match="betas is for optimizer 'adam'"):
+        bx.stable_lr_run(cfg, "sgd", 8, 0, betas=(0.0, 0.999))
+    with pytest.raises(ValueError, match="not both"):
+        bx.stable_lr_run(cfg, "adam", 8, 0, scaled_from=8, betas=(0.0, 0.999))
+    with pytest.raises(ValueError, match=r"betas\[0\]"):
+        bx.stable_lr_run(cfg, "adam", 8, 0, betas=(1.0, 0.999))
+    with pytest.raises(ValueError, match="betas must be a pair"):
+        bx.stable_lr_run(cfg, "adam", 8, 0, betas=(0.9,))
+
+
+def test_stable_lr_run_frozen_adam_is_sgd_with_adams_expected_preconditioner():
+    cfg = bx.config(**SMALL)
+    lr = bx.stable_lr_run(cfg, "sgd", 8, 0, frozen_adam=True)["lr"]
+    ds = bx.load(cfg["n_train"], cfg["n_test"], cfg["data_seed"])
+    model = bx.checkpoint(cfg)
+    mean, var = bs.gradient_moments(model, "ce", ds.x_train, ds.y_train)
+    kept = bx.checkpoint_moments(cfg)
+    assert torch.equal(kept[0], mean) and torch.equal(kept[1], var)
+    assert bx.checkpoint_moments(cfg)[0] is kept[0]  # computed once per checkpoint
+    stable = bs.loss_decreases(
+        model, "ce", ds.x_train, ds.y_train, optimizer="sgd", batch_size=8,
+        steps=cfg["lr_steps"], seed=0,
+        preconditioner=bs.adam_preconditioner(mean, var, 8, cfg["n_train"]),
+    )  # fmt: skip
+    assert stable(lr) and not stable(lr * (1e7) ** (2**-12) * 1.01)  # Adam's bracket
+    with pytest.raises(ValueError, match="frozen_adam preconditions optimizer 'sgd'"):
+        bx.stable_lr_run(cfg, "adam", 8, 0, frozen_adam=True)
+
+
+def test_one_step_run_equals_the_library_call_over_the_three_smallest_sizes():
+    cfg = bx.config(**{**SMALL, "lr_sizes": (8, 16, 32, 120)})
+    r = bx.one_step_run(cfg, "adam", 30, 2)
+    ds = bx.load(cfg["n_train"], cfg["n_test"], cfg["data_seed"])
+    lib = bs.one_step_rate(
+        bx.checkpoint(cfg), "ce", ds.x_train, ds.y_train, (8, 16, 32),
+        preconditioner="adam", examples=30, seed=2,
+    )  # fmt: skip
+    assert list(r["batch_sizes"]) == [8, 16, 32] and r["examples"] == 30
+    assert np.allclose(r["rate"], lib.rate, rtol=1e-6)
+    assert np.allclose(r["noise_share"], lib.noise_share, rtol=1e-6)
+    # more examples than the training set: all of them
+    assert bx.one_step_run(cfg, "sgd", 10_000)["examples"] == cfg["n_train"]
+
+
 def test_deep_model_initialisations():
     cfg = bx.config(**SMALL)
     poor, good = bx.deep_model(cfg, "poor", 1), bx.deep_model(cfg, "good", 1)
     w_poor = poor.layers[1].weight
-    assert abs(float(w_poor.std()) - 0.12) < 0.04 and float(poor.layers[1].bias.abs().max()) == 0
-    assert abs(float(good.layers[1].weight.std()) - math.sqrt(2 / 6)) < 0.2
+    assert abs(float(w_poor.detach().std()) - 0.12) < 0.04
+    assert float(poor.layers[1].bias.detach().abs().max()) == 0
+    assert abs(float(good.layers[1].weight.detach().std()) - math.sqrt(2 / 6)) < 0.2
     with pytest.raises(ValueError, match="init must be"):
         bx.deep_model(cfg, "bad", 1)
 
@@ -114,7 +168,7 @@ def test_deep_extra_std_enlarges_every_weight_from_the_same_draws(init):
     for a, b in zip(plain.layers, wider.layers, strict=True):
         std = 0.12 if init == "poor" else math.sqrt(2 / a.in_features)
         assert torch.allclose(b.weight, a.weight * math.sqrt(std**2 + s**2) / std, rtol=1e-6)
-        assert float(b.bias.abs().max()) == 0
+        assert float(b.bias.detach().abs().max()) == 0
     if init == "poor":
         same = bx.deep_model({**cfg, "deep_poor_std": math.sqrt(0.12**2 + s**2)}, init, 4)
         assert all(

@@ -11,6 +11,9 @@ Three experiments, each cached:
 - :func:`stable_lr_run`: at the same checkpoint, the largest learning rate at which SGD or Adam
   still lowers the full training loss in a fixed number of steps
   (:func:`gradcourse.batchsize.loss_decreases`), by bisection;
+- :func:`one_step_run`: at the same checkpoint, the rate at which one step of SGD or of Adam's
+  expected preconditioner leaves the training loss unchanged to second order
+  (:func:`gradcourse.batchsize.one_step_rate`), a model of the stable rates' exponents;
 - :func:`deep_run`: a 20-layer, width-50 ReLU MLP from a poor or a good initialisation, trained
   by SGD with momentum, with or without annealed gradient noise; its test accuracy.
 """
@@ -37,10 +40,12 @@ __all__ = [
     "DEFAULTS",
     "cached",
     "checkpoint",
+    "checkpoint_moments",
     "config",
     "deep_model",
     "deep_run",
     "load",
+    "one_step_run",
     "spectrum_run",
     "stable_lr_run",
 ]
@@ -97,6 +102,7 @@ def config(**overrides: Any) -> dict[str, Any]:
 
 
 _DATA: dict[tuple[Any, ...], data.Dataset] = {}
+_MOMENTS: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def load(n_train: int, n_test: int, data_seed: int) -> data.Dataset:
@@ -135,6 +141,18 @@ def checkpoint(cfg: Mapping[str, Any]) -> nn.Module:
     return model
 
 
+def checkpoint_moments(cfg: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gradcourse.batchsize.gradient_moments` of the ``n_train`` images at
+    :func:`checkpoint`: the per-coordinate mean gradient and per-example variance. Kept in
+    memory per checkpoint (both are deterministic)."""
+    cfg = config(**cfg)
+    key = tuple(cfg[k] for k in ("n_train", "n_test", "data_seed", "width", "warmup_epochs"))
+    if key not in _MOMENTS:
+        ds = load(cfg["n_train"], cfg["n_test"], cfg["data_seed"])
+        _MOMENTS[key] = bsz.gradient_moments(checkpoint(cfg), "ce", ds.x_train, ds.y_train)
+    return _MOMENTS[key]
+
+
 def spectrum_run(cfg: Mapping[str, Any], seed: int) -> dict[str, Any]:
     """:func:`gradcourse.batchsize.minibatch_spectrum` at the checkpoint over
     ``spectrum_sizes``, ``draws`` batches each (drawn from ``seed``)."""
@@ -161,6 +179,8 @@ def stable_lr_run(
     batch_size: int,
     seed: int,
     scaled_from: int | None = None,
+    betas: tuple[float, float] | None = None,
+    frozen_adam: bool = False,
 ) -> dict[str, Any]:
     """The largest rate at which ``lr_steps`` steps of ``optimizer`` on batches of
     ``batch_size`` (drawn from ``seed``) leave the full training loss no higher than at the
@@ -168,13 +188,39 @@ def stable_lr_run(
     [1e-6, 10] for Adam, 12 halvings of the log bracket (the result is below the threshold by at
     most a factor (1e6)^(1/4096) for SGD, 0.34%, and (1e7)^(1/4096) for Adam, 0.39%). With
     ``scaled_from`` = B0, Adam's betas and eps are those of the square root scaling rule from
-    its defaults at batch size B0 (:func:`gradcourse.batchsize.sqrt_scaled_adam`)."""
+    its defaults at batch size B0 (:func:`gradcourse.batchsize.sqrt_scaled_adam`). With ``betas``
+    Adam runs with those betas (eps at its default): ``(0.0, 0.999)`` is Adam without momentum.
+    With ``frozen_adam`` (``optimizer="sgd"``), SGD preconditioned by Adam's expected second
+    moment at the checkpoint and batch size (:func:`gradcourse.batchsize.adam_preconditioner`),
+    frozen: the optimiser of :func:`one_step_run`'s model, bisected over Adam's bracket."""
     cfg = config(**cfg)
     if scaled_from is not None and optimizer != "adam":
         raise ValueError(f"scaled_from is for optimizer 'adam', got {optimizer!r}")
-    kwargs = None if scaled_from is None else bsz.sqrt_scaled_adam(batch_size, scaled_from)
+    if betas is not None:
+        if optimizer != "adam":
+            raise ValueError(f"betas is for optimizer 'adam', got {optimizer!r}")
+        if scaled_from is not None:
+            raise ValueError("give scaled_from or betas, not both: scaled_from sets the betas")
+        if isinstance(betas, (str, bytes)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        betas = (float(betas[0]), float(betas[1]))
+        for i, beta in enumerate(betas):
+            check_number(f"betas[{i}]", beta, low=0, high=1, high_open=True)
+    kwargs = (
+        bsz.sqrt_scaled_adam(batch_size, scaled_from)
+        if scaled_from is not None
+        else None
+        if betas is None
+        else {"betas": betas}
+    )
+    if frozen_adam and optimizer != "sgd":
+        raise ValueError(f"frozen_adam preconditions optimizer 'sgd', got {optimizer!r}")
     ds = load(cfg["n_train"], cfg["n_test"], cfg["data_seed"])
     model = checkpoint(cfg)
+    precond = None
+    if frozen_adam:
+        mean, var = checkpoint_moments(cfg)
+        precond = bsz.adam_preconditioner(mean, var, batch_size, cfg["n_train"])
     stable = bsz.loss_decreases(
         model,
         "ce",
@@ -185,11 +231,47 @@ def stable_lr_run(
         steps=cfg["lr_steps"],
         seed=seed,
         optimizer_kwargs=kwargs,
+        preconditioner=precond,
     )
-    low, high = (1e-3, 1e3) if optimizer == "sgd" else (1e-6, 10.0)
+    low, high = (1e-3, 1e3) if optimizer == "sgd" and not frozen_adam else (1e-6, 10.0)
     t0 = time.perf_counter()
     lr = bsz.largest_stable_lr(stable, low, high, iters=12)
     return {"lr": lr, "seconds": time.perf_counter() - t0}
+
+
+def one_step_run(
+    cfg: Mapping[str, Any], preconditioner: str, examples: int, seed: int = 0
+) -> dict[str, Any]:
+    """:func:`gradcourse.batchsize.one_step_rate` at the checkpoint for the three smallest
+    ``lr_sizes`` (those the exponents are fitted over): the rate at which one step of SGD
+    (``"sgd"``) or of Adam's expected preconditioner (``"adam"``; ``"adam-noise"``, the
+    counterfactual with every coordinate's second moment the batch's noise) leaves the training
+    loss unchanged in expectation, to second order; the noise's trace over ``examples`` training
+    examples drawn from ``seed``."""
+    cfg = config(**cfg)
+    ds = load(cfg["n_train"], cfg["n_test"], cfg["data_seed"])
+    model = checkpoint(cfg)
+    t0 = time.perf_counter()
+    res = bsz.one_step_rate(
+        model,
+        "ce",
+        ds.x_train,
+        ds.y_train,
+        cfg["lr_sizes"][:3],
+        preconditioner=preconditioner,
+        examples=min(examples, cfg["n_train"]),
+        seed=seed,
+    )
+    return {
+        "batch_sizes": np.array(res.batch_sizes),
+        "rate": res.rate,
+        "signal": res.signal,
+        "mean_curvature": res.mean_curvature,
+        "noise_curvature": res.noise_curvature,
+        "noise_share": res.noise_share,
+        "examples": res.examples,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def deep_model(cfg: Mapping[str, Any], init: str, seed: int) -> nn.Module:
