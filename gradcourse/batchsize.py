@@ -528,19 +528,25 @@ class GradientNoise:
     N(0, sigma_t^2 I) to the ``.grad`` of every parameter that has one, with
     sigma_t^2 = ``eta`` / (1 + t)^``gamma`` at step t (counted by the calls, from 0). The noise
     is drawn from its own generator (``seed``), on each gradient's device and dtype, so it does
-    not touch the global random state. ``eta = 0`` adds nothing."""
+    not touch the global random state. ``eta = 0`` adds nothing. ``until`` (not the paper's; a
+    control): no noise from step ``until`` on, the draws before it unchanged."""
 
-    def __init__(self, eta: float, gamma: float = 0.55, *, seed: int = 0) -> None:
+    def __init__(
+        self, eta: float, gamma: float = 0.55, *, seed: int = 0, until: int | None = None
+    ) -> None:
         self.eta = check_nonnegative("eta", eta)
         self.gamma = check_nonnegative("gamma", gamma)
         check_int("seed", seed, 0)
+        self.until = None if until is None else check_int("until", until, 0)
         self.seed = seed
         self.step = 0
         self._gen: dict[torch.device, torch.Generator] = {}
 
     def variance(self, t: int) -> float:
-        """sigma_t^2 = eta / (1 + t)^gamma."""
+        """sigma_t^2 = eta / (1 + t)^gamma (0 from step ``until`` on)."""
         check_int("t", t, 0)
+        if self.until is not None and t >= self.until:
+            return 0.0
         return self.eta / (1 + t) ** self.gamma
 
     def displacement_std(self, lr: float, momentum: float, steps: int) -> float:
@@ -555,7 +561,10 @@ class GradientNoise:
         check_int("steps", steps, 0)
         t = np.arange(steps, dtype=np.float64)
         reach = (1 - momentum ** (steps - t)) / (1 - momentum)
-        return float(lr * np.sqrt(np.sum(self.eta / (1 + t) ** self.gamma * reach**2)))
+        var = self.eta / (1 + t) ** self.gamma
+        if self.until is not None:
+            var = np.where(t < self.until, var, 0.0)
+        return float(lr * np.sqrt(np.sum(var * reach**2)))
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._gen:

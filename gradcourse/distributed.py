@@ -22,6 +22,10 @@ with g the worker's gradient and m the momentum:
 - ``method="gd"`` (Gradient Dropping, Aji & Heafield 2017): accumulate v <- v + g, send its
   top-k, zero v where sent, then SGD with momentum on the summed sparse gradient.
 
+Every method can also warm up the learning rate (``lr_warmup_steps``, Goyal et al. 2017: from
+lr / N to lr over those steps, :func:`warmup_lr`), as Lin et al.'s "warm-up training" does
+together with the sparsity warm-up.
+
 ``correction`` and ``masking`` switch DGC's two corrections off, for ablations: without
 masking at sparsity 0, DGC is dense SGD with momentum; with it, momentum is erased every step.
 
@@ -68,6 +72,7 @@ __all__ = [
     "SparseSGD",
     "METHODS",
     "warmup_sparsity",
+    "warmup_lr",
     "dgc_compress",
     "spsa_seed",
     "perturbation",
@@ -300,6 +305,21 @@ def warmup_sparsity(step: int, final: float, warmup_steps: int, stages: int = 4)
     return min(final, 1 - 0.25 ** (stage + 1))
 
 
+def warmup_lr(step: int, lr: float, workers: int, warmup_steps: int) -> float:
+    """The gradual learning-rate warm-up of Goyal et al. 2017 ("Accurate, Large Minibatch SGD",
+    arXiv 1706.02677), per step: at step t < ``warmup_steps`` the rate is
+    lr (1 + (N - 1) t / W) / N, rising linearly from lr / N (one worker's rate) to ``lr``, the
+    rate of N workers' global batch; ``lr`` after. With one worker or ``warmup_steps`` = 0 it is
+    ``lr`` throughout."""
+    check_int("step", step, 0)
+    lr = check_positive("lr", lr)
+    workers = check_int("workers", workers, 1)
+    warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+    if step >= warmup_steps:
+        return lr
+    return lr * (1 + (workers - 1) * step / warmup_steps) / workers
+
+
 def _topk(v: Tensor, k: int) -> Tensor:
     return v.abs().flatten().topk(k, sorted=False).indices
 
@@ -363,6 +383,7 @@ class SparseSGD:
         clip: float | None = None,
         correction: bool = True,
         masking: bool = True,
+        lr_warmup_steps: int = 0,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -374,6 +395,7 @@ class SparseSGD:
         self.method = method
         self.sparsity = check_number("sparsity", sparsity, low=0, high=1, high_open=True)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+        self.lr_warmup_steps = check_int("lr_warmup_steps", lr_warmup_steps, 0)
         self.clip = None if clip is None else check_positive("clip", clip)
         self.correction, self.masking = bool(correction), bool(masking)
         self.u = [torch.zeros_like(p) for p in self.params]  # momentum (DGC) / buffer (dense, gd)
@@ -388,6 +410,10 @@ class SparseSGD:
 
     def current_sparsity(self) -> float:
         return warmup_sparsity(self.steps, self.sparsity, self.warmup_steps)
+
+    def current_lr(self) -> float:
+        """This step's rate: ``lr``, or during ``lr_warmup_steps`` :func:`warmup_lr`'s ramp."""
+        return warmup_lr(self.steps, self.lr, dist.get_world_size(), self.lr_warmup_steps)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -421,7 +447,7 @@ class SparseSGD:
             b.copy_(G)
         else:
             b.mul_(self.momentum).add_(G)
-        p.sub_(self.lr * b)
+        p.sub_(self.current_lr() * b)
 
     def _dense(self, grads: list[Tensor], world: int) -> None:
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -457,7 +483,7 @@ class SparseSGD:
             self._record_updates(i, total != 0)
             _clear_sent(u, v, idx, self.method == "dgc" and self.correction and self.masking)
             if self.method == "dgc" and self.correction:
-                p.sub_(self.lr * G)
+                p.sub_(self.current_lr() * G)
             else:
                 self._sgd_momentum(i, p, G)
 

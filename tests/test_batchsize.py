@@ -197,6 +197,30 @@ def test_noise_displacement_std_matches_noise_only_sgd_with_momentum():
         bs.GradientNoise(2.0).displacement_std(0.5, 1.0, 7)
 
 
+def test_gradient_noise_until_stops_it_and_keeps_the_draws_before():
+    """until = 3: the first three steps draw exactly what the unstopped noise draws, the rest
+    add nothing; its displacement sums the noise of those three steps only (by hand)."""
+    plain, stopped = bs.GradientNoise(0.5, seed=7), bs.GradientNoise(0.5, seed=7, until=3)
+    for t in range(6):
+        p, q = nn.Parameter(torch.zeros(50)), nn.Parameter(torch.zeros(50))
+        p.grad, q.grad = torch.zeros(50), torch.zeros(50)
+        sd_p, sd_q = plain.add_([p]), stopped.add_([q])
+        if t < 3:
+            assert sd_q == sd_p > 0 and torch.equal(q.grad, p.grad)
+        else:
+            assert (
+                sd_q == 0.0 and stopped.variance(t) == 0.0 and torch.equal(q.grad, torch.zeros(50))
+            )
+    by_hand = 0.5 * math.sqrt(sum(2.0 / (1 + t) ** 0.55 for t in range(3)))
+    got = bs.GradientNoise(2.0, until=3).displacement_std(0.5, 0.0, 7)
+    assert math.isclose(got, by_hand, rel_tol=1e-12)
+    assert bs.GradientNoise(2.0, until=7).displacement_std(0.5, 0.9, 7) == pytest.approx(
+        bs.GradientNoise(2.0).displacement_std(0.5, 0.9, 7), rel=1e-15
+    )
+    with pytest.raises(ValueError, match="until"):
+        bs.GradientNoise(1.0, until=-1)
+
+
 def test_gradient_noise_zero_adds_nothing_and_skips_parameters_without_grad():
     p, q = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
     p.grad = torch.full((3,), 2.0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gradcourse import distributed as gd
-from gradcourse.distributed import SparseSGD, WorkerError, launch, warmup_sparsity
+from gradcourse.distributed import SparseSGD, WorkerError, launch, warmup_lr, warmup_sparsity
 from gradcourse.experiments import compression as cx
 
 
@@ -83,20 +83,35 @@ def test_exchanges_match_their_single_process_references():
     # DGC at sparsity 0.9, by hand per worker: momentum correction, accumulation, top-k, masking
     P = mean.shape[1]
     k = math.ceil(0.1 * P)
-    theta = cx.check_start()
-    u = [torch.zeros(P), torch.zeros(P)]
-    v = [torch.zeros(P), torch.zeros(P)]
+
+    def dgc_by_hand(rate):  # rate[t]: the learning rate at step t
+        theta = cx.check_start()
+        u = [torch.zeros(P), torch.zeros(P)]
+        v = [torch.zeros(P), torch.zeros(P)]
+        for t in range(12):
+            total = torch.zeros(P)
+            for r in range(2):
+                u[r] = m * u[r] + grads[r][t]
+                v[r] = v[r] + u[r]
+                idx = v[r].abs().topk(k).indices
+                total[idx] += v[r][idx]
+                v[r][idx] = 0
+                u[r][idx] = 0
+            theta = theta - rate[t] * total / 2
+        return theta
+
+    torch.testing.assert_close(out[0]["dgc_s90"]["params"], dgc_by_hand([lr] * 12))
+
+    # the same two with the learning rate warmed up over W steps: lr (1 + t / W) / 2 at step t
+    W = cx.CHECK_LR_WARMUP
+    rate = [lr * (1 + t / W) / 2 if t < W else lr for t in range(12)]
+    theta, b = cx.check_start(), torch.zeros_like(mean[0])
     for t in range(12):
-        total = torch.zeros(P)
-        for r in range(2):
-            u[r] = m * u[r] + grads[r][t]
-            v[r] = v[r] + u[r]
-            idx = v[r].abs().topk(k).indices
-            total[idx] += v[r][idx]
-            v[r][idx] = 0
-            u[r][idx] = 0
-        theta = theta - lr * total / 2
-    torch.testing.assert_close(out[0]["dgc_s90"]["params"], theta)
+        b = mean[t] if t == 0 else m * b + mean[t]
+        theta = theta - rate[t] * b
+    torch.testing.assert_close(out[0]["dense_lrw"]["params"], theta)
+    torch.testing.assert_close(out[0]["dgc_s90_lrw"]["params"], dgc_by_hand(rate))
+    assert not torch.allclose(out[0]["dgc_s90_lrw"]["params"], out[0]["dgc_s90"]["params"])
 
     # Gradient Dropping at 0.9: accumulate g, send top-k, momentum SGD on the sparse sum
     theta, b = cx.check_start(), torch.zeros(P)
@@ -134,6 +149,41 @@ def test_warmup_follows_the_papers_schedule():
     assert warmup_sparsity(5, 0.5, 400) == 0.5  # the warm-up never goes sparser than asked
     with pytest.raises(ValueError, match="final"):
         warmup_sparsity(0, 1.0, 10)
+
+
+def test_learning_rate_warmup_is_goyals_ramp():
+    # from one worker's rate lr / N to N workers' lr, linear in the step, lr from step W on
+    assert [warmup_lr(t, 0.1, 4, 100) for t in (0, 50, 99, 100, 500)] == pytest.approx(
+        [0.025, 0.0625, 0.1 * (1 + 3 * 0.99) / 4, 0.1, 0.1]
+    )
+    assert warmup_lr(0, 0.1, 1, 100) == 0.1 and warmup_lr(0, 0.1, 4, 0) == 0.1
+    with pytest.raises(ValueError, match="workers"):
+        warmup_lr(0, 0.1, 0, 10)
+    with pytest.raises(ValueError, match="lr"):
+        warmup_lr(0, -0.1, 2, 10)
+    with pytest.raises(ValueError, match="lr_warmup_steps"):
+        SparseSGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1, lr_warmup_steps=-1)
+    with pytest.raises(ValueError, match="lr_warmup_steps"):
+        cx.config(lr_warmup_steps=-1)
+
+
+def test_ddp_runs_warm_the_learning_rate_up_too():
+    """PowerSGD's DDP optimiser (plain all-reduce before PowerSGD starts) with the rate warmed
+    up over 4 of 7 steps: SGD with momentum on the mean gradient at the ramp's rates."""
+    steps, W = 7, 4
+    out = launch(cx.ddp_lr_check_worker, 2, steps, W)
+    assert torch.equal(out[0], out[1])
+    mean = (cx.synthetic_grads(0, steps) + cx.synthetic_grads(1, steps)) / 2
+    theta, b = cx.check_start(), torch.zeros(cx.CHECK_PARAMS)
+    for t in range(steps):
+        b = mean[t] if t == 0 else cx.CHECK_MOMENTUM * b + mean[t]
+        theta = theta - warmup_lr(t, cx.CHECK_LR, 2, W) * b
+    torch.testing.assert_close(out[0], theta)
+    theta, b = cx.check_start(), torch.zeros(cx.CHECK_PARAMS)
+    for t in range(steps):  # the control: no warm-up, which the check must tell apart
+        b = mean[t] if t == 0 else cx.CHECK_MOMENTUM * b + mean[t]
+        theta = theta - cx.CHECK_LR * b
+    assert not torch.allclose(out[0], theta)
 
 
 def test_sparse_sgd_checks_its_arguments():

@@ -38,6 +38,8 @@ def test_config_refuses_unknown_keys_and_bad_values_by_name():
         bx.config(deep_poor_std=0.0)
     with pytest.raises(ValueError, match="deep_extra_std"):
         bx.config(deep_extra_std=-0.1)
+    with pytest.raises(ValueError, match="deep_noise_until"):
+        bx.config(deep_steps=100, deep_noise_until=101)
 
 
 def test_the_checkpoint_is_deterministic():
@@ -74,6 +76,30 @@ def test_stable_lr_run_sits_at_the_criterions_threshold():
     )
     assert stable(lr)
     assert not stable(lr * (1e6) ** (2**-12) * 1.01)  # one bisection step above is unstable
+
+
+def test_stable_lr_table_is_each_run_in_place_and_caches_them(tmp_path, monkeypatch):
+    """Rows are batch sizes, columns seeds, each entry stable_lr_run's rate with the options
+    passed on; a second call reads every entry from the cache."""
+    from gradcourse.cache import Cache
+
+    cfg = bx.config(**SMALL)
+    cache = Cache(tmp_path)
+    table = bx.stable_lr_table(cache, cfg, "adam", (8, 16), (0, 1), betas=(0.0, 0.999))
+    assert table.shape == (2, 2)
+    for i, b in enumerate((8, 16)):
+        for j, s in enumerate((0, 1)):
+            assert table[i, j] == bx.stable_lr_run(cfg, "adam", b, s, betas=(0.0, 0.999))["lr"]
+    assert table[0, 0] != bx.stable_lr_run(cfg, "adam", 8, 0)["lr"]  # the option reached it
+    calls = []
+    original = bx.stable_lr_run
+    monkeypatch.setattr(bx, "stable_lr_run", lambda *a, **k: calls.append(a) or original(*a, **k))
+    again = bx.stable_lr_table(cache, cfg, "adam", (8, 16), (0, 1), betas=(0.0, 0.999))
+    assert np.array_equal(again, table) and calls == []
+    bx.stable_lr_table(cache, cfg, "adam", (8,), (2,), betas=(0.0, 0.999))
+    assert len(calls) == 1  # a new seed is computed: the check above could fail
+    plain = bx.stable_lr_table(cache, cfg, "adam", (8,), (0,))  # the options are in the key
+    assert len(calls) == 2 and plain[0, 0] != table[0, 0]
 
 
 def test_stable_lr_run_scaled_from_uses_the_sqrt_rules_adam():
@@ -185,6 +211,21 @@ def test_deep_run_is_reproducible_and_noise_changes_it():
     assert a["losses"][0] == c["losses"][0]  # the first loss is before any (noisy) step
     assert not a["diverged"]
     assert bx.deep_run(cfg, "good", 1e12, 2)["diverged"]  # absurd noise: a non-finite loss
+
+
+def test_deep_noise_until_stops_the_noise_in_the_same_run():
+    """The noise stopped at step 0 is no noise; at the last step, the noisy run itself; at
+    step 150 of 250, the noisy run's losses up to step 100, then another run."""
+    cfg = bx.config(**SMALL)
+    none, noisy = bx.deep_run(cfg, "good", 0.0, 2), bx.deep_run(cfg, "good", 0.5, 2)
+
+    def until(k):
+        return bx.deep_run({**cfg, "deep_noise_until": k}, "good", 0.5, 2)
+
+    assert np.array_equal(until(0)["losses"], none["losses"])
+    assert np.array_equal(until(cfg["deep_steps"])["losses"], noisy["losses"])
+    mid = until(150)["losses"]  # losses are kept every 100 steps: steps 0, 100, 200
+    assert np.array_equal(mid[:2], noisy["losses"][:2]) and mid[2] != noisy["losses"][2]
 
 
 def test_deep_run_order_changes_only_the_batches():

@@ -20,9 +20,10 @@ Three experiments, each cached:
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ from . import with_defaults
 __all__ = [
     "DEFAULTS",
     "cached",
+    "stable_lr_table",
     "checkpoint",
     "checkpoint_moments",
     "config",
@@ -68,6 +70,7 @@ DEFAULTS: dict[str, Any] = dict(
     deep_batch=100,
     deep_poor_std=0.12,  # ours: the scale where plain SGD fails on some seeds (a probe)
     deep_extra_std=0.0,  # every weight's std enlarged to sqrt(std^2 + this^2): a control
+    deep_noise_until=None,  # the noise stops at this step (a control; None: the whole run)
 )
 
 
@@ -98,6 +101,8 @@ def config(**overrides: Any) -> dict[str, Any]:
     check_int("deep_batch", cfg["deep_batch"], 1, cfg["deep_n_train"])
     check_positive("deep_poor_std", cfg["deep_poor_std"])
     check_number("deep_extra_std", cfg["deep_extra_std"], low=0)
+    if cfg["deep_noise_until"] is not None:
+        check_int("deep_noise_until", cfg["deep_noise_until"], 0, cfg["deep_steps"])
     return cfg
 
 
@@ -304,7 +309,8 @@ def deep_run(
     of ``deep_batch`` examples (drawn with replacement from ``seed``; ``order`` > 0 draws another
     sequence of batches for the same network and noise, a control), cross-entropy, with
     annealed gradient noise of variance ``eta`` / (1 + t)^0.55 added to each gradient
-    (:class:`gradcourse.batchsize.GradientNoise`; eta = 0: none). Returns the test accuracy, the
+    (:class:`gradcourse.batchsize.GradientNoise`; eta = 0: none; none from step
+    ``deep_noise_until`` on when it is set). Returns the test accuracy, the
     training loss every 100 steps, whether the loss became non-finite (``diverged``: the run
     stops there and its accuracy is that of the broken weights, a failure) and the seconds it
     took."""
@@ -314,7 +320,7 @@ def deep_run(
     ds = load(cfg["deep_n_train"], cfg["n_test"], cfg["data_seed"])
     model = deep_model(cfg, init, seed)
     opt = torch.optim.SGD(model.parameters(), lr=cfg["deep_lr"], momentum=0.9)
-    noise = bsz.GradientNoise(eta, 0.55, seed=seed + 1)
+    noise = bsz.GradientNoise(eta, 0.55, seed=seed + 1, until=cfg["deep_noise_until"])
     gen = torch.Generator().manual_seed(seed + 2 + 7919 * order)
     losses = []
     diverged = False
@@ -350,3 +356,39 @@ def cached(
     if cache is None:
         return fn(cfg, *args)
     return cache.get_or_compute(name, {**cfg, **key}, lambda: fn(cfg, *args))
+
+
+def stable_lr_table(
+    cache: Cache | None,
+    cfg: Mapping[str, Any],
+    optimizer: str,
+    sizes: Sequence[int],
+    seeds: Sequence[int],
+    **options: Any,
+) -> np.ndarray:
+    """:func:`stable_lr_run`'s rate for each batch size (rows) and seed (columns), each
+    bisection through ``cache`` under ``"batchsize-lr"``, keyed by the configuration, the
+    optimiser, the batch size, the seed and ``options`` (``scaled_from``, ``betas`` or
+    ``frozen_adam``, passed on)."""
+    fn = functools.partial(stable_lr_run, **options) if options else stable_lr_run
+    return np.array(
+        [
+            [
+                cached(
+                    cache,
+                    "batchsize-lr",
+                    fn,
+                    optimizer,
+                    int(b),
+                    int(s),
+                    cfg=cfg,
+                    optimizer=optimizer,
+                    batch_size=int(b),
+                    seed=int(s),
+                    **options,
+                )["lr"]
+                for s in seeds
+            ]
+            for b in sizes
+        ]
+    )

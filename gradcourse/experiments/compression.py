@@ -3,14 +3,14 @@ Zelikman et al. 2023, one-byte SPSA) on real ``torch.distributed`` workers.
 
 :func:`train_worker` is what each gloo worker runs (launched by
 :func:`gradcourse.distributed.launch`): a small CNN on its shard of Fashion-MNIST, trained by
-:class:`gradcourse.distributed.SparseSGD` (dense, DGC or Gradient Dropping) or by DDP with
-torch's PowerSGD hook; it returns the test accuracy (at the end and every ``eval_every``
-steps), the loss curve, the bytes per step, how stale each parameter's update is (over the run
-and after the warm-up), the step at which the loss or a gradient stopped being finite on some
-worker (all workers stop there), and a checksum of its parameters (replicas must agree
-bitwise). :func:`finetune_worker` fine-tunes a pre-trained copy by one-byte or float SPSA, a
-control, or backpropagation. :func:`run_many` and :func:`finetune_many` run many
-configurations on one launch of workers, each stored in the cache as soon as it ends.
+:class:`gradcourse.distributed.SparseSGD` (dense, DGC or Gradient Dropping) or by DDP with torch's
+PowerSGD hook, optionally with the learning rate warmed up (``lr_warmup_steps``); it returns the
+test accuracy (at the end and every ``eval_every`` steps), the loss curve, the bytes per step, how
+stale each parameter's update is (over the run and after the warm-up), the step at which the loss
+or a gradient stopped being finite on some worker (all workers stop there), and a checksum of its
+parameters (replicas must agree bitwise). :func:`finetune_worker` fine-tunes a pre-trained copy by
+one-byte or float SPSA, a control, or backpropagation. :func:`run_many` and :func:`finetune_many`
+run many configurations on one launch of workers, each stored in the cache as soon as it ends.
 """
 
 from __future__ import annotations
@@ -28,7 +28,15 @@ import torch.nn.functional as F
 from .. import data, models
 from ..cache import Cache
 from ..checks import check_int, check_number, check_positive
-from ..distributed import GAP_BINS, METHODS, ByteCounter, SparseSGD, launch, spsa_round
+from ..distributed import (
+    GAP_BINS,
+    METHODS,
+    ByteCounter,
+    SparseSGD,
+    launch,
+    spsa_round,
+    warmup_lr,
+)
 from ..functional import flatten, unflatten
 from . import with_defaults
 
@@ -64,12 +72,15 @@ __all__ = [
 CHECK_PARAMS = 200
 CHECK_LR = 0.05
 CHECK_MOMENTUM = 0.9
+CHECK_LR_WARMUP = 8  # steps of the learning-rate warm-up in the "_lrw" checks
 CHECK_METHODS = {
     "dense": dict(method="dense"),
     "dgc_s0_nomask": dict(method="dgc", sparsity=0.0, masking=False),
     "dgc_s0_mask": dict(method="dgc", sparsity=0.0),
     "dgc_s90": dict(method="dgc", sparsity=0.9),
     "gd_s90": dict(method="gd", sparsity=0.9),
+    "dense_lrw": dict(method="dense", lr_warmup_steps=CHECK_LR_WARMUP),
+    "dgc_s90_lrw": dict(method="dgc", sparsity=0.9, lr_warmup_steps=CHECK_LR_WARMUP),
 }
 
 
@@ -152,6 +163,31 @@ def exchange_check_worker(rank: int, world: int, steps: int) -> dict[str, dict[s
     return out
 
 
+def ddp_lr_check_worker(rank: int, world: int, steps: int, lr_warmup_steps: int) -> torch.Tensor:
+    """``steps`` steps of :func:`_powersgd`'s DDP optimiser (PowerSGD starting after them, so
+    every step is a plain all-reduce) with the learning rate warmed up, on a linear model from
+    :func:`check_start` and this worker's :func:`synthetic_grads` as the gradient of a linear
+    loss. Returns the final parameters."""
+    grads = synthetic_grads(rank, steps)
+    model = torch.nn.Linear(CHECK_PARAMS, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(check_start().view(1, -1))
+    cfg = config(
+        method="powersgd",
+        lr=CHECK_LR,
+        momentum=CHECK_MOMENTUM,
+        warmup_steps=steps + 1,
+        lr_warmup_steps=lr_warmup_steps,
+    )
+    net, step = _powersgd(model, cfg)
+    for t in range(steps):
+        model.zero_grad()
+        # d/dw of w . g_t is g_t: the worker's synthetic gradient, averaged by DDP's all-reduce
+        (net(grads[t].view(1, -1)).sum()).backward()
+        step()
+    return model.weight.detach().view(-1).clone()
+
+
 def spsa_problem(rank: int, n: int = 40, d: int = 30):
     """Machine ``rank``'s least-squares loss theta -> mean((X theta - y)^2) on its own data
     (from Generator(100 + rank)), for the SPSA checks."""
@@ -190,6 +226,7 @@ DEFAULTS: dict[str, Any] = dict(
     method="dgc",
     sparsity=0.999,
     warmup_steps=200,  # DGC's sparsity warm-up; PowerSGD's dense start
+    lr_warmup_steps=0,  # the learning rate's warm-up (Goyal et al.: lr / workers to lr); 0: off
     correction=True,
     masking=True,
     clip=3.0,  # DGC's local clipping (norm clip / sqrt(workers) on each worker); None: off
@@ -215,6 +252,7 @@ def config(**overrides: Any) -> dict[str, Any]:
     check_int("powersgd_rank", cfg["powersgd_rank"], 1, 64)
     check_number("sparsity", cfg["sparsity"], low=0, high=1, high_open=True)
     check_int("warmup_steps", cfg["warmup_steps"], 0)
+    check_int("lr_warmup_steps", cfg["lr_warmup_steps"], 0)
     if cfg["clip"] is not None:
         check_positive("clip", cfg["clip"])
     check_positive("lr", cfg["lr"])
@@ -270,15 +308,25 @@ class _DDPStep:
     """The optimiser side of a DDP run: torch's SGD with momentum after DDP's (hooked)
     all-reduce, with a :class:`ByteCounter` like :class:`SparseSGD`'s."""
 
-    def __init__(self, model: torch.nn.Module, lr: float, momentum: float) -> None:
+    def __init__(
+        self, model: torch.nn.Module, lr: float, momentum: float, lr_warmup_steps: int = 0
+    ) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.lr, self.lr_warmup_steps, self.steps = lr, lr_warmup_steps, 0
         self.opt = torch.optim.SGD(self.params, lr=lr, momentum=momentum)
         self.bytes = ByteCounter()
         self.gap_counts = None  # every coordinate changes every step
 
     def __call__(self) -> None:
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        rate = warmup_lr(self.steps, self.lr, world, self.lr_warmup_steps)
+        for group in self.opt.param_groups:
+            group["lr"] = rate
         self.opt.step()
         self.bytes.mark()
+        self.steps += 1
 
 
 def _powersgd(model: torch.nn.Module, cfg: Mapping[str, Any]):
@@ -296,7 +344,7 @@ def _powersgd(model: torch.nn.Module, cfg: Mapping[str, Any]):
         random_seed=0,
     )
     net.register_comm_hook(state, psgd.powerSGD_hook)
-    step = _DDPStep(model, cfg["lr"], cfg["momentum"])
+    step = _DDPStep(model, cfg["lr"], cfg["momentum"], cfg["lr_warmup_steps"])
     return net, step
 
 
@@ -322,6 +370,7 @@ def train_worker(rank: int, world: int, cfg: Mapping[str, Any], seed: int) -> di
             clip=cfg["clip"],
             correction=cfg["correction"],
             masking=cfg["masking"],
+            lr_warmup_steps=cfg["lr_warmup_steps"],
         )
         net, step = model, opt.step
     gen = torch.Generator().manual_seed(10_000 * seed + rank)
