@@ -14,6 +14,16 @@ def flat_params(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
+def loop_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(N, P): each example's cross-entropy gradient, flattened, by a loop of backward passes."""
+    rows = []
+    for i in range(len(x)):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        rows.append(torch.cat([q.grad.flatten() for q in model.parameters()]))
+    return torch.stack(rows)
+
+
 def mlp_by_hand(
     w: torch.Tensor,
     x: torch.Tensor,

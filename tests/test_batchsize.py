@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from reference import loop_grads
 from torch import nn
 
 import gradcourse as gc
@@ -273,12 +274,7 @@ def test_train_has_no_gradient_noise_by_default_and_adds_it_when_asked():
 
 def test_gradient_moments_against_a_per_example_loop_and_noise_fraction_limits():
     model, x, y = _small()
-    rows = []
-    for i in range(len(x)):
-        model.zero_grad()
-        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
-        rows.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    g = torch.stack(rows)
+    g = loop_grads(model, x, y)
     mean, var = bs.gradient_moments(model, "ce", x, y, chunk_size=7)
     assert torch.allclose(mean, g.mean(0), rtol=1e-10, atol=1e-13)
     assert torch.allclose(var, g.var(0, unbiased=False), rtol=1e-9, atol=1e-13)
@@ -353,12 +349,7 @@ def test_one_step_rate_terms_against_a_dense_hessian_and_per_example_loop():
     # a tanh MLP under cross-entropy: each term by hand from the exact Hessian
     model, x, y = _small()
     h = _dense_hessian(model, x, y)
-    rows = []
-    for i in range(len(x)):
-        model.zero_grad()
-        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
-        rows.append(torch.cat([q.grad.flatten() for q in model.parameters()]))
-    g = torch.stack(rows)
+    g = loop_grads(model, x, y)
     mean, var = g.mean(0), g.var(0, unbiased=False)
     sizes = (2, 10, 40)
     for name in bs.PRECONDITIONERS:

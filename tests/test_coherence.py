@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from reference import loop_grads
 from torch import nn
 
 import gradcourse as gc
@@ -22,20 +23,10 @@ def _data(n=24, seed=0):
     )
 
 
-def _loop_grads(model, x, y):
-    """Per-example gradients by a loop of backward passes, flattened (n, P)."""
-    rows = []
-    for i in range(len(x)):
-        model.zero_grad()
-        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
-        rows.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    return torch.stack(rows)
-
-
 @pytest.mark.parametrize("method", ["auto", "linear_trick", "vmap"])
 def test_coherence_equals_a_per_example_loop(method):
     model, (x, y) = _model(), _data()
-    g = _loop_grads(model, x, y)
+    g = loop_grads(model, x, y)
     c = co.coherence(model, "ce", x, y, method=method)
     assert c.m == len(x)
     assert math.isclose(c.sum_sq_norms, float(g.pow(2).sum()), rel_tol=1e-12)
@@ -56,13 +47,13 @@ def test_the_two_limits_identical_gives_m_orthogonal_gives_one():
 def test_coherence_of_a_dict_of_gradients_equals_the_flattened_matrix():
     model, (x, y) = _model(), _data(10)
     grads = gc.pergrad.per_example_grads(model, "ce", x, y)
-    flat = _loop_grads(model, x, y)
+    flat = loop_grads(model, x, y)
     assert math.isclose(co.coherence_of(grads).ratio, co.coherence_of(flat).ratio, rel_tol=1e-12)
 
 
 def test_sign_flip_coherence_is_the_ratio_of_the_signed_sum_and_averages_to_one():
     model, (x, y) = _model(), _data(30)
-    g = _loop_grads(model, x, y)
+    g = loop_grads(model, x, y)
     signs = torch.randint(0, 2, (30,), generator=torch.Generator().manual_seed(4)).double() * 2 - 1
     want = float((signs[:, None] * g).sum(0).pow(2).sum() / g.pow(2).sum())
     assert math.isclose(co.sign_flip_coherence(model, "ce", x, y, seed=4), want, rel_tol=1e-10)
@@ -75,7 +66,7 @@ def test_sign_flip_coherence_is_the_ratio_of_the_signed_sum_and_averages_to_one(
 
 def test_alignment_is_the_cosine_with_the_mean_gradient_or_a_given_direction():
     model, (x, y) = _model(), _data(16)
-    g = _loop_grads(model, x, y)
+    g = loop_grads(model, x, y)
     mean = g.mean(0)
     want = (g @ mean) / (g.norm(dim=1) * mean.norm())
     assert torch.allclose(co.alignment(model, "ce", x, y), want, rtol=1e-10, atol=1e-12)
@@ -142,7 +133,7 @@ def test_median_of_means_resists_one_outlier_the_mean_does_not():
 @pytest.mark.parametrize("aggregator", co.AGGREGATORS)
 def test_robust_gradient_equals_the_aggregate_of_per_example_loop_gradients(aggregator):
     model, (x, y) = _model(), _data(13)
-    g = _loop_grads(model, x, y)
+    g = loop_grads(model, x, y)
     want = {
         "mean": g.mean(0),
         "winsorized": co.winsorized_mean(g, 2),
@@ -181,5 +172,5 @@ def test_coherence_runs_in_eval_mode_and_restores_the_modes():
     c = co.coherence(model, "ce", x, y)
     assert model.training and model[1].training
     model.eval()
-    g = _loop_grads(model, x, y)
+    g = loop_grads(model, x, y)
     assert math.isclose(c.ratio, float(g.sum(0).pow(2).sum() / g.pow(2).sum()), rel_tol=1e-10)
